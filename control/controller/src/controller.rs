@@ -1,0 +1,256 @@
+//! The controller: store reads and writes around the pure planner.
+
+use std::time::Duration;
+
+use precall_api::{
+    CallContext, CallId, CallInstructions, CallStatus, CloneStatus, JobId, ProfileId, Timestamp,
+};
+
+use crate::model::{
+    CallEvent, CallRecord, CloneJob, CloneRequest, EventKind, JobOutcome, VoiceProfile,
+    normalize_number,
+};
+use crate::plan::{Plan, Planner};
+use crate::store::{InsertCall, Store, StoreError};
+
+/// What the controller needs to know; built from the process configuration.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Greeting clip, unless the profile overrides it (`GREETING_AUDIO_URL`).
+    pub greeting_url: String,
+    /// Hold clip, unless the profile overrides it (`HOLD_AUDIO_URL`).
+    pub hold_url: String,
+    /// Said before hanging up on a failed call (`ERROR_MESSAGE`).
+    pub error_message: String,
+    /// A recording of the error message, for handlers without text-to-speech (`ERROR_AUDIO_URL`).
+    pub error_audio_url: Option<String>,
+    /// Time between status checks (`STATUS_POLL_INTERVAL_MS`).
+    pub poll_interval: Duration,
+    /// Longest hold before the call is failed (`MAX_HOLD_MS`).
+    pub max_hold: Duration,
+    /// A processing job older than this is presumed lost (`CLONE_JOB_TIMEOUT_MS`).
+    pub clone_job_timeout: Duration,
+    /// The agent WebSocket endpoint, without `agent_id` (`AGENT_WS_URL`).
+    pub agent_ws_url: String,
+    /// The agent of profiles that name none (`ELEVENLABS_AGENT_ID`).
+    pub default_agent_id: String,
+    /// The profile for dialed numbers that have none of their own.
+    pub default_profile: ProfileId,
+}
+
+/// The controller failed to decide.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The store failed; nothing was decided.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A status check or end named a call that was never recorded.
+    #[error("unknown call {0}")]
+    UnknownCall(CallId),
+}
+
+/// The answer to an inbound call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundOutcome {
+    /// What the handler does now.
+    pub instructions: CallInstructions,
+    /// A clone job this call created: the shell must start it at the provider and report with
+    /// [`CallController::clone_finished`]. `None` when the call joined or reused a job, and on
+    /// every repeat of the same call id.
+    pub start_clone: Option<CloneRequest>,
+}
+
+/// The protocol-agnostic call controller (see the crate docs).
+#[derive(Debug)]
+pub struct CallController<S> {
+    store: S,
+    cfg: ControllerConfig,
+}
+
+impl<S: Store> CallController<S> {
+    /// A controller over `store`.
+    pub fn new(store: S, cfg: ControllerConfig) -> Self {
+        Self { store, cfg }
+    }
+
+    /// The store, for the shell's own reads (health, history).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ControllerConfig {
+        &self.cfg
+    }
+
+    /// An inbound call: record it, start or join the clone job, answer greeting + hold + poll
+    /// (or greeting + agent when a completed clone is reused).
+    ///
+    /// Idempotent per call id: a repeat answers the same plan for the call's current state and
+    /// never asks for a second clone job.
+    pub async fn handle_inbound_call(
+        &self,
+        ctx: &CallContext,
+        now: Timestamp,
+    ) -> Result<InboundOutcome, ControllerError> {
+        let profile = self.profile_for(&ctx.recipient_number).await?;
+        let profile_id =
+            profile.as_ref().map_or_else(|| self.cfg.default_profile.clone(), |p| p.id.clone());
+        let fresh = CallRecord::inbound(ctx, profile_id, now);
+        let (mut call, first) = match self.store.insert_call(&fresh).await? {
+            InsertCall::Inserted => (fresh, true),
+            InsertCall::Existing(existing) => (existing, false),
+        };
+        let profile = if first || profile.as_ref().is_some_and(|p| p.id == call.profile_id) {
+            profile
+        } else {
+            self.store.get_profile(&call.profile_id).await?
+        };
+        if first {
+            self.event(&call.call_id, now, EventKind::Inbound, call.profile_id.as_str()).await?;
+        } else {
+            self.event(&call.call_id, now, EventKind::DuplicateInbound, "").await?;
+        }
+
+        let mut start_clone = None;
+        let job = match (call.clone_job_id, &profile) {
+            (Some(id), _) => self.store.get_clone_job(id).await?,
+            (None, Some(profile)) if !call.status.is_terminal() => {
+                let (job, created) = self.claim(profile, now).await?;
+                self.store.attach_job(&call.call_id, job.id).await?;
+                call.clone_job_id = Some(job.id);
+                let kind = if created {
+                    start_clone = Some(CloneRequest { job_id: job.id, profile: profile.clone() });
+                    EventKind::CloneStarted
+                } else if job.status == CloneStatus::Completed {
+                    EventKind::CloneReused
+                } else {
+                    EventKind::CloneJoined
+                };
+                self.event(&call.call_id, now, kind, &job.id.to_string()).await?;
+                Some(job)
+            }
+            (None, _) => None,
+        };
+
+        let plan = Planner::new(&self.cfg).plan(&call, job.as_ref(), profile.as_ref(), now, true);
+        let instructions = self.apply(&call.call_id, plan, now).await?;
+        Ok(InboundOutcome { instructions, start_clone })
+    }
+
+    /// A status check: hold + poll while processing, the agent once completed, error + hang up
+    /// on failure or past the hold limit, hang up once the call has ended.
+    pub async fn check_clone_status(
+        &self,
+        call_id: &CallId,
+        now: Timestamp,
+    ) -> Result<CallInstructions, ControllerError> {
+        let call = self
+            .store
+            .get_call(call_id)
+            .await?
+            .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
+        let job = match call.clone_job_id {
+            Some(id) => self.store.get_clone_job(id).await?,
+            None => None,
+        };
+        let profile = self.store.get_profile(&call.profile_id).await?;
+        let plan = Planner::new(&self.cfg).plan(&call, job.as_ref(), profile.as_ref(), now, false);
+        self.apply(call_id, plan, now).await
+    }
+
+    /// The call is over (caller hung up, BYE, CANCEL, Twilio's status callback). Idempotent:
+    /// the first end is kept. Returns the record afterwards.
+    pub async fn call_ended(
+        &self,
+        call_id: &CallId,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<CallRecord, ControllerError> {
+        let before = self
+            .store
+            .get_call(call_id)
+            .await?
+            .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
+        if before.status.is_terminal() {
+            return Ok(before);
+        }
+        let after = self
+            .store
+            .set_call_status(call_id, CallStatus::Ended, now, Some(reason))
+            .await?
+            .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
+        self.event(call_id, now, EventKind::Ended, reason).await?;
+        Ok(after)
+    }
+
+    /// The provider finished a job this node started.
+    pub async fn clone_finished(
+        &self,
+        job: JobId,
+        outcome: &JobOutcome,
+        now: Timestamp,
+    ) -> Result<CloneJob, ControllerError> {
+        Ok(self.store.finish_clone_job(job, outcome, now).await?)
+    }
+
+    async fn profile_for(&self, recipient: &str) -> Result<Option<VoiceProfile>, StoreError> {
+        let number = normalize_number(recipient);
+        if !number.is_empty() {
+            if let Some(p) = self.store.profile_for_number(&number).await? {
+                return Ok(Some(p));
+            }
+        }
+        self.store.get_profile(&self.cfg.default_profile).await
+    }
+
+    async fn claim(
+        &self,
+        profile: &VoiceProfile,
+        now: Timestamp,
+    ) -> Result<(CloneJob, bool), StoreError> {
+        let stale_before = Timestamp(now.0.saturating_sub(
+            u64::try_from(self.cfg.clone_job_timeout.as_millis()).unwrap_or(u64::MAX),
+        ));
+        self.store.claim_clone_job(&profile.id, &profile.samples_hash(), now, stale_before).await
+    }
+
+    async fn apply(
+        &self,
+        call_id: &CallId,
+        plan: Plan,
+        now: Timestamp,
+    ) -> Result<CallInstructions, ControllerError> {
+        if let Some(t) = plan.transition {
+            let updated =
+                self.store.set_call_status(call_id, t.status, now, t.reason.as_deref()).await?;
+            // A call that ended meanwhile keeps its end: record nothing then.
+            if updated.is_some_and(|rec| rec.status == t.status) {
+                let kind = if t.status == CallStatus::Connected {
+                    EventKind::Connected
+                } else {
+                    EventKind::Failed
+                };
+                self.event(call_id, now, kind, t.reason.as_deref().unwrap_or("")).await?;
+            }
+        }
+        Ok(plan.instructions)
+    }
+
+    async fn event(
+        &self,
+        call_id: &CallId,
+        at: Timestamp,
+        kind: EventKind,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        self.store
+            .append_event(&CallEvent {
+                call_id: call_id.clone(),
+                at,
+                kind,
+                detail: detail.to_owned(),
+            })
+            .await
+    }
+}

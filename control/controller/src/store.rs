@@ -1,0 +1,390 @@
+//! The `Store` trait and its in-memory implementation.
+//!
+//! Each method is one atomic step, so that two nodes (or two requests) sharing one PostgreSQL
+//! never start two clone jobs for one sample set nor record one call twice.
+
+use std::collections::HashMap;
+use std::future::{Future, ready};
+use std::sync::{Mutex, MutexGuard};
+
+use precall_api::{CallId, CallStatus, CloneStatus, JobId, ProfileId, Timestamp};
+
+use crate::model::{CallEvent, CallRecord, CloneJob, JobOutcome, VoiceProfile};
+
+/// A store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached (connection refused, pool exhausted, timed out).
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The database answered with an error.
+    #[error("store query failed: {0}")]
+    Query(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A stored row could not be read back (unknown status name, …).
+    #[error("stored {what} is corrupt: {value:?}")]
+    Corrupt {
+        /// Which column.
+        what: &'static str,
+        /// What was found there.
+        value: String,
+    },
+    /// An update named a record that does not exist.
+    #[error("{0} does not exist")]
+    Missing(String),
+}
+
+/// What [`Store::insert_call`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InsertCall {
+    /// The call was new and is now recorded.
+    Inserted,
+    /// A call with that id was already recorded; here it is, unchanged.
+    Existing(CallRecord),
+}
+
+/// Where calls, clone jobs, call events and voice profiles are kept.
+///
+/// Implementations: [`MemoryStore`] (the embedded default) and the PostgreSQL store of the
+/// `precall` crate. Both pass one behaviour suite.
+pub trait Store: Send + Sync + 'static {
+    /// Records a call unless one with the same id exists (then returns that one).
+    fn insert_call(
+        &self,
+        call: &CallRecord,
+    ) -> impl Future<Output = Result<InsertCall, StoreError>> + Send;
+
+    /// Reads a call.
+    fn get_call(
+        &self,
+        call_id: &CallId,
+    ) -> impl Future<Output = Result<Option<CallRecord>, StoreError>> + Send;
+
+    /// Points a call at the clone job it waits on.
+    fn attach_job(
+        &self,
+        call_id: &CallId,
+        job: JobId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Moves a call to `status` at `at`, with a reason (failure reason for
+    /// [`CallStatus::Failed`], end reason for [`CallStatus::Ended`]).
+    ///
+    /// An ended call never changes again; `connected_at` and `ended_at` are set once. Returns the
+    /// record as it is afterwards, or `None` for an unknown call.
+    fn set_call_status(
+        &self,
+        call_id: &CallId,
+        status: CallStatus,
+        at: Timestamp,
+        reason: Option<&str>,
+    ) -> impl Future<Output = Result<Option<CallRecord>, StoreError>> + Send;
+
+    /// Appends to a call's history.
+    fn append_event(
+        &self,
+        event: &CallEvent,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A call's history, oldest first.
+    fn call_events(
+        &self,
+        call_id: &CallId,
+    ) -> impl Future<Output = Result<Vec<CallEvent>, StoreError>> + Send;
+
+    /// Creates or replaces a voice profile (by id).
+    fn upsert_profile(
+        &self,
+        profile: &VoiceProfile,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads a profile by id.
+    fn get_profile(
+        &self,
+        id: &ProfileId,
+    ) -> impl Future<Output = Result<Option<VoiceProfile>, StoreError>> + Send;
+
+    /// The profile a normalized dialed number selects, if any.
+    fn profile_for_number(
+        &self,
+        number: &str,
+    ) -> impl Future<Output = Result<Option<VoiceProfile>, StoreError>> + Send;
+
+    /// Returns the job that serves `(profile, samples_hash)`, creating one if there is none.
+    ///
+    /// A serving job is a completed one, or a processing one started at or after
+    /// `stale_before` (an older processing job is presumed lost: its node died). The newest
+    /// serving job wins. The flag is `true` when this call created the job, and then only this
+    /// caller may start it at the provider.
+    fn claim_clone_job(
+        &self,
+        profile: &ProfileId,
+        samples_hash: &str,
+        now: Timestamp,
+        stale_before: Timestamp,
+    ) -> impl Future<Output = Result<(CloneJob, bool), StoreError>> + Send;
+
+    /// Reads a job.
+    fn get_clone_job(
+        &self,
+        id: JobId,
+    ) -> impl Future<Output = Result<Option<CloneJob>, StoreError>> + Send;
+
+    /// Completes or fails a processing job; a job that has already finished keeps its result.
+    /// Returns the job as it is afterwards.
+    fn finish_clone_job(
+        &self,
+        id: JobId,
+        outcome: &JobOutcome,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<CloneJob, StoreError>> + Send;
+
+    /// Answers when the store can serve requests.
+    fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Applies a status change to a record, with the rules of [`Store::set_call_status`].
+/// Shared by every store so that they cannot disagree.
+pub fn apply_status(
+    call: &mut CallRecord,
+    status: CallStatus,
+    at: Timestamp,
+    reason: Option<&str>,
+) {
+    if call.status.is_terminal() {
+        return;
+    }
+    call.status = status;
+    match status {
+        CallStatus::Connected => {
+            call.connected_at.get_or_insert(at);
+        }
+        CallStatus::Failed => {
+            if call.failure.is_none() {
+                call.failure = reason.map(str::to_owned);
+            }
+        }
+        CallStatus::Ended => {
+            call.ended_at.get_or_insert(at);
+            call.end_reason = reason.map(str::to_owned);
+        }
+        CallStatus::Ringing | CallStatus::Holding => {}
+    }
+}
+
+/// Whether a job serves new calls for its sample set (see [`Store::claim_clone_job`]).
+pub fn job_serves(job: &CloneJob, stale_before: Timestamp) -> bool {
+    match job.status {
+        CloneStatus::Completed => true,
+        CloneStatus::Processing => job.started_at >= stale_before,
+        CloneStatus::Failed => false,
+    }
+}
+
+/// The embedded store: everything in one process's memory, gone at exit.
+///
+/// Right for a single node and for demos; use PostgreSQL (`DATABASE_URL`) for anything that
+/// must survive a restart or be shared by several nodes.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    calls: HashMap<CallId, CallRecord>,
+    events: HashMap<CallId, Vec<CallEvent>>,
+    profiles: HashMap<ProfileId, VoiceProfile>,
+    jobs: Vec<CloneJob>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-applied change: every change below
+        // is a single assignment or push. So a poisoned lock is still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Store for MemoryStore {
+    fn insert_call(
+        &self,
+        call: &CallRecord,
+    ) -> impl Future<Output = Result<InsertCall, StoreError>> + Send {
+        let mut inner = self.lock();
+        let out = match inner.calls.get(&call.call_id) {
+            Some(existing) => InsertCall::Existing(existing.clone()),
+            None => {
+                inner.calls.insert(call.call_id.clone(), call.clone());
+                InsertCall::Inserted
+            }
+        };
+        ready(Ok(out))
+    }
+
+    fn get_call(
+        &self,
+        call_id: &CallId,
+    ) -> impl Future<Output = Result<Option<CallRecord>, StoreError>> + Send {
+        ready(Ok(self.lock().calls.get(call_id).cloned()))
+    }
+
+    fn attach_job(
+        &self,
+        call_id: &CallId,
+        job: JobId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let out = match self.lock().calls.get_mut(call_id) {
+            Some(call) => {
+                call.clone_job_id = Some(job);
+                Ok(())
+            }
+            None => Err(StoreError::Missing(format!("call {call_id}"))),
+        };
+        ready(out)
+    }
+
+    fn set_call_status(
+        &self,
+        call_id: &CallId,
+        status: CallStatus,
+        at: Timestamp,
+        reason: Option<&str>,
+    ) -> impl Future<Output = Result<Option<CallRecord>, StoreError>> + Send {
+        let out = self.lock().calls.get_mut(call_id).map(|call| {
+            apply_status(call, status, at, reason);
+            call.clone()
+        });
+        ready(Ok(out))
+    }
+
+    fn append_event(
+        &self,
+        event: &CallEvent,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.lock().events.entry(event.call_id.clone()).or_default().push(event.clone());
+        ready(Ok(()))
+    }
+
+    fn call_events(
+        &self,
+        call_id: &CallId,
+    ) -> impl Future<Output = Result<Vec<CallEvent>, StoreError>> + Send {
+        ready(Ok(self.lock().events.get(call_id).cloned().unwrap_or_default()))
+    }
+
+    fn upsert_profile(
+        &self,
+        profile: &VoiceProfile,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let mut inner = self.lock();
+        // A number selects one profile: the newest claim on it wins, as in PostgreSQL.
+        if let Some(number) = &profile.number {
+            for p in inner.profiles.values_mut() {
+                if p.id != profile.id && p.number.as_deref() == Some(number) {
+                    p.number = None;
+                }
+            }
+        }
+        inner.profiles.insert(profile.id.clone(), profile.clone());
+        ready(Ok(()))
+    }
+
+    fn get_profile(
+        &self,
+        id: &ProfileId,
+    ) -> impl Future<Output = Result<Option<VoiceProfile>, StoreError>> + Send {
+        ready(Ok(self.lock().profiles.get(id).cloned()))
+    }
+
+    fn profile_for_number(
+        &self,
+        number: &str,
+    ) -> impl Future<Output = Result<Option<VoiceProfile>, StoreError>> + Send {
+        let found =
+            self.lock().profiles.values().find(|p| p.number.as_deref() == Some(number)).cloned();
+        ready(Ok(found))
+    }
+
+    fn claim_clone_job(
+        &self,
+        profile: &ProfileId,
+        samples_hash: &str,
+        now: Timestamp,
+        stale_before: Timestamp,
+    ) -> impl Future<Output = Result<(CloneJob, bool), StoreError>> + Send {
+        let mut inner = self.lock();
+        let serving = inner
+            .jobs
+            .iter()
+            .rev()
+            .find(|j| {
+                &j.profile_id == profile
+                    && j.samples_hash == samples_hash
+                    && job_serves(j, stale_before)
+            })
+            .cloned();
+        let out = match serving {
+            Some(job) => (job, false),
+            None => {
+                let job = CloneJob {
+                    id: JobId(i64::try_from(inner.jobs.len()).unwrap_or(i64::MAX - 1) + 1),
+                    profile_id: profile.clone(),
+                    samples_hash: samples_hash.to_owned(),
+                    status: CloneStatus::Processing,
+                    voice_id: None,
+                    error: None,
+                    started_at: now,
+                    finished_at: None,
+                };
+                inner.jobs.push(job.clone());
+                (job, true)
+            }
+        };
+        ready(Ok(out))
+    }
+
+    fn get_clone_job(
+        &self,
+        id: JobId,
+    ) -> impl Future<Output = Result<Option<CloneJob>, StoreError>> + Send {
+        ready(Ok(self.lock().jobs.iter().find(|j| j.id == id).cloned()))
+    }
+
+    fn finish_clone_job(
+        &self,
+        id: JobId,
+        outcome: &JobOutcome,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<CloneJob, StoreError>> + Send {
+        let mut inner = self.lock();
+        let out = match inner.jobs.iter_mut().find(|j| j.id == id) {
+            Some(job) => {
+                if job.status == CloneStatus::Processing {
+                    match outcome {
+                        Ok(voice) => {
+                            job.status = CloneStatus::Completed;
+                            job.voice_id = Some(voice.clone());
+                        }
+                        Err(reason) => {
+                            job.status = CloneStatus::Failed;
+                            job.error = Some(reason.clone());
+                        }
+                    }
+                    job.finished_at = Some(at);
+                }
+                Ok(job.clone())
+            }
+            None => Err(StoreError::Missing(format!("clone {id}"))),
+        };
+        ready(out)
+    }
+
+    fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        ready(Ok(()))
+    }
+}
