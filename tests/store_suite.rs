@@ -1,0 +1,302 @@
+//! One behaviour suite for every `Store`: the in-memory store and PostgreSQL (a real server the
+//! harness starts). Both must agree on every rule the controller relies on.
+
+mod support;
+
+use std::time::Duration;
+
+use precall::store::{PgStore, PgStoreConfig};
+use precall_api::{
+    CallContext, CallId, CallStatus, CloneStatus, JobId, Protocol, Timestamp, VoiceId,
+};
+use precall_controller::{
+    CallEvent, CallRecord, EventKind, InsertCall, MemoryStore, Store, StoreError, VoiceProfile,
+};
+use support::pg::PgServer;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn record(id: &str, at: u64) -> CallRecord {
+    let ctx = CallContext {
+        call_id: id.into(),
+        session_id: "AC123".into(),
+        caller_number: "+12349013030".into(),
+        recipient_number: "+18005551212".into(),
+        status: CallStatus::Ringing,
+        protocol: Protocol::Sip,
+    };
+    CallRecord::inbound(&ctx, "default".into(), Timestamp(at))
+}
+
+fn profile(id: &str, number: Option<&str>) -> VoiceProfile {
+    VoiceProfile {
+        id: id.into(),
+        number: number.map(str::to_owned),
+        name: format!("Voice {id}"),
+        sample_urls: vec!["https://s/a.mp3".into(), "file:///srv/b.wav".into()],
+        agent_id: Some("agent_1".into()),
+        greeting_url: None,
+        hold_url: Some("https://m/hold.wav".into()),
+        first_message: Some("Hello!".into()),
+    }
+}
+
+async fn calls_are_recorded_once<S: Store>(s: &S) {
+    let rec = record("CA-once", 1_764_000_000_123);
+    assert_eq!(s.insert_call(&rec).await.unwrap(), InsertCall::Inserted);
+    match s.insert_call(&record("CA-once", 1_764_000_009_999)).await.unwrap() {
+        InsertCall::Existing(existing) => assert_eq!(*existing, rec, "the first record is kept"),
+        InsertCall::Inserted => panic!("a second insert of one call id must not insert"),
+    }
+    assert_eq!(s.get_call(&"CA-once".into()).await.unwrap(), Some(rec));
+    assert_eq!(s.get_call(&"CA-missing".into()).await.unwrap(), None);
+}
+
+async fn status_rules<S: Store>(s: &S) {
+    let id = CallId::new("CA-status");
+    s.insert_call(&record("CA-status", 1_000)).await.unwrap();
+    let c = s.set_call_status(&id, CallStatus::Connected, Timestamp(2_000), None).await.unwrap();
+    assert_eq!(
+        c.as_ref().map(|c| (c.status, c.connected_at)),
+        Some((CallStatus::Connected, Some(Timestamp(2_000))))
+    );
+    let c = s
+        .set_call_status(&id, CallStatus::Connected, Timestamp(3_000), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.connected_at, Some(Timestamp(2_000)), "connected_at is set once");
+    let c = s
+        .set_call_status(&id, CallStatus::Failed, Timestamp(4_000), Some("clone_timeout"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.failure.as_deref(), Some("clone_timeout"));
+    let c = s
+        .set_call_status(&id, CallStatus::Failed, Timestamp(4_500), Some("other"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.failure.as_deref(), Some("clone_timeout"), "the first failure is kept");
+    let c = s
+        .set_call_status(&id, CallStatus::Ended, Timestamp(5_000), Some("caller_hangup"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (c.status, c.ended_at, c.end_reason.as_deref()),
+        (CallStatus::Ended, Some(Timestamp(5_000)), Some("caller_hangup"))
+    );
+    let c = s
+        .set_call_status(&id, CallStatus::Connected, Timestamp(6_000), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.status, CallStatus::Ended, "an ended call never changes");
+    assert_eq!(s.get_call(&id).await.unwrap().unwrap(), c, "what was returned is what is stored");
+    assert_eq!(
+        s.set_call_status(&"CA-nope".into(), CallStatus::Ended, Timestamp(1), None).await.unwrap(),
+        None
+    );
+}
+
+async fn jobs_attach_to_calls<S: Store>(s: &S) {
+    s.insert_call(&record("CA-attach", 1_000)).await.unwrap();
+    let (job, _) =
+        s.claim_clone_job(&"attach".into(), "h", Timestamp(1_000), Timestamp(0)).await.unwrap();
+    s.attach_job(&"CA-attach".into(), job.id).await.unwrap();
+    assert_eq!(s.get_call(&"CA-attach".into()).await.unwrap().unwrap().clone_job_id, Some(job.id));
+    let err = s.attach_job(&"CA-nope".into(), job.id).await.unwrap_err();
+    assert!(matches!(err, StoreError::Missing(_)), "{err:?}");
+}
+
+async fn events_keep_order<S: Store>(s: &S) {
+    let id = CallId::new("CA-events");
+    for (i, kind) in
+        [EventKind::Inbound, EventKind::CloneStarted, EventKind::Ended].into_iter().enumerate()
+    {
+        let at = Timestamp(10_000 + i as u64);
+        s.append_event(&CallEvent { call_id: id.clone(), at, kind, detail: format!("d{i}") })
+            .await
+            .unwrap();
+    }
+    let got = s.call_events(&id).await.unwrap();
+    let kinds: Vec<_> = got.iter().map(|e| (e.kind, e.detail.as_str(), e.at)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (EventKind::Inbound, "d0", Timestamp(10_000)),
+            (EventKind::CloneStarted, "d1", Timestamp(10_001)),
+            (EventKind::Ended, "d2", Timestamp(10_002)),
+        ]
+    );
+    assert!(s.call_events(&"CA-none".into()).await.unwrap().is_empty());
+}
+
+async fn profiles_by_id_and_number<S: Store>(s: &S) {
+    let a = profile("a", Some("+18005550100"));
+    s.upsert_profile(&a).await.unwrap();
+    assert_eq!(s.get_profile(&"a".into()).await.unwrap(), Some(a.clone()));
+    assert_eq!(s.profile_for_number("+18005550100").await.unwrap(), Some(a.clone()));
+    assert_eq!(s.profile_for_number("+1").await.unwrap(), None);
+    // Another profile claims the number: it moves.
+    let b = profile("b", Some("+18005550100"));
+    s.upsert_profile(&b).await.unwrap();
+    assert_eq!(s.profile_for_number("+18005550100").await.unwrap().map(|p| p.id), Some("b".into()));
+    assert_eq!(s.get_profile(&"a".into()).await.unwrap().unwrap().number, None);
+    // Replacing a profile replaces every field.
+    let mut b2 = profile("b", None);
+    b2.sample_urls = vec!["https://s/new.mp3".into()];
+    b2.agent_id = None;
+    s.upsert_profile(&b2).await.unwrap();
+    assert_eq!(s.get_profile(&"b".into()).await.unwrap(), Some(b2));
+    assert_eq!(s.profile_for_number("+18005550100").await.unwrap(), None);
+}
+
+async fn clone_jobs_are_claimed_once<S: Store>(s: &S) {
+    let p = "claim".into();
+    let (j1, created) = s.claim_clone_job(&p, "h1", Timestamp(1_000), Timestamp(0)).await.unwrap();
+    assert!(created);
+    assert_eq!((j1.status, j1.started_at), (CloneStatus::Processing, Timestamp(1_000)));
+    let (again, created) =
+        s.claim_clone_job(&p, "h1", Timestamp(2_000), Timestamp(0)).await.unwrap();
+    assert!(!created, "a processing job serves");
+    assert_eq!(again, j1);
+    let (other, created) =
+        s.claim_clone_job(&p, "h2", Timestamp(2_000), Timestamp(0)).await.unwrap();
+    assert!(created && other.id != j1.id, "changed samples need a new job");
+
+    let done = s.finish_clone_job(j1.id, &Ok(VoiceId::new("v1")), Timestamp(3_000)).await.unwrap();
+    assert_eq!(
+        (done.status, done.voice_id.clone(), done.finished_at),
+        (CloneStatus::Completed, Some(VoiceId::new("v1")), Some(Timestamp(3_000)))
+    );
+    let kept = s.finish_clone_job(j1.id, &Err("late".into()), Timestamp(4_000)).await.unwrap();
+    assert_eq!(kept, done, "a finished job keeps its result");
+    let (reused, created) =
+        s.claim_clone_job(&p, "h1", Timestamp(9_000_000), Timestamp(8_000_000)).await.unwrap();
+    assert!(!created, "a completed clone is reused however old");
+    assert_eq!(reused.id, j1.id);
+
+    let failed = s
+        .finish_clone_job(other.id, &Err("422 bad sample".into()), Timestamp(5_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        (failed.status, failed.error.as_deref()),
+        (CloneStatus::Failed, Some("422 bad sample"))
+    );
+    let (retry, created) =
+        s.claim_clone_job(&p, "h2", Timestamp(6_000), Timestamp(0)).await.unwrap();
+    assert!(created && retry.id != other.id, "a failed job is retried");
+    // A processing job started before `stale_before` is presumed lost.
+    let (fresh, created) =
+        s.claim_clone_job(&p, "h2", Timestamp(7_000), Timestamp(6_001)).await.unwrap();
+    assert!(created && fresh.id != retry.id, "a stale job is replaced");
+    assert_eq!(s.get_clone_job(fresh.id).await.unwrap(), Some(fresh));
+    assert_eq!(s.get_clone_job(JobId(987_654)).await.unwrap(), None);
+    let err =
+        s.finish_clone_job(JobId(987_654), &Ok(VoiceId::new("v")), Timestamp(1)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Missing(_)), "{err:?}");
+}
+
+async fn concurrent_claims_create_one_job<S: Store>(s: &S) {
+    let p = "race".into();
+    let claims = (0..16).map(|i| s.claim_clone_job(&p, "h", Timestamp(100 + i), Timestamp(0)));
+    let results = join_all(claims).await;
+    let created = results.iter().filter(|r| r.as_ref().unwrap().1).count();
+    assert_eq!(created, 1, "exactly one of 16 concurrent claims creates the job");
+    let ids: std::collections::HashSet<_> =
+        results.iter().map(|r| r.as_ref().unwrap().0.id).collect();
+    assert_eq!(ids.len(), 1);
+
+    let records: Vec<_> = (0..16).map(|i| record("CA-race", 1_000 + i)).collect();
+    let inserts = records.iter().map(|r| s.insert_call(r));
+    let inserted = join_all(inserts)
+        .await
+        .into_iter()
+        .filter(|r| *r.as_ref().unwrap() == InsertCall::Inserted)
+        .count();
+    assert_eq!(inserted, 1, "exactly one of 16 concurrent inserts records the call");
+}
+
+/// Runs futures concurrently on the current task (no spawning, so `&S` borrows are fine).
+async fn join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.map(|f| Some(Box::pin(f))).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, fut) in out.iter_mut().zip(futs.iter_mut()) {
+            if let Some(f) = fut {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *slot = Some(v);
+                        *fut = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+async fn suite<S: Store>(s: &S) {
+    s.health().await.unwrap();
+    calls_are_recorded_once(s).await;
+    status_rules(s).await;
+    jobs_attach_to_calls(s).await;
+    events_keep_order(s).await;
+    profiles_by_id_and_number(s).await;
+    clone_jobs_are_claimed_once(s).await;
+    concurrent_claims_create_one_job(s).await;
+}
+
+fn pg_config(url: String) -> PgStoreConfig {
+    PgStoreConfig { url, pool_size: 8, connect_timeout: Duration::from_secs(5) }
+}
+
+#[test]
+fn memory_store_passes_the_suite() {
+    rt().block_on(suite(&MemoryStore::new()));
+}
+
+#[test]
+fn postgres_store_passes_the_suite() {
+    let pg = PgServer::start();
+    rt().block_on(async {
+        let store = PgStore::connect(&pg_config(pg.url())).await.unwrap();
+        suite(&store).await;
+    });
+}
+
+#[test]
+fn postgres_keeps_calls_across_reconnects_and_migrates_once() {
+    let pg = PgServer::start();
+    let rec = record("CA-persist", 1_764_000_000_000);
+    rt().block_on(async {
+        let store = PgStore::connect(&pg_config(pg.url())).await.unwrap();
+        store.insert_call(&rec).await.unwrap();
+    });
+    // A new runtime and pool, as after a restart of precall; migrations run again harmlessly.
+    rt().block_on(async {
+        let store = PgStore::connect(&pg_config(pg.url())).await.unwrap();
+        assert_eq!(store.get_call(&rec.call_id).await.unwrap(), Some(rec.clone()));
+    });
+}
+
+#[test]
+fn postgres_unreachable_is_reported_as_unavailable() {
+    let port = support::free_tcp_port();
+    let cfg = PgStoreConfig {
+        url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        pool_size: 1,
+        connect_timeout: Duration::from_secs(2),
+    };
+    let err = rt().block_on(PgStore::connect(&cfg)).unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_) | StoreError::Query(_)), "{err:?}");
+}

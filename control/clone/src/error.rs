@@ -84,11 +84,7 @@ impl CloneError {
 }
 
 fn fmt_detail(detail: &str) -> String {
-    if detail.is_empty() {
-        String::new()
-    } else {
-        format!(": {detail}")
-    }
+    if detail.is_empty() { String::new() } else { format!(": {detail}") }
 }
 
 /// Why one voice sample could not be fetched.

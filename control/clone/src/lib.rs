@@ -35,7 +35,7 @@ mod error;
 mod sample;
 mod simulated;
 
-pub use elevenlabs::{ElevenLabsConfig, ElevenLabsProvider};
+pub use elevenlabs::{DEFAULT_API_BASE, ElevenLabsConfig, ElevenLabsProvider};
 pub use error::{CloneError, SampleError};
 pub use sample::{Sample, fetch_sample};
 pub use simulated::{SimulatedConfig, SimulatedOutcome, SimulatedProvider, UnknownOutcome};

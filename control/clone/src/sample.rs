@@ -44,18 +44,14 @@ pub async fn fetch_sample(
     } else if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") {
         fetch_http(url, max_bytes, client).await
     } else {
-        Err(SampleError::UnsupportedScheme {
-            scheme: scheme.chars().take(32).collect(),
-        })
+        Err(SampleError::UnsupportedScheme { scheme: scheme.chars().take(32).collect() })
     }
 }
 
 async fn fetch_file(url: &str, max_bytes: u64) -> Result<Sample, SampleError> {
     let path = file_url_path(url)?;
     let filename = last_segment(&path);
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(SampleError::Io)?;
+    let file = tokio::fs::File::open(&path).await.map_err(SampleError::Io)?;
     let meta = file.metadata().await.map_err(SampleError::Io)?;
     if !meta.is_file() {
         return Err(SampleError::Io(std::io::Error::new(
@@ -75,26 +71,18 @@ async fn fetch_file(url: &str, max_bytes: u64) -> Result<Sample, SampleError> {
     if bytes.len() as u64 > max_bytes {
         return Err(SampleError::TooLarge { limit: max_bytes });
     }
-    Ok(Sample {
-        content_type: content_type_for(&filename),
-        filename,
-        bytes,
-    })
+    Ok(Sample { content_type: content_type_for(&filename), filename, bytes })
 }
 
 /// The local path of a `file://` URL (RFC 8089): empty or `localhost` host, absolute path.
 fn file_url_path(url: &str) -> Result<String, SampleError> {
-    let invalid = |reason: &str| SampleError::InvalidUrl {
-        reason: reason.to_owned(),
-    };
+    let invalid = |reason: &str| SampleError::InvalidUrl { reason: reason.to_owned() };
     let rest = url
         .get("file:".len()..)
         .and_then(|r| r.strip_prefix("//"))
         .ok_or_else(|| invalid("a file URL must look like file:///absolute/path"))?;
     let rest = strip_query(rest);
-    let slash = rest
-        .find('/')
-        .ok_or_else(|| invalid("a file URL needs an absolute path"))?;
+    let slash = rest.find('/').ok_or_else(|| invalid("a file URL needs an absolute path"))?;
     let (host, path) = rest.split_at(slash);
     if !(host.is_empty() || host.eq_ignore_ascii_case("localhost")) {
         return Err(invalid("a file URL must not name a remote host"));
@@ -108,9 +96,8 @@ async fn fetch_http(
     max_bytes: u64,
     client: &reqwest::Client,
 ) -> Result<Sample, SampleError> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| SampleError::InvalidUrl {
-        reason: e.to_string(),
-    })?;
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| SampleError::InvalidUrl { reason: e.to_string() })?;
     let filename = match parsed.path_segments().and_then(|mut s| s.next_back()) {
         Some(seg) => match percent_decode(seg).map(String::from_utf8) {
             Ok(Ok(name)) => name,
@@ -118,43 +105,28 @@ async fn fetch_http(
         },
         None => String::new(),
     };
-    let filename = if filename.is_empty() {
-        "sample".to_owned()
-    } else {
-        filename
-    };
+    let filename = if filename.is_empty() { "sample".to_owned() } else { filename };
 
-    let mut resp = client
-        .get(parsed)
-        .send()
-        .await
-        .map_err(|e| SampleError::Transport(e.without_url()))?;
+    let mut resp =
+        client.get(parsed).send().await.map_err(|e| SampleError::Transport(e.without_url()))?;
     let status = resp.status();
     if !status.is_success() {
-        return Err(SampleError::HttpStatus {
-            status: status.as_u16(),
-        });
+        return Err(SampleError::HttpStatus { status: status.as_u16() });
     }
     let announced = resp.content_length();
     if announced.is_some_and(|len| len > max_bytes) {
         return Err(SampleError::TooLarge { limit: max_bytes });
     }
     let mut bytes = Vec::with_capacity(capacity_hint(announced.unwrap_or(0), max_bytes));
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| SampleError::Transport(e.without_url()))?
+    while let Some(chunk) =
+        resp.chunk().await.map_err(|e| SampleError::Transport(e.without_url()))?
     {
         if (bytes.len() as u64).saturating_add(chunk.len() as u64) > max_bytes {
             return Err(SampleError::TooLarge { limit: max_bytes });
         }
         bytes.extend_from_slice(&chunk);
     }
-    Ok(Sample {
-        content_type: content_type_for(&filename),
-        filename,
-        bytes,
-    })
+    Ok(Sample { content_type: content_type_for(&filename), filename, bytes })
 }
 
 /// Preallocate what the source announces, but never more than the cap (nor 64 MiB).
@@ -165,10 +137,7 @@ fn capacity_hint(announced: u64, max_bytes: u64) -> usize {
 
 /// Content type by extension, as the upload labels each `files` part.
 pub(crate) fn content_type_for(filename: &str) -> &'static str {
-    let ext = filename
-        .rsplit_once('.')
-        .map(|(_, e)| e.to_ascii_lowercase())
-        .unwrap_or_default();
+    let ext = filename.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
     match ext.as_str() {
         "mp3" => "audio/mpeg",
         "wav" => "audio/wav",

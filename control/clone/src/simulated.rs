@@ -63,10 +63,7 @@ pub struct SimulatedConfig {
 
 impl Default for SimulatedConfig {
     fn default() -> Self {
-        Self {
-            delay: Duration::from_millis(3000),
-            outcome: SimulatedOutcome::Completed,
-        }
+        Self { delay: Duration::from_millis(3000), outcome: SimulatedOutcome::Completed }
     }
 }
 

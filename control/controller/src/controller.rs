@@ -99,7 +99,7 @@ impl<S: Store> CallController<S> {
         let fresh = CallRecord::inbound(ctx, profile_id, now);
         let (mut call, first) = match self.store.insert_call(&fresh).await? {
             InsertCall::Inserted => (fresh, true),
-            InsertCall::Existing(existing) => (existing, false),
+            InsertCall::Existing(existing) => (*existing, false),
         };
         let profile = if first || profile.as_ref().is_some_and(|p| p.id == call.profile_id) {
             profile

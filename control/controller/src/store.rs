@@ -39,7 +39,7 @@ pub enum InsertCall {
     /// The call was new and is now recorded.
     Inserted,
     /// A call with that id was already recorded; here it is, unchanged.
-    Existing(CallRecord),
+    Existing(Box<CallRecord>),
 }
 
 /// Where calls, clone jobs, call events and voice profiles are kept.
@@ -217,7 +217,7 @@ impl Store for MemoryStore {
     ) -> impl Future<Output = Result<InsertCall, StoreError>> + Send {
         let mut inner = self.lock();
         let out = match inner.calls.get(&call.call_id) {
-            Some(existing) => InsertCall::Existing(existing.clone()),
+            Some(existing) => InsertCall::Existing(Box::new(existing.clone())),
             None => {
                 inner.calls.insert(call.call_id.clone(), call.clone());
                 InsertCall::Inserted

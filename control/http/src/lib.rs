@@ -42,7 +42,7 @@
 //!    `Retry-After: 5` and `Connection: close`. Otherwise the [`Handler`] runs inside
 //!    `catch_unwind`: a panic becomes a `500` (logged once with `tracing::error!`) and the server
 //!    keeps going. `HEAD` responses carry the handler's headers but no body. Every response carries
-//!    `Content-Length` (except 1xx/204, where HTTP forbids it).
+//!    `Content-Length` (except 1xx/204, where HTTP forbids it, and 304).
 //! 6. **Keep-alive or close.** HTTP/1.1 keeps the connection unless the request (or the handler's
 //!    response) says `Connection: close`; HTTP/1.0 closes unless the request says
 //!    `Connection: keep-alive`. After every 4xx error above the connection is closed, because the
@@ -53,7 +53,8 @@
 //!
 //! [`ServerHandle::shutdown`] sets a flag, wakes the accept coroutine with one loopback connection
 //! to itself, and waits for it to drop the listener. Open connections notice the flag at their next
-//! request boundary (or time out) and close.
+//! request boundary: a request already received is still answered, with `Connection: close`;
+//! otherwise they close (an idle connection blocked in its read notices when it times out).
 //!
 //! # Coroutine stacks
 //!
@@ -68,7 +69,7 @@ mod server;
 
 use std::time::Duration;
 
-pub use request::{Request, RequestError};
+pub use request::Request;
 pub use response::{Response, reason_phrase};
 pub use server::{Server, ServerHandle};
 
