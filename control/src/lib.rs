@@ -11,4 +11,9 @@
 //!
 //! SIGINT/SIGTERM stop them in the reverse order.
 
+pub mod app;
+pub mod config;
+pub mod metrics;
+pub mod profiles;
+pub mod runtime;
 pub mod store;

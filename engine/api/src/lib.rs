@@ -10,12 +10,14 @@
 #![forbid(unsafe_code)]
 
 mod context;
+mod control;
 mod ids;
 mod instructions;
 mod redact;
 mod time;
 
 pub use context::{CallContext, CallStatus, Protocol};
+pub use control::{ControlError, ControlPort, ControlReply, ControlRequest, ReplyFn};
 pub use ids::{CallId, JobId, ProfileId, VoiceId};
 pub use instructions::{
     AudioInstruction, CallAction, CallInstructions, CloneStatus, SpeechInstruction,

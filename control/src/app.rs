@@ -1,0 +1,101 @@
+//! The HTTP routes of the control plane.
+
+use std::sync::Arc;
+
+use precall_api::{ControlError, ControlReply, ControlRequest};
+use precall_http::{Handler, Request, Response};
+
+use crate::metrics::Metrics;
+use crate::runtime::ControlHandle;
+
+/// One engine shard as `/health` and `/metrics` show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardState {
+    /// Shard number.
+    pub shard: usize,
+    /// Its executor is running.
+    pub alive: bool,
+    /// Calls it owns.
+    pub active_calls: u64,
+}
+
+/// Reads the shards' state (atomics; cheap).
+pub type ShardProbe = Arc<dyn Fn() -> Vec<ShardState> + Send + Sync>;
+
+/// The control plane's HTTP application.
+pub struct App {
+    control: ControlHandle,
+    shards: ShardProbe,
+    metrics: Arc<Metrics>,
+    store_kind: &'static str,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("store", &self.store_kind).finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Routes over the side runtime `control`, the engine's `shards` and shared `metrics`.
+    pub fn new(
+        control: ControlHandle,
+        shards: ShardProbe,
+        metrics: Arc<Metrics>,
+        store_kind: &'static str,
+    ) -> Self {
+        Self { control, shards, metrics, store_kind }
+    }
+
+    fn health(&self) -> Response {
+        let store = match self.control.call(ControlRequest::Health) {
+            Ok(ControlReply::Health(Ok(()))) => Ok(()),
+            Ok(ControlReply::Health(Err(e))) | Err(e) => Err(e),
+            Ok(_) => Err(ControlError::Mismatch),
+        };
+        let shards = (self.shards)();
+        let shards_ok = !shards.is_empty() && shards.iter().all(|s| s.alive);
+        let ok = store.is_ok() && shards_ok;
+        let body = serde_json::json!({
+            "status": if ok { "ok" } else { "unavailable" },
+            "version": env!("CARGO_PKG_VERSION"),
+            "store": {
+                "kind": self.store_kind,
+                "ok": store.is_ok(),
+                "error": store.err().map(|e| e.to_string()),
+            },
+            "shards": shards.iter().map(|s| serde_json::json!({
+                "shard": s.shard, "alive": s.alive, "active_calls": s.active_calls,
+            })).collect::<Vec<_>>(),
+        });
+        Response::json(if ok { 200 } else { 503 }, body.to_string())
+            .header("Cache-Control", "no-store")
+    }
+
+    fn metrics(&self) -> Response {
+        let mut out = String::with_capacity(4096);
+        self.metrics.render(&mut out);
+        out.push_str("# HELP precall_active_calls Calls owned by each engine shard.\n");
+        out.push_str("# TYPE precall_active_calls gauge\n");
+        for s in (self.shards)() {
+            out.push_str(&format!(
+                "precall_active_calls{{protocol=\"sip\",shard=\"{}\"}} {}\n",
+                s.shard, s.active_calls
+            ));
+        }
+        Response::new(200).body("text/plain; version=0.0.4; charset=utf-8", out)
+    }
+}
+
+impl Handler for App {
+    fn handle(&self, req: &Request) -> Response {
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET" | "HEAD", "/health") => self.health(),
+            ("GET" | "HEAD", "/metrics") => self.metrics(),
+            (_, "/health" | "/metrics") => {
+                Response::text(405, "use GET\n").header("Allow", "GET, HEAD")
+            }
+            _ => Response::text(404, "not found\n"),
+        }
+    }
+}

@@ -1,0 +1,628 @@
+//! Configuration from the environment (and `.env` when present), with the seed's names.
+//!
+//! Every variable is listed once in [`VARS`]: `precall --help` prints that table, the README
+//! mirrors it, and [`Config::from_lookup`] reads exactly those names. A bad value stops the
+//! start with a message naming the variable and what it expected.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One configuration variable: its name, default (as shown) and meaning.
+#[derive(Debug, Clone, Copy)]
+pub struct Var {
+    /// Environment variable name.
+    pub name: &'static str,
+    /// The default, as shown in `--help` (`-` when unset by default).
+    pub default: &'static str,
+    /// What it does.
+    pub help: &'static str,
+}
+
+/// Every variable precall reads.
+pub const VARS: &[Var] = &[
+    Var {
+        name: "HTTP_HOST",
+        default: "0.0.0.0",
+        help: "address of the HTTP control plane (Twilio webhooks, /health, /metrics)",
+    },
+    Var { name: "HTTP_PORT", default: "8000", help: "port of the HTTP control plane" },
+    Var {
+        name: "PUBLIC_BASE_URL",
+        default: "http://127.0.0.1:HTTP_PORT",
+        help: "the URL Twilio uses to reach precall (signatures, TwiML URLs)",
+    },
+    Var {
+        name: "ENABLE_SIP_HANDLER",
+        default: "true",
+        help: "serve native SIP on the engine shards",
+    },
+    Var {
+        name: "SIP_HOST",
+        default: "0.0.0.0",
+        help: "address of the SIP/UDP socket (every shard binds it with SO_REUSEPORT)",
+    },
+    Var { name: "SIP_PORT", default: "5060", help: "port of the SIP/UDP socket" },
+    Var {
+        name: "SIP_ADVERTISED_IP",
+        default: "-",
+        help: "address put in SDP and Contact when behind NAT (default: the bound address)",
+    },
+    Var {
+        name: "SHARDS",
+        default: "one per core",
+        help: "number of engine shards (glommio executors)",
+    },
+    Var { name: "SHARD_PIN_CORES", default: "true", help: "pin shard i to core i" },
+    Var {
+        name: "RTP_PORT_MIN",
+        default: "16384",
+        help: "lowest RTP port; each shard owns a slice of the range",
+    },
+    Var { name: "RTP_PORT_MAX", default: "32767", help: "highest RTP port" },
+    Var {
+        name: "RTP_TIMEOUT_MS",
+        default: "30000",
+        help: "no RTP from the caller for this long ends the call",
+    },
+    Var {
+        name: "MEDIA_WS_PORT",
+        default: "8001",
+        help: "port of the Twilio Media Streams WebSocket server",
+    },
+    Var {
+        name: "DATABASE_URL",
+        default: "-",
+        help: "PostgreSQL URL; unset = in-memory store (lost at exit)",
+    },
+    Var { name: "DATABASE_POOL_SIZE", default: "8", help: "PostgreSQL connections" },
+    Var {
+        name: "TWILIO_AUTH_TOKEN",
+        default: "-",
+        help: "validates X-Twilio-Signature; unset = /twilio/* answers 403",
+    },
+    Var {
+        name: "TWILIO_SKIP_SIGNATURE",
+        default: "false",
+        help: "accept unsigned Twilio webhooks (development only; logged loudly)",
+    },
+    Var {
+        name: "ELEVENLABS_API_KEY",
+        default: "-",
+        help: "ElevenLabs key; unset = simulated clone provider",
+    },
+    Var {
+        name: "ELEVENLABS_API_BASE",
+        default: "https://api.elevenlabs.io",
+        help: "ElevenLabs REST base URL",
+    },
+    Var { name: "ELEVENLABS_AGENT_ID", default: "-", help: "agent of the default voice profile" },
+    Var {
+        name: "AGENT_WS_URL",
+        default: "wss://api.elevenlabs.io/v1/convai/conversation",
+        help: "agent WebSocket endpoint (agent_id is appended)",
+    },
+    Var {
+        name: "VOICE_SAMPLE_URLS",
+        default: "-",
+        help: "comma-separated sample URLs of the default voice profile",
+    },
+    Var {
+        name: "VOICE_PROFILES_FILE",
+        default: "-",
+        help: "JSON file of voice profiles by dialed number (see README)",
+    },
+    Var {
+        name: "GREETING_AUDIO_URL",
+        default: "PUBLIC_BASE_URL/audio/greeting.wav",
+        help: "greeting clip (http, https or file URL)",
+    },
+    Var {
+        name: "HOLD_AUDIO_URL",
+        default: "PUBLIC_BASE_URL/audio/hold.wav",
+        help: "hold clip, looped while the clone is prepared",
+    },
+    Var {
+        name: "ERROR_AUDIO_URL",
+        default: "PUBLIC_BASE_URL/audio/error.wav",
+        help: "recorded error message for SIP calls",
+    },
+    Var {
+        name: "ERROR_MESSAGE",
+        default: "We are sorry, we could not connect your call. Please try again later.",
+        help: "said (Twilio <Say>) before hanging up on a failed call",
+    },
+    Var {
+        name: "STATUS_POLL_INTERVAL_MS",
+        default: "2000",
+        help: "time between clone status checks",
+    },
+    Var {
+        name: "MAX_HOLD_MS",
+        default: "60000",
+        help: "longest hold before the call gets the error message and is hung up",
+    },
+    Var {
+        name: "CLONE_JOB_TIMEOUT_MS",
+        default: "120000",
+        help: "a clone job still processing after this is presumed lost",
+    },
+    Var {
+        name: "SIMULATED_CLONE_DELAY_MS",
+        default: "3000",
+        help: "simulated provider: time to finish a clone",
+    },
+    Var {
+        name: "SIMULATED_CLONE_OUTCOME",
+        default: "completed",
+        help: "simulated provider: completed or failed",
+    },
+    Var {
+        name: "CONTROL_REQUEST_TIMEOUT_MS",
+        default: "5000",
+        help: "longest a webhook or shard waits for the controller",
+    },
+    Var {
+        name: "LOG_LEVEL",
+        default: "info",
+        help: "tracing filter (error, warn, info, debug, or a RUST_LOG-style filter)",
+    },
+];
+
+/// A configuration value was not what it must be.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The value did not parse.
+    #[error("{var}={value:?} is not valid: expected {expected}")]
+    Invalid {
+        /// The variable.
+        var: &'static str,
+        /// What was given.
+        value: String,
+        /// What it must be.
+        expected: &'static str,
+    },
+    /// Two values do not fit together.
+    #[error("{0}")]
+    Inconsistent(String),
+    /// The voice profiles file could not be used.
+    #[error("VOICE_PROFILES_FILE {path}: {reason}")]
+    ProfilesFile {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Which clone provider runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderConfig {
+    /// ElevenLabs Instant Voice Cloning.
+    ElevenLabs {
+        /// `ELEVENLABS_API_KEY`.
+        api_key: String,
+        /// `ELEVENLABS_API_BASE`.
+        api_base: String,
+    },
+    /// The simulated provider (no key set).
+    Simulated {
+        /// `SIMULATED_CLONE_DELAY_MS`.
+        delay: Duration,
+        /// `SIMULATED_CLONE_OUTCOME` is `failed`.
+        fail: bool,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP control plane address.
+    pub http_addr: SocketAddr,
+    /// Base URL Twilio reaches us at, without trailing slash.
+    pub public_base_url: String,
+    /// SIP socket address, `None` when SIP is disabled.
+    pub sip_addr: Option<SocketAddr>,
+    /// Address advertised in SDP/Contact.
+    pub sip_advertised_ip: Option<IpAddr>,
+    /// Engine shards.
+    pub shards: usize,
+    /// Pin shards to cores.
+    pub pin_cores: bool,
+    /// RTP port range.
+    pub rtp_ports: std::ops::RangeInclusive<u16>,
+    /// Caller RTP silence that ends a call.
+    pub rtp_timeout: Duration,
+    /// Media Streams WebSocket port.
+    pub media_ws_port: u16,
+    /// PostgreSQL URL, `None` for the in-memory store.
+    pub database_url: Option<String>,
+    /// PostgreSQL pool size.
+    pub database_pool_size: usize,
+    /// Twilio auth token.
+    pub twilio_auth_token: Option<String>,
+    /// Accept unsigned webhooks.
+    pub twilio_skip_signature: bool,
+    /// Clone provider.
+    pub provider: ProviderConfig,
+    /// Agent of the default profile.
+    pub default_agent_id: String,
+    /// Agent WebSocket endpoint.
+    pub agent_ws_url: String,
+    /// Default profile samples.
+    pub voice_sample_urls: Vec<String>,
+    /// Voice profiles file.
+    pub voice_profiles_file: Option<PathBuf>,
+    /// Greeting clip URL.
+    pub greeting_audio_url: String,
+    /// Hold clip URL.
+    pub hold_audio_url: String,
+    /// Error clip URL.
+    pub error_audio_url: String,
+    /// Error message text.
+    pub error_message: String,
+    /// Poll interval.
+    pub status_poll_interval: Duration,
+    /// Hold limit.
+    pub max_hold: Duration,
+    /// Lost-job limit.
+    pub clone_job_timeout: Duration,
+    /// Controller request deadline.
+    pub control_request_timeout: Duration,
+    /// Log filter.
+    pub log_level: String,
+}
+
+fn default_of(name: &str) -> &'static str {
+    VARS.iter().find(|v| v.name == name).map_or("", |v| v.default)
+}
+
+struct Reader<'a> {
+    get: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Reader<'_> {
+    /// The value if set and not blank.
+    fn raw(&self, var: &'static str) -> Option<String> {
+        debug_assert!(VARS.iter().any(|v| v.name == var), "{var} missing from VARS");
+        (self.get)(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, var: &'static str) -> String {
+        self.raw(var).unwrap_or_else(|| default_of(var).to_owned())
+    }
+
+    fn parse<T: std::str::FromStr>(
+        &self,
+        var: &'static str,
+        expected: &'static str,
+    ) -> Result<T, ConfigError> {
+        let value = self.string(var);
+        value.parse().map_err(|_| ConfigError::Invalid { var, value, expected })
+    }
+
+    fn bool(&self, var: &'static str) -> Result<bool, ConfigError> {
+        let value = self.string(var);
+        match value.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(ConfigError::Invalid { var, value, expected: "true or false" }),
+        }
+    }
+
+    fn millis(&self, var: &'static str) -> Result<Duration, ConfigError> {
+        self.parse::<u64>(var, "a whole number of milliseconds").map(Duration::from_millis)
+    }
+
+    fn port(&self, var: &'static str) -> Result<u16, ConfigError> {
+        self.parse(var, "a port number 0-65535")
+    }
+
+    fn ip(&self, var: &'static str) -> Result<IpAddr, ConfigError> {
+        self.parse(var, "an IPv4 or IPv6 address")
+    }
+
+    fn url(
+        &self,
+        var: &'static str,
+        schemes: &[&str],
+        expected: &'static str,
+    ) -> Result<Option<String>, ConfigError> {
+        match self.raw(var) {
+            None => Ok(None),
+            Some(v) if schemes.iter().any(|s| v.starts_with(s) && v.len() > s.len()) => {
+                Ok(Some(v.trim_end_matches('/').to_owned()))
+            }
+            Some(value) => Err(ConfigError::Invalid { var, value, expected }),
+        }
+    }
+}
+
+const AUDIO_SCHEMES: &[&str] = &["http://", "https://", "file://"];
+
+impl Config {
+    /// Reads the process environment (after `.env` was loaded into it).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&|k| std::env::var(k).ok())
+    }
+
+    /// Reads configuration through `get`; used by tests with a map.
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let r = Reader { get };
+        let http_port = r.port("HTTP_PORT")?;
+        let http_addr = SocketAddr::new(r.ip("HTTP_HOST")?, http_port);
+        let public_base_url = r
+            .url("PUBLIC_BASE_URL", &["http://", "https://"], "an http:// or https:// URL")?
+            .unwrap_or_else(|| format!("http://127.0.0.1:{http_port}"));
+        let sip_addr = if r.bool("ENABLE_SIP_HANDLER")? {
+            Some(SocketAddr::new(r.ip("SIP_HOST")?, r.port("SIP_PORT")?))
+        } else {
+            None
+        };
+        let sip_advertised_ip = match r.raw("SIP_ADVERTISED_IP") {
+            None => None,
+            Some(_) => Some(r.ip("SIP_ADVERTISED_IP")?),
+        };
+        let shards = match r.raw("SHARDS") {
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+            Some(value) => match value.parse::<usize>() {
+                Ok(n) if (1..=1024).contains(&n) => n,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        var: "SHARDS",
+                        value,
+                        expected: "a number of shards from 1 to 1024",
+                    });
+                }
+            },
+        };
+        let rtp_min = r.port("RTP_PORT_MIN")?;
+        let rtp_max = r.port("RTP_PORT_MAX")?;
+        if rtp_min == 0 || rtp_min > rtp_max || usize::from(rtp_max - rtp_min) + 1 < 2 * shards {
+            return Err(ConfigError::Inconsistent(format!(
+                "RTP_PORT_MIN={rtp_min} and RTP_PORT_MAX={rtp_max} must be a non-zero range with \
+                 at least two ports (RTP + RTCP) per shard ({shards} shards)"
+            )));
+        }
+        let database_url = r.raw("DATABASE_URL");
+        if let Some(url) = &database_url {
+            if url.parse::<tokio_postgres::Config>().is_err() {
+                return Err(ConfigError::Invalid {
+                    var: "DATABASE_URL",
+                    value: redact_url(url),
+                    expected: "a PostgreSQL URL like postgres://user:pass@host:5432/db",
+                });
+            }
+        }
+        let database_pool_size =
+            match r.parse::<usize>("DATABASE_POOL_SIZE", "a pool size from 1 to 512")? {
+                n @ 1..=512 => n,
+                n => {
+                    return Err(ConfigError::Invalid {
+                        var: "DATABASE_POOL_SIZE",
+                        value: n.to_string(),
+                        expected: "a pool size from 1 to 512",
+                    });
+                }
+            };
+        let provider = match r.raw("ELEVENLABS_API_KEY") {
+            Some(api_key) => ProviderConfig::ElevenLabs {
+                api_key,
+                api_base: r
+                    .url(
+                        "ELEVENLABS_API_BASE",
+                        &["http://", "https://"],
+                        "an http:// or https:// URL",
+                    )?
+                    .unwrap_or_else(|| default_of("ELEVENLABS_API_BASE").to_owned()),
+            },
+            None => ProviderConfig::Simulated {
+                delay: r.millis("SIMULATED_CLONE_DELAY_MS")?,
+                fail: match r.string("SIMULATED_CLONE_OUTCOME").to_ascii_lowercase().as_str() {
+                    "completed" => false,
+                    "failed" => true,
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            var: "SIMULATED_CLONE_OUTCOME",
+                            value: r.string("SIMULATED_CLONE_OUTCOME"),
+                            expected: "completed or failed",
+                        });
+                    }
+                },
+            },
+        };
+        let agent_ws_url = r
+            .url("AGENT_WS_URL", &["ws://", "wss://"], "a ws:// or wss:// URL")?
+            .unwrap_or_else(|| default_of("AGENT_WS_URL").to_owned());
+        let mut voice_sample_urls = Vec::new();
+        if let Some(list) = r.raw("VOICE_SAMPLE_URLS") {
+            for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+                if !AUDIO_SCHEMES.iter().any(|s| url.starts_with(s)) {
+                    return Err(ConfigError::Invalid {
+                        var: "VOICE_SAMPLE_URLS",
+                        value: url.to_owned(),
+                        expected: "comma-separated http://, https:// or file:// URLs",
+                    });
+                }
+                voice_sample_urls.push(url.to_owned());
+            }
+        }
+        let audio = |var: &'static str, file: &str| -> Result<String, ConfigError> {
+            Ok(r.url(var, AUDIO_SCHEMES, "an http://, https:// or file:// URL")?
+                .unwrap_or_else(|| format!("{public_base_url}/audio/{file}")))
+        };
+        let status_poll_interval = r.millis("STATUS_POLL_INTERVAL_MS")?;
+        if status_poll_interval < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid {
+                var: "STATUS_POLL_INTERVAL_MS",
+                value: status_poll_interval.as_millis().to_string(),
+                expected: "at least 100 milliseconds",
+            });
+        }
+        Ok(Config {
+            http_addr,
+            sip_addr,
+            sip_advertised_ip,
+            shards,
+            pin_cores: r.bool("SHARD_PIN_CORES")?,
+            rtp_ports: rtp_min..=rtp_max,
+            rtp_timeout: r.millis("RTP_TIMEOUT_MS")?,
+            media_ws_port: r.port("MEDIA_WS_PORT")?,
+            database_url,
+            database_pool_size,
+            twilio_auth_token: r.raw("TWILIO_AUTH_TOKEN"),
+            twilio_skip_signature: r.bool("TWILIO_SKIP_SIGNATURE")?,
+            provider,
+            default_agent_id: r.raw("ELEVENLABS_AGENT_ID").unwrap_or_default(),
+            agent_ws_url,
+            voice_sample_urls,
+            voice_profiles_file: r.raw("VOICE_PROFILES_FILE").map(PathBuf::from),
+            greeting_audio_url: audio("GREETING_AUDIO_URL", "greeting.wav")?,
+            hold_audio_url: audio("HOLD_AUDIO_URL", "hold.wav")?,
+            error_audio_url: audio("ERROR_AUDIO_URL", "error.wav")?,
+            error_message: r.string("ERROR_MESSAGE"),
+            status_poll_interval,
+            max_hold: r.millis("MAX_HOLD_MS")?,
+            clone_job_timeout: r.millis("CLONE_JOB_TIMEOUT_MS")?,
+            control_request_timeout: r.millis("CONTROL_REQUEST_TIMEOUT_MS")?,
+            log_level: r.string("LOG_LEVEL"),
+            public_base_url,
+        })
+    }
+
+    /// Reads configuration from a map (tests).
+    pub fn from_map(map: &HashMap<&str, &str>) -> Result<Self, ConfigError> {
+        Self::from_lookup(&|k| map.get(k).map(|v| (*v).to_owned()))
+    }
+}
+
+/// Hides a password in a URL for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..s + 3], &userinfo[..colon], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The `--help` text: usage and every variable with its default.
+pub fn help_text() -> String {
+    let mut out = String::from(
+        "precall — voice-AI call engine (Twilio webhooks + native SIP)\n\n\
+         Usage: precall [--help | --version]\n\n\
+         With no arguments precall serves: engine shards (SIP/RTP) and the HTTP control plane.\n\
+         Configuration comes from the environment, and from ./.env when present.\n\n\
+         Variables (default in brackets):\n",
+    );
+    let width = VARS.iter().map(|v| v.name.len()).max().unwrap_or(0);
+    for v in VARS {
+        out.push_str(&format!("  {:width$}  {} [{}]\n", v.name, v.help, v.default));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_map(&pairs.iter().copied().collect())
+    }
+
+    #[test]
+    fn defaults_need_nothing() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.http_addr, "0.0.0.0:8000".parse().unwrap());
+        assert_eq!(c.sip_addr, Some("0.0.0.0:5060".parse().unwrap()));
+        assert_eq!(c.rtp_ports, 16384..=32767);
+        assert_eq!(c.media_ws_port, 8001);
+        assert_eq!(c.database_url, None);
+        assert_eq!(c.status_poll_interval, Duration::from_millis(2000));
+        assert_eq!(c.max_hold, Duration::from_millis(60_000));
+        assert!(c.shards >= 1);
+        assert_eq!(
+            c.provider,
+            ProviderConfig::Simulated { delay: Duration::from_millis(3000), fail: false }
+        );
+        assert_eq!(c.public_base_url, "http://127.0.0.1:8000");
+        assert_eq!(c.greeting_audio_url, "http://127.0.0.1:8000/audio/greeting.wav");
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = cfg(&[
+            ("HTTP_PORT", "9000"),
+            ("ENABLE_SIP_HANDLER", "false"),
+            ("SHARDS", "3"),
+            ("ELEVENLABS_API_KEY", "k"),
+            ("ELEVENLABS_API_BASE", "http://127.0.0.1:1234/"),
+            ("PUBLIC_BASE_URL", "https://voice.example.com/"),
+            ("VOICE_SAMPLE_URLS", "https://s/a.mp3, file:///srv/b.wav"),
+            ("DATABASE_URL", "postgres://u:secret@db:5432/precall"),
+        ])
+        .unwrap();
+        assert_eq!(c.http_addr.port(), 9000);
+        assert_eq!(c.sip_addr, None);
+        assert_eq!(c.shards, 3);
+        assert_eq!(
+            c.provider,
+            ProviderConfig::ElevenLabs {
+                api_key: "k".into(),
+                api_base: "http://127.0.0.1:1234".into()
+            }
+        );
+        assert_eq!(c.public_base_url, "https://voice.example.com");
+        assert_eq!(c.hold_audio_url, "https://voice.example.com/audio/hold.wav");
+        assert_eq!(c.voice_sample_urls, ["https://s/a.mp3", "file:///srv/b.wav"]);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let cases: &[(&str, &str)] = &[
+            ("HTTP_PORT", "eighty"),
+            ("SIP_PORT", "70000"),
+            ("HTTP_HOST", "localhost:1"),
+            ("ENABLE_SIP_HANDLER", "maybe"),
+            ("SHARDS", "0"),
+            ("MAX_HOLD_MS", "-1"),
+            ("STATUS_POLL_INTERVAL_MS", "10"),
+            ("SIMULATED_CLONE_OUTCOME", "sometimes"),
+            ("PUBLIC_BASE_URL", "voice.example.com"),
+            ("AGENT_WS_URL", "https://agent"),
+            ("VOICE_SAMPLE_URLS", "ftp://x/a.mp3"),
+            ("DATABASE_URL", "postgres://u:hunter2@db:notaport/x"),
+            ("DATABASE_POOL_SIZE", "0"),
+        ];
+        for (var, value) in cases {
+            let err = cfg(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(var), "{var}={value}: {err}");
+            assert!(err.contains("expected"), "{var}={value}: {err}");
+            assert!(!err.contains("hunter2"), "passwords never appear: {err}");
+        }
+        let err = cfg(&[("RTP_PORT_MIN", "20000"), ("RTP_PORT_MAX", "10000")]).unwrap_err();
+        assert!(err.to_string().contains("RTP_PORT_MIN"), "{err}");
+    }
+
+    #[test]
+    fn help_lists_every_variable_with_its_default() {
+        let help = help_text();
+        for v in VARS {
+            assert!(help.contains(v.name) && help.contains(v.default), "{}", v.name);
+        }
+        for seed_name in ["ENABLE_SIP_HANDLER", "SIP_HOST", "SIP_PORT"] {
+            assert!(help.contains(seed_name));
+        }
+    }
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

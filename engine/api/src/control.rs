@@ -1,0 +1,81 @@
+//! Messages between the handlers (HTTP coroutines, engine shards) and the control plane.
+//!
+//! A handler submits a [`ControlRequest`] through a [`ControlPort`] together with a reply
+//! callback; the control plane answers exactly once, on its own thread, by calling it. The
+//! callback decides how the answer travels back (a may channel for an HTTP coroutine, a shard's
+//! inbox and doorbell for an engine shard), so nobody blocks a thread while waiting.
+
+use std::fmt;
+
+use crate::{CallContext, CallId, CallInstructions};
+
+/// What a handler asks the controller.
+#[derive(Debug, Clone)]
+pub enum ControlRequest {
+    /// A call arrived.
+    Inbound(CallContext),
+    /// Re-check the clone for a call.
+    CheckStatus(CallId),
+    /// A call ended, for the given reason (`caller_hangup`, `completed`, `canceled`, …).
+    CallEnded {
+        /// The call.
+        call_id: CallId,
+        /// Why it ended.
+        reason: String,
+    },
+    /// Is the control plane (and its store) able to serve?
+    Health,
+}
+
+/// The controller's answer to a [`ControlRequest`].
+#[derive(Debug, Clone)]
+pub enum ControlReply {
+    /// For `Inbound` and `CheckStatus`.
+    Instructions(Result<CallInstructions, ControlError>),
+    /// For `CallEnded`.
+    Ended(Result<(), ControlError>),
+    /// For `Health`.
+    Health(Result<(), ControlError>),
+}
+
+/// Why the control plane could not answer a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlError {
+    /// The call id was never recorded.
+    UnknownCall(CallId),
+    /// The store failed; the text is for logs.
+    Store(String),
+    /// No answer within the request deadline.
+    Timeout,
+    /// The request queue is full: answer `503` and let the peer retry.
+    Overloaded,
+    /// The control plane is shutting down or gone.
+    Stopped,
+    /// The answer did not match the request (a bug, reported rather than panicking).
+    Mismatch,
+}
+
+impl fmt::Display for ControlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ControlError::UnknownCall(id) => write!(f, "unknown call {id}"),
+            ControlError::Store(e) => write!(f, "store error: {e}"),
+            ControlError::Timeout => f.write_str("the controller did not answer in time"),
+            ControlError::Overloaded => f.write_str("the controller's queue is full"),
+            ControlError::Stopped => f.write_str("the control plane is stopping"),
+            ControlError::Mismatch => f.write_str("the controller answered another question"),
+        }
+    }
+}
+
+impl std::error::Error for ControlError {}
+
+/// Called once with the answer, on the control plane's thread. It must not block.
+pub type ReplyFn = Box<dyn FnOnce(ControlReply) + Send>;
+
+/// The way into the control plane.
+pub trait ControlPort: Send + Sync {
+    /// Queues a request; `reply` is called exactly once unless this returns an error (then
+    /// never). Never blocks: a full queue is [`ControlError::Overloaded`].
+    fn submit(&self, request: ControlRequest, reply: ReplyFn) -> Result<(), ControlError>;
+}

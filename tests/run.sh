@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# precall's test command (the README's, and what .ci/run calls).
+# Installs what the tests need when it is missing (PostgreSQL, SIPp, tshark: Debian packages),
+# checks formatting and lints, then runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+have_pg() {
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null
+}
+have_pg || need+=(postgresql)
+command -v sipp >/dev/null || need+=(sip-tester)
+command -v tshark >/dev/null || need+=(tshark)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "tests/run.sh: installing ${need[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
