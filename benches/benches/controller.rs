@@ -23,6 +23,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p) as usize]
 }
 
+#[allow(clippy::print_stdout)]
 fn main() {
     let store = MemoryStore::new();
     run(store.upsert_profile(&VoiceProfile {

@@ -1,1 +1,240 @@
-fn main() {}
+//! `precall`: the voice-AI call engine.
+//!
+//! With no arguments it serves until SIGINT or SIGTERM: the side runtime (controller, store,
+//! clone provider), the engine shards (SIP/RTP) and the HTTP control plane. Start order is
+//! side runtime -> shards -> HTTP, so nothing takes traffic before what it needs is up; stop
+//! order is the reverse. Every start failure is printed with what to fix, and exits non-zero.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use precall::app::{App, ShardState};
+use precall::config::{self, Config, ProviderConfig, redact_url};
+use precall::metrics::Metrics;
+use precall::profiles;
+use precall::runtime::{Service, SideRuntime};
+use precall::store::{PgStore, PgStoreConfig};
+use precall_api::ProfileId;
+use precall_clone::{
+    AnyProvider, ElevenLabsConfig, ElevenLabsProvider, SimulatedConfig, SimulatedOutcome,
+    SimulatedProvider,
+};
+use precall_controller::{CallController, ControllerConfig, MemoryStore, Store, VoiceProfile};
+use precall_engine::{Engine, EngineConfig};
+use precall_http::{Limits, Server};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+// The binary's edge: --help and --version write to stdout on purpose.
+#[allow(clippy::print_stdout)]
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        None => {}
+        Some("-h" | "--help") => {
+            print!("{}", config::help_text());
+            return ExitCode::SUCCESS;
+        }
+        Some("-V" | "--version") => {
+            println!("precall {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("precall: unknown argument {other:?}; see `precall --help`");
+            return ExitCode::from(2);
+        }
+    }
+    match dotenvy::dotenv() {
+        Ok(_) => {}
+        Err(e) if e.not_found() => {}
+        Err(e) => {
+            eprintln!("precall: cannot read .env: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let cfg = match Config::from_env() {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("precall: configuration error: {e}\n(see `precall --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&cfg.log_level);
+    match serve(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("precall: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn controller_config(cfg: &Config) -> ControllerConfig {
+    ControllerConfig {
+        greeting_url: cfg.greeting_audio_url.clone(),
+        hold_url: cfg.hold_audio_url.clone(),
+        error_message: cfg.error_message.clone(),
+        error_audio_url: Some(cfg.error_audio_url.clone()),
+        poll_interval: cfg.status_poll_interval,
+        max_hold: cfg.max_hold,
+        clone_job_timeout: cfg.clone_job_timeout,
+        agent_ws_url: cfg.agent_ws_url.clone(),
+        default_agent_id: cfg.default_agent_id.clone(),
+        default_profile: ProfileId::new(profiles::DEFAULT_PROFILE),
+    }
+}
+
+fn provider(cfg: &Config) -> Result<AnyProvider, String> {
+    Ok(match &cfg.provider {
+        ProviderConfig::ElevenLabs { api_key, api_base } => {
+            let el = ElevenLabsConfig {
+                api_base: api_base.clone(),
+                ..ElevenLabsConfig::new(api_key.clone())
+            };
+            AnyProvider::from(ElevenLabsProvider::new(el).map_err(|e| format!("ElevenLabs: {e}"))?)
+        }
+        ProviderConfig::Simulated { delay, fail } => {
+            AnyProvider::from(SimulatedProvider::new(SimulatedConfig {
+                delay: *delay,
+                outcome: if *fail { SimulatedOutcome::Failed } else { SimulatedOutcome::Completed },
+            }))
+        }
+    })
+}
+
+fn start_side_runtime<S: Store>(
+    store: impl std::future::Future<Output = Result<S, String>> + Send + 'static,
+    cfg: &Config,
+    profiles: Vec<VoiceProfile>,
+    metrics: Arc<Metrics>,
+) -> Result<SideRuntime, String> {
+    let ctl_cfg = controller_config(cfg);
+    let provider = provider(cfg)?;
+    SideRuntime::start(
+        move || async move {
+            let store = store.await?;
+            for p in &profiles {
+                store
+                    .upsert_profile(p)
+                    .await
+                    .map_err(|e| format!("saving voice profile {}: {e}", p.id))?;
+            }
+            Ok(Service { controller: CallController::new(store, ctl_cfg), provider, metrics })
+        },
+        cfg.control_request_timeout,
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn serve(cfg: Config) -> Result<(), String> {
+    // Registered before anything starts, so a SIGTERM that arrives during start-up is not lost:
+    // it is delivered once the start completes, and precall then stops at once.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let mut voice_profiles = vec![profiles::default_profile(&cfg)];
+    if let Some(path) = &cfg.voice_profiles_file {
+        voice_profiles.extend(profiles::load_file(path).map_err(|e| e.to_string())?);
+    }
+    let metrics = Arc::new(Metrics::default());
+    let (side, store_kind) = match &cfg.database_url {
+        None => {
+            tracing::warn!("DATABASE_URL is not set: calls are kept in memory and lost at exit");
+            let store = async { Ok(MemoryStore::new()) };
+            (start_side_runtime(store, &cfg, voice_profiles, Arc::clone(&metrics))?, "memory")
+        }
+        Some(url) => {
+            let pg = PgStoreConfig {
+                url: url.clone(),
+                pool_size: cfg.database_pool_size,
+                connect_timeout: Duration::from_secs(5),
+            };
+            let shown = redact_url(url);
+            let store = async move {
+                PgStore::connect(&pg).await.map_err(|e| format!("PostgreSQL at {shown}: {e}"))
+            };
+            (start_side_runtime(store, &cfg, voice_profiles, Arc::clone(&metrics))?, "postgres")
+        }
+    };
+    match &cfg.provider {
+        ProviderConfig::Simulated { delay, fail } => tracing::warn!(
+            delay_ms = delay.as_millis() as u64,
+            outcome = if *fail { "failed" } else { "completed" },
+            "ELEVENLABS_API_KEY is not set: voice clones are simulated"
+        ),
+        ProviderConfig::ElevenLabs { api_base, .. } => {
+            tracing::info!(api_base = %api_base, "voice clones by ElevenLabs")
+        }
+    }
+
+    let engine = Engine::start(EngineConfig {
+        shards: cfg.shards,
+        pin_cores: cfg.pin_cores,
+        sip: cfg.sip_addr,
+        rtp_ports: cfg.rtp_ports.clone(),
+        ..EngineConfig::default()
+    })
+    .map_err(|e| format!("engine: {e}"))?;
+    let engine = Arc::new(engine);
+
+    // may: no pinning (the shards own the cores), stacks sized for our handlers, fewer wakeups.
+    let may_cfg = may::config();
+    may_cfg.set_worker_pin(false);
+    may_cfg.set_stack_size(128 * 1024);
+    may_cfg.set_workers(cfg.shards.clamp(1, 4));
+    // The probe holds a weak reference so that shutdown can take the engine back.
+    let probe_engine = Arc::downgrade(&engine);
+    let probe = Arc::new(move || {
+        probe_engine.upgrade().map_or_else(Vec::new, |engine| {
+            engine
+                .health()
+                .iter()
+                .map(|h| ShardState {
+                    shard: h.shard,
+                    alive: h.alive,
+                    active_calls: h.active_calls,
+                })
+                .collect()
+        })
+    });
+    let app = App::new(side.handle(), probe, Arc::clone(&metrics), store_kind);
+    let http = Server::bind(cfg.http_addr, Limits::default(), Arc::new(app))
+        .map_err(|e| format!("cannot listen for HTTP on {}: {e}", cfg.http_addr))?;
+
+    tracing::info!(
+        http = %http.local_addr(),
+        sip = ?engine.sip_addr(),
+        shards = engine.shard_count(),
+        store = store_kind,
+        "precall is ready"
+    );
+
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "signal received");
+    }
+    tracing::info!("stopping");
+    http.shutdown();
+    let engine =
+        Arc::try_unwrap(engine).map_err(|_| "engine still in use at shutdown".to_owned())?;
+    let engine_result = engine.shutdown();
+    side.shutdown();
+    engine_result.map_err(|e| format!("engine: {e}"))?;
+    tracing::info!("stopped");
+    Ok(())
+}

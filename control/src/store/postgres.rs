@@ -8,7 +8,6 @@
 //! * `set_call_status` reads the row `FOR UPDATE` and applies the shared rule
 //!   ([`precall_controller::apply_status`]), so both stores follow one rule.
 
-use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
@@ -161,348 +160,294 @@ fn profile_from_row(row: &Row) -> VoiceProfile {
 }
 
 impl Store for PgStore {
-    fn insert_call(
-        &self,
-        call: &CallRecord,
-    ) -> impl Future<Output = Result<InsertCall, StoreError>> + Send {
-        async move {
-            let client = self.client().await?;
-            let inserted = client
-                .query_opt(
-                    "INSERT INTO calls (call_id, session_id, protocol, caller_number, \
-                     recipient_number, profile_id, clone_job_id, status, started_at, failure) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                     ON CONFLICT (call_id) DO NOTHING RETURNING call_id",
-                    &[
-                        &call.call_id.as_str(),
-                        &call.session_id,
-                        &call.protocol.as_str(),
-                        &call.caller_number,
-                        &call.recipient_number,
-                        &call.profile_id.as_str(),
-                        &call.clone_job_id.map(|j| j.0),
-                        &call.status.as_str(),
-                        &call.started_at.to_system(),
-                        &call.failure,
-                    ],
-                )
-                .await
-                .map_err(query)?;
-            if inserted.is_some() {
-                return Ok(InsertCall::Inserted);
-            }
-            let row = client
-                .query_one(
-                    &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1"),
-                    &[&call.call_id.as_str()],
-                )
-                .await
-                .map_err(query)?;
-            Ok(InsertCall::Existing(Box::new(call_from_row(&row)?)))
+    async fn insert_call(&self, call: &CallRecord) -> Result<InsertCall, StoreError> {
+        let client = self.client().await?;
+        let inserted = client
+            .query_opt(
+                "INSERT INTO calls (call_id, session_id, protocol, caller_number, \
+                 recipient_number, profile_id, clone_job_id, status, started_at, failure) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 ON CONFLICT (call_id) DO NOTHING RETURNING call_id",
+                &[
+                    &call.call_id.as_str(),
+                    &call.session_id,
+                    &call.protocol.as_str(),
+                    &call.caller_number,
+                    &call.recipient_number,
+                    &call.profile_id.as_str(),
+                    &call.clone_job_id.map(|j| j.0),
+                    &call.status.as_str(),
+                    &call.started_at.to_system(),
+                    &call.failure,
+                ],
+            )
+            .await
+            .map_err(query)?;
+        if inserted.is_some() {
+            return Ok(InsertCall::Inserted);
         }
+        let row = client
+            .query_one(
+                &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1"),
+                &[&call.call_id.as_str()],
+            )
+            .await
+            .map_err(query)?;
+        Ok(InsertCall::Existing(Box::new(call_from_row(&row)?)))
     }
 
-    fn get_call(
-        &self,
-        call_id: &CallId,
-    ) -> impl Future<Output = Result<Option<CallRecord>, StoreError>> + Send {
-        async move {
-            let client = self.client().await?;
-            let row = client
-                .query_opt(
-                    &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1"),
-                    &[&call_id.as_str()],
-                )
-                .await
-                .map_err(query)?;
-            row.as_ref().map(call_from_row).transpose()
-        }
+    async fn get_call(&self, call_id: &CallId) -> Result<Option<CallRecord>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1"),
+                &[&call_id.as_str()],
+            )
+            .await
+            .map_err(query)?;
+        row.as_ref().map(call_from_row).transpose()
     }
 
-    fn attach_job(
-        &self,
-        call_id: &CallId,
-        job: JobId,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        async move {
-            let n = self
-                .client()
-                .await?
-                .execute(
-                    "UPDATE calls SET clone_job_id = $2 WHERE call_id = $1",
-                    &[&call_id.as_str(), &job.0],
-                )
-                .await
-                .map_err(query)?;
-            if n == 0 { Err(StoreError::Missing(format!("call {call_id}"))) } else { Ok(()) }
-        }
+    async fn attach_job(&self, call_id: &CallId, job: JobId) -> Result<(), StoreError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE calls SET clone_job_id = $2 WHERE call_id = $1",
+                &[&call_id.as_str(), &job.0],
+            )
+            .await
+            .map_err(query)?;
+        if n == 0 { Err(StoreError::Missing(format!("call {call_id}"))) } else { Ok(()) }
     }
 
-    fn set_call_status(
+    async fn set_call_status(
         &self,
         call_id: &CallId,
         status: CallStatus,
         at: Timestamp,
         reason: Option<&str>,
-    ) -> impl Future<Output = Result<Option<CallRecord>, StoreError>> + Send {
-        async move {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(query)?;
-            let Some(row) = tx
-                .query_opt(
-                    &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1 FOR UPDATE"),
-                    &[&call_id.as_str()],
-                )
-                .await
-                .map_err(query)?
-            else {
-                return Ok(None);
-            };
-            let mut call = call_from_row(&row)?;
-            apply_status(&mut call, status, at, reason);
-            tx.execute(
-                "UPDATE calls SET status = $2, connected_at = $3, ended_at = $4, failure = $5, \
-                 end_reason = $6 WHERE call_id = $1",
+    ) -> Result<Option<CallRecord>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(query)?;
+        let Some(row) = tx
+            .query_opt(
+                &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1 FOR UPDATE"),
+                &[&call_id.as_str()],
+            )
+            .await
+            .map_err(query)?
+        else {
+            return Ok(None);
+        };
+        let mut call = call_from_row(&row)?;
+        apply_status(&mut call, status, at, reason);
+        tx.execute(
+            "UPDATE calls SET status = $2, connected_at = $3, ended_at = $4, failure = $5, \
+             end_reason = $6 WHERE call_id = $1",
+            &[
+                &call_id.as_str(),
+                &call.status.as_str(),
+                &call.connected_at.map(Timestamp::to_system),
+                &call.ended_at.map(Timestamp::to_system),
+                &call.failure,
+                &call.end_reason,
+            ],
+        )
+        .await
+        .map_err(query)?;
+        tx.commit().await.map_err(query)?;
+        Ok(Some(call))
+    }
+
+    async fn append_event(&self, event: &CallEvent) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO call_events (call_id, at, kind, detail) VALUES ($1, $2, $3, $4)",
                 &[
-                    &call_id.as_str(),
-                    &call.status.as_str(),
-                    &call.connected_at.map(Timestamp::to_system),
-                    &call.ended_at.map(Timestamp::to_system),
-                    &call.failure,
-                    &call.end_reason,
+                    &event.call_id.as_str(),
+                    &event.at.to_system(),
+                    &event.kind.as_str(),
+                    &event.detail,
                 ],
             )
             .await
             .map_err(query)?;
-            tx.commit().await.map_err(query)?;
-            Ok(Some(call))
-        }
+        Ok(())
     }
 
-    fn append_event(
-        &self,
-        event: &CallEvent,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        async move {
-            self.client()
-                .await?
-                .execute(
-                    "INSERT INTO call_events (call_id, at, kind, detail) VALUES ($1, $2, $3, $4)",
-                    &[
-                        &event.call_id.as_str(),
-                        &event.at.to_system(),
-                        &event.kind.as_str(),
-                        &event.detail,
-                    ],
-                )
-                .await
-                .map_err(query)?;
-            Ok(())
-        }
-    }
-
-    fn call_events(
-        &self,
-        call_id: &CallId,
-    ) -> impl Future<Output = Result<Vec<CallEvent>, StoreError>> + Send {
-        async move {
-            let rows = self
-                .client()
-                .await?
-                .query(
-                    "SELECT at, kind, detail FROM call_events WHERE call_id = $1 ORDER BY id",
-                    &[&call_id.as_str()],
-                )
-                .await
-                .map_err(query)?;
-            rows.iter()
-                .map(|row| {
-                    let kind: String = row.get("kind");
-                    Ok(CallEvent {
-                        call_id: call_id.clone(),
-                        at: ts(row.get("at")),
-                        kind: EventKind::parse(&kind)
-                            .ok_or(StoreError::Corrupt { what: "call_events.kind", value: kind })?,
-                        detail: row.get("detail"),
-                    })
+    async fn call_events(&self, call_id: &CallId) -> Result<Vec<CallEvent>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT at, kind, detail FROM call_events WHERE call_id = $1 ORDER BY id",
+                &[&call_id.as_str()],
+            )
+            .await
+            .map_err(query)?;
+        rows.iter()
+            .map(|row| {
+                let kind: String = row.get("kind");
+                Ok(CallEvent {
+                    call_id: call_id.clone(),
+                    at: ts(row.get("at")),
+                    kind: EventKind::parse(&kind)
+                        .ok_or(StoreError::Corrupt { what: "call_events.kind", value: kind })?,
+                    detail: row.get("detail"),
                 })
-                .collect()
-        }
+            })
+            .collect()
     }
 
-    fn upsert_profile(
-        &self,
-        profile: &VoiceProfile,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        async move {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(query)?;
-            if let Some(number) = &profile.number {
-                // A number selects one profile: the newest claim on it wins.
-                tx.execute(
-                    "UPDATE voice_profiles SET number = NULL WHERE number = $1 AND id <> $2",
-                    &[number, &profile.id.as_str()],
-                )
-                .await
-                .map_err(query)?;
-            }
+    async fn upsert_profile(&self, profile: &VoiceProfile) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(query)?;
+        if let Some(number) = &profile.number {
+            // A number selects one profile: the newest claim on it wins.
             tx.execute(
-                "INSERT INTO voice_profiles (id, number, name, sample_urls, agent_id, \
-                 greeting_url, hold_url, first_message, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
-                 ON CONFLICT (id) DO UPDATE SET number = EXCLUDED.number, name = EXCLUDED.name, \
-                 sample_urls = EXCLUDED.sample_urls, agent_id = EXCLUDED.agent_id, \
-                 greeting_url = EXCLUDED.greeting_url, hold_url = EXCLUDED.hold_url, \
-                 first_message = EXCLUDED.first_message, updated_at = now()",
-                &[
-                    &profile.id.as_str(),
-                    &profile.number,
-                    &profile.name,
-                    &profile.sample_urls,
-                    &profile.agent_id,
-                    &profile.greeting_url,
-                    &profile.hold_url,
-                    &profile.first_message,
-                ],
+                "UPDATE voice_profiles SET number = NULL WHERE number = $1 AND id <> $2",
+                &[number, &profile.id.as_str()],
             )
             .await
             .map_err(query)?;
-            tx.commit().await.map_err(query)
         }
+        tx.execute(
+            "INSERT INTO voice_profiles (id, number, name, sample_urls, agent_id, \
+             greeting_url, hold_url, first_message, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
+             ON CONFLICT (id) DO UPDATE SET number = EXCLUDED.number, name = EXCLUDED.name, \
+             sample_urls = EXCLUDED.sample_urls, agent_id = EXCLUDED.agent_id, \
+             greeting_url = EXCLUDED.greeting_url, hold_url = EXCLUDED.hold_url, \
+             first_message = EXCLUDED.first_message, updated_at = now()",
+            &[
+                &profile.id.as_str(),
+                &profile.number,
+                &profile.name,
+                &profile.sample_urls,
+                &profile.agent_id,
+                &profile.greeting_url,
+                &profile.hold_url,
+                &profile.first_message,
+            ],
+        )
+        .await
+        .map_err(query)?;
+        tx.commit().await.map_err(query)
     }
 
-    fn get_profile(
-        &self,
-        id: &ProfileId,
-    ) -> impl Future<Output = Result<Option<VoiceProfile>, StoreError>> + Send {
-        async move {
-            let row = self
-                .client()
-                .await?
-                .query_opt(
-                    &format!("SELECT {PROFILE_COLUMNS} FROM voice_profiles WHERE id = $1"),
-                    &[&id.as_str()],
-                )
-                .await
-                .map_err(query)?;
-            Ok(row.as_ref().map(profile_from_row))
-        }
+    async fn get_profile(&self, id: &ProfileId) -> Result<Option<VoiceProfile>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                &format!("SELECT {PROFILE_COLUMNS} FROM voice_profiles WHERE id = $1"),
+                &[&id.as_str()],
+            )
+            .await
+            .map_err(query)?;
+        Ok(row.as_ref().map(profile_from_row))
     }
 
-    fn profile_for_number(
-        &self,
-        number: &str,
-    ) -> impl Future<Output = Result<Option<VoiceProfile>, StoreError>> + Send {
-        async move {
-            let row = self
-                .client()
-                .await?
-                .query_opt(
-                    &format!("SELECT {PROFILE_COLUMNS} FROM voice_profiles WHERE number = $1"),
-                    &[&number],
-                )
-                .await
-                .map_err(query)?;
-            Ok(row.as_ref().map(profile_from_row))
-        }
+    async fn profile_for_number(&self, number: &str) -> Result<Option<VoiceProfile>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                &format!("SELECT {PROFILE_COLUMNS} FROM voice_profiles WHERE number = $1"),
+                &[&number],
+            )
+            .await
+            .map_err(query)?;
+        Ok(row.as_ref().map(profile_from_row))
     }
 
-    fn claim_clone_job(
+    async fn claim_clone_job(
         &self,
         profile: &ProfileId,
         samples_hash: &str,
         now: Timestamp,
         stale_before: Timestamp,
-    ) -> impl Future<Output = Result<(CloneJob, bool), StoreError>> + Send {
-        async move {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(query)?;
-            let key = format!("{profile}/{samples_hash}");
-            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
-                .await
-                .map_err(query)?;
-            let serving = tx
-                .query_opt(
-                    &format!(
-                        "SELECT {JOB_COLUMNS} FROM clone_jobs \
-                         WHERE profile_id = $1 AND samples_hash = $2 \
-                         AND (status = 'completed' OR (status = 'processing' AND started_at >= $3)) \
-                         ORDER BY id DESC LIMIT 1"
-                    ),
-                    &[&profile.as_str(), &samples_hash, &stale_before.to_system()],
-                )
-                .await
-                .map_err(query)?;
-            let out = match serving {
-                Some(row) => (job_from_row(&row)?, false),
-                None => {
-                    let row = tx
-                        .query_one(
-                            &format!(
-                                "INSERT INTO clone_jobs (profile_id, samples_hash, status, \
-                                 started_at) VALUES ($1, $2, 'processing', $3) \
-                                 RETURNING {JOB_COLUMNS}"
-                            ),
-                            &[&profile.as_str(), &samples_hash, &now.to_system()],
-                        )
-                        .await
-                        .map_err(query)?;
-                    (job_from_row(&row)?, true)
-                }
-            };
-            tx.commit().await.map_err(query)?;
-            Ok(out)
-        }
+    ) -> Result<(CloneJob, bool), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(query)?;
+        let key = format!("{profile}/{samples_hash}");
+        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
+            .await
+            .map_err(query)?;
+        let serving = tx
+            .query_opt(
+                &format!(
+                    "SELECT {JOB_COLUMNS} FROM clone_jobs \
+                     WHERE profile_id = $1 AND samples_hash = $2 \
+                     AND (status = 'completed' OR (status = 'processing' AND started_at >= $3)) \
+                     ORDER BY id DESC LIMIT 1"
+                ),
+                &[&profile.as_str(), &samples_hash, &stale_before.to_system()],
+            )
+            .await
+            .map_err(query)?;
+        let out = match serving {
+            Some(row) => (job_from_row(&row)?, false),
+            None => {
+                let row = tx
+                    .query_one(
+                        &format!(
+                            "INSERT INTO clone_jobs (profile_id, samples_hash, status, \
+                             started_at) VALUES ($1, $2, 'processing', $3) \
+                             RETURNING {JOB_COLUMNS}"
+                        ),
+                        &[&profile.as_str(), &samples_hash, &now.to_system()],
+                    )
+                    .await
+                    .map_err(query)?;
+                (job_from_row(&row)?, true)
+            }
+        };
+        tx.commit().await.map_err(query)?;
+        Ok(out)
     }
 
-    fn get_clone_job(
-        &self,
-        id: JobId,
-    ) -> impl Future<Output = Result<Option<CloneJob>, StoreError>> + Send {
-        async move {
-            let row = self
-                .client()
-                .await?
-                .query_opt(&format!("SELECT {JOB_COLUMNS} FROM clone_jobs WHERE id = $1"), &[&id.0])
-                .await
-                .map_err(query)?;
-            row.as_ref().map(job_from_row).transpose()
-        }
+    async fn get_clone_job(&self, id: JobId) -> Result<Option<CloneJob>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(&format!("SELECT {JOB_COLUMNS} FROM clone_jobs WHERE id = $1"), &[&id.0])
+            .await
+            .map_err(query)?;
+        row.as_ref().map(job_from_row).transpose()
     }
 
-    fn finish_clone_job(
+    async fn finish_clone_job(
         &self,
         id: JobId,
         outcome: &JobOutcome,
         at: Timestamp,
-    ) -> impl Future<Output = Result<CloneJob, StoreError>> + Send {
-        async move {
-            let client = self.client().await?;
-            let (status, voice, error) = match outcome {
-                Ok(v) => (CloneStatus::Completed, Some(v.as_str()), None),
-                Err(e) => (CloneStatus::Failed, None, Some(e.as_str())),
-            };
-            client
-                .execute(
-                    "UPDATE clone_jobs SET status = $2, voice_id = $3, error = $4, \
-                     finished_at = $5 WHERE id = $1 AND status = 'processing'",
-                    &[&id.0, &status.as_str(), &voice, &error, &at.to_system()],
-                )
-                .await
-                .map_err(query)?;
-            let row = client
-                .query_opt(&format!("SELECT {JOB_COLUMNS} FROM clone_jobs WHERE id = $1"), &[&id.0])
-                .await
-                .map_err(query)?
-                .ok_or_else(|| StoreError::Missing(format!("clone {id}")))?;
-            job_from_row(&row)
-        }
+    ) -> Result<CloneJob, StoreError> {
+        let client = self.client().await?;
+        let (status, voice, error) = match outcome {
+            Ok(v) => (CloneStatus::Completed, Some(v.as_str()), None),
+            Err(e) => (CloneStatus::Failed, None, Some(e.as_str())),
+        };
+        client
+            .execute(
+                "UPDATE clone_jobs SET status = $2, voice_id = $3, error = $4, \
+                 finished_at = $5 WHERE id = $1 AND status = 'processing'",
+                &[&id.0, &status.as_str(), &voice, &error, &at.to_system()],
+            )
+            .await
+            .map_err(query)?;
+        let row = client
+            .query_opt(&format!("SELECT {JOB_COLUMNS} FROM clone_jobs WHERE id = $1"), &[&id.0])
+            .await
+            .map_err(query)?
+            .ok_or_else(|| StoreError::Missing(format!("clone {id}")))?;
+        job_from_row(&row)
     }
 
-    fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
-        async move {
-            self.client().await?.simple_query("SELECT 1").await.map_err(query)?;
-            Ok(())
-        }
+    async fn health(&self) -> Result<(), StoreError> {
+        self.client().await?.simple_query("SELECT 1").await.map_err(query)?;
+        Ok(())
     }
 }

@@ -28,6 +28,9 @@ pub enum ControlRequest {
 }
 
 /// The controller's answer to a [`ControlRequest`].
+// Replies are moved once, through one channel: boxing the large variant would only add an
+// allocation per request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ControlReply {
     /// For `Inbound` and `CheckStatus`.

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-/// Shows only the last four characters of a value in logs (`+1•••••1212`).
+/// Shows only the last four characters of a value in logs (`+1••••••1212`).
 ///
 /// Wrap caller and recipient numbers (and SIP URIs' user parts) in this whenever they are logged.
 #[derive(Clone, Copy)]
@@ -39,7 +39,7 @@ mod tests {
 
     #[test]
     fn keeps_country_code_and_last_four() {
-        assert_eq!(Redacted("+18005551212").to_string(), "+1•••••••1212");
+        assert_eq!(Redacted("+18005551212").to_string(), "+1••••••1212");
         assert_eq!(Redacted("5551212").to_string(), "•••1212");
         assert_eq!(Redacted("123").to_string(), "•••");
         assert_eq!(Redacted("").to_string(), "");

@@ -1,0 +1,98 @@
+//! What the engine is started with. Read once by [`Engine::start`](crate::Engine::start) and
+//! handed to each shard by value: shards never read global configuration.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    ops::RangeInclusive,
+};
+
+use crate::{EngineError, routing::rtp_pair_count};
+
+/// How many shards to run and what they bind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Number of shards (glommio executors, one thread each); at least 1.
+    pub shards: usize,
+    /// Pin shard `i` to the `i % n`-th online CPU (n = online CPUs). Leave off in tests and
+    /// wherever several engines share a machine.
+    pub pin_cores: bool,
+    /// The SIP/UDP address every shard binds with SO_REUSEPORT. Port 0 picks a free port (shard
+    /// 0 binds first, the others join its port). `None` (`ENABLE_SIP_HANDLER=false`): shards run
+    /// without a SIP socket and the RTP range is not checked.
+    pub sip: Option<SocketAddr>,
+    /// The RTP port range; each shard owns the slice [`rtp_port_slice`](crate::rtp_port_slice)
+    /// gives it. With SIP enabled it must hold at least one even/odd (RTP/RTCP) pair per shard.
+    pub rtp_ports: RangeInclusive<u16>,
+    /// SO_RCVBUF asked for on each SIP socket. The default 208 KiB lost datagrams in bursts;
+    /// 1 MiB lost none. The kernel caps it at `net.core.rmem_max` (a warning is logged then).
+    pub recv_buffer_bytes: usize,
+    /// glommio `io_memory` per shard: registered buffers for io_uring, allocated up front and
+    /// fully resident. glommio's own default is 10 MiB; above about 1 MiB a non-root process
+    /// with the default 8 MiB memlock limit silently skips registering it.
+    pub io_memory_bytes: usize,
+}
+
+impl EngineConfig {
+    /// Default for [`EngineConfig::recv_buffer_bytes`]: 1 MiB.
+    pub const DEFAULT_RECV_BUFFER_BYTES: usize = 1 << 20;
+    /// Default for [`EngineConfig::io_memory_bytes`]: 1 MiB.
+    pub const DEFAULT_IO_MEMORY_BYTES: usize = 1 << 20;
+
+    /// Checks what can be checked before starting any thread.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        if self.shards == 0 {
+            return Err(EngineError::InvalidConfig { reason: "shards must be at least 1" });
+        }
+        if self.recv_buffer_bytes == 0 {
+            return Err(EngineError::InvalidConfig {
+                reason: "recv_buffer_bytes must be positive",
+            });
+        }
+        if self.sip.is_some() && rtp_pair_count(&self.rtp_ports) < self.shards {
+            return Err(EngineError::InvalidConfig {
+                reason: "the RTP range needs at least one even-aligned RTP/RTCP port pair per shard",
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for EngineConfig {
+    /// One unpinned shard on SIP 0.0.0.0:5060, RTP 16384-32767, 1 MiB buffers.
+    fn default() -> Self {
+        Self {
+            shards: 1,
+            pin_cores: false,
+            sip: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 5060))),
+            rtp_ports: 16384..=32767,
+            recv_buffer_bytes: Self::DEFAULT_RECV_BUFFER_BYTES,
+            io_memory_bytes: Self::DEFAULT_IO_MEMORY_BYTES,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        assert!(EngineConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn rejects_zero_shards() {
+        let cfg = EngineConfig { shards: 0, ..EngineConfig::default() };
+        assert!(matches!(cfg.validate(), Err(EngineError::InvalidConfig { .. })));
+    }
+
+    #[test]
+    fn rejects_rtp_range_smaller_than_one_pair_per_shard() {
+        // 16385..=16388 holds only the pair 16386/16387.
+        let cfg = EngineConfig { shards: 2, rtp_ports: 16385..=16388, ..EngineConfig::default() };
+        assert!(matches!(cfg.validate(), Err(EngineError::InvalidConfig { .. })));
+        // Without SIP there is no RTP, so the range is not checked.
+        let cfg = EngineConfig { sip: None, ..cfg };
+        assert!(cfg.validate().is_ok());
+    }
+}
