@@ -3,91 +3,11 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Command, Output};
 
-use support::{free_tcp_port, free_udp_port, pg::PgServer, wait_for};
-
-const BIN: &str = env!("CARGO_BIN_EXE_precall");
-
-/// A running `precall`, stopped with SIGTERM when dropped.
-struct Precall {
-    child: Option<Child>,
-    http_port: u16,
-}
-
-impl Precall {
-    fn start(env: &[(&str, String)]) -> Self {
-        let http_port = free_tcp_port();
-        let mut cmd = Command::new(BIN);
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HTTP_HOST", "127.0.0.1")
-            .env("HTTP_PORT", http_port.to_string())
-            .env("SIP_HOST", "127.0.0.1")
-            .env("SIP_PORT", free_udp_port().to_string())
-            .env("SHARDS", "2")
-            .env("SHARD_PIN_CORES", "false")
-            .current_dir(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn precall");
-        let p = Self { child: Some(child), http_port };
-        wait_for("precall to answer /health", Duration::from_secs(30), || {
-            http(p.http_port, "GET", "/health", "").ok().filter(|(status, _)| *status == 200)
-        });
-        p
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        http(self.http_port, "GET", path, "").expect("HTTP request")
-    }
-
-    /// SIGTERM, then the exit status (bounded wait).
-    fn stop(mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: the pid is our own child's, not yet reaped.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        wait_for("precall to exit after SIGTERM", Duration::from_secs(20), || {
-            child.try_wait().unwrap()
-        })
-    }
-}
-
-impl Drop for Precall {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// One HTTP/1.1 request with `Connection: close`; returns status and body.
-fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
-         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let status = raw
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad response: {raw:?}")))?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Ok((status, body))
-}
+use support::precall::{BIN, Precall};
+use support::{free_tcp_port, pg::PgServer};
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);

@@ -7,6 +7,7 @@ use precall_http::{Handler, Request, Response};
 
 use crate::metrics::Metrics;
 use crate::runtime::ControlHandle;
+use crate::twilio::Twilio;
 
 /// One engine shard as `/health` and `/metrics` show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +29,7 @@ pub struct App {
     shards: ShardProbe,
     metrics: Arc<Metrics>,
     store_kind: &'static str,
+    twilio: Twilio,
 }
 
 impl std::fmt::Debug for App {
@@ -37,14 +39,16 @@ impl std::fmt::Debug for App {
 }
 
 impl App {
-    /// Routes over the side runtime `control`, the engine's `shards` and shared `metrics`.
+    /// Routes over the side runtime `control`, the engine's `shards`, shared `metrics`, and the
+    /// Twilio webhooks.
     pub fn new(
         control: ControlHandle,
         shards: ShardProbe,
         metrics: Arc<Metrics>,
         store_kind: &'static str,
+        twilio: Twilio,
     ) -> Self {
-        Self { control, shards, metrics, store_kind }
+        Self { control, shards, metrics, store_kind, twilio }
     }
 
     fn health(&self) -> Response {
@@ -90,6 +94,7 @@ impl App {
 impl Handler for App {
     fn handle(&self, req: &Request) -> Response {
         match (req.method.as_str(), req.path.as_str()) {
+            (_, path) if path.starts_with("/twilio/") => self.twilio.handle(req),
             ("GET" | "HEAD", "/health") => self.health(),
             ("GET" | "HEAD", "/metrics") => self.metrics(),
             (_, "/health" | "/metrics") => {

@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod profiles;
 pub mod runtime;
 pub mod store;
+pub mod twilio;

@@ -15,6 +15,7 @@ use precall::metrics::Metrics;
 use precall::profiles;
 use precall::runtime::{Service, SideRuntime};
 use precall::store::{PgStore, PgStoreConfig};
+use precall::twilio::{Twilio, TwilioConfig};
 use precall_api::ProfileId;
 use precall_clone::{
     AnyProvider, ElevenLabsConfig, ElevenLabsProvider, SimulatedConfig, SimulatedOutcome,
@@ -213,7 +214,17 @@ fn serve(cfg: Config) -> Result<(), String> {
                 .collect()
         })
     });
-    let app = App::new(side.handle(), probe, Arc::clone(&metrics), store_kind);
+    let twilio = Twilio::new(
+        side.handle(),
+        TwilioConfig {
+            public_base_url: cfg.public_base_url.clone(),
+            auth_token: cfg.twilio_auth_token.clone(),
+            skip_signature: cfg.twilio_skip_signature,
+            error_message: cfg.error_message.clone(),
+        },
+        Arc::clone(&metrics),
+    );
+    let app = App::new(side.handle(), probe, Arc::clone(&metrics), store_kind, twilio);
     let http = Server::bind(cfg.http_addr, Limits::default(), Arc::new(app))
         .map_err(|e| format!("cannot listen for HTTP on {}: {e}", cfg.http_addr))?;
 

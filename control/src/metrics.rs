@@ -63,6 +63,49 @@ impl Histogram {
 const CLONE_BUCKETS: &[f64] = &[0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
 const HOLD_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0];
 
+const WEBHOOK_BUCKETS: &[f64] =
+    &[0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+/// A Twilio webhook route, for `precall_webhook_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/twilio/voice`.
+    Voice,
+    /// `/twilio/poll`.
+    Poll,
+    /// `/twilio/status`.
+    Status,
+}
+
+const ROUTES: [(Route, &str); 3] =
+    [(Route::Voice, "voice"), (Route::Poll, "poll"), (Route::Status, "status")];
+
+/// Kinds of errors counted in `precall_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Missing or invalid Twilio signature (403).
+    Signature,
+    /// Malformed request (400).
+    BadRequest,
+    /// The controller's queue was full (503).
+    Overloaded,
+    /// The controller did not answer in time.
+    Timeout,
+    /// The store failed.
+    Store,
+    /// A request named a call precall does not know.
+    UnknownCall,
+}
+
+const ERROR_KINDS: [(ErrorKind, &str); 6] = [
+    (ErrorKind::Signature, "signature"),
+    (ErrorKind::BadRequest, "bad_request"),
+    (ErrorKind::Overloaded, "overloaded"),
+    (ErrorKind::Timeout, "timeout"),
+    (ErrorKind::Store, "store"),
+    (ErrorKind::UnknownCall, "unknown_call"),
+];
+
 /// How a call ended, for `precall_calls_total`.
 const OUTCOMES: [&str; 3] = ["connected", "failed", "abandoned"];
 const PROTOCOLS: [Protocol; 2] = [Protocol::Twilio, Protocol::Sip];
@@ -74,6 +117,8 @@ pub struct Metrics {
     clone_jobs: [AtomicU64; 2],
     clone_duration: Histogram,
     hold_time: Histogram,
+    webhooks: [Histogram; 3],
+    errors: [AtomicU64; 6],
 }
 
 impl Default for Metrics {
@@ -83,6 +128,12 @@ impl Default for Metrics {
             clone_jobs: Default::default(),
             clone_duration: Histogram::new(CLONE_BUCKETS),
             hold_time: Histogram::new(HOLD_BUCKETS),
+            webhooks: [
+                Histogram::new(WEBHOOK_BUCKETS),
+                Histogram::new(WEBHOOK_BUCKETS),
+                Histogram::new(WEBHOOK_BUCKETS),
+            ],
+            errors: Default::default(),
         }
     }
 }
@@ -116,6 +167,18 @@ impl Metrics {
         self.clone_duration.observe(took);
     }
 
+    /// Records how long a webhook took to answer.
+    pub fn webhook(&self, route: Route, took: Duration) {
+        let i = ROUTES.iter().position(|(r, _)| *r == route).unwrap_or(0);
+        self.webhooks[i].observe(took);
+    }
+
+    /// Counts an error.
+    pub fn error(&self, kind: ErrorKind) {
+        let i = ERROR_KINDS.iter().position(|(k, _)| *k == kind).unwrap_or(0);
+        self.errors[i].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Appends this registry in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         out.push_str("# HELP precall_calls_total Calls that ended, by protocol and outcome.\n");
@@ -141,6 +204,20 @@ impl Metrics {
         out.push_str("# HELP precall_hold_seconds Time callers spent on hold.\n");
         out.push_str("# TYPE precall_hold_seconds histogram\n");
         self.hold_time.render(out, "precall_hold_seconds", "");
+        out.push_str("# HELP precall_webhook_seconds Time to answer a Twilio webhook.\n");
+        out.push_str("# TYPE precall_webhook_seconds histogram\n");
+        for ((_, name), h) in ROUTES.iter().zip(&self.webhooks) {
+            h.render(out, "precall_webhook_seconds", &format!("route=\"{name}\""));
+        }
+        out.push_str("# HELP precall_errors_total Errors answered, by kind.\n");
+        out.push_str("# TYPE precall_errors_total counter\n");
+        for ((_, name), n) in ERROR_KINDS.iter().zip(&self.errors) {
+            let _ = writeln!(
+                out,
+                "precall_errors_total{{kind=\"{name}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
     }
 }
 

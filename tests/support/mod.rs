@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod precall;
 
 use std::net::{TcpListener, UdpSocket};
 use std::time::{Duration, Instant};

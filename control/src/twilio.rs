@@ -1,0 +1,296 @@
+//! Twilio webhooks: `/twilio/voice`, `/twilio/poll`, `/twilio/status`.
+//!
+//! Order of checks for every request: route (404), method (405), body framing (the HTTP layer
+//! already answered 400/408/413/431), signature (403), form (400), then the controller. The
+//! controller's instructions become TwiML through the one renderer in `precall-twilio`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use precall_api::{
+    CallContext, CallId, CallStatus, ControlError, ControlReply, ControlRequest, Protocol, Redacted,
+};
+use precall_http::{Request, Response};
+use precall_twilio::{
+    Params, RequestValidator, SIGNATURE_HEADER, TwilioCallStatus, TwimlUrls, parse_query, twiml,
+};
+
+use crate::metrics::{ErrorKind, Metrics, Route};
+use crate::runtime::ControlHandle;
+
+/// Settings of the Twilio routes.
+#[derive(Debug, Clone)]
+pub struct TwilioConfig {
+    /// `PUBLIC_BASE_URL`, no trailing slash: what Twilio requests, and what it signs.
+    pub public_base_url: String,
+    /// `TWILIO_AUTH_TOKEN`.
+    pub auth_token: Option<String>,
+    /// `TWILIO_SKIP_SIGNATURE`.
+    pub skip_signature: bool,
+    /// `ERROR_MESSAGE`, said when precall cannot serve a call.
+    pub error_message: String,
+}
+
+/// The Twilio routes.
+pub struct Twilio {
+    control: ControlHandle,
+    validator: Option<RequestValidator>,
+    cfg: TwilioConfig,
+    media_stream_url: String,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Twilio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Twilio")
+            .field("public_base_url", &self.cfg.public_base_url)
+            .field("signed", &self.validator.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+const EMPTY_TWIML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response />";
+
+fn xml(status: u16, body: String) -> Response {
+    Response::new(status).body(twiml::CONTENT_TYPE, body)
+}
+
+/// Percent-encodes a query value.
+fn encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A call id must look like an id: Twilio's are `CA` + 32 hex digits; be lenient but bounded.
+fn valid_call_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl Twilio {
+    /// Routes over `control`. Warns loudly when signatures are not checked.
+    pub fn new(control: ControlHandle, cfg: TwilioConfig, metrics: Arc<Metrics>) -> Self {
+        let validator = cfg.auth_token.as_deref().map(RequestValidator::new);
+        if validator.is_none() {
+            if cfg.skip_signature {
+                tracing::warn!(
+                    "TWILIO_SKIP_SIGNATURE=true: Twilio webhooks are accepted WITHOUT signature \
+                     checks. Anyone who can reach this port can place calls. Development only."
+                );
+            } else {
+                tracing::warn!("TWILIO_AUTH_TOKEN is not set: every /twilio/* request gets 403");
+            }
+        } else if cfg.skip_signature {
+            tracing::warn!("TWILIO_SKIP_SIGNATURE is ignored because TWILIO_AUTH_TOKEN is set");
+        }
+        let media_stream_url = format!(
+            "{}/twilio/media",
+            cfg.public_base_url.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1)
+        );
+        Self { control, validator, cfg, media_stream_url, metrics }
+    }
+
+    /// Serves a `/twilio/…` request.
+    pub fn handle(&self, req: &Request) -> Response {
+        let route = match req.path.as_str() {
+            "/twilio/voice" => Route::Voice,
+            "/twilio/poll" => Route::Poll,
+            "/twilio/status" => Route::Status,
+            _ => return Response::text(404, "not found\n"),
+        };
+        let started = Instant::now();
+        let resp = self.route(route, req);
+        self.metrics.webhook(route, started.elapsed());
+        resp
+    }
+
+    fn fail(&self, kind: ErrorKind, status: u16, msg: &str) -> Response {
+        self.metrics.error(kind);
+        Response::text(status, format!("{msg}\n"))
+    }
+
+    fn route(&self, route: Route, req: &Request) -> Response {
+        if req.method != "POST" {
+            return Response::text(405, "use POST\n").header("Allow", "POST");
+        }
+        let is_json = req
+            .header("Content-Type")
+            .is_some_and(|c| c.to_ascii_lowercase().starts_with("application/json"));
+        let params = if is_json {
+            Params::from(Vec::new())
+        } else {
+            match Params::parse(&req.body) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::info!(path = %req.path, error = %e, "malformed webhook form");
+                    return self.fail(
+                        ErrorKind::BadRequest,
+                        400,
+                        &format!("malformed form body: {e}"),
+                    );
+                }
+            }
+        };
+        if let Err(why) = self.check_signature(req, &params, is_json) {
+            tracing::warn!(path = %req.path, peer = %req.peer, why, "rejected Twilio webhook");
+            return self.fail(ErrorKind::Signature, 403, why);
+        }
+        let query = match parse_query(&req.query) {
+            Ok(q) => Params::from(q),
+            Err(e) => {
+                return self.fail(ErrorKind::BadRequest, 400, &format!("malformed query: {e}"));
+            }
+        };
+        match route {
+            Route::Voice => self.voice(&params),
+            Route::Poll => self.poll(&query),
+            Route::Status => self.status(&params),
+        }
+    }
+
+    fn check_signature(
+        &self,
+        req: &Request,
+        params: &Params,
+        is_json: bool,
+    ) -> Result<(), &'static str> {
+        let Some(validator) = &self.validator else {
+            return if self.cfg.skip_signature {
+                Ok(())
+            } else {
+                Err("TWILIO_AUTH_TOKEN is not set")
+            };
+        };
+        let Some(signature) = req.header(SIGNATURE_HEADER) else {
+            return Err("missing X-Twilio-Signature");
+        };
+        let url = format!("{}{}", self.cfg.public_base_url, req.target());
+        let ok = if is_json {
+            validator.validate_json(&url, &req.body, signature)
+        } else {
+            validator.validate(&url, params.as_slice(), signature)
+        };
+        if ok { Ok(()) } else { Err("invalid X-Twilio-Signature") }
+    }
+
+    fn urls(&self, call_id: &CallId) -> TwimlUrls {
+        TwimlUrls {
+            poll_url: format!(
+                "{}/twilio/poll?call_id={}",
+                self.cfg.public_base_url,
+                encode(call_id.as_str())
+            ),
+            media_stream_url: self.media_stream_url.clone(),
+        }
+    }
+
+    /// Turns the controller's answer into TwiML; failures become a spoken error and hang-up,
+    /// except overload, which is a 503 so that Twilio tries the number's fallback URL.
+    fn instructions(
+        &self,
+        call_id: &CallId,
+        reply: Result<ControlReply, ControlError>,
+    ) -> Response {
+        let result = match reply {
+            Ok(ControlReply::Instructions(r)) => r,
+            Ok(_) => Err(ControlError::Mismatch),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(ins) => xml(200, twiml::render(&ins, &self.urls(call_id))),
+            Err(ControlError::Overloaded) => {
+                self.metrics.error(ErrorKind::Overloaded);
+                Response::text(503, "overloaded, retry\n").header("Retry-After", "1")
+            }
+            Err(ControlError::UnknownCall(id)) => {
+                self.metrics.error(ErrorKind::UnknownCall);
+                tracing::info!(call_id = %id, "poll for an unknown call; ending it politely");
+                xml(200, twiml::hangup(Some(&self.cfg.error_message)))
+            }
+            Err(e) => {
+                self.metrics.error(match e {
+                    ControlError::Timeout => ErrorKind::Timeout,
+                    _ => ErrorKind::Store,
+                });
+                tracing::error!(call_id = %call_id, error = %e, "controller failed; ending the call");
+                xml(200, twiml::hangup(Some(&self.cfg.error_message)))
+            }
+        }
+    }
+
+    fn voice(&self, params: &Params) -> Response {
+        let Some(call_sid) = params.get("CallSid").filter(|s| valid_call_id(s)) else {
+            return self.fail(ErrorKind::BadRequest, 400, "missing or invalid CallSid");
+        };
+        let from = params.get("From").or_else(|| params.get("Caller")).unwrap_or_default();
+        let to = params.get("To").or_else(|| params.get("Called")).unwrap_or_default();
+        let ctx = CallContext {
+            call_id: CallId::new(call_sid),
+            session_id: params.get("AccountSid").unwrap_or_default().to_owned(),
+            caller_number: from.to_owned(),
+            recipient_number: to.to_owned(),
+            status: CallStatus::Ringing,
+            protocol: Protocol::Twilio,
+        };
+        tracing::info!(call_id = %ctx.call_id, from = %Redacted(from), to = %Redacted(to), "Twilio inbound call");
+        let call_id = ctx.call_id.clone();
+        let reply = self.control.call(ControlRequest::Inbound(ctx));
+        self.instructions(&call_id, reply)
+    }
+
+    fn poll(&self, query: &Params) -> Response {
+        let Some(call_id) = query.get("call_id").filter(|s| valid_call_id(s)) else {
+            return self.fail(ErrorKind::BadRequest, 400, "missing or invalid call_id");
+        };
+        let call_id = CallId::new(call_id);
+        let reply = self.control.call(ControlRequest::CheckStatus(call_id.clone()));
+        self.instructions(&call_id, reply)
+    }
+
+    fn status(&self, params: &Params) -> Response {
+        let Some(call_sid) = params.get("CallSid").filter(|s| valid_call_id(s)) else {
+            return self.fail(ErrorKind::BadRequest, 400, "missing or invalid CallSid");
+        };
+        let status = match params.get("CallStatus").map(TwilioCallStatus::parse) {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return self.fail(ErrorKind::BadRequest, 400, &e.to_string()),
+            None => return self.fail(ErrorKind::BadRequest, 400, "missing CallStatus"),
+        };
+        if !status.is_terminal() {
+            return xml(200, EMPTY_TWIML.to_owned());
+        }
+        let call_id = CallId::new(call_sid);
+        let reply = self.control.call(ControlRequest::CallEnded {
+            call_id: call_id.clone(),
+            reason: status.as_str().to_owned(),
+        });
+        match reply {
+            Ok(ControlReply::Ended(Ok(()))) => xml(200, EMPTY_TWIML.to_owned()),
+            Ok(ControlReply::Ended(Err(ControlError::UnknownCall(_)))) => {
+                // A status callback for a call precall never saw (another application's number):
+                // acknowledge, nothing to record.
+                self.metrics.error(ErrorKind::UnknownCall);
+                xml(200, EMPTY_TWIML.to_owned())
+            }
+            Ok(ControlReply::Ended(Err(ControlError::Overloaded)))
+            | Err(ControlError::Overloaded) => {
+                self.metrics.error(ErrorKind::Overloaded);
+                // Twilio retries status callbacks that fail: let it, so the end is not lost.
+                Response::text(503, "overloaded, retry\n").header("Retry-After", "1")
+            }
+            other => {
+                self.metrics.error(ErrorKind::Store);
+                tracing::error!(call_id = %call_id, reply = ?other, "could not record the end of a call");
+                Response::text(503, "could not record, retry\n").header("Retry-After", "1")
+            }
+        }
+    }
+}

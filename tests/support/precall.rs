@@ -1,0 +1,127 @@
+//! Runs the real `precall` binary for a test and talks HTTP to it.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{free_tcp_port, free_udp_port, wait_for};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_precall");
+
+/// A running `precall`, stopped with SIGTERM when dropped.
+pub struct Precall {
+    child: Option<Child>,
+    pub http_port: u16,
+}
+
+impl Precall {
+    /// Starts on a free HTTP port.
+    pub fn start(env: &[(&str, String)]) -> Self {
+        Self::start_on(free_tcp_port(), env)
+    }
+
+    /// Starts with HTTP on `http_port` (other settings from `env`) and waits for `/health`.
+    pub fn start_on(http_port: u16, env: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HTTP_HOST", "127.0.0.1")
+            .env("HTTP_PORT", http_port.to_string())
+            .env("SIP_HOST", "127.0.0.1")
+            .env("SIP_PORT", free_udp_port().to_string())
+            .env("SHARDS", "2")
+            .env("SHARD_PIN_CORES", "false")
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn precall");
+        let p = Self { child: Some(child), http_port };
+        wait_for("precall to answer /health", Duration::from_secs(30), || {
+            http(p.http_port, "GET", "/health", "").ok().filter(|(status, _)| *status == 200)
+        });
+        p
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http(self.http_port, "GET", path, "").expect("HTTP request")
+    }
+
+    /// SIGTERM, then the exit status (bounded wait).
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: the pid is our own child's, not yet reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        wait_for("precall to exit after SIGTERM", Duration::from_secs(20), || {
+            child.try_wait().unwrap()
+        })
+    }
+}
+
+impl Drop for Precall {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status code.
+    pub status: u16,
+    /// The head, raw.
+    pub head: String,
+    /// The body.
+    pub body: String,
+}
+
+/// One HTTP/1.1 request with `Connection: close` and the given extra headers.
+pub fn request(
+    port: u16,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Answer> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body);
+    s.write_all(&out)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {raw:?}")))?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    Ok(Answer { status, head: head.to_owned(), body: body.to_owned() })
+}
+
+/// A form request; returns status and body.
+pub fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let a = request(
+        port,
+        method,
+        path,
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        body.as_bytes(),
+    )?;
+    Ok((a.status, a.body))
+}

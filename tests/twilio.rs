@@ -1,0 +1,397 @@
+//! Twilio webhooks over real HTTP against the running `precall` binary: the seed's five
+//! regression tests and the hostile cases around them.
+
+mod support;
+
+use std::time::Duration;
+
+use precall_twilio::RequestValidator;
+use support::pg::PgServer;
+use support::precall::{Answer, Precall, request};
+use support::{free_tcp_port, wait_for};
+
+const TOKEN: &str = "test-auth-token-0123456789";
+
+/// A precall with Twilio signatures on, reachable at `base`.
+struct Node {
+    p: Precall,
+    base: String,
+}
+
+fn node(extra: &[(&str, &str)]) -> Node {
+    node_on(free_tcp_port(), extra)
+}
+
+fn node_on(port: u16, extra: &[(&str, &str)]) -> Node {
+    let base = format!("http://127.0.0.1:{port}");
+    let mut env: Vec<(&str, String)> = vec![
+        ("TWILIO_AUTH_TOKEN", TOKEN.to_owned()),
+        ("PUBLIC_BASE_URL", base.clone()),
+        ("ENABLE_SIP_HANDLER", "false".to_owned()),
+        ("SHARDS", "1".to_owned()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    Node { p: Precall::start_on(port, &env), base }
+}
+
+fn form(params: &[(&str, &str)]) -> String {
+    params.iter().map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect::<Vec<_>>().join("&")
+}
+
+fn enc(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            b' ' => "+".to_owned(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn call_params(sid: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("CallSid", sid.to_owned()),
+        ("AccountSid", "AC00000000000000000000000000000000".to_owned()),
+        ("From", "+12349013030".to_owned()),
+        ("To", "+18005551212".to_owned()),
+        ("Caller", "+12349013030".to_owned()),
+        ("Called", "+18005551212".to_owned()),
+        ("CallStatus", "ringing".to_owned()),
+        ("Direction", "inbound".to_owned()),
+        ("ApiVersion", "2010-04-01".to_owned()),
+        ("FromCity", "".to_owned()),
+        ("CallerName", "O'Brien & <Sons>".to_owned()),
+    ]
+}
+
+impl Node {
+    /// POSTs a form to `target`, signed for this node's public URL.
+    fn signed(&self, target: &str, params: &[(&str, String)]) -> Answer {
+        let owned: Vec<(String, String)> =
+            params.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+        let sig = RequestValidator::new(TOKEN).compute(&format!("{}{target}", self.base), &owned);
+        self.post(target, params, Some(&sig), &[])
+    }
+
+    fn post(
+        &self,
+        target: &str,
+        params: &[(&str, String)],
+        signature: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Answer {
+        let pairs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut headers = vec![("Content-Type", "application/x-www-form-urlencoded")];
+        if let Some(sig) = signature {
+            headers.push(("X-Twilio-Signature", sig));
+        }
+        headers.extend_from_slice(extra);
+        request(self.p.http_port, "POST", target, &headers, form(&pairs).as_bytes()).unwrap()
+    }
+
+    fn voice(&self, sid: &str) -> Answer {
+        self.signed("/twilio/voice", &call_params(sid))
+    }
+
+    fn poll(&self, sid: &str) -> Answer {
+        self.signed(&format!("/twilio/poll?call_id={sid}"), &call_params(sid))
+    }
+
+    fn metric(&self, line_start: &str) -> u64 {
+        let (_, text) = self.p.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_start).map(|v| v.trim().parse().unwrap()))
+            .unwrap_or_else(|| panic!("metric {line_start} missing"))
+    }
+}
+
+fn assert_xml(a: &Answer) {
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(a.head.to_ascii_lowercase().contains("content-type: text/xml"), "{}", a.head);
+    assert!(
+        a.body.starts_with("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response>"),
+        "{}",
+        a.body
+    );
+}
+
+fn assert_hold(a: &Answer, base: &str, sid: &str, greeting: bool) {
+    assert_xml(a);
+    let redirect = format!("<Redirect method=\"POST\">{base}/twilio/poll?call_id={sid}</Redirect>");
+    assert!(a.body.contains(&redirect), "{}", a.body);
+    assert!(
+        a.body.contains(&format!("<Play loop=\"1\">{base}/audio/hold.wav</Play>")),
+        "{}",
+        a.body
+    );
+    assert_eq!(
+        a.body.contains(&format!("<Play>{base}/audio/greeting.wav</Play>")),
+        greeting,
+        "{}",
+        a.body
+    );
+    assert!(!a.body.contains("<Hangup"), "{}", a.body);
+}
+
+const SID: &str = "CA0123456789abcdef0123456789abcdef";
+
+#[test]
+fn valid_inbound_answers_greeting_hold_and_redirect() {
+    let n = node(&[("SIMULATED_CLONE_DELAY_MS", "600000")]);
+    let a = n.voice(SID);
+    assert_hold(&a, &n.base, SID, true);
+    // The hold is finite and the redirect follows it, in this order.
+    let play = a.body.find("<Play loop=\"1\">").unwrap();
+    assert!(play < a.body.find("<Redirect").unwrap());
+}
+
+#[test]
+fn bad_or_missing_signature_is_403() {
+    let n = node(&[]);
+    let a = n.post("/twilio/voice", &call_params(SID), Some("0/KCTR6DLpKmkAf8muzZqo1nDgQ="), &[]);
+    assert_eq!(a.status, 403, "{a:?}");
+    let a = n.post("/twilio/voice", &call_params(SID), None, &[]);
+    assert_eq!(a.status, 403, "{a:?}");
+    // Signed, then tampered with.
+    let mut params = call_params(SID);
+    let owned: Vec<(String, String)> =
+        params.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    let sig = RequestValidator::new(TOKEN).compute(&format!("{}/twilio/voice", n.base), &owned);
+    params[3].1 = "+19005550000".into();
+    assert_eq!(n.post("/twilio/voice", &params, Some(&sig), &[]).status, 403);
+    assert!(n.metric("precall_errors_total{kind=\"signature\"}") >= 3);
+    // The poll URL's query is signed too.
+    let poll = n.signed(&format!("/twilio/poll?call_id={SID}"), &call_params(SID));
+    let forged = n.post(
+        "/twilio/poll?call_id=CAother",
+        &call_params(SID),
+        Some(
+            &RequestValidator::new(TOKEN)
+                .compute(&format!("{}/twilio/poll?call_id={SID}", n.base), &[]),
+        ),
+        &[],
+    );
+    assert_eq!(poll.status, 200);
+    assert_eq!(forged.status, 403);
+}
+
+#[test]
+fn poll_while_processing_keeps_holding() {
+    let n = node(&[("SIMULATED_CLONE_DELAY_MS", "600000")]);
+    n.voice(SID);
+    let a = n.poll(SID);
+    assert_hold(&a, &n.base, SID, false);
+}
+
+#[test]
+fn poll_when_completed_connects_the_stream() {
+    let n = node(&[("SIMULATED_CLONE_DELAY_MS", "0"), ("ELEVENLABS_AGENT_ID", "agent_e2e")]);
+    n.voice(SID);
+    let a = wait_for("the clone to complete", Duration::from_secs(10), || {
+        Some(n.poll(SID)).filter(|a| a.body.contains("<Connect>"))
+    });
+    assert_xml(&a);
+    let ws = n.base.replacen("http://", "ws://", 1);
+    assert!(a.body.contains(&format!("<Stream url=\"{ws}/twilio/media\">")), "{}", a.body);
+    assert!(
+        a.body.contains(&format!("<Parameter name=\"call_id\" value=\"{SID}\" />")),
+        "{}",
+        a.body
+    );
+    assert!(a.body.contains("<Parameter name=\"agent_id\" value=\"agent_e2e\" />"), "{}", a.body);
+    assert!(a.body.contains("<Parameter name=\"voice_id\" value=\"sim-default-"), "{}", a.body);
+    assert!(!a.body.contains("<Redirect"), "{}", a.body);
+}
+
+#[test]
+fn poll_when_failed_says_error_and_hangs_up() {
+    let n = node(&[
+        ("SIMULATED_CLONE_DELAY_MS", "0"),
+        ("SIMULATED_CLONE_OUTCOME", "failed"),
+        ("ERROR_MESSAGE", "Sorry & goodbye <now>"),
+    ]);
+    n.voice(SID);
+    let a = wait_for("the clone to fail", Duration::from_secs(10), || {
+        Some(n.poll(SID)).filter(|a| a.body.contains("<Hangup"))
+    });
+    assert_xml(&a);
+    assert!(a.body.contains("<Say>Sorry &amp; goodbye &lt;now&gt;</Say><Hangup />"), "{}", a.body);
+}
+
+#[test]
+fn unknown_call_on_poll_ends_politely() {
+    let n = node(&[]);
+    let a = n.poll("CAffffffffffffffffffffffffffffffff");
+    assert_xml(&a);
+    assert!(a.body.contains("<Say>") && a.body.contains("<Hangup />"), "{}", a.body);
+}
+
+#[test]
+fn malformed_and_oversized_bodies() {
+    let n = node(&[]);
+    let sig = RequestValidator::new(TOKEN).compute(&format!("{}/twilio/voice", n.base), &[]);
+    let headers = [
+        ("Content-Type", "application/x-www-form-urlencoded"),
+        ("X-Twilio-Signature", sig.as_str()),
+    ];
+    let a =
+        request(n.p.http_port, "POST", "/twilio/voice", &headers, b"CallSid=%zz&From=%").unwrap();
+    assert_eq!(a.status, 400, "{a:?}");
+    let big = vec![b'a'; 64 * 1024 + 1];
+    let a = request(n.p.http_port, "POST", "/twilio/voice", &headers, &big).unwrap();
+    assert_eq!(a.status, 413, "{a:?}");
+    // A signed request without CallSid is a 400, not a 500.
+    let a = n.signed("/twilio/voice", &[("From", "+1".to_owned())]);
+    assert_eq!(a.status, 400, "{a:?}");
+    let a = n.signed("/twilio/poll", &[]);
+    assert_eq!(a.status, 400, "{a:?}");
+    // Wrong method.
+    let a = request(n.p.http_port, "GET", "/twilio/voice", &[], b"").unwrap();
+    assert_eq!(a.status, 405);
+    // And it still serves.
+    assert_eq!(n.p.get("/health").0, 200);
+}
+
+#[test]
+fn same_call_sid_twice_starts_one_clone_job() {
+    // Failed clones are retried by the next *different* call, so the counter shows whether the
+    // repeat started a job of its own.
+    let n = node(&[("SIMULATED_CLONE_DELAY_MS", "0"), ("SIMULATED_CLONE_OUTCOME", "failed")]);
+    let failed = "precall_clone_jobs_total{result=\"failed\"}";
+    n.voice(SID);
+    wait_for("the first job", Duration::from_secs(10), || (n.metric(failed) == 1).then_some(()));
+    let again = n.voice(SID);
+    assert_xml(&again);
+    assert!(
+        again.body.contains("<Hangup />"),
+        "the repeat answers the call's state: {}",
+        again.body
+    );
+    let other = "CA11111111111111111111111111111111";
+    n.voice(other);
+    wait_for("the other call's job", Duration::from_secs(10), || {
+        (n.metric(failed) == 2).then_some(())
+    });
+    assert_eq!(n.metric(failed), 2, "one job per call id, the repeat started none");
+}
+
+#[test]
+fn poll_after_the_call_ended_hangs_up() {
+    let n = node(&[("SIMULATED_CLONE_DELAY_MS", "600000")]);
+    n.voice(SID);
+    let mut status = call_params(SID);
+    status[6].1 = "completed".into();
+    status.push(("CallDuration", "12".into()));
+    let a = n.signed("/twilio/status", &status);
+    assert_eq!(a.status, 200, "{a:?}");
+    let a = n.poll(SID);
+    assert_xml(&a);
+    assert!(a.body.ends_with("<Hangup /></Response>"), "{}", a.body);
+    assert!(!a.body.contains("<Say>"), "a silent hang-up: {}", a.body);
+    assert_eq!(n.metric("precall_calls_total{protocol=\"twilio\",outcome=\"abandoned\"}"), 1);
+}
+
+#[test]
+fn many_headers_are_accepted() {
+    let n = node(&[("SIMULATED_CLONE_DELAY_MS", "600000")]);
+    let names: Vec<String> = (0..64).map(|i| format!("X-Forwarded-Extra-{i}")).collect();
+    let extra: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    let params = call_params(SID);
+    let owned: Vec<(String, String)> =
+        params.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    let sig = RequestValidator::new(TOKEN).compute(&format!("{}/twilio/voice", n.base), &owned);
+    let a = n.post("/twilio/voice", &params, Some(&sig), &extra);
+    assert_hold(&a, &n.base, SID, true);
+}
+
+#[test]
+fn without_a_token_webhooks_are_refused_unless_skipping_is_explicit() {
+    let port = free_tcp_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let p = Precall::start_on(
+        port,
+        &[("PUBLIC_BASE_URL", base.clone()), ("ENABLE_SIP_HANDLER", "false".into())],
+    );
+    let n = Node { p, base };
+    assert_eq!(n.post("/twilio/voice", &call_params(SID), None, &[]).status, 403);
+    drop(n);
+    let port = free_tcp_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let p = Precall::start_on(
+        port,
+        &[
+            ("PUBLIC_BASE_URL", base.clone()),
+            ("ENABLE_SIP_HANDLER", "false".into()),
+            ("TWILIO_SKIP_SIGNATURE", "true".into()),
+        ],
+    );
+    let n = Node { p, base };
+    assert_eq!(n.post("/twilio/voice", &call_params(SID), None, &[]).status, 200);
+}
+
+/// The Python interpreter with Twilio's own helper library (tests/run.sh installs it).
+fn twilio_python() -> String {
+    let path = std::env::var("PRECALL_TWILIO_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/twilio-venv/bin/python").to_owned()
+    });
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} is missing: run `bash tests/run.sh`, which installs Twilio's Python library \
+         into target/twilio-venv (or set PRECALL_TWILIO_PYTHON)"
+    );
+    path
+}
+
+#[test]
+fn a_request_signed_by_twilios_own_library_is_accepted() {
+    let n = node(&[("SIMULATED_CLONE_DELAY_MS", "600000")]);
+    let params = call_params(SID);
+    let url = format!("{}/twilio/voice", n.base);
+    let script = "import json,sys\nfrom twilio.request_validator import RequestValidator\n\
+                  d=json.load(sys.stdin)\nprint(RequestValidator(d['token']).compute_signature(d['url'], d['params']))";
+    let input = serde_json::json!({
+        "token": TOKEN,
+        "url": url,
+        "params": params.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+    });
+    let mut child = std::process::Command::new(twilio_python())
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(input.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let sig = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let a = n.post("/twilio/voice", &params, Some(&sig), &[]);
+    assert_hold(&a, &n.base, SID, true);
+}
+
+#[test]
+fn a_call_recorded_before_a_restart_is_still_there_after_it() {
+    let pg = PgServer::start();
+    let port = free_tcp_port();
+    let env = [("DATABASE_URL", pg.url()), ("SIMULATED_CLONE_DELAY_MS", "0".to_owned())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let n = node_on(port, &env);
+    n.voice(SID);
+    wait_for("the clone to complete", Duration::from_secs(10), || {
+        Some(n.poll(SID)).filter(|a| a.body.contains("<Connect>"))
+    });
+    assert!(n.p.stop().success());
+
+    let n = node_on(port, &env);
+    let a = n.poll(SID);
+    assert!(
+        a.body.contains("<Connect>"),
+        "the call and its clone survived the restart: {}",
+        a.body
+    );
+    // A new call to the same profile reuses the completed clone at once.
+    let a = n.voice("CA22222222222222222222222222222222");
+    assert!(a.body.contains("<Connect>") && a.body.contains("<Play>"), "{}", a.body);
+}
