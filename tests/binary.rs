@@ -5,6 +5,7 @@ mod support;
 
 use std::net::TcpStream;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use support::precall::{BIN, Precall};
 use support::{free_tcp_port, pg::PgServer};
@@ -57,6 +58,12 @@ fn serves_health_and_metrics_and_stops_on_sigterm() {
     assert!(metrics.contains("precall_calls_total{protocol=\"sip\",outcome=\"connected\"} 0"));
     assert!(metrics.contains("precall_active_calls{protocol=\"sip\",shard=\"1\"} 0"), "{metrics}");
     assert_eq!(p.get("/nope").0, 404);
+    let clip =
+        support::precall::request(p.http_port, "GET", "/audio/greeting.wav", &[], b"").unwrap();
+    assert_eq!(clip.status, 200);
+    assert!(clip.head.to_ascii_lowercase().contains("content-type: audio/wav"), "{}", clip.head);
+    assert!(clip.body.starts_with("RIFF"));
+    assert_eq!(p.get("/audio/missing.wav").0, 404);
 
     let port = p.http_port;
     let status = p.stop();
@@ -86,5 +93,24 @@ fn postgres_health_reports_the_store() {
     assert_eq!(status, 200, "{body}");
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["store"]["kind"], "postgres");
+    assert!(p.stop().success());
+}
+
+#[test]
+fn health_is_503_while_the_database_is_down() {
+    let pg = PgServer::start();
+    let p = Precall::start(&[("DATABASE_URL", pg.url())]);
+    drop(pg);
+    let body =
+        support::wait_for("/health to report the store down", Duration::from_secs(30), || {
+            let (status, body) = p.get("/health");
+            (status == 503).then_some(body)
+        });
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "unavailable");
+    assert_eq!(health["store"]["ok"], false);
+    assert!(health["store"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+    // The process itself keeps serving.
+    assert_eq!(p.get("/metrics").0, 200);
     assert!(p.stop().success());
 }

@@ -95,6 +95,14 @@ impl Handler for App {
     fn handle(&self, req: &Request) -> Response {
         match (req.method.as_str(), req.path.as_str()) {
             (_, path) if path.starts_with("/twilio/") => self.twilio.handle(req),
+            ("GET" | "HEAD", path) if path.starts_with("/audio/") => {
+                match crate::audio::clip(&path["/audio/".len()..]) {
+                    Some(bytes) => Response::new(200)
+                        .body("audio/wav", bytes)
+                        .header("Cache-Control", "public, max-age=86400"),
+                    None => Response::text(404, "no such clip\n"),
+                }
+            }
             ("GET" | "HEAD", "/health") => self.health(),
             ("GET" | "HEAD", "/metrics") => self.metrics(),
             (_, "/health" | "/metrics") => {

@@ -12,6 +12,7 @@
 //! SIGINT/SIGTERM stop them in the reverse order.
 
 pub mod app;
+pub mod audio;
 pub mod config;
 pub mod metrics;
 pub mod profiles;
