@@ -55,19 +55,6 @@ fn xml(status: u16, body: String) -> Response {
     Response::new(status).body(twiml::CONTENT_TYPE, body)
 }
 
-/// Percent-encodes a query value.
-fn encode(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// A call id must look like an id: Twilio's are `CA` + 32 hex digits; be lenient but bounded.
 fn valid_call_id(id: &str) -> bool {
     !id.is_empty()
@@ -186,7 +173,7 @@ impl Twilio {
             poll_url: format!(
                 "{}/twilio/poll?call_id={}",
                 self.cfg.public_base_url,
-                encode(call_id.as_str())
+                precall_api::percent::encode_component(call_id.as_str())
             ),
             media_stream_url: self.media_stream_url.clone(),
         }

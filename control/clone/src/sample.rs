@@ -162,37 +162,8 @@ fn strip_query(s: &str) -> &str {
 
 /// Decodes `%XX` escapes; a `%` not followed by two hex digits is an error.
 fn percent_decode(s: &str) -> Result<Vec<u8>, SampleError> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hi = bytes.get(i + 1).and_then(|b| hex_value(*b));
-            let lo = bytes.get(i + 2).and_then(|b| hex_value(*b));
-            match (hi, lo) {
-                (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
-                _ => {
-                    return Err(SampleError::InvalidUrl {
-                        reason: "bad percent-encoding".to_owned(),
-                    });
-                }
-            }
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    Ok(out)
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
+    precall_api::percent::decode(s.as_bytes(), false)
+        .map_err(|_| SampleError::InvalidUrl { reason: "bad percent-encoding".to_owned() })
 }
 
 /// A URL as it may appear in errors and logs: no user info, query string or fragment (signed

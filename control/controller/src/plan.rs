@@ -158,34 +158,14 @@ impl<'a> Planner<'a> {
             profile.agent_id.clone().unwrap_or_else(|| self.cfg.default_agent_id.clone());
         let sep = if self.cfg.agent_ws_url.contains('?') { '&' } else { '?' };
         Some(WebSocketInstruction {
-            url: format!("{}{sep}agent_id={}", self.cfg.agent_ws_url, encode_query(&agent_id)),
+            url: format!(
+                "{}{sep}agent_id={}",
+                self.cfg.agent_ws_url,
+                precall_api::percent::encode_component(&agent_id)
+            ),
             agent_id,
             voice_id,
             first_message: profile.first_message.clone(),
         })
-    }
-}
-
-/// Percent-encodes a query value (RFC 3986 unreserved characters pass).
-fn encode_query(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::encode_query;
-
-    #[test]
-    fn query_values_are_encoded() {
-        assert_eq!(encode_query("agent_01-x"), "agent_01-x");
-        assert_eq!(encode_query("a b&c"), "a%20b%26c");
     }
 }

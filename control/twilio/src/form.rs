@@ -68,34 +68,9 @@ pub fn parse_query(query: &str) -> Result<Vec<(String, String)>, FormError> {
 
 /// Decodes one name or value; `offset` is its position in the whole input, for errors.
 fn decode(raw: &[u8], offset: usize) -> Result<String, FormError> {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        match raw[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hi = raw.get(i + 1).copied().and_then(hex_value);
-                let lo = raw.get(i + 2).copied().and_then(hex_value);
-                let (Some(hi), Some(lo)) = (hi, lo) else {
-                    return Err(FormError::InvalidPercentEscape { offset: offset + i });
-                };
-                out.push(hi << 4 | lo);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
+    let out = precall_api::percent::decode(raw, true)
+        .map_err(|at| FormError::InvalidPercentEscape { offset: offset + at })?;
     String::from_utf8(out).map_err(|_| FormError::InvalidUtf8 { offset })
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 /// Decoded webhook parameters, in the order they arrived.

@@ -13,6 +13,7 @@ mod context;
 mod control;
 mod ids;
 mod instructions;
+pub mod percent;
 mod redact;
 mod time;
 
