@@ -10,7 +10,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime,
+};
 use precall_api::{
     CallId, CallStatus, CloneStatus, JobId, ProfileId, Protocol, Timestamp, VoiceId,
 };
@@ -18,6 +20,7 @@ use precall_controller::{
     CallEvent, CallRecord, CloneJob, EventKind, InsertCall, JobOutcome, Store, StoreError,
     VoiceProfile, apply_status,
 };
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::migrate::migrate;
@@ -159,11 +162,54 @@ fn profile_from_row(row: &Row) -> VoiceProfile {
     }
 }
 
+/// Every statement goes through deadpool's per-connection statement cache: tokio-postgres
+/// would otherwise parse and plan each SQL text anew (an extra round trip per statement).
+/// Measured with `benches/twilio_load.rs`: see docs/PERFORMANCE.md.
+trait Cached: GenericClient + Sync {
+    async fn cached_query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        let stmt = self.prepare_cached(sql).await?;
+        self.query_opt(&stmt, params).await
+    }
+
+    async fn cached_query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, tokio_postgres::Error> {
+        let stmt = self.prepare_cached(sql).await?;
+        self.query_one(&stmt, params).await
+    }
+
+    async fn cached_query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let stmt = self.prepare_cached(sql).await?;
+        self.query(&stmt, params).await
+    }
+
+    async fn cached_execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let stmt = self.prepare_cached(sql).await?;
+        self.execute(&stmt, params).await
+    }
+}
+
+impl<C: GenericClient + Sync> Cached for C {}
+
 impl Store for PgStore {
     async fn insert_call(&self, call: &CallRecord) -> Result<InsertCall, StoreError> {
         let client = self.client().await?;
         let inserted = client
-            .query_opt(
+            .cached_query_opt(
                 "INSERT INTO calls (call_id, session_id, protocol, caller_number, \
                  recipient_number, profile_id, clone_job_id, status, started_at, failure) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
@@ -187,7 +233,7 @@ impl Store for PgStore {
             return Ok(InsertCall::Inserted);
         }
         let row = client
-            .query_one(
+            .cached_query_one(
                 &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1"),
                 &[&call.call_id.as_str()],
             )
@@ -199,7 +245,7 @@ impl Store for PgStore {
     async fn get_call(&self, call_id: &CallId) -> Result<Option<CallRecord>, StoreError> {
         let client = self.client().await?;
         let row = client
-            .query_opt(
+            .cached_query_opt(
                 &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1"),
                 &[&call_id.as_str()],
             )
@@ -212,7 +258,7 @@ impl Store for PgStore {
         let n = self
             .client()
             .await?
-            .execute(
+            .cached_execute(
                 "UPDATE calls SET clone_job_id = $2 WHERE call_id = $1",
                 &[&call_id.as_str(), &job.0],
             )
@@ -231,7 +277,7 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(query)?;
         let Some(row) = tx
-            .query_opt(
+            .cached_query_opt(
                 &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1 FOR UPDATE"),
                 &[&call_id.as_str()],
             )
@@ -242,7 +288,7 @@ impl Store for PgStore {
         };
         let mut call = call_from_row(&row)?;
         apply_status(&mut call, status, at, reason);
-        tx.execute(
+        tx.cached_execute(
             "UPDATE calls SET status = $2, connected_at = $3, ended_at = $4, failure = $5, \
              end_reason = $6 WHERE call_id = $1",
             &[
@@ -263,7 +309,7 @@ impl Store for PgStore {
     async fn append_event(&self, event: &CallEvent) -> Result<(), StoreError> {
         self.client()
             .await?
-            .execute(
+            .cached_execute(
                 "INSERT INTO call_events (call_id, at, kind, detail) VALUES ($1, $2, $3, $4)",
                 &[
                     &event.call_id.as_str(),
@@ -281,7 +327,7 @@ impl Store for PgStore {
         let rows = self
             .client()
             .await?
-            .query(
+            .cached_query(
                 "SELECT at, kind, detail FROM call_events WHERE call_id = $1 ORDER BY id",
                 &[&call_id.as_str()],
             )
@@ -306,14 +352,14 @@ impl Store for PgStore {
         let tx = client.transaction().await.map_err(query)?;
         if let Some(number) = &profile.number {
             // A number selects one profile: the newest claim on it wins.
-            tx.execute(
+            tx.cached_execute(
                 "UPDATE voice_profiles SET number = NULL WHERE number = $1 AND id <> $2",
                 &[number, &profile.id.as_str()],
             )
             .await
             .map_err(query)?;
         }
-        tx.execute(
+        tx.cached_execute(
             "INSERT INTO voice_profiles (id, number, name, sample_urls, agent_id, \
              greeting_url, hold_url, first_message, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
@@ -341,7 +387,7 @@ impl Store for PgStore {
         let row = self
             .client()
             .await?
-            .query_opt(
+            .cached_query_opt(
                 &format!("SELECT {PROFILE_COLUMNS} FROM voice_profiles WHERE id = $1"),
                 &[&id.as_str()],
             )
@@ -354,7 +400,7 @@ impl Store for PgStore {
         let row = self
             .client()
             .await?
-            .query_opt(
+            .cached_query_opt(
                 &format!("SELECT {PROFILE_COLUMNS} FROM voice_profiles WHERE number = $1"),
                 &[&number],
             )
@@ -370,29 +416,32 @@ impl Store for PgStore {
         now: Timestamp,
         stale_before: Timestamp,
     ) -> Result<(CloneJob, bool), StoreError> {
+        let serving_sql = format!(
+            "SELECT {JOB_COLUMNS} FROM clone_jobs \
+             WHERE profile_id = $1 AND samples_hash = $2 \
+             AND (status = 'completed' OR (status = 'processing' AND started_at >= $3)) \
+             ORDER BY id DESC LIMIT 1"
+        );
+        let params: [&(dyn ToSql + Sync); 3] =
+            [&profile.as_str(), &samples_hash, &stale_before.to_system()];
         let mut client = self.client().await?;
+        // Most calls find a serving job: read it without the lock, so that the calls of one
+        // profile do not queue on the advisory lock (measured: they did, docs/PERFORMANCE.md).
+        if let Some(row) = client.cached_query_opt(&serving_sql, &params).await.map_err(query)? {
+            return Ok((job_from_row(&row)?, false));
+        }
         let tx = client.transaction().await.map_err(query)?;
         let key = format!("{profile}/{samples_hash}");
-        tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
+        tx.cached_execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
             .await
             .map_err(query)?;
-        let serving = tx
-            .query_opt(
-                &format!(
-                    "SELECT {JOB_COLUMNS} FROM clone_jobs \
-                     WHERE profile_id = $1 AND samples_hash = $2 \
-                     AND (status = 'completed' OR (status = 'processing' AND started_at >= $3)) \
-                     ORDER BY id DESC LIMIT 1"
-                ),
-                &[&profile.as_str(), &samples_hash, &stale_before.to_system()],
-            )
-            .await
-            .map_err(query)?;
+        // Again under the lock: another node may have created it meanwhile.
+        let serving = tx.cached_query_opt(&serving_sql, &params).await.map_err(query)?;
         let out = match serving {
             Some(row) => (job_from_row(&row)?, false),
             None => {
                 let row = tx
-                    .query_one(
+                    .cached_query_one(
                         &format!(
                             "INSERT INTO clone_jobs (profile_id, samples_hash, status, \
                              started_at) VALUES ($1, $2, 'processing', $3) \
@@ -413,7 +462,10 @@ impl Store for PgStore {
         let row = self
             .client()
             .await?
-            .query_opt(&format!("SELECT {JOB_COLUMNS} FROM clone_jobs WHERE id = $1"), &[&id.0])
+            .cached_query_opt(
+                &format!("SELECT {JOB_COLUMNS} FROM clone_jobs WHERE id = $1"),
+                &[&id.0],
+            )
             .await
             .map_err(query)?;
         row.as_ref().map(job_from_row).transpose()
@@ -431,7 +483,7 @@ impl Store for PgStore {
             Err(e) => (CloneStatus::Failed, None, Some(e.as_str())),
         };
         client
-            .execute(
+            .cached_execute(
                 "UPDATE clone_jobs SET status = $2, voice_id = $3, error = $4, \
                  finished_at = $5 WHERE id = $1 AND status = 'processing'",
                 &[&id.0, &status.as_str(), &voice, &error, &at.to_system()],
@@ -439,7 +491,10 @@ impl Store for PgStore {
             .await
             .map_err(query)?;
         let row = client
-            .query_opt(&format!("SELECT {JOB_COLUMNS} FROM clone_jobs WHERE id = $1"), &[&id.0])
+            .cached_query_opt(
+                &format!("SELECT {JOB_COLUMNS} FROM clone_jobs WHERE id = $1"),
+                &[&id.0],
+            )
             .await
             .map_err(query)?
             .ok_or_else(|| StoreError::Missing(format!("clone {id}")))?;
