@@ -260,6 +260,8 @@ pub struct Config {
     pub hold_audio_url: String,
     /// Error clip URL.
     pub error_audio_url: String,
+    /// Clip cache directory.
+    pub audio_cache_dir: PathBuf,
     /// Error message text.
     pub error_message: String,
     /// Poll interval.
@@ -481,6 +483,9 @@ impl Config {
             greeting_audio_url: audio("GREETING_AUDIO_URL", "greeting.wav")?,
             hold_audio_url: audio("HOLD_AUDIO_URL", "hold.wav")?,
             error_audio_url: audio("ERROR_AUDIO_URL", "error.wav")?,
+            audio_cache_dir: r
+                .raw("AUDIO_CACHE_DIR")
+                .map_or_else(|| std::env::temp_dir().join("precall-audio"), PathBuf::from),
             error_message: r.string("ERROR_MESSAGE"),
             status_poll_interval,
             max_hold: r.millis("MAX_HOLD_MS")?,

@@ -13,6 +13,7 @@
 
 pub mod app;
 pub mod audio;
+pub mod audio_service;
 pub mod config;
 pub mod metrics;
 pub mod profiles;
