@@ -209,6 +209,8 @@ struct ThreadResult {
     /// CallSids that got an ok answer to /twilio/voice.
     created: Vec<String>,
     connects: u64,
+    /// The slowest ok answer: nanoseconds, and when it was sent (since the phase's start).
+    slowest: (u64, Duration),
 }
 
 /// Figures of one phase.
@@ -221,6 +223,7 @@ struct PhaseResult {
     samples: Vec<String>,
     created: Vec<String>,
     connects: u64,
+    slowest: (u64, Duration),
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -260,7 +263,7 @@ impl Load {
                 deadline_slot.clone(),
                 sids.clone(),
             );
-            let (port, base, stride) = (self.port, self.base.clone(), self.conns);
+            let (port, base, stride, secs) = (self.port, self.base.clone(), self.conns, self.secs);
             handles.push(std::thread::spawn(move || {
                 let validator = RequestValidator::new(TOKEN);
                 let mut client = Client::new(port);
@@ -269,6 +272,7 @@ impl Load {
                     ThreadResult { latencies: Vec::with_capacity(1 << 16), ..Default::default() };
                 start_line.wait();
                 let deadline = *deadline_slot.get().expect("deadline set before the start");
+                let phase_start = deadline - Duration::from_secs(secs);
                 let mut i = t;
                 while Instant::now() < deadline {
                     if budget
@@ -297,7 +301,11 @@ impl Load {
                     r.requests += 1;
                     match reply {
                         Ok(a) if a.status == 200 && a.body.starts_with(b"<?xml") => {
-                            r.latencies.push(took.as_nanos() as u64);
+                            let ns = took.as_nanos() as u64;
+                            r.latencies.push(ns);
+                            if ns > r.slowest.0 {
+                                r.slowest = (ns, sent.duration_since(phase_start));
+                            }
                             if find(&a.body, b"<Hangup").is_some() {
                                 r.hangups += 1;
                             }
@@ -341,6 +349,7 @@ impl Load {
             samples: Vec::new(),
             created: Vec::new(),
             connects: 0,
+            slowest: (0, Duration::ZERO),
         };
         for h in handles {
             let r = h.join().expect("client thread");
@@ -355,6 +364,9 @@ impl Load {
             }
             out.created.extend(r.created);
             out.connects += r.connects;
+            if r.slowest.0 > out.slowest.0 {
+                out.slowest = r.slowest;
+            }
         }
         out.elapsed = started.elapsed();
         out.latencies.sort_unstable();
@@ -388,13 +400,14 @@ fn report(name: &str, r: &PhaseResult) {
         ok as f64 / secs
     );
     println!(
-        "    latency (ok answers): p50 {}  p99 {}  max {}   [connections opened: {}, hangup answers: {}]",
+        "    latency (ok answers): p50 {}  p99 {}  p99.9 {}  max {} (sent at +{:.2}s)",
         fmt_ns(percentile(&r.latencies, 0.50)),
         fmt_ns(percentile(&r.latencies, 0.99)),
-        fmt_ns(r.latencies.last().copied().unwrap_or(0)),
-        r.connects,
-        r.hangups
+        fmt_ns(percentile(&r.latencies, 0.999)),
+        fmt_ns(r.slowest.0),
+        r.slowest.1.as_secs_f64(),
     );
+    println!("    connections opened: {}, hang-up answers: {}", r.connects, r.hangups);
     for s in &r.samples {
         println!("    error sample: {s}");
     }

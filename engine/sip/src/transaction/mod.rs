@@ -1,0 +1,31 @@
+//! Transactions (RFC 3261 §17): what a UAS and its BYE client need over UDP.
+
+pub(crate) mod client_non_invite;
+pub(crate) mod server_invite;
+pub(crate) mod server_non_invite;
+
+/// Identifies a transaction in the endpoint's tables and timer queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct TxnId(pub u64);
+
+/// A server transaction's matching key (RFC 3261 §17.2.3): the top Via branch and sent-by,
+/// and the method, where ACK counts as INVITE. Requests without the magic cookie (RFC 2543
+/// peers, §17.2.3 last paragraphs) use Call-ID, CSeq number and From tag in place of the
+/// branch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ServerKey {
+    pub branch: String,
+    pub sent_by: String,
+    pub method: String,
+}
+
+/// What a timer did to a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimerEffect {
+    /// Send the stored message again.
+    Retransmit,
+    /// Timer H or F: the peer never answered.
+    TimedOut,
+    /// Timers I, J, K, L: the transaction is over.
+    Terminated,
+}

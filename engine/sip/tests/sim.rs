@@ -1,0 +1,694 @@
+//! Deterministic simulation: a fake clock that jumps to the endpoint's next deadline, a
+//! scripted UAC written as raw SIP, and a lossy in-memory network. No sleeps: every scenario
+//! runs in microseconds of real time.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{CounterIds, body, config, header, status};
+use precall_sip::{Codec, Direction, EndReason, Endpoint, Event, Transmit};
+
+const UAC: &str = "198.51.100.20:5060";
+
+/// The network's loss rule: returns true to lose an endpoint -> UAC datagram.
+type LossRule = Box<dyn FnMut(&[u8]) -> bool>;
+
+struct Sim {
+    ep: Endpoint<CounterIds>,
+    start: Instant,
+    now: Instant,
+    uac: SocketAddr,
+    /// Everything the endpoint sent, lost or not, with the time it was sent.
+    wire: Vec<(Duration, Transmit)>,
+    /// What reached the UAC and was not yet read by the script.
+    inbox: Vec<(Duration, Vec<u8>)>,
+    events: Vec<(Duration, Event)>,
+    lose: LossRule,
+}
+
+impl Sim {
+    fn new() -> Self {
+        let start = Instant::now();
+        Sim {
+            ep: Endpoint::new(config(), CounterIds::default()),
+            start,
+            now: start,
+            uac: UAC.parse().unwrap(),
+            wire: Vec::new(),
+            inbox: Vec::new(),
+            events: Vec::new(),
+            lose: Box::new(|_| false),
+        }
+    }
+
+    fn t(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// The UAC sends `msg` now.
+    fn send(&mut self, msg: &str) {
+        self.ep.handle_datagram(self.now, self.uac, msg.as_bytes());
+        self.drain();
+    }
+
+    fn drain(&mut self) {
+        let t = self.t();
+        while let Some(tx) = self.ep.poll_transmit() {
+            if !(self.lose)(&tx.payload) {
+                self.inbox.push((t, tx.payload.clone()));
+            }
+            self.wire.push((t, tx));
+        }
+        while let Some(e) = self.ep.poll_event() {
+            self.events.push((t, e));
+        }
+    }
+
+    /// Jumps the clock from deadline to deadline up to `until` (since start).
+    fn run_until(&mut self, until: Duration) {
+        let end = self.start + until;
+        while let Some(at) = self.ep.poll_timeout() {
+            if at > end {
+                break;
+            }
+            self.now = self.now.max(at);
+            self.ep.handle_timeout(self.now);
+            self.drain();
+        }
+        self.now = end;
+    }
+
+    fn take_inbox(&mut self) -> Vec<Vec<u8>> {
+        self.inbox.drain(..).map(|(_, p)| p).collect()
+    }
+
+    fn take_events(&mut self) -> Vec<Event> {
+        self.events.drain(..).map(|(_, e)| e).collect()
+    }
+
+    /// Times at which the endpoint sent something matching `pred`.
+    fn sent_times(&self, pred: impl Fn(&[u8]) -> bool) -> Vec<u128> {
+        self.wire.iter().filter(|(_, tx)| pred(&tx.payload)).map(|(t, _)| t.as_millis()).collect()
+    }
+}
+
+const OFFER: &str = "v=0\r\no=carrier 1 1 IN IP4 198.51.100.20\r\ns=-\r\nc=IN IP4 198.51.100.20\r\nt=0 0\r\nm=audio 40000 RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n";
+
+fn invite(call_id: &str, branch: &str, sdp: &str) -> String {
+    format!(
+        "INVITE sip:+15550001111@192.0.2.10:5060 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 198.51.100.20:5060;branch={branch}\r\n\
+         Record-Route: <sip:198.51.100.30;lr>\r\n\
+         Max-Forwards: 70\r\n\
+         From: \"Caller\" <sip:+15557654321@carrier.example>;tag=uac1\r\n\
+         To: <sip:+15550001111@192.0.2.10>\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 1 INVITE\r\n\
+         Contact: <sip:+15557654321@198.51.100.20:5060>\r\n\
+         Content-Type: application/sdp\r\n\
+         Content-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    )
+}
+
+fn in_dialog(
+    method: &str,
+    call_id: &str,
+    branch: &str,
+    to_tag: &str,
+    cseq: u32,
+    sdp: &str,
+) -> String {
+    let ct =
+        if sdp.is_empty() { String::new() } else { "Content-Type: application/sdp\r\n".into() };
+    format!(
+        "{method} sip:203.0.113.10:5060 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 198.51.100.20:5060;branch={branch}\r\n\
+         Max-Forwards: 70\r\n\
+         From: \"Caller\" <sip:+15557654321@carrier.example>;tag=uac1\r\n\
+         To: <sip:+15550001111@192.0.2.10>;tag={to_tag}\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: {cseq} {method}\r\n\
+         Contact: <sip:+15557654321@198.51.100.20:5060>\r\n\
+         {ct}Content-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    )
+}
+
+fn cancel(call_id: &str, invite_branch: &str) -> String {
+    format!(
+        "CANCEL sip:+15550001111@192.0.2.10:5060 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 198.51.100.20:5060;branch={invite_branch}\r\n\
+         Max-Forwards: 70\r\n\
+         From: \"Caller\" <sip:+15557654321@carrier.example>;tag=uac1\r\n\
+         To: <sip:+15550001111@192.0.2.10>\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 1 CANCEL\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+}
+
+/// ACK for a non-2xx: same branch as the INVITE (RFC 3261 §17.1.1.3).
+fn ack_non2xx(call_id: &str, invite_branch: &str, to_tag: &str) -> String {
+    format!(
+        "ACK sip:+15550001111@192.0.2.10:5060 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 198.51.100.20:5060;branch={invite_branch}\r\n\
+         Max-Forwards: 70\r\n\
+         From: \"Caller\" <sip:+15557654321@carrier.example>;tag=uac1\r\n\
+         To: <sip:+15550001111@192.0.2.10>;tag={to_tag}\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 1 ACK\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+}
+
+fn to_tag(resp: &[u8]) -> String {
+    let to = header(resp, "To").unwrap();
+    to.split(";tag=").nth(1).unwrap().split(';').next().unwrap().to_owned()
+}
+
+fn is_200_invite(p: &[u8]) -> bool {
+    status(p) == Some(200) && header(p, "CSeq").is_some_and(|c| c.ends_with("INVITE"))
+}
+
+fn is_bye(p: &[u8]) -> bool {
+    p.starts_with(b"BYE ")
+}
+
+fn rtp() -> SocketAddr {
+    "0.0.0.0:30000".parse().unwrap()
+}
+
+/// INVITE and accept at t=0; returns the call handle and our To tag.
+fn answered(sim: &mut Sim, call_id: &str) -> (precall_sip::CallHandle, String) {
+    sim.send(&invite(call_id, "z9hG4bKinv1", OFFER));
+    let events = sim.take_events();
+    let Some(Event::IncomingCall { call, .. }) = events.first() else { panic!("{events:?}") };
+    let call = *call;
+    sim.ep.accept(sim.now, call, rtp()).unwrap();
+    sim.drain();
+    let tag =
+        sim.wire.iter().map(|(_, t)| &t.payload).find(|p| is_200_invite(p)).map(|p| to_tag(p));
+    (call, tag.expect("200 sent"))
+}
+
+#[test]
+fn normal_call() {
+    let mut sim = Sim::new();
+    sim.send(&invite("c1", "z9hG4bKinv1", OFFER));
+    let inbox = sim.take_inbox();
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(status(&inbox[0]), Some(100));
+    assert!(!header(&inbox[0], "To").unwrap().contains("tag="), "100 without To tag");
+    let events = sim.take_events();
+    let [Event::IncomingCall { call, call_id, from_user, to_user, source, offer }] =
+        events.as_slice()
+    else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (call_id.as_str(), from_user.as_str(), to_user.as_str()),
+        ("c1", "+15557654321", "+15550001111")
+    );
+    assert_eq!(*source, UAC.parse::<SocketAddr>().unwrap());
+    assert!(offer.is_some());
+    let call = *call;
+    assert_eq!(sim.ep.calls(), 1);
+
+    let media = sim.ep.accept(sim.now, call, rtp()).unwrap();
+    assert_eq!(media.remote_rtp, "198.51.100.20:40000".parse().unwrap());
+    assert_eq!((media.payload_type, media.codec), (8, Codec::Pcma), "caller's first choice");
+    assert_eq!(media.telephone_event, Some(101));
+    assert_eq!(media.direction, Direction::SendRecv);
+    sim.drain();
+    let inbox = sim.take_inbox();
+    let ok = &inbox[0];
+    assert!(is_200_invite(ok));
+    assert_eq!(header(ok, "Record-Route"), Some("<sip:198.51.100.30;lr>"));
+    assert_eq!(header(ok, "Contact"), Some("<sip:203.0.113.10:5060>"));
+    assert!(header(ok, "Via").unwrap().contains("received=198.51.100.20"));
+    let sdp = body(ok);
+    assert!(sdp.contains("c=IN IP4 203.0.113.10\r\n"), "{sdp}");
+    assert!(sdp.contains("m=audio 30000 RTP/AVP 8 101\r\n"), "{sdp}");
+    assert!(sdp.contains("a=fmtp:101 0-15\r\n") && sdp.contains("a=ptime:20\r\n"));
+    let tag = to_tag(ok);
+
+    sim.run_until(Duration::from_millis(100));
+    sim.send(&in_dialog("ACK", "c1", "z9hG4bKack1", &tag, 1, ""));
+    assert_eq!(sim.take_events(), vec![Event::CallConfirmed { call }]);
+
+    sim.run_until(Duration::from_secs(10));
+    sim.send(&in_dialog("BYE", "c1", "z9hG4bKbye1", &tag, 2, ""));
+    let inbox = sim.take_inbox();
+    assert_eq!(inbox.iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(200)]);
+    assert_eq!(header(&inbox[0], "CSeq"), Some("2 BYE"));
+    assert_eq!(sim.take_events(), vec![Event::CallEnded { call, reason: EndReason::RemoteBye }]);
+    assert_eq!(sim.ep.calls(), 0);
+
+    // A retransmitted BYE is absorbed by its transaction: same 200 again, no new event.
+    sim.send(&in_dialog("BYE", "c1", "z9hG4bKbye1", &tag, 2, ""));
+    assert_eq!(sim.take_inbox().iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(200)]);
+    assert!(sim.take_events().is_empty());
+    // Nothing else is ever sent, and all timers drain.
+    sim.run_until(Duration::from_secs(120));
+    assert!(sim.take_inbox().is_empty());
+    assert_eq!(sim.ep.poll_timeout(), None);
+}
+
+#[test]
+fn lost_200_is_retransmitted_at_t1_doubling_until_the_ack() {
+    let mut sim = Sim::new();
+    let mut lost = 0;
+    sim.lose = Box::new(move |p| {
+        if is_200_invite(p) && lost < 3 {
+            lost += 1;
+            true
+        } else {
+            false
+        }
+    });
+    let (call, tag) = answered(&mut sim, "c2");
+    sim.run_until(Duration::from_millis(3500));
+    // The fourth copy (at 3.5 s) gets through; the UAC ACKs at once.
+    assert!(sim.take_inbox().iter().any(|p| is_200_invite(p)));
+    sim.send(&in_dialog("ACK", "c2", "z9hG4bKack2", &tag, 1, ""));
+    sim.run_until(Duration::from_secs(60));
+    assert_eq!(sim.sent_times(is_200_invite), vec![0, 500, 1500, 3500]);
+    assert!(sim.events.iter().any(|(_, e)| *e == Event::CallConfirmed { call }));
+    assert_eq!(sim.ep.calls(), 1);
+}
+
+#[test]
+fn ack_lost_forever_ends_with_bye_after_64_t1() {
+    let mut sim = Sim::new();
+    let (call, _tag) = answered(&mut sim, "c3");
+    sim.run_until(Duration::from_secs(40));
+    // T1, 2T1, 4T1, then capped at T2 = 4 s, until 64*T1 = 32 s.
+    assert_eq!(
+        sim.sent_times(is_200_invite),
+        vec![0, 500, 1500, 3500, 7500, 11500, 15500, 19500, 23500, 27500, 31500]
+    );
+    assert_eq!(sim.sent_times(is_bye)[0], 32000);
+    let ended: Vec<_> =
+        sim.events.iter().filter(|(_, e)| matches!(e, Event::CallEnded { .. })).collect();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].0, Duration::from_secs(32));
+    assert_eq!(ended[0].1, Event::CallEnded { call, reason: EndReason::AckTimeout });
+    // The BYE follows the Record-Route (loose routing) with the caller's Contact as R-URI.
+    let (_, bye) = sim.wire.iter().find(|(_, t)| is_bye(&t.payload)).unwrap();
+    assert_eq!(bye.dest, "198.51.100.30:5060".parse().unwrap());
+    assert!(bye.payload.starts_with(b"BYE sip:+15557654321@198.51.100.20:5060 SIP/2.0\r\n"));
+    assert_eq!(header(&bye.payload, "Route"), Some("<sip:198.51.100.30;lr>"));
+    assert_eq!(sim.ep.calls(), 0);
+}
+
+#[test]
+fn retransmitted_invite_never_creates_a_second_call() {
+    let mut sim = Sim::new();
+    let msg = invite("c4", "z9hG4bKinv4", OFFER);
+    sim.send(&msg);
+    sim.run_until(Duration::from_millis(500));
+    sim.send(&msg);
+    let calls =
+        sim.take_events().iter().filter(|e| matches!(e, Event::IncomingCall { .. })).count();
+    assert_eq!(calls, 1);
+    let codes: Vec<_> = sim.take_inbox().iter().map(|p| status(p)).collect();
+    assert_eq!(codes, vec![Some(100), Some(100)], "the 100 is sent again");
+    assert_eq!(sim.ep.calls(), 1);
+}
+
+#[test]
+fn retransmitted_invite_after_accept_gets_the_200_again() {
+    let mut sim = Sim::new();
+    let (_call, _tag) = answered(&mut sim, "c5");
+    sim.take_inbox();
+    sim.run_until(Duration::from_millis(200));
+    sim.send(&invite("c5", "z9hG4bKinv1", OFFER));
+    let inbox = sim.take_inbox();
+    assert_eq!(inbox.len(), 1);
+    assert!(is_200_invite(&inbox[0]));
+    assert!(sim.take_events().iter().all(|e| !matches!(e, Event::IncomingCall { .. })));
+    assert_eq!(sim.ep.calls(), 1);
+}
+
+#[test]
+fn cancel_before_accept_gives_487() {
+    let mut sim = Sim::new();
+    sim.send(&invite("c6", "z9hG4bKinv6", OFFER));
+    let call = match sim.take_events().as_slice() {
+        [Event::IncomingCall { call, .. }] => *call,
+        other => panic!("{other:?}"),
+    };
+    sim.take_inbox();
+    sim.run_until(Duration::from_millis(300));
+    sim.send(&cancel("c6", "z9hG4bKinv6"));
+    let inbox = sim.take_inbox();
+    let codes: Vec<_> =
+        inbox.iter().map(|p| (status(p), header(p, "CSeq").unwrap().to_owned())).collect();
+    assert_eq!(codes, vec![(Some(200), "1 CANCEL".into()), (Some(487), "1 INVITE".into())]);
+    assert_eq!(to_tag(&inbox[0]), to_tag(&inbox[1]), "§9.2: same To tag");
+    assert_eq!(sim.take_events(), vec![Event::CallEnded { call, reason: EndReason::Cancelled }]);
+    assert_eq!(sim.ep.calls(), 0);
+    // accept after the cancel is refused
+    assert!(sim.ep.accept(sim.now, call, rtp()).is_err());
+    // 487 is retransmitted on Timer G until the ACK, which the transaction absorbs.
+    sim.run_until(Duration::from_millis(1900));
+    let tag = to_tag(&inbox[1]);
+    sim.send(&ack_non2xx("c6", "z9hG4bKinv6", &tag));
+    assert!(sim.take_events().is_empty(), "ACK absorbed, not dropped");
+    sim.run_until(Duration::from_secs(60));
+    let is_487 = |p: &[u8]| status(p) == Some(487);
+    assert_eq!(sim.sent_times(is_487), vec![300, 800, 1800]);
+    assert_eq!(sim.ep.poll_timeout(), None);
+}
+
+#[test]
+fn cancel_after_200_leaves_the_call_up() {
+    let mut sim = Sim::new();
+    let (call, tag) = answered(&mut sim, "c7");
+    sim.take_inbox();
+    sim.send(&cancel("c7", "z9hG4bKinv1"));
+    let inbox = sim.take_inbox();
+    assert_eq!(inbox.iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(200)]);
+    assert_eq!(header(&inbox[0], "CSeq"), Some("1 CANCEL"));
+    sim.send(&in_dialog("ACK", "c7", "z9hG4bKack7", &tag, 1, ""));
+    assert_eq!(sim.take_events(), vec![Event::CallConfirmed { call }]);
+    assert_eq!(sim.ep.calls(), 1);
+}
+
+#[test]
+fn cancel_for_unknown_transaction_gets_481() {
+    let mut sim = Sim::new();
+    sim.send(&cancel("nope", "z9hG4bKnothing"));
+    assert_eq!(sim.take_inbox().iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(481)]);
+}
+
+#[test]
+fn bye_before_ack_ends_the_call_and_stops_retransmissions() {
+    let mut sim = Sim::new();
+    let (call, tag) = answered(&mut sim, "c8");
+    sim.run_until(Duration::from_millis(700));
+    sim.send(&in_dialog("BYE", "c8", "z9hG4bKbye8", &tag, 2, ""));
+    assert!(sim.take_events().contains(&Event::CallEnded { call, reason: EndReason::RemoteBye }));
+    sim.run_until(Duration::from_secs(60));
+    assert_eq!(sim.sent_times(is_200_invite), vec![0, 500]);
+    assert!(sim.sent_times(is_bye).is_empty());
+}
+
+#[test]
+fn reinvite_hold_and_unhold() {
+    let mut sim = Sim::new();
+    let (call, tag) = answered(&mut sim, "c9");
+    sim.send(&in_dialog("ACK", "c9", "z9hG4bKack9", &tag, 1, ""));
+    sim.take_events();
+    sim.take_inbox();
+
+    let hold = OFFER.replace("a=sendrecv", "a=sendonly");
+    sim.send(&in_dialog("INVITE", "c9", "z9hG4bKre1", &tag, 2, &hold));
+    let inbox = sim.take_inbox();
+    assert_eq!(inbox.len(), 1);
+    assert!(is_200_invite(&inbox[0]));
+    assert_eq!(to_tag(&inbox[0]), tag, "same To tag");
+    let sdp = body(&inbox[0]);
+    assert!(sdp.contains("a=recvonly\r\n"), "{sdp}");
+    assert!(sdp.contains("o=precall 1002 2 IN IP4"), "version 2: {sdp}");
+    let events = sim.take_events();
+    let [Event::MediaChanged { call: c, media }] = events.as_slice() else { panic!("{events:?}") };
+    assert_eq!((*c, media.direction), (call, Direction::RecvOnly));
+    sim.send(&in_dialog("ACK", "c9", "z9hG4bKack9b", &tag, 2, ""));
+
+    // Unhold.
+    sim.send(&in_dialog("INVITE", "c9", "z9hG4bKre2", &tag, 3, OFFER));
+    let inbox = sim.take_inbox();
+    let sdp = body(&inbox[0]);
+    assert!(sdp.contains("a=sendrecv\r\n") && sdp.contains("o=precall 1002 3 IN IP4"), "{sdp}");
+    let events = sim.take_events();
+    assert!(
+        matches!(events.as_slice(), [Event::MediaChanged { media, .. }] if media.direction == Direction::SendRecv)
+    );
+    sim.send(&in_dialog("ACK", "c9", "z9hG4bKack9c", &tag, 3, ""));
+
+    // Old-style hold: c=0.0.0.0.
+    let old_hold = OFFER.replace("c=IN IP4 198.51.100.20", "c=IN IP4 0.0.0.0");
+    sim.send(&in_dialog("INVITE", "c9", "z9hG4bKre3", &tag, 4, &old_hold));
+    let sdp = body(&sim.take_inbox()[0]).to_owned();
+    assert!(sdp.contains("a=recvonly\r\n"), "{sdp}");
+    let events = sim.take_events();
+    let [Event::MediaChanged { media, .. }] = events.as_slice() else { panic!("{events:?}") };
+    assert_eq!(media.remote_rtp, "0.0.0.0:40000".parse().unwrap());
+    sim.send(&in_dialog("ACK", "c9", "z9hG4bKack9d", &tag, 4, ""));
+    sim.run_until(Duration::from_secs(60));
+    assert_eq!(sim.ep.calls(), 1);
+    assert!(sim.sent_times(is_bye).is_empty(), "every 2xx was acknowledged");
+}
+
+#[test]
+fn options_in_and_out_of_dialog() {
+    let mut sim = Sim::new();
+    sim.send(
+        "OPTIONS sip:192.0.2.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20;branch=z9hG4bKo1\r\n\
+         From: <sip:ping@carrier.example>;tag=p\r\nTo: <sip:192.0.2.10>\r\nCall-ID: opt1\r\n\
+         CSeq: 7 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+    );
+    let inbox = sim.take_inbox();
+    assert_eq!(status(&inbox[0]), Some(200));
+    assert_eq!(header(&inbox[0], "Allow"), Some("INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO"));
+    assert_eq!(header(&inbox[0], "Accept"), Some("application/sdp"));
+    assert_eq!(header(&inbox[0], "Supported"), Some("timer"));
+    let (_call, tag) = answered(&mut sim, "c10");
+    sim.take_inbox();
+    sim.send(&in_dialog("OPTIONS", "c10", "z9hG4bKo2", &tag, 2, ""));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(200));
+    sim.send(&in_dialog("INFO", "c10", "z9hG4bKi1", &tag, 3, ""));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(200));
+    sim.send(&in_dialog("UPDATE", "c10", "z9hG4bKu1", &tag, 4, ""));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(200));
+}
+
+#[test]
+fn unknown_method_gets_501_with_allow() {
+    let mut sim = Sim::new();
+    sim.send(
+        "FOO sip:192.0.2.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20;branch=z9hG4bKf1\r\n\
+         From: <sip:a@carrier.example>;tag=f\r\nTo: <sip:192.0.2.10>\r\nCall-ID: foo1\r\n\
+         CSeq: 1 FOO\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+    );
+    let inbox = sim.take_inbox();
+    assert_eq!(status(&inbox[0]), Some(501));
+    assert!(header(&inbox[0], "Allow").is_some());
+}
+
+#[test]
+fn in_dialog_bye_for_unknown_dialog_gets_481() {
+    let mut sim = Sim::new();
+    sim.send(&in_dialog("BYE", "ghost", "z9hG4bKg1", "nosuchtag", 2, ""));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(481));
+}
+
+#[test]
+fn offer_without_common_codec_gets_488_and_no_call() {
+    let mut sim = Sim::new();
+    let g729 = OFFER
+        .replace("m=audio 40000 RTP/AVP 8 0 101", "m=audio 40000 RTP/AVP 18 101")
+        .replace("a=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000\r\n", "a=rtpmap:18 G729/8000\r\n");
+    sim.send(&invite("c12", "z9hG4bKinv12", &g729));
+    assert_eq!(sim.take_inbox().iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(488)]);
+    assert!(sim.take_events().is_empty());
+    assert_eq!(sim.ep.calls(), 0);
+}
+
+#[test]
+fn our_bye_is_retransmitted_on_timer_e_until_its_200() {
+    let mut sim = Sim::new();
+    let (call, tag) = answered(&mut sim, "c13");
+    sim.send(&in_dialog("ACK", "c13", "z9hG4bKack13", &tag, 1, ""));
+    sim.run_until(Duration::from_secs(10));
+    sim.ep.hangup(sim.now, call);
+    sim.drain();
+    sim.run_until(Duration::from_millis(13_500));
+    let byes = sim.sent_times(is_bye);
+    assert_eq!(byes, vec![10_000, 10_500, 11_500, 13_500]);
+    // The UAC answers the last copy.
+    let (_, bye) = sim.wire.iter().rev().find(|(_, t)| is_bye(&t.payload)).unwrap();
+    let bye = bye.payload.clone();
+    let via = header(&bye, "Via").unwrap();
+    assert!(via.starts_with("SIP/2.0/UDP 203.0.113.10:5060;branch=z9hG4bK"));
+    assert_eq!(header(&bye, "CSeq"), Some("1 BYE"));
+    assert!(header(&bye, "From").unwrap().ends_with(&format!(";tag={tag}")));
+    let ok = format!(
+        "SIP/2.0 200 OK\r\nVia: {via}\r\nFrom: {}\r\nTo: {}\r\nCall-ID: c13\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n",
+        header(&bye, "From").unwrap(),
+        header(&bye, "To").unwrap()
+    );
+    sim.take_events();
+    sim.send(&ok);
+    assert_eq!(sim.take_events(), vec![Event::CallEnded { call, reason: EndReason::LocalBye }]);
+    sim.send(&ok); // retransmitted 200: absorbed by Timer K
+    assert!(sim.take_events().is_empty());
+    sim.run_until(Duration::from_secs(60));
+    assert_eq!(sim.sent_times(is_bye).len(), 4);
+    assert_eq!(sim.ep.calls(), 0);
+}
+
+#[test]
+fn unanswered_bye_ends_the_call_on_timer_f() {
+    let mut sim = Sim::new();
+    let (call, tag) = answered(&mut sim, "c14");
+    sim.send(&in_dialog("ACK", "c14", "z9hG4bKack14", &tag, 1, ""));
+    sim.ep.hangup(sim.now, call);
+    sim.drain();
+    sim.run_until(Duration::from_secs(40));
+    assert_eq!(
+        sim.sent_times(is_bye),
+        vec![0, 500, 1500, 3500, 7500, 11500, 15500, 19500, 23500, 27500, 31500]
+    );
+    let ended: Vec<_> =
+        sim.events.iter().filter(|(_, e)| matches!(e, Event::CallEnded { .. })).collect();
+    assert_eq!(
+        ended,
+        vec![&(Duration::from_secs(32), Event::CallEnded { call, reason: EndReason::LocalBye })]
+    );
+}
+
+#[test]
+fn hangup_before_ack_waits_for_the_ack() {
+    let mut sim = Sim::new();
+    let (call, tag) = answered(&mut sim, "c15");
+    sim.ep.hangup(sim.now, call);
+    sim.drain();
+    assert!(sim.sent_times(is_bye).is_empty(), "RFC 3261 §15: no BYE before the ACK");
+    sim.run_until(Duration::from_millis(600));
+    sim.send(&in_dialog("ACK", "c15", "z9hG4bKack15", &tag, 1, ""));
+    assert_eq!(sim.sent_times(is_bye), vec![600]);
+}
+
+#[test]
+fn reject_retransmits_on_timer_g_until_timer_h() {
+    let mut sim = Sim::new();
+    sim.send(&invite("c16", "z9hG4bKinv16", OFFER));
+    let call = match sim.take_events().as_slice() {
+        [Event::IncomingCall { call, .. }] => *call,
+        other => panic!("{other:?}"),
+    };
+    sim.ep.reject(sim.now, call, 486, "Busy Here");
+    sim.drain();
+    assert_eq!(sim.take_events(), vec![Event::CallEnded { call, reason: EndReason::Rejected }]);
+    sim.run_until(Duration::from_secs(60));
+    let is_486 = |p: &[u8]| status(p) == Some(486);
+    assert_eq!(
+        sim.sent_times(is_486),
+        vec![0, 500, 1500, 3500, 7500, 11500, 15500, 19500, 23500, 27500, 31500]
+    );
+    assert_eq!(sim.ep.poll_timeout(), None, "Timer H ended the transaction");
+}
+
+#[test]
+fn offerless_invite_gets_our_offer_and_the_ack_answers() {
+    let mut sim = Sim::new();
+    let mut msg = invite("c17", "z9hG4bKinv17", "");
+    msg = msg.replace("Content-Type: application/sdp\r\n", "");
+    sim.send(&msg);
+    let call = match sim.take_events().as_slice() {
+        [Event::IncomingCall { call, offer: None, .. }] => *call,
+        other => panic!("{other:?}"),
+    };
+    sim.ep.accept(sim.now, call, rtp()).unwrap();
+    sim.drain();
+    let ok = sim.take_inbox().pop().unwrap();
+    assert!(body(&ok).contains("m=audio 30000 RTP/AVP 0 8 101\r\n"));
+    let answer = "v=0\r\no=c 1 1 IN IP4 198.51.100.20\r\ns=-\r\nc=IN IP4 198.51.100.20\r\nt=0 0\r\nm=audio 41000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
+    sim.send(&in_dialog("ACK", "c17", "z9hG4bKack17", &to_tag(&ok), 1, answer));
+    let events = sim.take_events();
+    let [Event::MediaChanged { media, .. }, Event::CallConfirmed { .. }] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(media.remote_rtp, "198.51.100.20:41000".parse().unwrap());
+    assert_eq!(media.codec, Codec::Pcmu);
+}
+
+#[test]
+fn lf_only_and_folded_invite_is_understood() {
+    let mut sim = Sim::new();
+    let msg = invite("c18", "z9hG4bKinv18", OFFER)
+        .replace("\r\n", "\n")
+        .replace("Max-Forwards: 70\n", "Max-Forwards:\n  70\n");
+    // Content-Length counted the CRLF body; recount for LF-only lines.
+    let (head, body_part) = msg.split_once("\n\n").unwrap();
+    let head = head.replace(
+        &format!("Content-Length: {}", OFFER.len()),
+        &format!("Content-Length: {}", body_part.len()),
+    );
+    sim.send(&format!("{head}\n\n{body_part}"));
+    assert!(matches!(sim.take_events().as_slice(), [Event::IncomingCall { .. }]));
+}
+
+#[test]
+fn tel_uri_and_ipv6_invite() {
+    let mut sim = Sim::new();
+    let msg = invite("c19", "z9hG4bKinv19", OFFER)
+        .replace(
+            "INVITE sip:+15550001111@192.0.2.10:5060 SIP/2.0",
+            "INVITE tel:+15550001111 SIP/2.0",
+        )
+        .replace("<sip:+15557654321@carrier.example>", "<sip:+15557654321@[2001:db8::7]>")
+        .replace(
+            "Contact: <sip:+15557654321@198.51.100.20:5060>",
+            "Contact: <sip:+15557654321@[2001:db8::7]:5062>",
+        );
+    sim.send(&msg);
+    let events = sim.take_events();
+    let [Event::IncomingCall { call, from_user, to_user, .. }] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!((from_user.as_str(), to_user.as_str()), ("+15557654321", "+15550001111"));
+    let call = *call;
+    sim.ep.accept(sim.now, call, rtp()).unwrap();
+    sim.drain();
+    let tag = to_tag(&sim.take_inbox().pop().unwrap());
+    sim.send(&in_dialog("ACK", "c19", "z9hG4bKack19", &tag, 1, ""));
+    sim.ep.hangup(sim.now, call);
+    sim.drain();
+    // The BYE still follows the Record-Route; the R-URI is the IPv6 Contact.
+    let (_, bye) = sim.wire.iter().find(|(_, t)| is_bye(&t.payload)).unwrap();
+    assert!(bye.payload.starts_with(b"BYE sip:+15557654321@[2001:db8::7]:5062 SIP/2.0\r\n"));
+}
+
+#[test]
+fn edge_policies_max_forwards_require_session_timer() {
+    let mut sim = Sim::new();
+    sim.send(&invite("c20", "z9hG4bKinv20", OFFER).replace("Max-Forwards: 70", "Max-Forwards: 0"));
+    assert_eq!(sim.take_inbox().iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(483)]);
+
+    let no_mf = invite("c21", "z9hG4bKinv21", OFFER).replace("Max-Forwards: 70\r\n", "");
+    sim.send(&no_mf);
+    assert_eq!(status(&sim.take_inbox()[0]), Some(100), "Max-Forwards is optional");
+
+    sim.send(
+        &invite("c22", "z9hG4bKinv22", OFFER)
+            .replace("CSeq: 1 INVITE\r\n", "CSeq: 1 INVITE\r\nRequire: 100rel\r\n"),
+    );
+    let inbox = sim.take_inbox();
+    assert_eq!(status(&inbox[0]), Some(420));
+    assert_eq!(header(&inbox[0], "Unsupported"), Some("100rel"));
+
+    let short = "CSeq: 1 INVITE\r\nSupported: timer\r\nSession-Expires: 30\r\n";
+    sim.send(&invite("c23", "z9hG4bKinv23", OFFER).replace("CSeq: 1 INVITE\r\n", short));
+    let inbox = sim.take_inbox();
+    assert_eq!(status(&inbox[0]), Some(422));
+    assert_eq!(header(&inbox[0], "Min-SE"), Some("90"));
+
+    sim.take_events();
+    let timer = "CSeq: 1 INVITE\r\nSupported: timer\r\nSession-Expires: 1800;refresher=uac\r\n";
+    sim.send(&invite("c24", "z9hG4bKinv24", OFFER).replace("CSeq: 1 INVITE\r\n", timer));
+    let call = match sim.take_events().as_slice() {
+        [Event::IncomingCall { call, .. }] => *call,
+        other => panic!("{other:?}"),
+    };
+    sim.ep.accept(sim.now, call, rtp()).unwrap();
+    sim.drain();
+    let ok = sim.take_inbox().pop().unwrap();
+    assert_eq!(header(&ok, "Session-Expires"), Some("1800;refresher=uac"));
+    assert_eq!(header(&ok, "Require"), Some("timer"));
+}
