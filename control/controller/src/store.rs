@@ -3,7 +3,7 @@
 //! Each method is one atomic step, so that two nodes (or two requests) sharing one PostgreSQL
 //! never start two clone jobs for one sample set nor record one call twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::{Future, ready};
 use std::sync::{Mutex, MutexGuard};
 
@@ -184,29 +184,70 @@ pub fn job_serves(job: &CloneJob, stale_before: Timestamp) -> bool {
 ///
 /// Right for a single node and for demos; use PostgreSQL (`DATABASE_URL`) for anything that
 /// must survive a restart or be shared by several nodes.
-#[derive(Debug, Default)]
+///
+/// Memory is bounded: past [`MemoryStore::DEFAULT_RETAINED_CALLS`] calls (or the number given
+/// to [`MemoryStore::with_retention`]), recording a call forgets the oldest *ended* call and its
+/// events. Calls still in progress are never forgotten.
+#[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    retain: usize,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     calls: HashMap<CallId, CallRecord>,
+    /// Call ids, oldest first, for retention.
+    order: VecDeque<CallId>,
     events: HashMap<CallId, Vec<CallEvent>>,
     profiles: HashMap<ProfileId, VoiceProfile>,
     jobs: Vec<CloneJob>,
 }
 
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_retention(Self::DEFAULT_RETAINED_CALLS)
+    }
+}
+
 impl MemoryStore {
-    /// An empty store.
+    /// Calls kept before the oldest ended ones are forgotten.
+    pub const DEFAULT_RETAINED_CALLS: usize = 100_000;
+
+    /// An empty store keeping the default number of calls.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store keeping about `calls` calls (at least one).
+    pub fn with_retention(calls: usize) -> Self {
+        Self { inner: Mutex::new(Inner::default()), retain: calls.max(1) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave a half-applied change: every change below
         // is a single assignment or push. So a poisoned lock is still consistent.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    /// Forgets the oldest ended calls until at most `retain` are kept. Looks at no more than
+    /// 64 calls per insert, so an insert stays cheap even with many calls in progress; the
+    /// excess is worked off over the next inserts.
+    fn forget_beyond(&mut self, retain: usize) {
+        let mut looked = 0;
+        while self.calls.len() > retain && looked < self.order.len().min(64) {
+            looked += 1;
+            let Some(id) = self.order.pop_front() else { break };
+            let ended = self.calls.get(&id).is_none_or(|c| c.status.is_terminal());
+            if ended {
+                self.calls.remove(&id);
+                self.events.remove(&id);
+            } else {
+                self.order.push_back(id);
+            }
+        }
     }
 }
 
@@ -220,6 +261,8 @@ impl Store for MemoryStore {
             Some(existing) => InsertCall::Existing(Box::new(existing.clone())),
             None => {
                 inner.calls.insert(call.call_id.clone(), call.clone());
+                inner.order.push_back(call.call_id.clone());
+                inner.forget_beyond(self.retain);
                 InsertCall::Inserted
             }
         };

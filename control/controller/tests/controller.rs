@@ -447,3 +447,26 @@ fn poll_reports_remaining_hold() {
     let ins = run(ctl.check_clone_status(&CallId::new("CA1"), Timestamp(45_000))).unwrap();
     assert_eq!(ins.status_poll.unwrap().hold_remaining, Duration::from_millis(15_000));
 }
+
+#[test]
+fn memory_store_forgets_old_ended_calls_only() {
+    let store = MemoryStore::with_retention(3);
+    let record = |id: &str| {
+        precall_controller::CallRecord::inbound(
+            &ctx(id, "+1"),
+            ProfileId::new("default"),
+            Timestamp(0),
+        )
+    };
+    for id in ["A", "B", "C"] {
+        run(store.insert_call(&record(id))).unwrap();
+    }
+    // A is in progress, B ended: the fourth call forgets B, never A.
+    run(store.set_call_status(&CallId::new("B"), CallStatus::Ended, Timestamp(1), None)).unwrap();
+    run(store.insert_call(&record("D"))).unwrap();
+    let kept = |id: &str| run(store.get_call(&CallId::new(id))).unwrap().is_some();
+    assert!(kept("A") && !kept("B") && kept("C") && kept("D"));
+    // With nothing ended, the store grows rather than forget a live call.
+    run(store.insert_call(&record("E"))).unwrap();
+    assert!(["A", "C", "D", "E"].iter().all(|id| kept(id)));
+}
