@@ -437,33 +437,14 @@ impl<G: IdGen> Endpoint<G> {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        key: Option<ServerKey>,
+        mut key: Option<ServerKey>,
         req: &Request<'_>,
         headers: &[HeaderLine<'_>],
         body: &[u8],
     ) {
-        let Some((h, mut c)) = self.take_dialog(req) else {
-            return self.answer_error(
-                now,
-                from,
-                key,
-                false,
-                headers,
-                &RequestError::NoSuchCallOrTransaction,
-            );
+        let Some((h, mut c)) = self.take_in_dialog(now, from, &mut key, req, headers) else {
+            return;
         };
-        if req.cseq < c.dialog.remote_seq {
-            self.calls.insert(h, c);
-            return self.answer_error(
-                now,
-                from,
-                key,
-                false,
-                headers,
-                &RequestError::CSeqOutOfOrder,
-            );
-        }
-        c.dialog.remote_seq = req.cseq;
         // The caller re-INVITEs inside the dialog, so it has our 2xx: stop resending it and
         // count the dialog as confirmed even if that ACK was lost.
         if c.retransmit.take().is_some() {
@@ -671,33 +652,14 @@ impl<G: IdGen> Endpoint<G> {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        key: Option<ServerKey>,
+        mut key: Option<ServerKey>,
         req: &Request<'_>,
         headers: &[HeaderLine<'_>],
         body: &[u8],
     ) {
-        let Some((h, mut c)) = self.take_dialog(req) else {
-            return self.answer_error(
-                now,
-                from,
-                key,
-                false,
-                headers,
-                &RequestError::NoSuchCallOrTransaction,
-            );
+        let Some((h, mut c)) = self.take_in_dialog(now, from, &mut key, req, headers) else {
+            return;
         };
-        if req.cseq < c.dialog.remote_seq {
-            self.calls.insert(h, c);
-            return self.answer_error(
-                now,
-                from,
-                key,
-                false,
-                headers,
-                &RequestError::CSeqOutOfOrder,
-            );
-        }
-        c.dialog.remote_seq = req.cseq;
         let offer = if req.method == Method::Update { read_offer(req, body) } else { Ok(None) };
         let offer = match offer {
             Ok(o) => o,
@@ -1075,6 +1037,32 @@ impl<G: IdGen> Endpoint<G> {
     }
 
     /// The call matching an in-dialog request (§12.2.2), taken out of the table.
+    /// The dialog of an in-dialog request that may change it (re-INVITE, UPDATE, INFO), with
+    /// its remote CSeq advanced; answers 481 for an unknown dialog and 500 for a CSeq lower
+    /// than the last one (§12.2.2) and returns `None` then.
+    fn take_in_dialog(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        key: &mut Option<ServerKey>,
+        req: &Request<'_>,
+        headers: &[HeaderLine<'_>],
+    ) -> Option<(CallHandle, Call)> {
+        let error = match self.take_dialog(req) {
+            None => RequestError::NoSuchCallOrTransaction,
+            Some((h, c)) if req.cseq < c.dialog.remote_seq => {
+                self.calls.insert(h, c);
+                RequestError::CSeqOutOfOrder
+            }
+            Some((h, mut c)) => {
+                c.dialog.remote_seq = req.cseq;
+                return Some((h, c));
+            }
+        };
+        self.answer_error(now, from, key.take(), false, headers, &error);
+        None
+    }
+
     fn take_dialog(&mut self, req: &Request<'_>) -> Option<(CallHandle, Call)> {
         let h = *self.calls_by_id.get(req.call_id)?;
         let c = self.calls.remove(&h)?;
