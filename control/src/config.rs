@@ -129,6 +129,11 @@ pub const VARS: &[Var] = &[
         help: "recorded error message for SIP calls",
     },
     Var {
+        name: "AUDIO_CACHE_DIR",
+        default: "TMPDIR/precall-audio",
+        help: "disk cache of fetched greeting, hold and error clips",
+    },
+    Var {
         name: "ERROR_MESSAGE",
         default: "We are sorry, we could not connect your call. Please try again later.",
         help: "said (Twilio <Say>) before hanging up on a failed call",
