@@ -114,3 +114,13 @@ fn health_is_503_while_the_database_is_down() {
     assert_eq!(p.get("/metrics").0, 200);
     assert!(p.stop().success());
 }
+
+#[test]
+fn the_readme_documents_every_variable() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md at the workspace root");
+    for var in precall::config::VARS {
+        let row = format!("| `{}` | `{}` |", var.name, var.default);
+        assert!(readme.contains(&row), "README's configuration table lacks {row}");
+    }
+}
