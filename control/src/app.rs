@@ -18,7 +18,18 @@ pub struct ShardState {
     pub alive: bool,
     /// Calls it owns.
     pub active_calls: u64,
+    /// SIP datagrams it received for a Call-ID another shard owns, and forwarded there.
+    pub datagrams_forwarded: u64,
+    /// RTP packets it sent to callers.
+    pub rtp_packets_out: u64,
+    /// RTP packets it received from callers.
+    pub rtp_packets_in: u64,
+    /// Sends the kernel refused (full send buffer, unreachable address).
+    pub send_errors: u64,
 }
+
+/// A per-shard counter in `/metrics`: name, help text, how to read it.
+type ShardCounter = (&'static str, &'static str, fn(&ShardState) -> u64);
 
 /// Reads the shards' state (atomics; cheap).
 pub type ShardProbe = Arc<dyn Fn() -> Vec<ShardState> + Send + Sync>;
@@ -86,6 +97,29 @@ impl App {
                 "precall_active_calls{{protocol=\"sip\",shard=\"{}\"}} {}\n",
                 s.shard, s.active_calls
             ));
+        }
+        let counters: [ShardCounter; 4] = [
+            (
+                "precall_sip_datagrams_forwarded_total",
+                "SIP datagrams forwarded to the shard owning their Call-ID.",
+                |s| s.datagrams_forwarded,
+            ),
+            ("precall_rtp_packets_sent_total", "RTP packets sent to callers.", |s| {
+                s.rtp_packets_out
+            }),
+            ("precall_rtp_packets_received_total", "RTP packets received from callers.", |s| {
+                s.rtp_packets_in
+            }),
+            ("precall_udp_send_errors_total", "SIP and RTP sends the kernel refused.", |s| {
+                s.send_errors
+            }),
+        ];
+        let shards = (self.shards)();
+        for (name, help, value) in counters {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+            for s in &shards {
+                out.push_str(&format!("{name}{{shard=\"{}\"}} {}\n", s.shard, value(s)));
+            }
         }
         Response::new(200).body("text/plain; version=0.0.4; charset=utf-8", out)
     }

@@ -18,5 +18,6 @@ pub mod config;
 pub mod metrics;
 pub mod profiles;
 pub mod runtime;
+pub mod sip_bridge;
 pub mod store;
 pub mod twilio;

@@ -10,10 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use precall::app::{App, ShardState};
+use precall::audio_service::AudioService;
 use precall::config::{self, Config, ProviderConfig, redact_url};
 use precall::metrics::Metrics;
 use precall::profiles;
 use precall::runtime::{Service, SideRuntime};
+use precall::sip_bridge::{DefaultClips, SipBridge};
 use precall::store::{PgStore, PgStoreConfig};
 use precall::twilio::{Twilio, TwilioConfig};
 use precall_api::ProfileId;
@@ -141,6 +143,27 @@ fn start_side_runtime<S: Store>(
     .map_err(|e| e.to_string())
 }
 
+/// Makes the default greeting, hold and error clips ready before SIP calls arrive, so the first
+/// call does not wait for them. Waits a bounded time; a clip that fails is logged (calls then
+/// play without it) but does not stop the start.
+fn warm_clips(side: &SideRuntime, audio: &Arc<AudioService>, cfg: &Config) {
+    let urls =
+        [cfg.greeting_audio_url.clone(), cfg.hold_audio_url.clone(), cfg.error_audio_url.clone()];
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let audio = Arc::clone(audio);
+    side.spawn(async move {
+        for url in &urls {
+            if let Err(e) = audio.clip(url).await {
+                tracing::warn!(error = %e, "default clip not ready; SIP calls will play without it");
+            }
+        }
+        let _ = done_tx.send(());
+    });
+    if done_rx.recv_timeout(cfg.control_request_timeout).is_err() {
+        tracing::warn!("default clips still loading; the first SIP calls may wait for them");
+    }
+}
+
 fn serve(cfg: Config) -> Result<(), String> {
     // Registered before anything starts, so a SIGTERM that arrives during start-up is not lost:
     // it is delivered once the start completes, and precall then stops at once.
@@ -184,13 +207,37 @@ fn serve(cfg: Config) -> Result<(), String> {
         }
     }
 
-    let engine = Engine::start(EngineConfig {
-        shards: cfg.shards,
-        pin_cores: cfg.pin_cores,
-        sip: cfg.sip_addr,
-        rtp_ports: cfg.rtp_ports.clone(),
-        ..EngineConfig::default()
-    })
+    let audio =
+        Arc::new(AudioService::new(cfg.audio_cache_dir.clone(), &cfg.public_base_url).map_err(
+            |e| format!("cannot create AUDIO_CACHE_DIR {}: {e}", cfg.audio_cache_dir.display()),
+        )?);
+    if cfg.sip_addr.is_some() {
+        warm_clips(&side, &audio, &cfg);
+    }
+    let bridge = SipBridge::new(
+        side.handle(),
+        Arc::clone(&audio),
+        DefaultClips {
+            hold_url: cfg.hold_audio_url.clone(),
+            error_url: cfg.error_audio_url.clone(),
+        },
+        cfg.control_request_timeout,
+    );
+    let engine = Engine::start(
+        EngineConfig {
+            shards: cfg.shards,
+            pin_cores: cfg.pin_cores,
+            sip: cfg.sip_addr,
+            rtp_ports: cfg.rtp_ports.clone(),
+            advertised_ip: cfg.sip_advertised_ip,
+            rtp_timeout: cfg.rtp_timeout,
+            // The controller's deadline, then at most the same again to make the clips ready,
+            // and a margin: past that the plan was lost (a full inbox) and the call is refused.
+            plan_timeout: cfg.control_request_timeout * 2 + Duration::from_secs(1),
+            ..EngineConfig::default()
+        },
+        Arc::new(bridge),
+    )
     .map_err(|e| format!("engine: {e}"))?;
     let engine = Arc::new(engine);
 
@@ -210,6 +257,10 @@ fn serve(cfg: Config) -> Result<(), String> {
                     shard: h.shard,
                     alive: h.alive,
                     active_calls: h.active_calls,
+                    datagrams_forwarded: h.datagrams_forwarded,
+                    rtp_packets_out: h.rtp_packets_out,
+                    rtp_packets_in: h.rtp_packets_in,
+                    send_errors: h.send_errors,
                 })
                 .collect()
         })

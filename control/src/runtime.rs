@@ -81,6 +81,7 @@ pub struct Service<S> {
 #[derive(Debug)]
 pub struct SideRuntime {
     handle: ControlHandle,
+    tokio: tokio::runtime::Handle,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -112,6 +113,7 @@ impl SideRuntime {
         let (stop_tx, stop_rx) = oneshot::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let tokio = runtime.handle().clone();
         let thread =
             std::thread::Builder::new().name("precall-control".into()).spawn(move || {
                 runtime.block_on(async move {
@@ -127,9 +129,12 @@ impl SideRuntime {
                 });
             })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => {
-                Ok(Self { handle: ControlHandle { tx }, stop: Some(stop_tx), thread: Some(thread) })
-            }
+            Ok(Ok(())) => Ok(Self {
+                handle: ControlHandle { tx },
+                tokio,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(StartError::Build(e))
@@ -144,6 +149,11 @@ impl SideRuntime {
     /// A handle for submitting requests.
     pub fn handle(&self) -> ControlHandle {
         self.handle.clone()
+    }
+
+    /// Runs `task` on the side runtime (start-up work such as warming the clip cache).
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tokio.spawn(task);
     }
 
     /// Stops serving: requests still queued are answered `Stopped`; clone jobs in flight are

@@ -2,8 +2,9 @@
 //! handed to each shard by value: shards never read global configuration.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     ops::RangeInclusive,
+    time::Duration,
 };
 
 use crate::{EngineError, routing::rtp_pair_count};
@@ -30,6 +31,15 @@ pub struct EngineConfig {
     /// fully resident. glommio's own default is 10 MiB; above about 1 MiB a non-root process
     /// with the default 8 MiB memlock limit silently skips registering it.
     pub io_memory_bytes: usize,
+    /// `SIP_ADVERTISED_IP`: the address put in SDP and Contact behind NAT (default: the bound
+    /// address).
+    pub advertised_ip: Option<IpAddr>,
+    /// `RTP_TIMEOUT_MS`: no RTP from the caller for this long ends the call with BYE.
+    pub rtp_timeout: Duration,
+    /// Longest a ringing call waits for the control plane's plan before it is refused with
+    /// `500`. Covers a reply lost to a full inbox; set it above the controller's own deadline
+    /// plus the time to fetch clips.
+    pub plan_timeout: Duration,
 }
 
 impl EngineConfig {
@@ -42,6 +52,11 @@ impl EngineConfig {
     pub fn validate(&self) -> Result<(), EngineError> {
         if self.shards == 0 {
             return Err(EngineError::InvalidConfig { reason: "shards must be at least 1" });
+        }
+        if self.rtp_timeout.is_zero() || self.plan_timeout.is_zero() {
+            return Err(EngineError::InvalidConfig {
+                reason: "rtp_timeout and plan_timeout must be positive",
+            });
         }
         if self.recv_buffer_bytes == 0 {
             return Err(EngineError::InvalidConfig {
@@ -58,7 +73,8 @@ impl EngineConfig {
 }
 
 impl Default for EngineConfig {
-    /// One unpinned shard on SIP 0.0.0.0:5060, RTP 16384-32767, 1 MiB buffers.
+    /// One unpinned shard on SIP 0.0.0.0:5060, RTP 16384-32767, 1 MiB buffers, RTP timeout
+    /// 30 s, plan timeout 15 s.
     fn default() -> Self {
         Self {
             shards: 1,
@@ -67,6 +83,9 @@ impl Default for EngineConfig {
             rtp_ports: 16384..=32767,
             recv_buffer_bytes: Self::DEFAULT_RECV_BUFFER_BYTES,
             io_memory_bytes: Self::DEFAULT_IO_MEMORY_BYTES,
+            advertised_ip: None,
+            rtp_timeout: Duration::from_secs(30),
+            plan_timeout: Duration::from_secs(15),
         }
     }
 }

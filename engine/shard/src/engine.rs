@@ -9,10 +9,11 @@ use glommio::{
 
 use crate::{
     EngineConfig, EngineError, SendError, ShardHealth, ShardMsg,
+    control::ShardControl,
     health::ShardStats,
     inbox::{INBOX_CAPACITY, InboxSender, inbox},
     routing::rtp_port_slice,
-    shard::{self, Reporter, ShardParams, StartReport},
+    shard::{self, CallSettings, Reporter, ShardParams, StartReport},
 };
 
 /// The running shards. Dropping it without [`Engine::shutdown`] stops and joins them too, but
@@ -38,17 +39,30 @@ impl Engine {
     /// Starts `cfg.shards` glommio executors, each binding its own SIP socket on `cfg.sip`, and
     /// returns once every shard has reported that it runs. On the first failure the shards
     /// already started are stopped and joined, and that failure is returned.
-    pub fn start(cfg: EngineConfig) -> Result<Engine, EngineError> {
+    ///
+    /// Shards ask `control` for the plan of each SIP call (see [`ShardControl`]).
+    pub fn start(cfg: EngineConfig, control: Arc<dyn ShardControl>) -> Result<Engine, EngineError> {
         cfg.validate()?;
         let cpus = if cfg.pin_cores { Some(online_cpus()?) } else { None };
         let (report_tx, reports) = crossbeam_channel::bounded(cfg.shards);
         let mut engine = Engine { shards: Vec::with_capacity(cfg.shards), sip_addr: None };
-        let spawn = |engine: &mut Engine, index: usize, sip: Option<SocketAddr>| {
+        // Every inbox exists before any shard starts: each shard gets all senders, to forward
+        // datagrams to the shard that owns their Call-ID.
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..cfg.shards).map(|_| inbox(INBOX_CAPACITY)).unzip();
+        let mut receivers: Vec<_> = receivers.into_iter().map(Some).collect();
+        let settings = CallSettings {
+            advertised_ip: cfg.advertised_ip,
+            rtp_timeout: cfg.rtp_timeout,
+            plan_timeout: cfg.plan_timeout,
+        };
+        let mut spawn = |engine: &mut Engine, index: usize, sip: Option<SocketAddr>| {
             let placement = match &cpus {
                 Some(cpus) => Placement::Fixed(cpus[index % cpus.len()]),
                 None => Placement::Unbound,
             };
-            let (tx, rx) = inbox(INBOX_CAPACITY);
+            let tx = senders[index].clone();
+            let rx = receivers[index].take().expect("each shard is spawned once");
             let stats = Arc::new(ShardStats::default());
             let params = ShardParams {
                 index,
@@ -57,6 +71,9 @@ impl Engine {
                 rtp_ports: rtp_port_slice(cfg.rtp_ports.clone(), index, cfg.shards),
                 stats: stats.clone(),
                 inbox: rx,
+                peers: senders.clone(),
+                control: control.clone(),
+                settings: settings.clone(),
                 reporter: Reporter::new(index, report_tx.clone()),
             };
             let thread = LocalExecutorBuilder::new(placement)
@@ -213,7 +230,7 @@ mod tests {
     #[test]
     fn a_shard_panic_is_an_error_naming_the_shard() {
         let cfg = EngineConfig { shards: 2, sip: None, ..EngineConfig::default() };
-        let engine = Engine::start(cfg).unwrap();
+        let engine = Engine::start(cfg, crate::control::tests::NoControl::arc()).unwrap();
         engine.send(1, ShardMsg::PanicForTest).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while engine.health()[1].alive {

@@ -10,13 +10,21 @@ pub struct ShardHealth {
     pub shard: usize,
     /// The executor runs and the shard's loop has not exited (false after a stop or a panic).
     pub alive: bool,
-    /// Calls owned by the shard (always 0 until calls are handled).
+    /// Calls owned by the shard: from the INVITE until the call has ended.
     pub active_calls: u64,
     /// Datagrams received on the shard's SIP socket.
     pub datagrams_in: u64,
-    /// Received datagrams the shard discarded without handling them. Until SIP handling exists
-    /// that is every datagram, so today this equals `datagrams_in`.
+    /// Received datagrams for a Call-ID another shard owns, forwarded to it.
+    pub datagrams_forwarded: u64,
+    /// Datagrams that could not be handled: forwarding to a full or stopped inbox, or dropped
+    /// by the SIP layer without an answer (not SIP, no Via, unmatched ACK or response).
     pub datagrams_dropped: u64,
+    /// RTP packets sent to callers.
+    pub rtp_packets_out: u64,
+    /// RTP packets received from callers.
+    pub rtp_packets_in: u64,
+    /// Sends (SIP or RTP) the kernel refused (full send buffer, unreachable address).
+    pub send_errors: u64,
 }
 
 /// The counters behind [`ShardHealth`]. Aligned to a cache line so shards do not contend.
@@ -26,7 +34,11 @@ pub(crate) struct ShardStats {
     alive: AtomicBool,
     active_calls: AtomicU64,
     datagrams_in: AtomicU64,
+    datagrams_forwarded: AtomicU64,
     datagrams_dropped: AtomicU64,
+    rtp_packets_out: AtomicU64,
+    rtp_packets_in: AtomicU64,
+    send_errors: AtomicU64,
 }
 
 impl ShardStats {
@@ -34,12 +46,32 @@ impl ShardStats {
         self.alive.store(alive, Ordering::Release);
     }
 
+    pub(crate) fn set_active_calls(&self, calls: usize) {
+        self.active_calls.store(calls as u64, Ordering::Relaxed);
+    }
+
     pub(crate) fn datagram_in(&self) {
         self.datagrams_in.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn datagram_forwarded(&self) {
+        self.datagrams_forwarded.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn datagram_dropped(&self) {
         self.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn rtp_out(&self, packets: u64) {
+        self.rtp_packets_out.fetch_add(packets, Ordering::Relaxed);
+    }
+
+    pub(crate) fn rtp_in(&self) {
+        self.rtp_packets_in.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn send_error(&self) {
+        self.send_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self, shard: usize) -> ShardHealth {
@@ -48,7 +80,11 @@ impl ShardStats {
             alive: self.alive.load(Ordering::Acquire),
             active_calls: self.active_calls.load(Ordering::Relaxed),
             datagrams_in: self.datagrams_in.load(Ordering::Relaxed),
+            datagrams_forwarded: self.datagrams_forwarded.load(Ordering::Relaxed),
             datagrams_dropped: self.datagrams_dropped.load(Ordering::Relaxed),
+            rtp_packets_out: self.rtp_packets_out.load(Ordering::Relaxed),
+            rtp_packets_in: self.rtp_packets_in.load(Ordering::Relaxed),
+            send_errors: self.send_errors.load(Ordering::Relaxed),
         }
     }
 }

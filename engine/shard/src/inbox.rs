@@ -7,13 +7,18 @@
 //! means a message sent between the look and the registration still rings the bell.
 
 use std::{
-    future::poll_fn,
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    task::Poll,
+    task::{Context, Poll},
 };
+
+use precall_api::{CallId, ControlError};
+use precall_sip::CallHandle;
+
+use crate::control::ShardPlan;
 
 use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
@@ -29,9 +34,37 @@ pub(crate) const INBOX_CAPACITY: usize = 1024;
 pub enum ShardMsg {
     /// Close the shard's sockets and end its loop.
     Stop,
+    /// A SIP datagram that another shard received for a Call-ID this shard owns.
+    Sip(ForwardedDatagram),
+    /// The control plane's answer about one of this shard's calls (boxed: a plan is large and
+    /// rare, the queue's slots stay small).
+    Plan(Box<PlanDelivery>),
     /// Make the shard's loop panic, to test how panics are reported.
     #[cfg(test)]
     PanicForTest,
+}
+
+/// A datagram handed from the shard that received it to the shard that owns its Call-ID.
+#[derive(Debug)]
+pub struct ForwardedDatagram {
+    pub(crate) from: SocketAddr,
+    pub(crate) data: Box<[u8]>,
+}
+
+/// Which question a [`PlanDelivery`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PlanKind {
+    Inbound,
+    Status,
+}
+
+/// A plan (or the control plane's error) for one call of the receiving shard.
+#[derive(Debug)]
+pub struct PlanDelivery {
+    pub(crate) call: CallHandle,
+    pub(crate) call_id: CallId,
+    pub(crate) kind: PlanKind,
+    pub(crate) result: Result<ShardPlan, ControlError>,
 }
 
 #[derive(Debug, Default)]
@@ -83,20 +116,24 @@ impl InboxSender {
 
 impl Inbox {
     /// The next message. A stop request, or every sender gone, reads as [`ShardMsg::Stop`].
+    #[cfg(test)]
     pub(crate) async fn next(&self) -> ShardMsg {
-        poll_fn(|cx| {
-            // Register before looking, so a send racing with this poll cannot be lost.
-            self.doorbell.waker.register(cx.waker());
-            if self.doorbell.stop.load(Ordering::Acquire) {
-                return Poll::Ready(ShardMsg::Stop);
-            }
-            match self.rx.try_recv() {
-                Ok(msg) => Poll::Ready(msg),
-                Err(TryRecvError::Empty) => Poll::Pending,
-                Err(TryRecvError::Disconnected) => Poll::Ready(ShardMsg::Stop),
-            }
-        })
-        .await
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// Polls for the next message, registering `cx`'s waker with the doorbell. Nothing is
+    /// lost when the caller stops polling: the message stays queued.
+    pub(crate) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<ShardMsg> {
+        // Register before looking, so a send racing with this poll cannot be lost.
+        self.doorbell.waker.register(cx.waker());
+        if self.doorbell.stop.load(Ordering::Acquire) {
+            return Poll::Ready(ShardMsg::Stop);
+        }
+        match self.rx.try_recv() {
+            Ok(msg) => Poll::Ready(msg),
+            Err(TryRecvError::Empty) => Poll::Pending,
+            Err(TryRecvError::Disconnected) => Poll::Ready(ShardMsg::Stop),
+        }
     }
 }
 

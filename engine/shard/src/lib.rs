@@ -6,16 +6,28 @@
 //! core) per shard. Each shard owns, on its own thread and shared with nobody:
 //!
 //! * its SIP/UDP socket, bound on the same address by every shard with SO_REUSEPORT (the kernel
-//!   spreads datagrams by 4-tuple), with a large receive buffer;
-//! * one 64 KiB receive buffer, allocated once;
-//! * its slice of the RTP port range ([`rtp_port_slice`]); later its calls, RTP sockets, timers.
+//!   spreads datagrams by 4-tuple), with a large receive buffer, and a sans-IO
+//!   [`precall_sip::Endpoint`] for the calls it owns;
+//! * its calls (keyed by the endpoint's `CallHandle`), their RTP sockets from its slice of the
+//!   RTP port range ([`rtp_port_slice`]), one [`precall_media::MediaClock`] and one heap of
+//!   per-call timers.
 //!
-//! A shard runs two tasks. The *receive task* awaits datagrams on the SIP socket; today it
-//! counts and discards them (SIP handling comes with the SIP layer, which will forward each
-//! datagram to the shard that owns its Call-ID, [`shard_for_call_id`]). The *inbox task* awaits
-//! the shard's inbox: a bounded crossbeam queue plus an `AtomicWaker` doorbell that any thread
-//! can ring ([`Engine::send`]), because glommio's own channels panic outside glommio threads. An
-//! idle shard sleeps in io_uring: no polling, no timers.
+//! A shard runs one loop and some receive tasks (details in `shard.rs`):
+//!
+//! * the *SIP receive task* awaits datagrams on the SIP socket, peeks each Call-ID and
+//!   forwards the datagram to the inbox of the shard that owns it ([`shard_for_call_id`]), or
+//!   feeds its own endpoint;
+//! * one *RTP receive task* per answered call records when and from where the caller's RTP
+//!   arrives (RTP timeout, symmetric RTP);
+//! * the *loop* awaits the shard's inbox (a bounded crossbeam queue plus an `AtomicWaker`
+//!   doorbell that any thread can ring, because glommio's own channels panic outside glommio
+//!   threads), the next deadline (SIP timers, media clock, call timers) or a nudge from the
+//!   receive task, then runs what is due: SIP retransmissions, one RTP frame per due call,
+//!   status checks. An idle shard sleeps in io_uring: no polling.
+//!
+//! Calls follow the control plane's plan, which arrives through [`ShardControl`] as a reply
+//! callback that puts it in the shard's inbox: greeting, hold loop, a status check every poll
+//! interval, the error clip and BYE on failure.
 //!
 //! A shard reports once at start, on a channel, that it runs (with its socket address) or why
 //! it could not: glommio itself only shows executor errors when the thread is joined.
@@ -31,18 +43,22 @@
 //! [`Engine::health`].
 #![deny(unsafe_code)]
 
+mod call;
 mod config;
+mod control;
 mod engine;
 mod error;
 mod health;
+mod ids;
 mod inbox;
 mod routing;
 mod shard;
 mod socket;
 
 pub use config::EngineConfig;
+pub use control::{MediaPlan, PlanReply, ShardControl, ShardPlan};
 pub use engine::Engine;
 pub use error::{EngineError, SendError};
 pub use health::ShardHealth;
-pub use inbox::ShardMsg;
+pub use inbox::{ForwardedDatagram, PlanDelivery, ShardMsg};
 pub use routing::{rtp_port_slice, shard_for_call_id};

@@ -1,22 +1,37 @@
-//! Creating a shard's UDP sockets with our own options (socket2), then handing them to glommio.
-//! This is the crate's only `unsafe`.
+//! Creating a shard's UDP sockets with our own options (socket2), then handing them to glommio,
+//! and the synchronous send path. This is the crate's only `unsafe`.
+//!
+//! Each socket is two file descriptors on one kernel socket: glommio owns one for receiving
+//! (io_uring, awaited by a task that is never dropped mid-receive except when the socket
+//! goes), and the shard keeps a socket2 duplicate for sending. glommio 0.9's `send_to` takes
+//! one `&[u8]` and, when the non-blocking attempt fails, copies it into a DMA buffer it
+//! allocates; it has no vectored send. Sending with `sendmsg(MSG_DONTWAIT)` on the duplicate
+//! gives a two-entry iovec (RTP header + the shared clip's frame, no payload copy, no
+//! allocation) and no `.await` while the shard's state is borrowed. A full send buffer
+//! (`EAGAIN`) drops that datagram, as the network would: RTP is loss-tolerant and SIP
+//! retransmits.
 
 use std::{
-    io,
+    io::{self, IoSlice},
     net::SocketAddr,
     os::fd::{FromRawFd, IntoRawFd},
 };
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// A bound UDP socket: the glommio half receives, the socket2 half sends.
+#[derive(Debug)]
+pub(crate) struct UdpPair {
+    pub(crate) recv: glommio::net::UdpSocket,
+    pub(crate) send: Socket,
+    pub(crate) local: SocketAddr,
+}
 
 /// Binds a UDP socket on `addr` with SO_REUSEPORT (so every shard binds the same port and the
 /// kernel spreads datagrams by 4-tuple) and SO_RCVBUF = `recv_buffer_bytes`.
 ///
 /// Must run on the shard's executor thread: glommio ties the socket to the current reactor.
-pub(crate) fn bind_udp(
-    addr: SocketAddr,
-    recv_buffer_bytes: usize,
-) -> io::Result<glommio::net::UdpSocket> {
+pub(crate) fn bind_udp(addr: SocketAddr, recv_buffer_bytes: usize) -> io::Result<UdpPair> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_port(true)?;
     socket.set_recv_buffer_size(recv_buffer_bytes)?;
@@ -30,10 +45,37 @@ pub(crate) fn bind_udp(
         );
     }
     socket.bind(&addr.into())?;
+    into_pair(socket)
+}
+
+/// Binds an RTP socket on `addr`, without SO_REUSEPORT: a port another process holds must
+/// fail here so the allocator tries the next one.
+pub(crate) fn bind_rtp(addr: SocketAddr) -> io::Result<UdpPair> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.bind(&addr.into())?;
+    into_pair(socket)
+}
+
+fn into_pair(socket: Socket) -> io::Result<UdpPair> {
+    let local = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("UDP socket without an IP address"))?;
+    let send = socket.try_clone()?;
     let fd = socket.into_raw_fd();
     // SAFETY: `into_raw_fd` just released `fd`: it is an open UDP socket that nothing else owns
     // or will close. The glommio socket takes sole ownership and closes it when dropped.
     #[allow(unsafe_code)]
-    let socket = unsafe { glommio::net::UdpSocket::from_raw_fd(fd) };
-    Ok(socket)
+    let recv = unsafe { glommio::net::UdpSocket::from_raw_fd(fd) };
+    Ok(UdpPair { recv, send, local })
+}
+
+/// Sends one datagram made of `parts` to `dest` without blocking and without copying the
+/// parts in user space.
+pub(crate) fn send_parts(
+    socket: &Socket,
+    parts: &[IoSlice<'_>],
+    dest: SocketAddr,
+) -> io::Result<usize> {
+    socket.send_to_vectored_with_flags(parts, &SockAddr::from(dest), libc::MSG_DONTWAIT)
 }

@@ -7,9 +7,34 @@ use std::{
     time::{Duration, Instant},
 };
 
-use precall_engine::{Engine, EngineConfig, EngineError, SendError, ShardMsg};
+use std::sync::Arc;
+
+use precall_api::{CallContext, CallId, ControlError};
+use precall_engine::{
+    Engine, EngineConfig, EngineError, PlanReply, SendError, ShardControl, ShardMsg,
+};
 
 const DEADLINE: Duration = Duration::from_secs(10);
+
+/// These tests place no calls: a control plane that refuses them is enough.
+#[derive(Debug)]
+struct NoControl;
+
+impl ShardControl for NoControl {
+    fn inbound(&self, _: CallContext, _: PlanReply) -> Result<(), ControlError> {
+        Err(ControlError::Stopped)
+    }
+    fn check_status(&self, _: CallId, _: PlanReply) -> Result<(), ControlError> {
+        Err(ControlError::Stopped)
+    }
+    fn call_ended(&self, _: CallId, _: String) -> Result<(), ControlError> {
+        Ok(())
+    }
+}
+
+fn no_control() -> Arc<dyn ShardControl> {
+    Arc::new(NoControl)
+}
 
 fn config(shards: usize, sip: Option<SocketAddr>) -> EngineConfig {
     EngineConfig { shards, pin_cores: false, sip, ..EngineConfig::default() }
@@ -30,7 +55,7 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[test]
 fn two_shards_receive_datagrams_and_release_the_port_on_shutdown() {
-    let engine = Engine::start(config(2, localhost_any())).unwrap();
+    let engine = Engine::start(config(2, localhost_any()), no_control()).unwrap();
     assert_eq!(engine.shard_count(), 2);
     let addr = engine.sip_addr().unwrap();
     assert_ne!(addr.port(), 0);
@@ -55,7 +80,7 @@ fn two_shards_receive_datagrams_and_release_the_port_on_shutdown() {
 
 #[test]
 fn shards_run_without_a_sip_socket() {
-    let engine = Engine::start(config(2, None)).unwrap();
+    let engine = Engine::start(config(2, None), no_control()).unwrap();
     assert_eq!(engine.sip_addr(), None);
     assert!(engine.health().iter().all(|h| h.alive && h.datagrams_in == 0));
     engine.shutdown().unwrap();
@@ -67,7 +92,7 @@ fn a_taken_port_is_a_bind_error_and_start_returns_promptly() {
     let squatter = UdpSocket::bind("127.0.0.1:0").unwrap();
     let taken = squatter.local_addr().unwrap();
     let started = Instant::now();
-    let err = Engine::start(config(2, Some(taken))).unwrap_err();
+    let err = Engine::start(config(2, Some(taken)), no_control()).unwrap_err();
     match err {
         EngineError::Bind { shard: 0, addr, ref source } => {
             assert_eq!(addr, taken);
@@ -81,7 +106,7 @@ fn a_taken_port_is_a_bind_error_and_start_returns_promptly() {
 
 #[test]
 fn a_stopped_shard_refuses_messages_while_the_others_run() {
-    let engine = Engine::start(config(2, localhost_any())).unwrap();
+    let engine = Engine::start(config(2, localhost_any()), no_control()).unwrap();
     engine.send(0, ShardMsg::Stop).unwrap();
     eventually("shard 0 to stop", || !engine.health()[0].alive);
     assert_eq!(engine.send(0, ShardMsg::Stop), Err(SendError::Stopped));
@@ -92,16 +117,16 @@ fn a_stopped_shard_refuses_messages_while_the_others_run() {
 
 #[test]
 fn invalid_configs_are_refused_before_starting() {
-    let err = Engine::start(config(0, None)).unwrap_err();
+    let err = Engine::start(config(0, None), no_control()).unwrap_err();
     assert!(matches!(err, EngineError::InvalidConfig { .. }), "{err:?}");
     let cfg = EngineConfig { rtp_ports: 20000..=20001, ..config(2, localhost_any()) };
-    let err = Engine::start(cfg).unwrap_err();
+    let err = Engine::start(cfg, no_control()).unwrap_err();
     assert!(matches!(err, EngineError::InvalidConfig { .. }), "{err:?}");
 }
 
 #[test]
 fn dropping_the_engine_stops_the_shards() {
-    let engine = Engine::start(config(1, localhost_any())).unwrap();
+    let engine = Engine::start(config(1, localhost_any()), no_control()).unwrap();
     let addr = engine.sip_addr().unwrap();
     drop(engine);
     UdpSocket::bind(addr).expect("SIP port still held after drop");

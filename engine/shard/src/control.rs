@@ -1,0 +1,76 @@
+//! The shard's way to the control plane.
+//!
+//! A shard never waits for the controller: it submits a request with a [`PlanReply`] callback
+//! and goes on serving. The control plane calls the callback exactly once, on its own thread;
+//! the engine's callbacks put the answer in the owning shard's inbox and ring its doorbell, so
+//! the answer wakes the shard like any other message (no polling).
+
+use std::sync::Arc;
+
+use precall_api::{CallContext, CallId, CallInstructions, ControlError};
+use precall_media::EncodedClip;
+
+/// The clips a plan needs, already fetched, decoded and G.711-encoded by the control plane
+/// (shards do no HTTP and no decoding). `None` when the instructions name no such clip or it
+/// could not be made ready: the call then plays without it.
+#[derive(Debug, Clone, Default)]
+pub struct MediaPlan {
+    /// Played once, first.
+    pub greeting: Option<Arc<EncodedClip>>,
+    /// Looped after the greeting while the call waits.
+    pub hold: Option<Arc<EncodedClip>>,
+    /// Played before a hang-up that the shard or the controller decides.
+    pub error: Option<Arc<EncodedClip>>,
+}
+
+/// The controller's instructions for one call, with their clips ready to play.
+#[derive(Debug, Clone)]
+pub struct ShardPlan {
+    /// What to do.
+    pub instructions: CallInstructions,
+    /// The clips the instructions name.
+    pub media: MediaPlan,
+}
+
+/// Called once with the answer, on the control plane's thread. It must not block.
+pub type PlanReply = Box<dyn FnOnce(Result<ShardPlan, ControlError>) + Send>;
+
+/// What a shard asks the control plane. Implemented over the side runtime by the `precall`
+/// binary, and by fakes in tests. Every method returns at once: an `Err` means the request was
+/// not queued and `reply` will never be called (answer the caller `503` for
+/// [`ControlError::Overloaded`]).
+pub trait ShardControl: Send + Sync + 'static {
+    /// A SIP call arrived: record it and plan it.
+    fn inbound(&self, ctx: CallContext, reply: PlanReply) -> Result<(), ControlError>;
+    /// The poll interval of a held call has passed: plan it again.
+    fn check_status(&self, call_id: CallId, reply: PlanReply) -> Result<(), ControlError>;
+    /// The call is over (`caller_hangup`, `canceled`, `rtp_timeout`, `completed`, ...).
+    fn call_ended(&self, call_id: CallId, reason: String) -> Result<(), ControlError>;
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A control plane that refuses everything (for tests without calls).
+    #[derive(Debug)]
+    pub(crate) struct NoControl;
+
+    impl NoControl {
+        pub(crate) fn arc() -> Arc<dyn ShardControl> {
+            Arc::new(NoControl)
+        }
+    }
+
+    impl ShardControl for NoControl {
+        fn inbound(&self, _: CallContext, _: PlanReply) -> Result<(), ControlError> {
+            Err(ControlError::Stopped)
+        }
+        fn check_status(&self, _: CallId, _: PlanReply) -> Result<(), ControlError> {
+            Err(ControlError::Stopped)
+        }
+        fn call_ended(&self, _: CallId, _: String) -> Result<(), ControlError> {
+            Ok(())
+        }
+    }
+}

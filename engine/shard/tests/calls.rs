@@ -1,0 +1,540 @@
+//! SIP calls through real shards over real sockets on 127.0.0.1: a raw-SIP caller (std
+//! `UdpSocket`), a fake control plane that answers with hold plans and small generated clips,
+//! and checks of the RTP the caller receives. Nothing sleeps to wait: every wait is a receive
+//! with a deadline or a poll of a condition with a deadline.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use precall_api::{
+    AudioInstruction, CallContext, CallId, CallInstructions, CloneStatus, ControlError,
+    SpeechInstruction, StatusPollInstruction,
+};
+use precall_engine::{Engine, EngineConfig, MediaPlan, PlanReply, ShardControl, ShardPlan};
+use precall_media::{Codec, EncodedClip, RtpPacket};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A control plane in memory: plans every call as "hold", or parks the inbound replies.
+#[derive(Default)]
+struct FakeControl {
+    park: bool,
+    /// Status checks answer "failed: say the error and hang up".
+    fail_on_poll: bool,
+    parked: Mutex<Vec<PlanReply>>,
+    inbound: Mutex<Vec<CallContext>>,
+    polls: Mutex<u32>,
+    ended: Mutex<Vec<(String, String)>>,
+}
+
+impl std::fmt::Debug for FakeControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FakeControl")
+    }
+}
+
+/// `seconds` of a sine at `hz`, loud enough to be far from G.711 silence.
+fn sine(hz: f32, seconds: f32) -> Arc<EncodedClip> {
+    let n = (8000.0 * seconds) as usize;
+    let pcm: Vec<i16> = (0..n)
+        .map(|i| ((i as f32 * hz * std::f32::consts::TAU / 8000.0).sin() * 8000.0) as i16)
+        .collect();
+    Arc::new(EncodedClip::from_pcm(&pcm))
+}
+
+fn hold_plan(call_id: CallId, greeting: bool) -> ShardPlan {
+    let audio = |url: &str, loops| Some(AudioInstruction { url: url.to_owned(), loops });
+    ShardPlan {
+        instructions: CallInstructions {
+            call_id: call_id.clone(),
+            clone_status: CloneStatus::Processing,
+            greeting_audio: if greeting { audio("mem://greeting", 1) } else { None },
+            hold_audio: audio("mem://hold", 0),
+            status_poll: Some(StatusPollInstruction {
+                call_id,
+                interval: Duration::from_millis(200),
+                hold_remaining: Duration::from_secs(60),
+            }),
+            websocket: None,
+            error_message: None,
+            should_hangup: false,
+        },
+        media: MediaPlan {
+            greeting: greeting.then(|| sine(400.0, 0.2)),
+            hold: Some(sine(600.0, 0.5)),
+            error: Some(sine(300.0, 0.2)),
+        },
+    }
+}
+
+impl ShardControl for FakeControl {
+    fn inbound(&self, ctx: CallContext, reply: PlanReply) -> Result<(), ControlError> {
+        let call_id = ctx.call_id.clone();
+        self.inbound.lock().unwrap().push(ctx);
+        if self.park {
+            self.parked.lock().unwrap().push(reply);
+        } else {
+            // Answer from another thread, as the control plane does.
+            thread::spawn(move || reply(Ok(hold_plan(call_id, true))));
+        }
+        Ok(())
+    }
+
+    fn check_status(&self, call_id: CallId, reply: PlanReply) -> Result<(), ControlError> {
+        *self.polls.lock().unwrap() += 1;
+        let fail = self.fail_on_poll;
+        thread::spawn(move || {
+            let mut plan = hold_plan(call_id, false);
+            if fail {
+                let ins = &mut plan.instructions;
+                ins.clone_status = CloneStatus::Failed;
+                ins.hold_audio = None;
+                ins.status_poll = None;
+                ins.should_hangup = true;
+                ins.error_message = Some(SpeechInstruction {
+                    text: "sorry".to_owned(),
+                    audio_url: Some("mem://error".to_owned()),
+                });
+                plan.media.hold = None;
+            }
+            reply(Ok(plan))
+        });
+        Ok(())
+    }
+
+    fn call_ended(&self, call_id: CallId, reason: String) -> Result<(), ControlError> {
+        self.ended.lock().unwrap().push((call_id.as_str().to_owned(), reason));
+        Ok(())
+    }
+}
+
+fn start(shards: usize, control: Arc<FakeControl>) -> Engine {
+    start_with(shards, control, Duration::from_secs(30))
+}
+
+fn start_with(shards: usize, control: Arc<FakeControl>, rtp_timeout: Duration) -> Engine {
+    let cfg = EngineConfig {
+        shards,
+        pin_cores: false,
+        sip: Some("127.0.0.1:0".parse().unwrap()),
+        rtp_ports: 40000..=40999,
+        rtp_timeout,
+        ..EngineConfig::default()
+    };
+    Engine::start(cfg, control).unwrap()
+}
+
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A caller speaking raw SIP from one UDP socket.
+struct Uac {
+    sip: UdpSocket,
+    server: SocketAddr,
+    branch: u32,
+}
+
+/// What the caller knows about one call.
+struct Dialog {
+    call_id: String,
+    from_tag: String,
+    to_tag: String,
+    /// The 200 OK's Contact URI: where in-dialog requests go.
+    target: String,
+    answer_sdp: String,
+}
+
+fn header<'a>(msg: &'a str, name: &str) -> Option<&'a str> {
+    msg.lines()
+        .find(|l| {
+            l.len() > name.len()
+                && l[..name.len()].eq_ignore_ascii_case(name)
+                && l[name.len()..].starts_with(':')
+        })
+        .map(|l| l[name.len() + 1..].trim())
+}
+
+fn status(msg: &str) -> Option<u16> {
+    msg.strip_prefix("SIP/2.0 ")?.get(..3)?.parse().ok()
+}
+
+impl Uac {
+    fn new(server: SocketAddr) -> Self {
+        let sip = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sip.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        Self { sip, server, branch: 0 }
+    }
+
+    fn port(&self) -> u16 {
+        self.sip.local_addr().unwrap().port()
+    }
+
+    fn next_branch(&mut self) -> String {
+        self.branch += 1;
+        format!("z9hG4bKuac{}x{}", self.port(), self.branch)
+    }
+
+    fn send(&self, msg: &str) {
+        self.sip.send_to(msg.as_bytes(), self.server).unwrap();
+    }
+
+    /// The next SIP message matching `pred`, others skipped.
+    fn recv_until(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            if let Ok((n, _)) = self.sip.recv_from(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if pred(&msg) {
+                    return msg;
+                }
+            }
+        }
+    }
+
+    fn send_invite(&mut self, call_id: &str, rtp_port: u16) -> (String, String) {
+        let branch = self.next_branch();
+        let from_tag = format!("tag{}", self.branch);
+        let sdp = format!(
+            "v=0\r\no=carrier 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+             m=audio {rtp_port} RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000\r\n\
+             a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n"
+        );
+        let port = self.port();
+        let server = self.server;
+        self.send(&format!(
+            "INVITE sip:+18005551212@{server} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch};rport\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:+12345678901@127.0.0.1>;tag={from_tag}\r\n\
+             To: <sip:+18005551212@{server}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\n\
+             Contact: <sip:caller@127.0.0.1:{port}>\r\nContent-Type: application/sdp\r\n\
+             Content-Length: {}\r\n\r\n{sdp}",
+            sdp.len()
+        ));
+        (branch, from_tag)
+    }
+
+    /// INVITE with a carrier-style offer; returns the dialog once the 200 OK is in (not ACKed).
+    fn invite(&mut self, call_id: &str, rtp_port: u16) -> Dialog {
+        let (_branch, from_tag) = self.send_invite(call_id, rtp_port);
+        let ok = self.recv_until("200 OK to the INVITE", |m| {
+            status(m) == Some(200)
+                && header(m, "Call-ID") == Some(call_id)
+                && header(m, "CSeq").is_some_and(|c| c.ends_with("INVITE"))
+        });
+        dialog_from(ok, call_id, from_tag)
+    }
+
+    fn ack(&mut self, d: &Dialog) {
+        let branch = self.next_branch();
+        let port = self.port();
+        self.send(&format!(
+            "ACK {} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch}\r\nMax-Forwards: 70\r\n\
+             From: <sip:+12345678901@127.0.0.1>;tag={}\r\nTo: <sip:+18005551212@{}>;tag={}\r\n\
+             Call-ID: {}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+            d.target, d.from_tag, self.server, d.to_tag, d.call_id
+        ));
+    }
+
+    /// Waits for precall's BYE and answers it 200 OK.
+    fn await_bye(&self, call_id: &str) {
+        let bye = self.recv_until("precall's BYE", |m| {
+            m.starts_with("BYE ") && header(m, "Call-ID") == Some(call_id)
+        });
+        let mut ok = String::from("SIP/2.0 200 OK\r\n");
+        for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+            ok.push_str(&format!("{name}: {}\r\n", header(&bye, name).unwrap()));
+        }
+        ok.push_str("Content-Length: 0\r\n\r\n");
+        self.send(&ok);
+    }
+
+    fn bye(&mut self, d: &Dialog) -> String {
+        let branch = self.next_branch();
+        let port = self.port();
+        self.send(&format!(
+            "BYE {} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch}\r\nMax-Forwards: 70\r\n\
+             From: <sip:+12345678901@127.0.0.1>;tag={}\r\nTo: <sip:+18005551212@{}>;tag={}\r\n\
+             Call-ID: {}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+            d.target, d.from_tag, self.server, d.to_tag, d.call_id
+        ));
+        let call_id = d.call_id.clone();
+        self.recv_until("the answer to BYE", move |m| {
+            status(m).is_some()
+                && header(m, "Call-ID") == Some(call_id.as_str())
+                && header(m, "CSeq").is_some_and(|c| c.ends_with("BYE"))
+        })
+    }
+}
+
+fn dialog_from(ok: String, call_id: &str, from_tag: String) -> Dialog {
+    let to = header(&ok, "To").unwrap();
+    let to_tag = to.split(";tag=").nth(1).unwrap().split(';').next().unwrap().to_owned();
+    let contact = header(&ok, "Contact").unwrap();
+    let target = contact.trim_start_matches('<').split('>').next().unwrap().to_owned();
+    let answer_sdp = ok.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Dialog { call_id: call_id.to_owned(), from_tag, to_tag, target, answer_sdp }
+}
+
+/// The `m=audio` port of an SDP body.
+fn sdp_port(sdp: &str) -> u16 {
+    let m = sdp.lines().find(|l| l.starts_with("m=audio ")).expect("m=audio line");
+    m.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// RTP packets received on `sock` during `window` (plus their arrival times).
+fn collect_rtp(sock: &UdpSocket, window: Duration) -> Vec<(Instant, Vec<u8>)> {
+    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let until = Instant::now() + window;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 2048];
+    while Instant::now() < until {
+        if let Ok(n) = sock.recv(&mut buf) {
+            out.push((Instant::now(), buf[..n].to_vec()));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_call_gets_greeting_and_hold_over_rtp_and_ends_with_the_callers_bye() {
+    let control = Arc::new(FakeControl::default());
+    let engine = start(2, control.clone());
+    let server = engine.sip_addr().unwrap();
+    let mut uac = Uac::new(server);
+    let rtp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let rtp_port = rtp.local_addr().unwrap().port();
+
+    let d = uac.invite("call-one@carrier.example", rtp_port);
+    // PCMA was offered first, so it is chosen; telephone-event is kept.
+    let m = d.answer_sdp.lines().find(|l| l.starts_with("m=audio")).unwrap();
+    assert!(m.contains("RTP/AVP 8"), "{}", d.answer_sdp);
+    let our_rtp = sdp_port(&d.answer_sdp);
+    assert!((40000..=40999).contains(&our_rtp) && our_rtp.is_multiple_of(2), "{our_rtp}");
+    uac.ack(&d);
+    let ctx = control.inbound.lock().unwrap()[0].clone();
+    assert_eq!(ctx.call_id.as_str(), "call-one@carrier.example");
+    assert_eq!(ctx.recipient_number, "+18005551212");
+    assert_eq!(ctx.caller_number, "+12345678901");
+
+    // About one second of audio on the offered port.
+    let packets = collect_rtp(&rtp, Duration::from_millis(1100));
+    let first_at = packets.first().expect("RTP arrived").0;
+    let in_first_second =
+        packets.iter().filter(|(t, _)| *t - first_at < Duration::from_secs(1)).count();
+    assert!((40..=55).contains(&in_first_second), "{in_first_second} packets in 1 s");
+    let views: Vec<_> =
+        packets.iter().map(|(_, p)| RtpPacket::new_checked(p.as_slice()).unwrap()).collect();
+    assert!(views[0].marker(), "marker on the first packet");
+    assert!(views[1..].iter().all(|p| !p.marker()));
+    let mut late_steps = 0;
+    for pair in views.windows(2) {
+        assert_eq!(pair[1].sequence().0, pair[0].sequence().0.wrapping_add(1), "sequence gap");
+        // +160 per packet; a shard woken 20 ms late or more skips that frame and advances the
+        // timestamp over it (RFC 3550 §5.1), which a loaded test machine may cause rarely.
+        let step = pair[1].timestamp().0.wrapping_sub(pair[0].timestamp().0);
+        assert!(step >= 160 && step % 160 == 0, "timestamp step {step}");
+        late_steps += usize::from(step != 160);
+        assert_eq!(pair[1].ssrc(), pair[0].ssrc());
+    }
+    assert!(late_steps <= 1, "{late_steps} skipped frames");
+    for p in &views {
+        assert_eq!(p.payload_type(), 8);
+        assert_eq!(p.payload().len(), 160);
+    }
+    let silent =
+        views.iter().filter(|p| p.payload().iter().all(|&b| b == Codec::Pcma.silence())).count();
+    assert!(silent < views.len() / 10, "{silent} of {} packets are silence", views.len());
+    // The 200 ms poll interval went by several times.
+    eventually("status checks", || *control.polls.lock().unwrap() >= 2);
+
+    // Symmetric RTP: once the caller's RTP comes from elsewhere, our RTP follows it.
+    let moved = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut probe = [0u8; 172];
+    probe[0] = 0x80;
+    probe[1] = 8;
+    moved.send_to(&probe, ("127.0.0.1", our_rtp)).unwrap();
+    let latched = collect_rtp(&moved, Duration::from_millis(300));
+    assert!(latched.len() >= 10, "{} packets after the latch", latched.len());
+
+    let answer = uac.bye(&d);
+    assert_eq!(status(&answer), Some(200), "{answer}");
+    eventually("call_ended", || {
+        control
+            .ended
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(id, r)| id == "call-one@carrier.example" && r == "caller_hangup")
+    });
+    eventually("no active calls", || engine.health().iter().all(|h| h.active_calls == 0));
+    assert!(engine.health().iter().map(|h| h.rtp_packets_out).sum::<u64>() >= 50);
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn one_client_socket_spreads_its_calls_over_both_shards() {
+    let control = Arc::new(FakeControl::default());
+    let engine = start(2, control.clone());
+    let mut uac = Uac::new(engine.sip_addr().unwrap());
+    let mut dialogs = Vec::new();
+    for i in 0..20 {
+        let d = uac.invite(&format!("{i}-spread@trunk.example"), 30000 + 2 * i);
+        uac.ack(&d);
+        dialogs.push(d);
+    }
+    let health = engine.health();
+    assert!(health.iter().all(|h| h.active_calls > 0), "{health:?}");
+    assert_eq!(health.iter().map(|h| h.active_calls).sum::<u64>(), 20, "{health:?}");
+    // The kernel put the one client on one shard; the other shard's calls were forwarded.
+    assert!(health.iter().map(|h| h.datagrams_forwarded).sum::<u64>() > 0, "{health:?}");
+    for d in &dialogs {
+        assert_eq!(status(&uac.bye(d)), Some(200));
+    }
+    eventually("every call ended", || engine.health().iter().all(|h| h.active_calls == 0));
+    assert_eq!(control.ended.lock().unwrap().len(), 20);
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn cancel_before_the_plan_arrives_gets_487_and_is_recorded() {
+    let control = Arc::new(FakeControl { park: true, ..FakeControl::default() });
+    let engine = start(2, control.clone());
+    let mut uac = Uac::new(engine.sip_addr().unwrap());
+    let call_id = "cancel-me@carrier.example";
+    let (branch, from_tag) = uac.send_invite(call_id, 30100);
+    uac.recv_until("100 Trying", |m| status(m) == Some(100));
+    eventually("the inbound request", || !control.inbound.lock().unwrap().is_empty());
+    let port = uac.port();
+    let server = engine.sip_addr().unwrap();
+    uac.send(&format!(
+        "CANCEL sip:+18005551212@{server} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch};rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:+12345678901@127.0.0.1>;tag={from_tag}\r\n\
+         To: <sip:+18005551212@{server}>\r\nCall-ID: {call_id}\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+    ));
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = uac
+            .recv_until("answers to CANCEL and INVITE", |m| matches!(status(m), Some(200 | 487)));
+        got.push((status(&m).unwrap(), header(&m, "CSeq").unwrap().to_owned()));
+    }
+    got.sort();
+    assert_eq!(got, [(200, "1 CANCEL".to_owned()), (487, "1 INVITE".to_owned())]);
+    eventually("the end recorded as canceled", || {
+        control.ended.lock().unwrap().iter().any(|(id, r)| id == call_id && r == "canceled")
+    });
+    // The plan arriving late for the dead call changes nothing.
+    for reply in control.parked.lock().unwrap().drain(..) {
+        reply(Ok(hold_plan(CallId::new(call_id), true)));
+    }
+    eventually("no active calls", || engine.health().iter().all(|h| h.active_calls == 0));
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn a_failed_clone_plays_the_error_clip_then_precall_hangs_up() {
+    let control = Arc::new(FakeControl { fail_on_poll: true, ..FakeControl::default() });
+    let engine = start(1, control.clone());
+    let mut uac = Uac::new(engine.sip_addr().unwrap());
+    let rtp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let d = uac.invite("fails@carrier.example", rtp.local_addr().unwrap().port());
+    uac.ack(&d);
+    uac.await_bye(&d.call_id);
+    // The greeting (10 frames), hold until the first poll 200 ms in, then the whole error
+    // clip (10 frames), all before the BYE (read from the socket's queue now); nothing after.
+    let before = collect_rtp(&rtp, Duration::from_millis(100)).len();
+    assert!(before >= 20, "greeting and error clip: only {before} packets");
+    let after = collect_rtp(&rtp, Duration::from_millis(200)).len();
+    assert_eq!(after, 0, "RTP after the BYE");
+    eventually("call_ended", || {
+        control
+            .ended
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(id, r)| id == "fails@carrier.example" && r == "failed")
+    });
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn a_caller_that_sends_no_rtp_is_hung_up() {
+    let control = Arc::new(FakeControl::default());
+    let engine = start_with(2, control.clone(), Duration::from_millis(300));
+    let mut uac = Uac::new(engine.sip_addr().unwrap());
+    let d = uac.invite("silent@carrier.example", 30200);
+    uac.ack(&d);
+    uac.await_bye(&d.call_id);
+    eventually("call_ended", || {
+        control
+            .ended
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(id, r)| id == "silent@carrier.example" && r == "rtp_timeout")
+    });
+    eventually("no active calls", || engine.health().iter().all(|h| h.active_calls == 0));
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn garbage_does_not_hurt_a_shard() {
+    let control = Arc::new(FakeControl::default());
+    let engine = start(2, control.clone());
+    let server = engine.sip_addr().unwrap();
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let garbage: [&[u8]; 6] = [
+        b"",
+        b"\r\n\r\n",
+        b"\xff\xfe\x00garbage",
+        b"INVITE sip:x SIP/2.0\r\nCall-ID: half",
+        b"SIP/2.0 200 OK\r\nCall-ID: nobody\r\n\r\n",
+        b"INVITE sip:+1@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKx\r\nCall-ID: c\r\nContent-Length: 99999\r\n\r\n",
+    ];
+    for g in garbage {
+        junk.send_to(g, server).unwrap();
+    }
+    // Still alive, and still answering calls.
+    let mut uac = Uac::new(server);
+    let d = uac.invite("after-garbage@carrier.example", 30300);
+    uac.ack(&d);
+    assert_eq!(status(&uac.bye(&d)), Some(200));
+    assert!(engine.health().iter().all(|h| h.alive));
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn shutdown_says_bye_to_live_calls() {
+    let control = Arc::new(FakeControl::default());
+    let engine = start(2, control.clone());
+    let mut uac = Uac::new(engine.sip_addr().unwrap());
+    let d = uac.invite("still-talking@carrier.example", 30400);
+    uac.ack(&d);
+    // An OPTIONS with the same Call-ID goes the same way as the ACK, after it: once it is
+    // answered, the ACK has been handled and the call is confirmed (no BYE before the ACK,
+    // RFC 3261 §15).
+    let (port, server) = (uac.port(), engine.sip_addr().unwrap());
+    uac.send(&format!(
+        "OPTIONS sip:{server} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKopt1\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:probe@127.0.0.1>;tag=p1\r\nTo: <sip:{server}>\r\n\
+         Call-ID: still-talking@carrier.example\r\nCSeq: 7 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    ));
+    uac.recv_until("200 to OPTIONS", |m| {
+        status(m) == Some(200) && header(m, "CSeq").is_some_and(|c| c.ends_with("OPTIONS"))
+    });
+    engine.shutdown().unwrap();
+    uac.recv_until("precall's BYE", |m| {
+        m.starts_with("BYE ") && header(m, "Call-ID") == Some("still-talking@carrier.example")
+    });
+    let ended = control.ended.lock().unwrap().clone();
+    assert_eq!(ended, [("still-talking@carrier.example".to_owned(), "shutdown".to_owned())]);
+}
