@@ -204,7 +204,7 @@ impl<G: IdGen> Endpoint<G> {
         for rr in message::list(&head.headers, "Record-Route", None) {
             extra.push_str(&format!("Record-Route: {rr}\r\n"));
         }
-        extra.push_str(&self.dialog_headers(c.session_expires));
+        extra.push_str(&self.dialog_headers(self.signalling_addr(&c), c.session_expires));
         let payload = build::response(
             &head.headers,
             c.invite_source,
@@ -481,7 +481,7 @@ impl<G: IdGen> Endpoint<G> {
         };
         c.session_version += 1;
         let se = req.session_expires.filter(|_| req.supports_timer).map(|(d, _)| d);
-        let extra = self.dialog_headers(se);
+        let extra = self.dialog_headers(self.signalling_addr(&c), se);
         let payload = build::response(
             headers,
             from,
@@ -683,7 +683,7 @@ impl<G: IdGen> Endpoint<G> {
                         c.media = Some(media);
                         self.events.push_back(Event::MediaChanged { call: h, media });
                         let contact =
-                            format!("Contact: <sip:{}>\r\n", host_port(self.cfg.public_addr()));
+                            format!("Contact: <sip:{}>\r\n", host_port(self.signalling_addr(&c)));
                         build::response(
                             headers,
                             from,
@@ -868,11 +868,25 @@ impl<G: IdGen> Endpoint<G> {
         tag
     }
 
+    /// The address this call's Contact and Via announce. With an advertised IP, that one. Bound
+    /// to a wildcard address (`0.0.0.0`, the default) with none advertised, `public_addr` would
+    /// announce `0.0.0.0`, where no caller can send its ACK or BYE: use the address the shard
+    /// chose for the call's RTP instead (the local address that routes to the caller).
+    fn signalling_addr(&self, c: &Call) -> SocketAddr {
+        let public = self.cfg.public_addr();
+        match c.local_rtp {
+            Some(rtp) if public.ip().is_unspecified() && !rtp.ip().is_unspecified() => {
+                SocketAddr::new(rtp.ip(), public.port())
+            }
+            _ => public,
+        }
+    }
+
     /// Contact, Allow, Supported and the session timer of our 2xx to an INVITE.
-    fn dialog_headers(&self, session_expires: Option<u32>) -> String {
+    fn dialog_headers(&self, addr: SocketAddr, session_expires: Option<u32>) -> String {
         let mut extra = format!(
             "Contact: <sip:{}>\r\nAllow: {ALLOW}\r\nSupported: {SUPPORTED}\r\n",
-            host_port(self.cfg.public_addr())
+            host_port(addr)
         );
         if let Some(se) = session_expires {
             // RFC 4028 §9: the caller refreshes; we only answer its re-INVITEs/UPDATEs.
@@ -1006,7 +1020,7 @@ impl<G: IdGen> Endpoint<G> {
             method: "BYE",
             request_uri: &request_uri,
             routes: &routes,
-            sent_by: &host_port(self.cfg.public_addr()),
+            sent_by: &host_port(self.signalling_addr(c)),
             branch: &branch,
             from: &format!("{};tag={tag}", c.dialog.local_uri),
             to: &c.dialog.remote_uri,

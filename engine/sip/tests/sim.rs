@@ -692,3 +692,29 @@ fn edge_policies_max_forwards_require_session_timer() {
     assert_eq!(header(&ok, "Session-Expires"), Some("1800;refresher=uac"));
     assert_eq!(header(&ok, "Require"), Some("timer"));
 }
+
+#[test]
+fn wildcard_bind_announces_the_calls_own_address() {
+    // Bound to 0.0.0.0 with no advertised IP (the default configuration): the Contact of the
+    // 200 and the Via of our BYE must name an address the caller can reach, the one the shard
+    // chose for this call's RTP, never 0.0.0.0.
+    let mut cfg = config();
+    cfg.local = "0.0.0.0:5060".parse().unwrap();
+    cfg.advertised_ip = None;
+    let mut sim = Sim::new();
+    sim.ep = Endpoint::new(cfg, CounterIds::default());
+    sim.send(&invite("wild", "z9hG4bKinv1", OFFER));
+    let events = sim.take_events();
+    let Some(Event::IncomingCall { call, .. }) = events.first() else { panic!("{events:?}") };
+    let call = *call;
+    sim.ep.accept(sim.now, call, "192.0.2.7:30000".parse().unwrap()).unwrap();
+    sim.drain();
+    let ok = sim.wire.iter().map(|(_, t)| t.payload.clone()).find(|p| is_200_invite(p)).unwrap();
+    assert_eq!(header(&ok, "Contact"), Some("<sip:192.0.2.7:5060>"));
+    sim.send(&in_dialog("ACK", "wild", "z9hG4bKack1", &to_tag(&ok), 1, ""));
+    sim.ep.hangup(sim.now, call);
+    sim.drain();
+    let bye = sim.wire.iter().map(|(_, t)| t.payload.clone()).find(|p| is_bye(p)).unwrap();
+    let via = header(&bye, "Via").unwrap();
+    assert!(via.contains("192.0.2.7:5060"), "{via}");
+}
