@@ -53,6 +53,9 @@ impl ServerEntry {
     }
 }
 
+/// Sent with every `503` to an INVITE (seconds before the caller retries).
+const RETRY_AFTER_503: &str = "Retry-After: 5\r\n";
+
 /// One shard's SIP user-agent server. See the crate docs for the run loop.
 #[derive(Debug)]
 pub struct Endpoint<G: IdGen> {
@@ -189,7 +192,7 @@ impl<G: IdGen> Endpoint<G> {
             Some(offer) => match sdp::answer(offer, &local) {
                 Ok(answered) => answered,
                 Err(_) => {
-                    self.final_to_invite(now, &mut c, 488, reason_phrase(488));
+                    self.final_to_invite(now, &mut c, 488, reason_phrase(488), "");
                     self.end(call, c, EndReason::Rejected);
                     return Err(AcceptError::NotAcceptable);
                 }
@@ -247,7 +250,10 @@ impl<G: IdGen> Endpoint<G> {
             return;
         }
         let code = if (300..=699).contains(&code) { code } else { 500 };
-        self.final_to_invite(now, &mut c, code, reason);
+        // RFC 3261 §21.5.4: an overloaded server tells the caller when to retry, so a trunk
+        // backs off (or fails over) instead of retrying at once.
+        let extra = if code == 503 { RETRY_AFTER_503 } else { "" };
+        self.final_to_invite(now, &mut c, code, reason, extra);
         self.end(call, c, EndReason::Rejected);
     }
 
@@ -257,7 +263,7 @@ impl<G: IdGen> Endpoint<G> {
         let Some(mut c) = self.calls.remove(&call) else { return };
         match c.state {
             CallState::Ringing => {
-                self.final_to_invite(now, &mut c, 480, reason_phrase(480));
+                self.final_to_invite(now, &mut c, 480, reason_phrase(480), "");
                 self.end(call, c, EndReason::Rejected);
             }
             CallState::Answered => {
@@ -585,7 +591,7 @@ impl<G: IdGen> Endpoint<G> {
         if let Some((h, mut c)) = ringing {
             if c.state == CallState::Ringing {
                 c.dialog.local_tag = Some(tag);
-                self.final_to_invite(now, &mut c, 487, reason_phrase(487));
+                self.final_to_invite(now, &mut c, 487, reason_phrase(487), "");
                 self.end(h, c, EndReason::Cancelled);
             } else {
                 self.calls.insert(h, c);
@@ -984,7 +990,14 @@ impl<G: IdGen> Endpoint<G> {
     }
 
     /// A final non-2xx to the call's INVITE, with our To tag.
-    fn final_to_invite(&mut self, now: Instant, c: &mut Call, code: u16, reason: &str) {
+    fn final_to_invite(
+        &mut self,
+        now: Instant,
+        c: &mut Call,
+        code: u16,
+        reason: &str,
+        extra: &str,
+    ) {
         let tag = self.local_tag(c);
         let head = wire::parse_head(&c.invite_head);
         let payload = build::response(
@@ -994,7 +1007,7 @@ impl<G: IdGen> Endpoint<G> {
                 code,
                 reason,
                 to_tag: Some(&tag),
-                extra: "",
+                extra,
                 body: None,
                 server: &self.cfg.user_agent,
             },

@@ -718,3 +718,28 @@ fn wildcard_bind_announces_the_calls_own_address() {
     let via = header(&bye, "Via").unwrap();
     assert!(via.contains("192.0.2.7:5060"), "{via}");
 }
+
+#[test]
+fn overload_503_carries_retry_after() {
+    let mut sim = Sim::new();
+    sim.send(&invite("busy", "z9hG4bKinv1", OFFER));
+    let events = sim.take_events();
+    let Some(Event::IncomingCall { call, .. }) = events.first() else { panic!("{events:?}") };
+    sim.ep.reject(sim.now, *call, 503, "Service Unavailable");
+    sim.drain();
+    let resp = sim.wire.iter().map(|(_, t)| t.payload.clone()).find(|p| status(p) == Some(503));
+    let resp = resp.expect("503 sent");
+    assert_eq!(header(&resp, "Retry-After"), Some("5"));
+    // Other rejections carry none.
+    sim.send(&invite("busy2", "z9hG4bKinv2", OFFER));
+    let events = sim.take_events();
+    let call = events.iter().find_map(|e| match e {
+        Event::IncomingCall { call, .. } => Some(call),
+        _ => None,
+    });
+    let Some(call) = call else { panic!("{events:?}") };
+    sim.ep.reject(sim.now, *call, 486, "Busy Here");
+    sim.drain();
+    let resp = sim.wire.iter().map(|(_, t)| t.payload.clone()).find(|p| status(p) == Some(486));
+    assert_eq!(header(&resp.expect("486 sent"), "Retry-After"), None);
+}
