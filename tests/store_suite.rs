@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use precall::store::{PgStore, PgStoreConfig};
 use precall_api::{
-    CallContext, CallId, CallStatus, CloneStatus, JobId, Protocol, Timestamp, VoiceId,
+    CallContext, CallId, CallStatus, CloneStatus, JobId, ProfileId, Protocol, Timestamp, VoiceId,
 };
 use precall_controller::{
     CallEvent, CallRecord, EventKind, InsertCall, MemoryStore, Store, StoreError, VoiceProfile,
@@ -141,6 +141,12 @@ async fn profiles_by_id_and_number<S: Store>(s: &S) {
     assert_eq!(s.get_profile(&"a".into()).await.unwrap(), Some(a.clone()));
     assert_eq!(s.profile_for_number("+18005550100").await.unwrap(), Some(a.clone()));
     assert_eq!(s.profile_for_number("+1").await.unwrap(), None);
+    // An inbound call's lookup: the number's profile, else the fallback, else nothing.
+    s.upsert_profile(&profile("fallback", None)).await.unwrap();
+    assert_eq!(pick(s, "+18005550100", "fallback").await, Some("a".into()));
+    assert_eq!(pick(s, "+1999", "fallback").await, Some("fallback".into()));
+    assert_eq!(pick(s, "", "fallback").await, Some("fallback".into()));
+    assert_eq!(pick(s, "+1999", "missing").await, None);
     // Another profile claims the number: it moves.
     let b = profile("b", Some("+18005550100"));
     s.upsert_profile(&b).await.unwrap();
@@ -153,6 +159,10 @@ async fn profiles_by_id_and_number<S: Store>(s: &S) {
     s.upsert_profile(&b2).await.unwrap();
     assert_eq!(s.get_profile(&"b".into()).await.unwrap(), Some(b2));
     assert_eq!(s.profile_for_number("+18005550100").await.unwrap(), None);
+}
+
+async fn pick<S: Store>(s: &S, number: &str, fallback: &str) -> Option<ProfileId> {
+    s.select_profile(number, &ProfileId::new(fallback)).await.unwrap().map(|p| p.id)
 }
 
 async fn clone_jobs_are_claimed_once<S: Store>(s: &S) {

@@ -195,13 +195,7 @@ impl<S: Store> CallController<S> {
     }
 
     async fn profile_for(&self, recipient: &str) -> Result<Option<VoiceProfile>, StoreError> {
-        let number = normalize_number(recipient);
-        if !number.is_empty() {
-            if let Some(p) = self.store.profile_for_number(&number).await? {
-                return Ok(Some(p));
-            }
-        }
-        self.store.get_profile(&self.cfg.default_profile).await
+        self.store.select_profile(&normalize_number(recipient), &self.cfg.default_profile).await
     }
 
     async fn claim(

@@ -109,6 +109,23 @@ pub trait Store: Send + Sync + 'static {
         number: &str,
     ) -> impl Future<Output = Result<Option<VoiceProfile>, StoreError>> + Send;
 
+    /// The profile a normalized dialed number selects, or else the `fallback` profile: what
+    /// an inbound call needs, in one step (PostgreSQL answers it with one statement).
+    fn select_profile(
+        &self,
+        number: &str,
+        fallback: &ProfileId,
+    ) -> impl Future<Output = Result<Option<VoiceProfile>, StoreError>> + Send {
+        async move {
+            if !number.is_empty() {
+                if let Some(p) = self.profile_for_number(number).await? {
+                    return Ok(Some(p));
+                }
+            }
+            self.get_profile(fallback).await
+        }
+    }
+
     /// Returns the job that serves `(profile, samples_hash)`, creating one if there is none.
     ///
     /// A serving job is a completed one, or a processing one started at or after

@@ -409,6 +409,28 @@ impl Store for PgStore {
         Ok(row.as_ref().map(profile_from_row))
     }
 
+    async fn select_profile(
+        &self,
+        number: &str,
+        fallback: &ProfileId,
+    ) -> Result<Option<VoiceProfile>, StoreError> {
+        // One round trip: the number's own profile sorts first, the fallback second.
+        let row = self
+            .client()
+            .await?
+            .cached_query_opt(
+                &format!(
+                    "SELECT {PROFILE_COLUMNS} FROM voice_profiles \
+                     WHERE (number = $1 AND $1 <> '') OR id = $2 \
+                     ORDER BY (number IS NOT DISTINCT FROM $1) DESC LIMIT 1"
+                ),
+                &[&number, &fallback.as_str()],
+            )
+            .await
+            .map_err(query)?;
+        Ok(row.as_ref().map(profile_from_row))
+    }
+
     async fn claim_clone_job(
         &self,
         profile: &ProfileId,
