@@ -128,6 +128,13 @@ fn start_with(shards: usize, control: Arc<FakeControl>, rtp_timeout: Duration) -
     Engine::start(cfg, control).unwrap()
 }
 
+/// Waits until the control plane has been told that `call_id` ended for `reason`.
+fn await_end(control: &FakeControl, call_id: &str, reason: &str) {
+    eventually("call_ended", || {
+        control.ended.lock().unwrap().iter().any(|(id, r)| id == call_id && r == reason)
+    });
+}
+
 fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + DEADLINE;
     while !cond() {
@@ -368,14 +375,7 @@ fn a_call_gets_greeting_and_hold_over_rtp_and_ends_with_the_callers_bye() {
 
     let answer = uac.bye(&d);
     assert_eq!(status(&answer), Some(200), "{answer}");
-    eventually("call_ended", || {
-        control
-            .ended
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(id, r)| id == "call-one@carrier.example" && r == "caller_hangup")
-    });
+    await_end(&control, "call-one@carrier.example", "caller_hangup");
     eventually("no active calls", || engine.health().iter().all(|h| h.active_calls == 0));
     assert!(engine.health().iter().map(|h| h.rtp_packets_out).sum::<u64>() >= 50);
     engine.shutdown().unwrap();
@@ -455,14 +455,7 @@ fn a_failed_clone_plays_the_error_clip_then_precall_hangs_up() {
     assert!(before >= 20, "greeting and error clip: only {before} packets");
     let after = collect_rtp(&rtp, Duration::from_millis(200)).len();
     assert_eq!(after, 0, "RTP after the BYE");
-    eventually("call_ended", || {
-        control
-            .ended
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(id, r)| id == "fails@carrier.example" && r == "failed")
-    });
+    await_end(&control, "fails@carrier.example", "failed");
     engine.shutdown().unwrap();
 }
 
@@ -474,14 +467,7 @@ fn a_caller_that_sends_no_rtp_is_hung_up() {
     let d = uac.invite("silent@carrier.example", 30200);
     uac.ack(&d);
     uac.await_bye(&d.call_id);
-    eventually("call_ended", || {
-        control
-            .ended
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(id, r)| id == "silent@carrier.example" && r == "rtp_timeout")
-    });
+    await_end(&control, "silent@carrier.example", "rtp_timeout");
     eventually("no active calls", || engine.health().iter().all(|h| h.active_calls == 0));
     engine.shutdown().unwrap();
 }
