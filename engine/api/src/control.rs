@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use crate::{CallContext, CallId, CallInstructions};
+use crate::{CallContext, CallId, CallInstructions, MediaEventKind};
 
 /// What a handler asks the controller.
 #[derive(Debug, Clone)]
@@ -23,6 +23,15 @@ pub enum ControlRequest {
         /// Why it ended.
         reason: String,
     },
+    /// Something to keep on the call's history (transcript, DTMF, agent failure).
+    CallEvent {
+        /// The call.
+        call_id: CallId,
+        /// What happened.
+        kind: MediaEventKind,
+        /// The text.
+        detail: String,
+    },
     /// Is the control plane (and its store) able to serve?
     Health,
 }
@@ -35,7 +44,7 @@ pub enum ControlRequest {
 pub enum ControlReply {
     /// For `Inbound` and `CheckStatus`.
     Instructions(Result<CallInstructions, ControlError>),
-    /// For `CallEnded`.
+    /// For `CallEnded` and `CallEvent`.
     Ended(Result<(), ControlError>),
     /// For `Health`.
     Health(Result<(), ControlError>),

@@ -11,6 +11,7 @@
 
 mod context;
 mod control;
+mod event;
 mod ids;
 mod instructions;
 pub mod percent;
@@ -19,6 +20,7 @@ mod time;
 
 pub use context::{CallContext, CallStatus, Protocol};
 pub use control::{ControlError, ControlPort, ControlReply, ControlRequest, ReplyFn};
+pub use event::MediaEventKind;
 pub use ids::{CallId, JobId, ProfileId, VoiceId};
 pub use instructions::{
     AudioInstruction, CallAction, CallInstructions, CloneStatus, SpeechInstruction,

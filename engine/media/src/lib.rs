@@ -74,7 +74,7 @@ pub use clip::{Codec, EncodedClip, FRAME_DURATION, FRAME_SAMPLES, SAMPLE_RATE};
 pub use clock::{Due, MediaClock, StreamSlot};
 pub use decode::{DecodeError, Pcm, decode_audio};
 pub use playout::{PlayItem, Playout, PlayoutTick};
-pub use resample::resample_to_8k;
+pub use resample::{StreamResampler, resample_to_8k};
 pub use rtp::{
     ExtendedSeq, RTP_HEADER_LEN, RtpError, RtpHeader, RtpPacket, RtpTimestamp, SeqNo, SeqUpdate,
     Ssrc, TelephoneEvent, TelephoneEventError,
