@@ -100,8 +100,29 @@ pub const VARS: &[Var] = &[
     Var { name: "ELEVENLABS_AGENT_ID", default: "-", help: "agent of the default voice profile" },
     Var {
         name: "AGENT_WS_URL",
-        default: "wss://api.elevenlabs.io/v1/convai/conversation",
-        help: "agent WebSocket endpoint (agent_id is appended)",
+        default: "-",
+        help: "agent WebSocket endpoint, agent_id appended (unset: ElevenLabs when \
+               ELEVENLABS_AGENT_ID is set, else the embedded demo agent)",
+    },
+    Var {
+        name: "AGENT_CONNECT_TIMEOUT_MS",
+        default: "5000",
+        help: "TCP, TLS and WebSocket handshake of the agent leg",
+    },
+    Var {
+        name: "AGENT_FIRST_AUDIO_TIMEOUT_MS",
+        default: "10000",
+        help: "from the open agent socket to its first audio (hold plays meanwhile)",
+    },
+    Var {
+        name: "AGENT_CHUNK_MS",
+        default: "40",
+        help: "caller audio per user_audio_chunk message (a multiple of 20)",
+    },
+    Var {
+        name: "AGENT_TLS_CA_FILE",
+        default: "-",
+        help: "PEM file of extra CAs for wss:// agents (self-hosted agents, tests)",
     },
     Var {
         name: "VOICE_SAMPLE_URLS",
@@ -253,8 +274,18 @@ pub struct Config {
     pub provider: ProviderConfig,
     /// Agent of the default profile.
     pub default_agent_id: String,
-    /// Agent WebSocket endpoint.
-    pub agent_ws_url: String,
+    /// `ELEVENLABS_API_BASE` (also the agent host when `ELEVENLABS_AGENT_ID` is set).
+    pub elevenlabs_api_base: String,
+    /// `AGENT_WS_URL`, when set.
+    pub agent_ws_url: Option<String>,
+    /// `AGENT_CONNECT_TIMEOUT_MS`.
+    pub agent_connect_timeout: Duration,
+    /// `AGENT_FIRST_AUDIO_TIMEOUT_MS`.
+    pub agent_first_audio_timeout: Duration,
+    /// `AGENT_CHUNK_MS`.
+    pub agent_chunk: Duration,
+    /// `AGENT_TLS_CA_FILE`.
+    pub agent_tls_ca_file: Option<PathBuf>,
     /// Default profile samples.
     pub voice_sample_urls: Vec<String>,
     /// Voice profiles file.
@@ -439,9 +470,19 @@ impl Config {
                 },
             },
         };
-        let agent_ws_url = r
-            .url("AGENT_WS_URL", &["ws://", "wss://"], "a ws:// or wss:// URL")?
-            .unwrap_or_else(|| default_of("AGENT_WS_URL").to_owned());
+        let elevenlabs_api_base = r
+            .url("ELEVENLABS_API_BASE", &["http://", "https://"], "an http:// or https:// URL")?
+            .unwrap_or_else(|| default_of("ELEVENLABS_API_BASE").to_owned());
+        let agent_ws_url = r.url("AGENT_WS_URL", &["ws://", "wss://"], "a ws:// or wss:// URL")?;
+        let agent_chunk = r.millis("AGENT_CHUNK_MS")?;
+        let chunk_ms = agent_chunk.as_millis();
+        if chunk_ms == 0 || !chunk_ms.is_multiple_of(20) || chunk_ms > 1000 {
+            return Err(ConfigError::Invalid {
+                var: "AGENT_CHUNK_MS",
+                value: chunk_ms.to_string(),
+                expected: "a multiple of 20 milliseconds, from 20 to 1000",
+            });
+        }
         let mut voice_sample_urls = Vec::new();
         if let Some(list) = r.raw("VOICE_SAMPLE_URLS") {
             for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
@@ -482,7 +523,12 @@ impl Config {
             twilio_skip_signature: r.bool("TWILIO_SKIP_SIGNATURE")?,
             provider,
             default_agent_id: r.raw("ELEVENLABS_AGENT_ID").unwrap_or_default(),
+            elevenlabs_api_base,
             agent_ws_url,
+            agent_connect_timeout: r.millis("AGENT_CONNECT_TIMEOUT_MS")?,
+            agent_first_audio_timeout: r.millis("AGENT_FIRST_AUDIO_TIMEOUT_MS")?,
+            agent_chunk,
+            agent_tls_ca_file: r.raw("AGENT_TLS_CA_FILE").map(PathBuf::from),
             voice_sample_urls,
             voice_profiles_file: r.raw("VOICE_PROFILES_FILE").map(PathBuf::from),
             greeting_audio_url: audio("GREETING_AUDIO_URL", "greeting.wav")?,
@@ -605,6 +651,8 @@ mod tests {
             ("SIMULATED_CLONE_OUTCOME", "sometimes"),
             ("PUBLIC_BASE_URL", "voice.example.com"),
             ("AGENT_WS_URL", "https://agent"),
+            ("AGENT_CHUNK_MS", "30"),
+            ("AGENT_CONNECT_TIMEOUT_MS", "soon"),
             ("VOICE_SAMPLE_URLS", "ftp://x/a.mp3"),
             ("DATABASE_URL", "postgres://u:hunter2@db:notaport/x"),
             ("DATABASE_POOL_SIZE", "0"),

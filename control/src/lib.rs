@@ -11,10 +11,12 @@
 //!
 //! SIGINT/SIGTERM stop them in the reverse order.
 
+pub mod agent;
 pub mod app;
 pub mod audio;
 pub mod audio_service;
 pub mod config;
+pub mod demo_agent;
 pub mod metrics;
 pub mod profiles;
 pub mod runtime;

@@ -9,9 +9,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use precall::agent::{AgentEndpoint, AgentResolver};
 use precall::app::{App, ShardState};
 use precall::audio_service::AudioService;
 use precall::config::{self, Config, ProviderConfig, redact_url};
+use precall::demo_agent::DemoAgent;
 use precall::metrics::Metrics;
 use precall::profiles;
 use precall::runtime::{Service, SideRuntime};
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
             println!("precall {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
+        Some("demo-agent") => return demo_agent(args.next().as_deref()),
         Some(other) => {
             eprintln!("precall: unknown argument {other:?}; see `precall --help`");
             return ExitCode::from(2);
@@ -75,6 +78,38 @@ fn main() -> ExitCode {
     }
 }
 
+/// `precall demo-agent [ADDR]`: the demo agent alone (default 127.0.0.1:8002), until SIGINT or
+/// SIGTERM. Point `AGENT_WS_URL` at the URL it prints.
+#[allow(clippy::print_stdout)]
+fn demo_agent(addr: Option<&str>) -> ExitCode {
+    init_logging(&std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into()));
+    let addr = addr.unwrap_or("127.0.0.1:8002");
+    let Ok(addr) = addr.parse::<std::net::SocketAddr>() else {
+        eprintln!("precall demo-agent: {addr:?} is not an address like 127.0.0.1:8002");
+        return ExitCode::from(2);
+    };
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]);
+    let Ok(mut signals) = signals else {
+        eprintln!("precall demo-agent: cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    match DemoAgent::start(addr) {
+        Ok(agent) => {
+            println!("demo agent listening: AGENT_WS_URL={}", agent.ws_url());
+            signals.forever().next();
+            drop(agent);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("precall demo-agent: cannot listen on {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -86,7 +121,7 @@ fn init_logging(level: &str) {
         .init();
 }
 
-fn controller_config(cfg: &Config) -> ControllerConfig {
+fn controller_config(cfg: &Config, agent_ws_url: &str) -> ControllerConfig {
     ControllerConfig {
         greeting_url: cfg.greeting_audio_url.clone(),
         hold_url: cfg.hold_audio_url.clone(),
@@ -95,8 +130,12 @@ fn controller_config(cfg: &Config) -> ControllerConfig {
         poll_interval: cfg.status_poll_interval,
         max_hold: cfg.max_hold,
         clone_job_timeout: cfg.clone_job_timeout,
-        agent_ws_url: cfg.agent_ws_url.clone(),
-        default_agent_id: cfg.default_agent_id.clone(),
+        agent_ws_url: agent_ws_url.to_owned(),
+        default_agent_id: if cfg.default_agent_id.is_empty() {
+            "demo".to_owned()
+        } else {
+            cfg.default_agent_id.clone()
+        },
         default_profile: ProfileId::new(profiles::DEFAULT_PROFILE),
     }
 }
@@ -124,8 +163,9 @@ fn start_side_runtime<S: Store>(
     cfg: &Config,
     profiles: Vec<VoiceProfile>,
     metrics: Arc<Metrics>,
+    agent_ws_url: &str,
 ) -> Result<SideRuntime, String> {
-    let ctl_cfg = controller_config(cfg);
+    let ctl_cfg = controller_config(cfg, agent_ws_url);
     let provider = provider(cfg)?;
     SideRuntime::start(
         move || async move {
@@ -177,11 +217,42 @@ fn serve(cfg: Config) -> Result<(), String> {
         voice_profiles.extend(profiles::load_file(path).map_err(|e| e.to_string())?);
     }
     let metrics = Arc::new(Metrics::default());
+    // The agent: AGENT_WS_URL, else ElevenLabs when an agent id is set, else the demo agent.
+    let mut demo = None;
+    let agent_endpoint = match (&cfg.agent_ws_url, cfg.default_agent_id.is_empty()) {
+        (Some(url), _) => AgentEndpoint::Url(url.clone()),
+        (None, false) => AgentEndpoint::ElevenLabs {
+            api_base: cfg.elevenlabs_api_base.clone(),
+            api_key: match &cfg.provider {
+                ProviderConfig::ElevenLabs { api_key, .. } => Some(api_key.clone()),
+                ProviderConfig::Simulated { .. } => None,
+            },
+        },
+        (None, true) => {
+            let agent = DemoAgent::start(([127, 0, 0, 1], 0).into())
+                .map_err(|e| format!("cannot start the demo agent: {e}"))?;
+            tracing::warn!(url = %agent.ws_url(),
+                "neither AGENT_WS_URL nor ELEVENLABS_AGENT_ID is set: calls are bridged to the \
+                 embedded demo agent, which echoes the caller");
+            let url = agent.ws_url();
+            demo = Some(agent);
+            AgentEndpoint::Url(url)
+        }
+    };
+    let agent_ws_url = agent_endpoint.ws_base();
+    let agents = Arc::new(AgentResolver::new(agent_endpoint, cfg.control_request_timeout)?);
     let (side, store_kind) = match &cfg.database_url {
         None => {
             tracing::warn!("DATABASE_URL is not set: calls are kept in memory and lost at exit");
             let store = async { Ok(MemoryStore::new()) };
-            (start_side_runtime(store, &cfg, voice_profiles, Arc::clone(&metrics))?, "memory")
+            let side = start_side_runtime(
+                store,
+                &cfg,
+                voice_profiles,
+                Arc::clone(&metrics),
+                &agent_ws_url,
+            )?;
+            (side, "memory")
         }
         Some(url) => {
             let pg = PgStoreConfig {
@@ -193,7 +264,14 @@ fn serve(cfg: Config) -> Result<(), String> {
             let store = async move {
                 PgStore::connect(&pg).await.map_err(|e| format!("PostgreSQL at {shown}: {e}"))
             };
-            (start_side_runtime(store, &cfg, voice_profiles, Arc::clone(&metrics))?, "postgres")
+            let side = start_side_runtime(
+                store,
+                &cfg,
+                voice_profiles,
+                Arc::clone(&metrics),
+                &agent_ws_url,
+            )?;
+            (side, "postgres")
         }
     };
     match &cfg.provider {
@@ -222,6 +300,7 @@ fn serve(cfg: Config) -> Result<(), String> {
             error_url: cfg.error_audio_url.clone(),
         },
         cfg.control_request_timeout,
+        agents,
     );
     let engine = Engine::start(
         EngineConfig {
@@ -234,6 +313,10 @@ fn serve(cfg: Config) -> Result<(), String> {
             // The controller's deadline, then at most the same again to make the clips ready,
             // and a margin: past that the plan was lost (a full inbox) and the call is refused.
             plan_timeout: cfg.control_request_timeout * 2 + Duration::from_secs(1),
+            agent_connect_timeout: cfg.agent_connect_timeout,
+            agent_first_audio_timeout: cfg.agent_first_audio_timeout,
+            agent_chunk: cfg.agent_chunk,
+            agent_tls_ca_file: cfg.agent_tls_ca_file.clone(),
             ..EngineConfig::default()
         },
         Arc::new(bridge),
@@ -296,6 +379,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         Arc::try_unwrap(engine).map_err(|_| "engine still in use at shutdown".to_owned())?;
     let engine_result = engine.shutdown();
     side.shutdown();
+    drop(demo);
     engine_result.map_err(|e| format!("engine: {e}"))?;
     tracing::info!("stopped");
     Ok(())

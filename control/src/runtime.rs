@@ -210,7 +210,9 @@ fn error_reply(request: &ControlRequest, e: ControlError) -> ControlReply {
         ControlRequest::Inbound(_) | ControlRequest::CheckStatus(_) => {
             ControlReply::Instructions(Err(e))
         }
-        ControlRequest::CallEnded { .. } => ControlReply::Ended(Err(e)),
+        ControlRequest::CallEnded { .. } | ControlRequest::CallEvent { .. } => {
+            ControlReply::Ended(Err(e))
+        }
         ControlRequest::Health => ControlReply::Health(Err(e)),
     }
 }
@@ -254,6 +256,9 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
             }
             ControlReply::Ended(ended.map(|_| ()))
         }
+        ControlRequest::CallEvent { call_id, kind, detail } => ControlReply::Ended(
+            ctl.media_event(call_id, *kind, detail, now).await.map_err(control_error),
+        ),
         ControlRequest::Health => ControlReply::Health(
             ctl.store().health().await.map_err(|e| ControlError::Store(e.to_string())),
         ),

@@ -12,18 +12,19 @@ use std::time::Duration;
 
 use precall_api::{
     CallAction, CallContext, CallId, CallInstructions, ControlError, ControlPort, ControlReply,
-    ControlRequest,
+    ControlRequest, MediaEventKind,
 };
 use precall_engine::{MediaPlan, PlanReply, ShardControl, ShardPlan};
 use precall_media::EncodedClip;
 
+use crate::agent::AgentResolver;
 use crate::audio_service::AudioService;
 use crate::runtime::ControlHandle;
 
 /// Clips used when the instructions name none but the shard needs one.
 #[derive(Debug, Clone)]
 pub struct DefaultClips {
-    /// Played while a `connect` plan waits for the agent bridge (which is not built yet).
+    /// Played while a `connect` plan's agent leg opens (a call whose clone is ready at once).
     pub hold_url: String,
     /// Played before a hang-up the shard decides itself (status checks failing past the hold
     /// limit) and when a failure plan names no clip.
@@ -38,6 +39,7 @@ pub struct SipBridge {
     defaults: DefaultClips,
     /// Longest wait for one clip; past it the call plays without that clip.
     clip_timeout: Duration,
+    agents: Arc<AgentResolver>,
 }
 
 impl SipBridge {
@@ -47,8 +49,9 @@ impl SipBridge {
         audio: Arc<AudioService>,
         defaults: DefaultClips,
         clip_timeout: Duration,
+        agents: Arc<AgentResolver>,
     ) -> Self {
-        Self { control, audio, defaults, clip_timeout }
+        Self { control, audio, defaults, clip_timeout, agents }
     }
 
     fn plan(&self, request: ControlRequest, reply: PlanReply) -> Result<(), ControlError> {
@@ -69,11 +72,23 @@ impl SipBridge {
                 match tokio::runtime::Handle::try_current() {
                     Ok(rt) => {
                         rt.spawn(async move {
-                            let media = bridge.clips(&instructions).await;
-                            reply(Ok(ShardPlan { instructions, media }));
+                            let agent = async {
+                                match &instructions.websocket {
+                                    Some(ws) if instructions.action() == CallAction::Connect => {
+                                        Some(bridge.agents.resolve(ws).await)
+                                    }
+                                    _ => None,
+                                }
+                            };
+                            let (media, agent) = tokio::join!(bridge.clips(&instructions), agent);
+                            reply(Ok(ShardPlan { instructions, media, agent }));
                         });
                     }
-                    Err(_) => reply(Ok(ShardPlan { instructions, media: MediaPlan::default() })),
+                    Err(_) => reply(Ok(ShardPlan {
+                        instructions,
+                        media: MediaPlan::default(),
+                        agent: None,
+                    })),
                 }
             }),
         )
@@ -126,6 +141,22 @@ impl ShardControl for SipBridge {
             Box::new(|answer| {
                 if let ControlReply::Ended(Err(e)) = answer {
                     tracing::warn!(error = %e, "recording the end of a SIP call failed");
+                }
+            }),
+        )
+    }
+
+    fn call_event(
+        &self,
+        call_id: CallId,
+        kind: MediaEventKind,
+        detail: String,
+    ) -> Result<(), ControlError> {
+        self.control.submit(
+            ControlRequest::CallEvent { call_id, kind, detail },
+            Box::new(|answer| {
+                if let ControlReply::Ended(Err(e)) = answer {
+                    tracing::warn!(error = %e, "recording a call event failed");
                 }
             }),
         )

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use precall_api::{
-    CallContext, CallId, CallInstructions, CallStatus, CloneStatus, JobId, ProfileId, Timestamp,
+    CallContext, CallId, CallInstructions, CallStatus, CloneStatus, JobId, MediaEventKind,
+    ProfileId, Timestamp,
 };
 
 use crate::model::{
@@ -182,6 +183,25 @@ impl<S: Store> CallController<S> {
             .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
         self.event(call_id, now, EventKind::Ended, reason).await?;
         Ok(after)
+    }
+
+    /// Keeps what a media leg reports on the call's history (agent and caller transcript,
+    /// DTMF, agent failures).
+    pub async fn media_event(
+        &self,
+        call_id: &CallId,
+        kind: MediaEventKind,
+        detail: &str,
+        now: Timestamp,
+    ) -> Result<(), ControllerError> {
+        let kind = match kind {
+            MediaEventKind::AgentConnected => EventKind::AgentConnected,
+            MediaEventKind::AgentResponse => EventKind::AgentResponse,
+            MediaEventKind::UserTranscript => EventKind::UserTranscript,
+            MediaEventKind::Dtmf => EventKind::Dtmf,
+            MediaEventKind::AgentFailed => EventKind::AgentFailed,
+        };
+        Ok(self.event(call_id, now, kind, detail).await?)
     }
 
     /// The provider finished a job this node started.

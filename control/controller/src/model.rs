@@ -175,6 +175,16 @@ pub enum EventKind {
     Failed,
     /// The call ended.
     Ended,
+    /// The agent conversation started (its id and audio formats).
+    AgentConnected,
+    /// What the agent said.
+    AgentResponse,
+    /// What the agent heard the caller say.
+    UserTranscript,
+    /// A key the caller pressed.
+    Dtmf,
+    /// The agent leg failed (why, with the server's message).
+    AgentFailed,
 }
 
 impl EventKind {
@@ -189,6 +199,11 @@ impl EventKind {
             EventKind::Connected => "connected",
             EventKind::Failed => "failed",
             EventKind::Ended => "ended",
+            EventKind::AgentConnected => "agent_connected",
+            EventKind::AgentResponse => "agent_response",
+            EventKind::UserTranscript => "user_transcript",
+            EventKind::Dtmf => "dtmf",
+            EventKind::AgentFailed => "agent_failed",
         }
     }
 
@@ -203,6 +218,11 @@ impl EventKind {
             "connected" => EventKind::Connected,
             "failed" => EventKind::Failed,
             "ended" => EventKind::Ended,
+            "agent_connected" => EventKind::AgentConnected,
+            "agent_response" => EventKind::AgentResponse,
+            "user_transcript" => EventKind::UserTranscript,
+            "dtmf" => EventKind::Dtmf,
+            "agent_failed" => EventKind::AgentFailed,
             _ => return None,
         })
     }

@@ -321,6 +321,12 @@ impl CallFlow {
         self.agent_audio.len()
     }
 
+    /// Whether [`CallFlow::poll_action`] has something.
+    #[must_use]
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
     /// The next action, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()

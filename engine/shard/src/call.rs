@@ -1,133 +1,76 @@
-//! One call as its shard sees it: where it stands in the call flow, its RTP socket and
-//! playout, and the RTP port pool it came from.
+//! One call as its shard sees it: its call flow (the rules, in `precall-call`), its RTP
+//! socket and sender, its agent leg, and the RTP port pool it came from.
 
 use std::{
-    cell::Cell,
     collections::HashSet,
     io,
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
     rc::Rc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use glommio::Task;
-use precall_api::CallId;
-use precall_media::{Codec, Playout, RtpSender, StreamSlot};
+use precall_call::CallFlow;
+use precall_media::{Codec, RtpSender, StreamSlot};
 use socket2::Socket;
 
 use crate::{
-    control::MediaPlan,
+    agent_leg::Outbox,
     socket::{UdpPair, bind_rtp},
 };
 
-/// Where a call is in the flow of issue 4 point 6.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
-    /// INVITE received (100 Trying sent), waiting for the control plane's plan.
-    AwaitingPlan,
-    /// Answered; greeting then hold, with a status check every poll interval.
-    Holding,
-    /// The controller says connect; the agent bridge does not exist yet, so the call keeps
-    /// holding until the caller hangs up.
-    Connected,
-    /// Playing the error clip; BYE follows when it ends.
-    Ending,
-    /// BYE sent (or the final response): waiting for the SIP layer to end the call.
-    HangingUp,
-}
-
-/// What the per-call RTP receive task records, read by the shard loop. Shard-local
-/// (`Rc` + `Cell`): the task and the loop run on the same thread.
-#[derive(Debug)]
-pub(crate) struct RtpIn {
-    /// Source of the caller's first RTP packet: symmetric RTP sends there from then on.
-    pub(crate) latched: Cell<Option<SocketAddr>>,
-    /// Arrival of the last RTP packet (the answer time until one arrives).
-    pub(crate) last: Cell<Instant>,
-}
-
-impl RtpIn {
-    pub(crate) fn new(now: Instant) -> Self {
-        Self { latched: Cell::new(None), last: Cell::new(now) }
-    }
-
-    pub(crate) fn arrived(&self, now: Instant, from: SocketAddr) {
-        self.last.set(now);
-        if self.latched.get().is_none() {
-            self.latched.set(Some(from));
-        }
-    }
-}
-
-/// The media half of an answered call.
+/// The RTP half of an answered call.
 #[derive(Debug)]
 pub(crate) struct CallMedia {
     pub(crate) port: u16,
     /// The sending duplicate of the RTP socket (see `socket.rs`).
     pub(crate) send: Socket,
-    /// Receives the caller's RTP into `rx`; dropping it cancels the receive.
+    /// Receives the caller's RTP; dropping it cancels the receive.
     pub(crate) _receiver: Task<()>,
-    pub(crate) rx: Rc<RtpIn>,
     /// The SDP address, used until the caller's RTP shows where it really comes from.
     pub(crate) remote: SocketAddr,
+    /// Source of the caller's first RTP packet: symmetric RTP sends there from then on.
+    pub(crate) latched: Option<SocketAddr>,
     pub(crate) codec: Codec,
     pub(crate) payload_type: u8,
+    /// RFC 4733 payload type the caller offered.
+    pub(crate) telephone_event: Option<u8>,
+    /// The RTP timestamp of the last DTMF event reported (its end is sent three times).
+    pub(crate) last_dtmf: Option<u32>,
     /// Our direction lets us send (not `recvonly`/`inactive`, no `0.0.0.0` hold address).
     pub(crate) sending: bool,
     pub(crate) sender: RtpSender,
-    pub(crate) playout: Playout,
-    /// The media clock stream, while something plays.
-    pub(crate) slot: Option<StreamSlot>,
+    /// The media clock stream: one frame, or a skipped one, every 20 ms while answered.
+    pub(crate) slot: StreamSlot,
 }
 
 impl CallMedia {
     /// Where RTP goes now: the latched source, else the SDP address.
     pub(crate) fn destination(&self) -> SocketAddr {
-        self.rx.latched.get().unwrap_or(self.remote)
+        self.latched.unwrap_or(self.remote)
     }
+}
+
+/// The agent WebSocket of a call.
+#[derive(Debug)]
+pub(crate) struct AgentLeg {
+    pub(crate) task: Task<()>,
+    pub(crate) outbox: Rc<Outbox>,
+    /// The handshake finished (so a close frame can be sent).
+    pub(crate) open: bool,
 }
 
 /// One call of the shard.
 #[derive(Debug)]
 pub(crate) struct Call {
-    pub(crate) call_id: CallId,
-    pub(crate) phase: Phase,
+    pub(crate) flow: CallFlow,
     /// Where the INVITE came from (picks our RTP address when the SIP socket is a wildcard).
     pub(crate) source: SocketAddr,
-    /// The control plane knows the call (its `inbound` was queued): report its end.
-    pub(crate) announced: bool,
     pub(crate) media: Option<CallMedia>,
-    /// Kept from the last plan: the error clip is what a hang-up plays.
-    pub(crate) clips: MediaPlan,
-    pub(crate) poll_interval: Option<Duration>,
-    /// The due time of the one live poll timer (older heap entries are stale).
-    pub(crate) poll_at: Option<Instant>,
-    pub(crate) poll_in_flight: bool,
-    /// Past this, a call whose status checks keep failing is ended by the shard itself
-    /// (the controller's `hold_remaining` plus one interval of grace).
-    pub(crate) hold_deadline: Option<Instant>,
-    /// The reason reported to the control plane when the SIP layer ends the call, when the
-    /// shard chose it (`rtp_timeout`, `failed`, ...).
-    pub(crate) end_reason: Option<&'static str>,
-}
-
-impl Call {
-    pub(crate) fn new(call_id: CallId, source: SocketAddr) -> Self {
-        Self {
-            call_id,
-            phase: Phase::AwaitingPlan,
-            source,
-            announced: false,
-            media: None,
-            clips: MediaPlan::default(),
-            poll_interval: None,
-            poll_at: None,
-            poll_in_flight: false,
-            hold_deadline: None,
-            end_reason: None,
-        }
-    }
+    pub(crate) agent: Option<AgentLeg>,
+    /// The deadline of the flow that is in the shard's timer heap (older entries are stale).
+    pub(crate) armed: Option<Instant>,
 }
 
 /// The shard's RTP ports: even ports of its slice (RFC 3550 §11: RTP even, RTCP the odd one

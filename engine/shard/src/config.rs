@@ -4,6 +4,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     ops::RangeInclusive,
+    path::PathBuf,
     time::Duration,
 };
 
@@ -40,6 +41,16 @@ pub struct EngineConfig {
     /// `500`. Covers a reply lost to a full inbox; set it above the controller's own deadline
     /// plus the time to fetch clips.
     pub plan_timeout: Duration,
+    /// The agent leg's TCP + TLS + WebSocket handshake must finish within this
+    /// (`AGENT_CONNECT_TIMEOUT_MS`).
+    pub agent_connect_timeout: Duration,
+    /// From the open agent socket to its first audio (`AGENT_FIRST_AUDIO_TIMEOUT_MS`); hold
+    /// plays meanwhile.
+    pub agent_first_audio_timeout: Duration,
+    /// Caller audio per `user_audio_chunk` message (`AGENT_CHUNK_MS`, a multiple of 20 ms).
+    pub agent_chunk: Duration,
+    /// A PEM file of CAs trusted for `wss://` agents beside the system's (`AGENT_TLS_CA_FILE`).
+    pub agent_tls_ca_file: Option<PathBuf>,
 }
 
 impl EngineConfig {
@@ -56,6 +67,12 @@ impl EngineConfig {
         if self.rtp_timeout.is_zero() || self.plan_timeout.is_zero() {
             return Err(EngineError::InvalidConfig {
                 reason: "rtp_timeout and plan_timeout must be positive",
+            });
+        }
+        let chunk = self.agent_chunk.as_millis();
+        if chunk == 0 || !chunk.is_multiple_of(20) || chunk > 1000 {
+            return Err(EngineError::InvalidConfig {
+                reason: "agent_chunk must be a multiple of 20 ms, at most 1 s",
             });
         }
         if self.recv_buffer_bytes == 0 {
@@ -86,6 +103,10 @@ impl Default for EngineConfig {
             advertised_ip: None,
             rtp_timeout: Duration::from_secs(30),
             plan_timeout: Duration::from_secs(15),
+            agent_connect_timeout: Duration::from_secs(5),
+            agent_first_audio_timeout: Duration::from_secs(10),
+            agent_chunk: Duration::from_millis(40),
+            agent_tls_ca_file: None,
         }
     }
 }

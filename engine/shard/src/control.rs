@@ -5,32 +5,8 @@
 //! the engine's callbacks put the answer in the owning shard's inbox and ring its doorbell, so
 //! the answer wakes the shard like any other message (no polling).
 
-use std::sync::Arc;
-
-use precall_api::{CallContext, CallId, CallInstructions, ControlError};
-use precall_media::EncodedClip;
-
-/// The clips a plan needs, already fetched, decoded and G.711-encoded by the control plane
-/// (shards do no HTTP and no decoding). `None` when the instructions name no such clip or it
-/// could not be made ready: the call then plays without it.
-#[derive(Debug, Clone, Default)]
-pub struct MediaPlan {
-    /// Played once, first.
-    pub greeting: Option<Arc<EncodedClip>>,
-    /// Looped after the greeting while the call waits.
-    pub hold: Option<Arc<EncodedClip>>,
-    /// Played before a hang-up that the shard or the controller decides.
-    pub error: Option<Arc<EncodedClip>>,
-}
-
-/// The controller's instructions for one call, with their clips ready to play.
-#[derive(Debug, Clone)]
-pub struct ShardPlan {
-    /// What to do.
-    pub instructions: CallInstructions,
-    /// The clips the instructions name.
-    pub media: MediaPlan,
-}
+use precall_api::{CallContext, CallId, ControlError, MediaEventKind};
+pub use precall_call::{AgentTarget, AgentUnavailable, MediaPlan, ShardPlan};
 
 /// Called once with the answer, on the control plane's thread. It must not block.
 pub type PlanReply = Box<dyn FnOnce(Result<ShardPlan, ControlError>) + Send>;
@@ -46,10 +22,20 @@ pub trait ShardControl: Send + Sync + 'static {
     fn check_status(&self, call_id: CallId, reply: PlanReply) -> Result<(), ControlError>;
     /// The call is over (`caller_hangup`, `canceled`, `rtp_timeout`, `completed`, ...).
     fn call_ended(&self, call_id: CallId, reason: String) -> Result<(), ControlError>;
+    /// Something for the call's history: what the agent said, what the caller said, DTMF,
+    /// why the agent leg failed.
+    fn call_event(
+        &self,
+        call_id: CallId,
+        kind: MediaEventKind,
+        detail: String,
+    ) -> Result<(), ControlError>;
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     /// A control plane that refuses everything (for tests without calls).
@@ -70,6 +56,9 @@ pub(crate) mod tests {
             Err(ControlError::Stopped)
         }
         fn call_ended(&self, _: CallId, _: String) -> Result<(), ControlError> {
+            Ok(())
+        }
+        fn call_event(&self, _: CallId, _: MediaEventKind, _: String) -> Result<(), ControlError> {
             Ok(())
         }
     }

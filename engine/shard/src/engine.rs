@@ -6,6 +6,7 @@ use crossbeam_channel::Receiver;
 use glommio::{
     BuilderErrorKind, CpuSet, ExecutorJoinHandle, GlommioError, LocalExecutorBuilder, Placement,
 };
+use precall_call::FlowConfig;
 
 use crate::{
     EngineConfig, EngineError, SendError, ShardHealth, ShardMsg,
@@ -51,10 +52,25 @@ impl Engine {
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..cfg.shards).map(|_| inbox(INBOX_CAPACITY)).unzip();
         let mut receivers: Vec<_> = receivers.into_iter().map(Some).collect();
+        let extra_ca = match &cfg.agent_tls_ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| EngineError::AgentTls {
+                reason: format!("cannot read AGENT_TLS_CA_FILE {}: {e}", path.display()),
+            })?),
+            None => None,
+        };
+        let agent_tls = crate::agent_leg::tls_config(extra_ca.as_deref())
+            .map_err(|reason| EngineError::AgentTls { reason })?;
         let settings = CallSettings {
             advertised_ip: cfg.advertised_ip,
-            rtp_timeout: cfg.rtp_timeout,
-            plan_timeout: cfg.plan_timeout,
+            flow: FlowConfig {
+                rtp_timeout: cfg.rtp_timeout,
+                plan_timeout: cfg.plan_timeout,
+                agent_connect_timeout: cfg.agent_connect_timeout,
+                agent_first_audio_timeout: cfg.agent_first_audio_timeout,
+                agent_chunk: cfg.agent_chunk,
+                ..FlowConfig::default()
+            },
+            agent_tls: Some(Arc::new(agent_tls)),
         };
         let mut spawn = |engine: &mut Engine, index: usize, sip: Option<SocketAddr>| {
             let placement = match &cpus {

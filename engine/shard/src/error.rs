@@ -12,6 +12,12 @@ pub enum EngineError {
         /// What is wrong, for the operator.
         reason: &'static str,
     },
+    /// The TLS configuration for `wss://` agents could not be made.
+    #[error("agent TLS: {reason}")]
+    AgentTls {
+        /// What is wrong.
+        reason: String,
+    },
     /// The CPU list needed to pin shards to cores could not be read.
     #[error("cannot read the online CPUs to pin shards")]
     CpuTopology {

@@ -25,6 +25,18 @@ pub struct ShardHealth {
     pub rtp_packets_in: u64,
     /// Sends (SIP or RTP) the kernel refused (full send buffer, unreachable address).
     pub send_errors: u64,
+    /// Calls whose agent leg is open (connecting, or bridged).
+    pub agent_legs: u64,
+    /// Text frames received from agents.
+    pub agent_messages_in: u64,
+    /// Text frames sent to agents.
+    pub agent_messages_out: u64,
+    /// Frames for an agent dropped because its send queue was full (a stalled agent).
+    pub agent_messages_dropped: u64,
+    /// Agent messages of types precall ignores, or that did not parse.
+    pub agent_messages_ignored: u64,
+    /// Agent audio dropped, in bytes: over a call's buffer limit.
+    pub agent_audio_overflow_bytes: u64,
 }
 
 /// The counters behind [`ShardHealth`]. Aligned to a cache line so shards do not contend.
@@ -39,6 +51,12 @@ pub(crate) struct ShardStats {
     rtp_packets_out: AtomicU64,
     rtp_packets_in: AtomicU64,
     send_errors: AtomicU64,
+    agent_legs: AtomicU64,
+    agent_messages_in: AtomicU64,
+    agent_messages_out: AtomicU64,
+    agent_messages_dropped: AtomicU64,
+    agent_messages_ignored: AtomicU64,
+    agent_audio_overflow_bytes: AtomicU64,
 }
 
 impl ShardStats {
@@ -74,6 +92,28 @@ impl ShardStats {
         self.send_errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn set_agent_legs(&self, legs: usize) {
+        self.agent_legs.store(legs as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn agent_in(&self) {
+        self.agent_messages_in.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn agent_out(&self) {
+        self.agent_messages_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn agent_dropped(&self) {
+        self.agent_messages_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds a finished call's agent counters.
+    pub(crate) fn agent_call_done(&self, ignored: u64, overflow_bytes: u64) {
+        self.agent_messages_ignored.fetch_add(ignored, Ordering::Relaxed);
+        self.agent_audio_overflow_bytes.fetch_add(overflow_bytes, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self, shard: usize) -> ShardHealth {
         ShardHealth {
             shard,
@@ -85,6 +125,12 @@ impl ShardStats {
             rtp_packets_out: self.rtp_packets_out.load(Ordering::Relaxed),
             rtp_packets_in: self.rtp_packets_in.load(Ordering::Relaxed),
             send_errors: self.send_errors.load(Ordering::Relaxed),
+            agent_legs: self.agent_legs.load(Ordering::Relaxed),
+            agent_messages_in: self.agent_messages_in.load(Ordering::Relaxed),
+            agent_messages_out: self.agent_messages_out.load(Ordering::Relaxed),
+            agent_messages_dropped: self.agent_messages_dropped.load(Ordering::Relaxed),
+            agent_messages_ignored: self.agent_messages_ignored.load(Ordering::Relaxed),
+            agent_audio_overflow_bytes: self.agent_audio_overflow_bytes.load(Ordering::Relaxed),
         }
     }
 }

@@ -43,6 +43,7 @@
 //! [`Engine::health`].
 #![deny(unsafe_code)]
 
+mod agent_leg;
 mod call;
 mod config;
 mod control;
@@ -56,9 +57,10 @@ mod shard;
 mod socket;
 
 pub use config::EngineConfig;
-pub use control::{MediaPlan, PlanReply, ShardControl, ShardPlan};
+pub use control::{AgentTarget, AgentUnavailable, MediaPlan, PlanReply, ShardControl, ShardPlan};
 pub use engine::Engine;
 pub use error::{EngineError, SendError};
 pub use health::ShardHealth;
 pub use inbox::{ForwardedDatagram, PlanDelivery, ShardMsg};
+pub use precall_call::FlowConfig;
 pub use routing::{rtp_port_slice, shard_for_call_id};

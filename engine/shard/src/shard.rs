@@ -26,26 +26,29 @@ use std::{
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
     pin::pin,
-    rc::Rc,
+    rc::{Rc, Weak},
     sync::Arc,
     task::{Poll, Waker},
     time::{Duration, Instant},
 };
 
 use crossbeam_channel::Sender;
+use futures_rustls::rustls;
 use glommio::{Task, net::UdpSocket};
-use precall_api::{CallAction, CallContext, CallId, CallStatus, ControlError, Protocol};
+use precall_api::{CallContext, CallId, CallStatus, MediaEventKind, Protocol};
+use precall_call::{Action, AgentTarget, CallFlow, CallInfo, FlowConfig, refusal};
 use precall_media::{
-    Codec, Due, FRAME_DURATION, MediaClock, PlayItem, Playout, PlayoutTick, RtpPacket, RtpSender,
-    RtpTimestamp, SeqNo, Ssrc,
+    Codec, Due, FRAME_DURATION, MediaClock, RtpPacket, RtpSender, RtpTimestamp, SeqNo, Ssrc,
+    TelephoneEvent,
 };
 use precall_sip::{CallHandle, Direction, EndReason, Endpoint, Event, SdpOffer, SipConfig};
 use socket2::Socket;
 
 use crate::{
     EngineError, SendError, ShardMsg,
-    call::{Call, CallMedia, Phase, PortPool, RtpIn},
-    control::{PlanReply, ShardControl, ShardPlan},
+    agent_leg::{self, AgentInput, Outbox},
+    call::{AgentLeg, Call, CallMedia, PortPool},
+    control::{PlanReply, ShardControl},
     health::ShardStats,
     ids::RandomIds,
     inbox::{ForwardedDatagram, Inbox, InboxSender, PlanDelivery, PlanKind},
@@ -62,9 +65,6 @@ const RTP_RECV_BUFFER: usize = 2048;
 
 /// Pause after a failed receive, so a socket that keeps failing cannot spin a core.
 const RECV_ERROR_BACKOFF: Duration = Duration::from_millis(10);
-
-/// Shortest time between two status checks of one call, whatever the plan says.
-const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How long a stopping shard parks so that glommio submits the cancellation of its pending
 /// receives (see [`serve`]); any non-zero pause makes the executor enter the kernel.
@@ -112,8 +112,10 @@ impl Drop for Reporter {
 #[derive(Debug, Clone)]
 pub(crate) struct CallSettings {
     pub(crate) advertised_ip: Option<IpAddr>,
-    pub(crate) rtp_timeout: Duration,
-    pub(crate) plan_timeout: Duration,
+    /// Every call flow's settings.
+    pub(crate) flow: FlowConfig,
+    /// For `wss://` agents.
+    pub(crate) agent_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Everything a shard needs, moved onto its thread.
@@ -202,23 +204,28 @@ pub(crate) async fn run(params: ShardParams) {
         let UdpPair { recv, send, local } = pair;
         let mut sip_cfg = SipConfig::new(local);
         sip_cfg.advertised_ip = settings.advertised_ip;
-        let core = Rc::new(RefCell::new(Core {
-            index,
-            endpoint: Endpoint::new(sip_cfg, RandomIds::new(index)),
-            ids: RandomIds::new(index + 1_000),
-            sip_send: send,
-            sip_ip: local.ip(),
-            me: peers[index].clone(),
-            control,
-            settings,
-            stats: stats.clone(),
-            calls: HashMap::new(),
-            clock: MediaClock::new(FRAME_DURATION, Instant::now()),
-            streams: HashMap::new(),
-            due: Vec::new(),
-            timers: BinaryHeap::new(),
-            ports: PortPool::new(rtp_ports.clone()),
-        }));
+        let core = Rc::new_cyclic(|this| {
+            RefCell::new(Core {
+                index,
+                endpoint: Endpoint::new(sip_cfg, RandomIds::new(index)),
+                ids: RandomIds::new(index + 1_000),
+                sip_send: send,
+                sip_ip: local.ip(),
+                me: peers[index].clone(),
+                control,
+                settings,
+                stats: stats.clone(),
+                calls: HashMap::new(),
+                clock: MediaClock::new(FRAME_DURATION, Instant::now()),
+                streams: HashMap::new(),
+                due: Vec::new(),
+                timers: BinaryHeap::new(),
+                ports: PortPool::new(rtp_ports.clone()),
+                this: this.clone(),
+                nudge: nudge.clone(),
+                closed_agents: Vec::new(),
+            })
+        });
         receiver = Some(glommio::spawn_local(receive_sip(
             index,
             Rc::new(recv),
@@ -244,10 +251,10 @@ pub(crate) async fn run(params: ShardParams) {
     }
     if let Some(core) = core {
         let mut core = core.borrow_mut();
+        // Sends the BYEs and drops every call's RTP receive task, agent leg and sockets (same
+        // cancellation as above).
         core.hang_up_all(Instant::now());
-        // Drops every call's RTP receive task and sockets (same cancellation as above).
-        let calls = std::mem::take(&mut core.calls);
-        drop(calls);
+        core.closed_agents.clear();
     }
     glommio::timer::sleep(CANCEL_SUBMIT_PAUSE).await;
     drop(inbox);
@@ -356,34 +363,29 @@ async fn receive_sip(
     }
 }
 
-/// Receives one call's RTP until the call ends (its task is dropped then).
-async fn receive_rtp(socket: UdpSocket, rx: Rc<RtpIn>, stats: Arc<ShardStats>) {
+/// Receives one call's RTP until the call ends (its task is dropped then). Each packet goes
+/// to the call's flow at once, from this task's buffer (no copy, no allocation).
+async fn receive_rtp(
+    socket: UdpSocket,
+    handle: CallHandle,
+    core: Weak<RefCell<Core>>,
+    nudge: Rc<Nudge>,
+) {
     let mut buf = [0u8; RTP_RECV_BUFFER];
     loop {
         match socket.recv_from(&mut buf).await {
             Ok((len, from)) => {
-                if RtpPacket::new_checked(&buf[..len]).is_ok() {
-                    rx.arrived(Instant::now(), from);
-                    stats.rtp_in();
-                }
+                let Some(core) = core.upgrade() else { return };
+                core.borrow_mut().on_rtp(Instant::now(), handle, from, &buf[..len]);
+                nudge.nudge();
             }
             Err(_) => glommio::timer::sleep(RECV_ERROR_BACKOFF).await,
         }
     }
 }
 
-/// Per-call timers, in one heap; an entry is acted on only if the call still wants it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum TimerKind {
-    /// The plan did not come in time.
-    PlanWait,
-    /// Time for a status check.
-    Poll,
-    /// Time to look at the caller's last RTP.
-    RtpTimeout,
-}
-
-/// The shard's SIP endpoint, calls and media: everything the tasks share.
+/// The shard's SIP endpoint, calls and media: everything the tasks share. The call rules live
+/// in each call's [`CallFlow`]; this moves bytes and time between them and the sockets.
 struct Core {
     index: usize,
     endpoint: Endpoint<RandomIds>,
@@ -400,8 +402,15 @@ struct Core {
     streams: HashMap<precall_media::StreamSlot, CallHandle>,
     /// Reused for every media clock wake-up (no allocation per tick).
     due: Vec<Due>,
-    timers: BinaryHeap<Reverse<(Instant, CallHandle, TimerKind)>>,
+    /// Each call's next flow deadline; an entry is stale unless it equals the call's `armed`.
+    timers: BinaryHeap<Reverse<(Instant, CallHandle)>>,
     ports: PortPool,
+    /// This core, for the tasks it spawns (RTP receive, agent legs).
+    this: Weak<RefCell<Core>>,
+    nudge: Rc<Nudge>,
+    /// Agent legs whose flow let go, dropped (cancelled) on the next loop turn rather than
+    /// from inside their own task.
+    closed_agents: Vec<AgentLeg>,
 }
 
 impl Core {
@@ -409,7 +418,7 @@ impl Core {
         [
             self.endpoint.poll_timeout(),
             self.clock.poll_timeout(),
-            self.timers.peek().map(|Reverse((at, _, _))| *at),
+            self.timers.peek().map(|Reverse((at, _))| *at),
         ]
         .into_iter()
         .flatten()
@@ -434,16 +443,23 @@ impl Core {
 
     /// Runs every SIP timer, media frame and call timer that is due.
     fn on_tick(&mut self, now: Instant) {
+        self.closed_agents.clear();
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);
         }
         self.send_media(now);
-        while let Some(&Reverse((at, call, kind))) = self.timers.peek() {
+        while let Some(&Reverse((at, handle))) = self.timers.peek() {
             if at > now {
                 break;
             }
             self.timers.pop();
-            self.on_timer(now, at, call, kind);
+            let Some(call) = self.calls.get_mut(&handle) else { continue };
+            if call.armed != Some(at) {
+                continue;
+            }
+            call.armed = None;
+            call.flow.handle_timeout(now);
+            self.after_flow(now, handle);
         }
         self.drain(now);
     }
@@ -477,16 +493,20 @@ impl Core {
             }
             Event::CallConfirmed { .. } => {}
             Event::MediaChanged { call, media } => {
-                if let Some(m) = self.calls.get_mut(&call).and_then(|c| c.media.as_mut()) {
+                let Some(c) = self.calls.get_mut(&call) else { return };
+                if let Some(m) = c.media.as_mut() {
                     m.remote = media.remote_rtp;
                     m.payload_type = media.payload_type;
                     m.codec = media_codec(media.codec);
+                    m.telephone_event = media.telephone_event;
                     m.sending = can_send(media.direction, media.remote_rtp);
                     // A new address (re-INVITE): latch again on what arrives next.
-                    m.rx.latched.set(None);
+                    m.latched = None;
+                    c.flow.handle_media_changed(m.codec);
                 }
+                self.after_flow(now, call);
             }
-            Event::CallEnded { call, reason } => self.on_ended(call, reason),
+            Event::CallEnded { call, reason } => self.on_ended(now, call, reason),
             Event::Dropped { reason } => {
                 tracing::debug!(shard = self.index, %reason, "SIP datagram dropped");
                 self.stats.datagram_dropped();
@@ -506,32 +526,35 @@ impl Core {
         offer: Option<&SdpOffer>,
     ) {
         // Refuse what cannot be answered before the controller records a call for it.
-        if offer.is_some_and(|o| !offers_g711(o)) {
+        if offer.is_some_and(|o| !o.has_g711_audio()) {
             self.endpoint.reject(now, handle, 488, "Not Acceptable Here");
             return;
         }
-        let mut call = Call::new(call_id.clone().into(), source);
+        let call_id = CallId::from(call_id);
+        let info = CallInfo {
+            call_id: call_id.clone(),
+            caller: from_user.clone(),
+            dialed: to_user.clone(),
+            protocol: Protocol::Sip,
+        };
         let ctx = CallContext {
-            call_id: call_id.into(),
+            call_id: call_id.clone(),
             session_id: String::new(),
             caller_number: from_user,
             recipient_number: to_user,
             status: CallStatus::Ringing,
             protocol: Protocol::Sip,
         };
-        let reply = self.reply_for(handle, call.call_id.clone(), PlanKind::Inbound);
+        let reply = self.reply_for(handle, call_id.clone(), PlanKind::Inbound);
         match self.control.inbound(ctx, reply) {
             Ok(()) => {
-                call.announced = true;
+                let flow = CallFlow::new(now, info, self.settings.flow.clone());
+                let call = Call { flow, source, media: None, agent: None, armed: None };
                 self.calls.insert(handle, call);
-                self.timers.push(Reverse((
-                    later(now, self.settings.plan_timeout),
-                    handle,
-                    TimerKind::PlanWait,
-                )));
+                self.after_flow(now, handle);
             }
             Err(e) => {
-                tracing::warn!(shard = self.index, call_id = %call.call_id, error = %e, "control plane refused the call");
+                tracing::warn!(shard = self.index, call_id = %call_id, error = %e, "control plane refused the call");
                 let (code, reason) = refusal(&e);
                 self.endpoint.reject(now, handle, code, reason);
             }
@@ -544,7 +567,8 @@ impl Core {
         Box::new(move |result| {
             let delivery = PlanDelivery { call, call_id, kind, result };
             if let Err(e) = inbox.send(ShardMsg::Plan(Box::new(delivery))) {
-                // The shard's own timers cover a lost plan (PlanWait, the next poll).
+                // The call flow's own deadlines cover a lost plan (no plan: 500; a lost
+                // status reply: asked again).
                 tracing::warn!(error = %e, "could not deliver a plan to its shard");
             }
         })
@@ -559,107 +583,155 @@ impl Core {
             }
             return;
         };
-        match (p.kind, call.phase) {
-            (PlanKind::Inbound, Phase::AwaitingPlan) => match p.result {
-                Ok(plan) => self.start_call(now, p.call, plan),
-                Err(e) => {
-                    tracing::warn!(shard = self.index, call_id = %p.call_id, error = %e, "no plan for the call");
-                    let (code, reason) = refusal(&e);
-                    call.end_reason = Some("failed");
-                    self.endpoint.reject(now, p.call, code, reason);
-                }
-            },
-            (PlanKind::Status, _) => {
-                call.poll_in_flight = false;
-                if !matches!(call.phase, Phase::Holding) {
-                    return;
-                }
-                match p.result {
-                    Ok(plan) => {
-                        if plan.media.error.is_some() {
-                            call.clips.error = plan.media.error.clone();
-                        }
-                        match plan.instructions.action() {
-                            CallAction::Hold => {
-                                if let Some(poll) = &plan.instructions.status_poll {
-                                    call.poll_interval = Some(poll.interval);
-                                    call.hold_deadline = Some(later(
-                                        now,
-                                        poll.hold_remaining.saturating_add(poll.interval),
-                                    ));
-                                }
-                                self.schedule_poll(now, p.call);
-                            }
-                            CallAction::Connect => {
-                                tracing::info!(shard = self.index, call_id = %p.call_id,
-                                    "clone ready; the agent bridge is not built yet, so the call keeps holding");
-                                call.phase = Phase::Connected;
-                                call.poll_at = None;
-                            }
-                            CallAction::Hangup => self.end_with_error(now, p.call, "failed"),
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(shard = self.index, call_id = %p.call_id, error = %e, "status check failed");
-                        if call.hold_deadline.is_some_and(|d| now >= d) {
-                            self.end_with_error(now, p.call, "hold_timeout");
-                        } else {
-                            self.schedule_poll(now, p.call);
-                        }
-                    }
-                }
+        match p.kind {
+            PlanKind::Inbound => call.flow.handle_plan(now, p.result),
+            PlanKind::Status => call.flow.handle_status(now, p.result),
+        }
+        self.after_flow(now, p.call);
+    }
+
+    /// Performs what a call's flow asks for, then re-arms its deadline.
+    fn after_flow(&mut self, now: Instant, handle: CallHandle) {
+        loop {
+            let Some(call) = self.calls.get_mut(&handle) else { return };
+            let Some(action) = call.flow.poll_action() else { break };
+            self.perform(now, handle, action);
+        }
+        let Some(call) = self.calls.get_mut(&handle) else { return };
+        let next = call.flow.poll_timeout();
+        if next != call.armed {
+            call.armed = next;
+            if let Some(at) = next {
+                self.timers.push(Reverse((at, handle)));
             }
-            _ => {}
         }
     }
 
-    /// Answers the call and starts playing what the plan says.
-    fn start_call(&mut self, now: Instant, handle: CallHandle, plan: ShardPlan) {
-        let Some(call) = self.calls.get_mut(&handle) else { return };
-        let action = plan.instructions.action();
-        call.clips = plan.media.clone();
-        let clip = |c: &Option<Arc<precall_media::EncodedClip>>| c.as_deref().cloned();
-        let items: Vec<PlayItem> = match action {
-            CallAction::Hangup => match clip(&plan.media.error) {
-                Some(error) => vec![PlayItem::once(error)],
-                None => {
-                    // Nothing to say: refuse while still ringing (480).
-                    call.end_reason = Some("failed");
-                    call.phase = Phase::HangingUp;
-                    self.endpoint.hangup(now, handle);
-                    return;
+    fn perform(&mut self, now: Instant, handle: CallHandle, action: Action) {
+        match action {
+            Action::Answer => self.answer(now, handle),
+            Action::Reject { code, reason } => self.endpoint.reject(now, handle, code, reason),
+            Action::Hangup => self.hang_up(now, handle),
+            Action::CheckStatus => {
+                let Some(call) = self.calls.get(&handle) else { return };
+                let call_id = call.flow.call_id().clone();
+                let reply = self.reply_for(handle, call_id.clone(), PlanKind::Status);
+                if let Err(e) = self.control.check_status(call_id, reply) {
+                    // The flow's status deadline asks again.
+                    tracing::warn!(shard = self.index, error = %e, "status check not queued");
                 }
-            },
-            CallAction::Hold | CallAction::Connect => clip(&plan.media.greeting)
-                .map(PlayItem::once)
-                .into_iter()
-                .chain(clip(&plan.media.hold).map(PlayItem::forever))
-                .collect(),
-        };
-        call.phase = match action {
-            CallAction::Hangup => Phase::Ending,
-            CallAction::Hold => Phase::Holding,
-            CallAction::Connect => {
-                tracing::info!(shard = self.index, call_id = %call.call_id,
-                    "clone ready; the agent bridge is not built yet, so the call holds");
-                Phase::Connected
+            }
+            Action::ConnectAgent(target) => self.connect_agent(handle, target),
+            Action::SendAgent(msg) => {
+                let Some(agent) = self.calls.get(&handle).and_then(|c| c.agent.as_ref()) else {
+                    return;
+                };
+                if agent.outbox.push(msg) {
+                    self.stats.agent_out();
+                } else {
+                    self.stats.agent_dropped();
+                }
+            }
+            Action::CloseAgent => {
+                if let Some(leg) = self.calls.get_mut(&handle).and_then(|c| c.agent.take()) {
+                    self.close_agent(leg);
+                }
+            }
+            Action::Record(kind, detail) => {
+                let Some(call) = self.calls.get(&handle) else { return };
+                let call_id = call.flow.call_id().clone();
+                if kind == MediaEventKind::AgentFailed {
+                    tracing::warn!(shard = self.index, call_id = %call_id, %detail, "agent leg failed");
+                }
+                if let Err(e) = self.control.call_event(call_id, kind, detail) {
+                    tracing::warn!(shard = self.index, error = %e, "could not record a call event");
+                }
+            }
+        }
+    }
+
+    /// Lets an agent leg go: a graceful close (1000) when it is open, else a cancel.
+    fn close_agent(&mut self, leg: AgentLeg) {
+        if leg.open {
+            leg.outbox.close();
+            leg.task.detach();
+        } else {
+            self.closed_agents.push(leg);
+        }
+        self.update_agent_gauge();
+    }
+
+    fn update_agent_gauge(&self) {
+        self.stats.set_agent_legs(self.calls.values().filter(|c| c.agent.is_some()).count());
+    }
+
+    fn connect_agent(&mut self, handle: CallHandle, target: AgentTarget) {
+        let Some(call) = self.calls.get_mut(&handle) else { return };
+        let outbox = Rc::new(Outbox::default());
+        let this = self.this.clone();
+        let nudge = self.nudge.clone();
+        let deliver = move |now: Instant, input: AgentInput<'_>| {
+            if let Some(core) = this.upgrade() {
+                core.borrow_mut().on_agent(now, handle, input);
+                nudge.nudge();
             }
         };
-        if let Some(poll) = &plan.instructions.status_poll {
-            call.poll_interval = Some(poll.interval);
-            call.hold_deadline =
-                Some(later(now, poll.hold_remaining.saturating_add(poll.interval)));
+        let task = glommio::spawn_local(agent_leg::run(
+            target,
+            self.settings.agent_tls.clone(),
+            outbox.clone(),
+            deliver,
+        ));
+        call.agent = Some(AgentLeg { task, outbox, open: false });
+        self.update_agent_gauge();
+    }
+
+    fn on_agent(&mut self, now: Instant, handle: CallHandle, input: AgentInput<'_>) {
+        let Some(call) = self.calls.get_mut(&handle) else { return };
+        if call.agent.is_none() {
+            return;
         }
-        let source = call.source;
-        let ip = self.rtp_ip(source);
+        match input {
+            AgentInput::Open => {
+                if let Some(a) = call.agent.as_mut() {
+                    a.open = true;
+                }
+                call.flow.handle_agent_open(now);
+            }
+            AgentInput::Text(text) => {
+                self.stats.agent_in();
+                call.flow.handle_agent_text(now, text);
+            }
+            AgentInput::Closed(code, why) => {
+                // The socket is gone: nothing to close on our side.
+                if let Some(leg) = call.agent.take() {
+                    self.closed_agents.push(leg);
+                }
+                call.flow.handle_agent_closed(now, code, why);
+            }
+            AgentInput::Failed(e) => {
+                if let Some(leg) = call.agent.take() {
+                    self.closed_agents.push(leg);
+                }
+                call.flow.handle_agent_failed(now, e);
+            }
+        }
+        self.after_flow(now, handle);
+        self.drain(now);
+    }
+
+    /// Binds the call's RTP port and answers with `200 OK`.
+    fn answer(&mut self, now: Instant, handle: CallHandle) {
+        let Some(call) = self.calls.get(&handle) else { return };
+        let ip = self.rtp_ip(call.source);
         let (port, pair) = match self.ports.bind(ip) {
             Ok(bound) => bound,
             Err(e) => {
                 tracing::warn!(shard = self.index, error = %e, "no RTP port for a call");
-                if let Some(call) = self.calls.get_mut(&handle) {
-                    call.end_reason = Some("no_rtp_port");
-                }
                 self.endpoint.reject(now, handle, 503, "Service Unavailable");
+                if let Some(call) = self.calls.get_mut(&handle) {
+                    call.flow.handle_leg_ended();
+                }
                 return;
             }
         };
@@ -673,42 +745,66 @@ impl Core {
                 return;
             }
         };
-        let rx = Rc::new(RtpIn::new(now));
-        let receiver = glommio::spawn_local(receive_rtp(pair.recv, rx.clone(), self.stats.clone()));
+        let receiver = glommio::spawn_local(receive_rtp(
+            pair.recv,
+            handle,
+            self.this.clone(),
+            self.nudge.clone(),
+        ));
         let random = self.ids.next_u64();
         let sender = RtpSender::new(
             Ssrc(random as u32),
             SeqNo((random >> 32) as u16),
             RtpTimestamp((random >> 16) as u32),
         );
-        let mut playout = Playout::new();
-        for item in items {
-            playout.push(item);
-        }
         let slot = self.clock.add_stream(now);
         self.streams.insert(slot, handle);
         let Some(call) = self.calls.get_mut(&handle) else { return };
+        let codec = media_codec(params.codec);
         call.media = Some(CallMedia {
             port,
             send: pair.send,
             _receiver: receiver,
-            rx,
             remote: params.remote_rtp,
-            codec: media_codec(params.codec),
+            latched: None,
+            codec,
             payload_type: params.payload_type,
+            telephone_event: params.telephone_event,
+            last_dtmf: None,
             sending: can_send(params.direction, params.remote_rtp),
             sender,
-            playout,
-            slot: Some(slot),
+            slot,
         });
-        self.timers.push(Reverse((
-            later(now, self.settings.rtp_timeout),
-            handle,
-            TimerKind::RtpTimeout,
-        )));
-        if matches!(call.phase, Phase::Holding) {
-            self.schedule_poll(now, handle);
+        call.flow.handle_answered(now, codec);
+    }
+
+    /// One RTP datagram from the caller (the receive task calls this between its awaits).
+    fn on_rtp(&mut self, now: Instant, handle: CallHandle, from: SocketAddr, datagram: &[u8]) {
+        let Ok(packet) = RtpPacket::new_checked(datagram) else { return };
+        self.stats.rtp_in();
+        let Some(call) = self.calls.get_mut(&handle) else { return };
+        let Some(media) = call.media.as_mut() else { return };
+        if media.latched.is_none() {
+            media.latched = Some(from);
         }
+        let pt = packet.payload_type();
+        if pt == media.payload_type {
+            call.flow.handle_rtp(now, packet.sequence().0, packet.payload());
+        } else if Some(pt) == media.telephone_event {
+            call.flow.handle_rtp_seen(now);
+            if let Ok(ev) = TelephoneEvent::parse(packet.payload()) {
+                let ts = packet.timestamp().0;
+                if ev.end && media.last_dtmf != Some(ts) {
+                    media.last_dtmf = Some(ts);
+                    if let Some(digit) = ev.digit() {
+                        call.flow.handle_dtmf(digit);
+                    }
+                }
+            }
+        } else {
+            call.flow.handle_rtp_seen(now);
+        }
+        self.after_flow(now, handle);
     }
 
     /// Our RTP address: the SIP socket's, or, when that is a wildcard, the local address the
@@ -723,117 +819,46 @@ impl Core {
             .map_or(self.sip_ip, |a| a.ip())
     }
 
-    fn schedule_poll(&mut self, now: Instant, handle: CallHandle) {
-        let Some(call) = self.calls.get_mut(&handle) else { return };
-        let Some(interval) = call.poll_interval else { return };
-        // A zero interval from a misconfigured controller must not become a busy loop.
-        let at = later(now, interval.max(MIN_POLL_INTERVAL));
-        call.poll_at = Some(at);
-        self.timers.push(Reverse((at, handle, TimerKind::Poll)));
-    }
-
-    fn on_timer(&mut self, now: Instant, at: Instant, handle: CallHandle, kind: TimerKind) {
-        let Some(call) = self.calls.get_mut(&handle) else { return };
-        match kind {
-            TimerKind::PlanWait => {
-                if call.phase == Phase::AwaitingPlan {
-                    tracing::warn!(shard = self.index, call_id = %call.call_id, "no plan in time");
-                    call.end_reason = Some("failed");
-                    self.endpoint.reject(now, handle, 500, "Server Internal Error");
-                }
-            }
-            TimerKind::Poll => {
-                if call.poll_at != Some(at) || call.phase != Phase::Holding || call.poll_in_flight {
-                    return;
-                }
-                call.poll_at = None;
-                let call_id = call.call_id.clone();
-                let reply = self.reply_for(handle, call_id.clone(), PlanKind::Status);
-                match self.control.check_status(call_id, reply) {
-                    Ok(()) => {
-                        if let Some(call) = self.calls.get_mut(&handle) {
-                            call.poll_in_flight = true;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(shard = self.index, error = %e, "status check not queued");
-                        self.schedule_poll(now, handle);
-                    }
-                }
-            }
-            TimerKind::RtpTimeout => {
-                let Some(media) = &call.media else { return };
-                if matches!(call.phase, Phase::HangingUp) {
-                    return;
-                }
-                let expires = later(media.rx.last.get(), self.settings.rtp_timeout);
-                if expires > now {
-                    self.timers.push(Reverse((expires, handle, TimerKind::RtpTimeout)));
-                    return;
-                }
-                tracing::info!(shard = self.index, call_id = %call.call_id, "no RTP from the caller: hanging up");
-                call.end_reason = Some("rtp_timeout");
-                self.hang_up(now, handle);
-            }
-        }
-    }
-
-    /// Plays the error clip, then BYE; straight to BYE when there is no clip.
-    fn end_with_error(&mut self, now: Instant, handle: CallHandle, reason: &'static str) {
-        let Some(call) = self.calls.get_mut(&handle) else { return };
-        call.end_reason = Some(reason);
-        call.poll_at = None;
-        let error = call.clips.error.as_deref().cloned();
-        match (error, call.media.as_mut()) {
-            (Some(error), Some(media)) => {
-                call.phase = Phase::Ending;
-                media.playout.replace([PlayItem::once(error)]);
-                if media.slot.is_none() {
-                    let slot = self.clock.add_stream(now);
-                    media.slot = Some(slot);
-                    self.streams.insert(slot, handle);
-                }
-            }
-            _ => self.hang_up(now, handle),
-        }
-    }
-
     /// Stops our media and sends BYE (the SIP layer waits for the ACK first if need be).
     fn hang_up(&mut self, now: Instant, handle: CallHandle) {
         let Some(call) = self.calls.get_mut(&handle) else { return };
-        call.phase = Phase::HangingUp;
-        call.poll_at = None;
-        if let Some(slot) = call.media.as_mut().and_then(|m| m.slot.take()) {
-            self.clock.remove_stream(slot);
-            self.streams.remove(&slot);
+        if let Some(media) = call.media.as_mut() {
+            media.sending = false;
         }
         self.endpoint.hangup(now, handle);
     }
 
-    fn on_ended(&mut self, handle: CallHandle, reason: EndReason) {
-        let Some(call) = self.calls.remove(&handle) else { return };
-        if let Some(media) = call.media {
-            if let Some(slot) = media.slot {
-                self.clock.remove_stream(slot);
-                self.streams.remove(&slot);
-            }
+    fn on_ended(&mut self, now: Instant, handle: CallHandle, reason: EndReason) {
+        let Some(mut call) = self.calls.remove(&handle) else { return };
+        call.flow.handle_leg_ended();
+        while call.flow.poll_action().is_some() {}
+        if let Some(media) = call.media.take() {
+            self.clock.remove_stream(media.slot);
+            self.streams.remove(&media.slot);
             self.ports.release(media.port);
             // Dropping `media` drops the receive task (cancelling its receive) and the sockets.
         }
-        if !call.announced {
-            return;
+        if let Some(leg) = call.agent.take() {
+            self.close_agent(leg);
         }
-        let reason = call.end_reason.unwrap_or(match reason {
+        let stats = call.flow.stats();
+        self.stats.agent_call_done(
+            stats.agent_unknown + stats.agent_malformed,
+            stats.agent_overflow_bytes,
+        );
+        let reason = call.flow.end_reason().unwrap_or(match reason {
             EndReason::RemoteBye => "caller_hangup",
             EndReason::Cancelled => "canceled",
             EndReason::AckTimeout => "ack_timeout",
             EndReason::LocalBye => "completed",
             EndReason::Rejected => "rejected",
         });
-        tracing::debug!(shard = self.index, call_id = %call.call_id, reason, "call ended");
-        if let Err(e) = self.control.call_ended(call.call_id, reason.to_owned()) {
+        let call_id = call.flow.call_id().clone();
+        tracing::debug!(shard = self.index, call_id = %call_id, reason, "call ended");
+        if let Err(e) = self.control.call_ended(call_id, reason.to_owned()) {
             tracing::warn!(shard = self.index, error = %e, "could not record the end of a call");
         }
+        let _ = now;
     }
 
     /// On shutdown: one BYE (or final response) per live call, sent now, and the end recorded
@@ -841,22 +866,19 @@ impl Core {
     fn hang_up_all(&mut self, now: Instant) {
         let handles: Vec<CallHandle> = self.calls.keys().copied().collect();
         for handle in handles {
-            if let Some(call) = self.calls.get_mut(&handle) {
-                if call.phase != Phase::HangingUp {
-                    call.end_reason = Some("shutdown");
-                    self.endpoint.hangup(now, handle);
-                }
-            }
+            self.endpoint.hangup(now, handle);
         }
         while let Some(t) = self.endpoint.poll_transmit() {
             let _ = socket::send_parts(&self.sip_send, &[IoSlice::new(&t.payload)], t.dest);
         }
-        for (_, call) in self.calls.drain() {
-            if call.announced {
-                let _ = self.control.call_ended(call.call_id, "shutdown".to_owned());
+        for (_, mut call) in self.calls.drain() {
+            if let Some(leg) = call.agent.take() {
+                leg.outbox.close();
             }
+            let _ = self.control.call_ended(call.flow.call_id().clone(), "shutdown".to_owned());
         }
         self.stats.set_active_calls(0);
+        self.stats.set_agent_legs(0);
     }
 
     /// Sends one frame for every stream the media clock says is due.
@@ -867,66 +889,45 @@ impl Core {
         let mut due = std::mem::take(&mut self.due);
         self.clock.poll_due(now, &mut due);
         let mut sent = 0;
-        let mut finished: Vec<CallHandle> = Vec::new();
+        let mut acted: Vec<CallHandle> = Vec::new();
         for d in due.drain(..) {
             let Some(&handle) = self.streams.get(&d.stream) else { continue };
-            let Some(media) = self.calls.get_mut(&handle).and_then(|c| c.media.as_mut()) else {
-                continue;
-            };
+            let Some(call) = self.calls.get_mut(&handle) else { continue };
+            let Some(media) = call.media.as_mut() else { continue };
             media.sender.skip(d.skipped);
             let dest = media.destination();
-            match media.playout.tick() {
-                PlayoutTick::Frame { clip, index } => {
-                    if !media.sending {
-                        continue;
+            match call.flow.poll_frame(now) {
+                Some(frame) if media.sending => {
+                    if frame.marker {
+                        media.sender.talkspurt();
                     }
                     let header = media.sender.next_header(media.payload_type).to_bytes();
-                    let payload = clip.frame(media.codec, index);
-                    let parts = [IoSlice::new(&header), IoSlice::new(payload)];
+                    let parts = [IoSlice::new(&header), IoSlice::new(frame.payload)];
                     match socket::send_parts(&media.send, &parts, dest) {
                         Ok(_) => sent += 1,
                         Err(_) => self.stats.send_error(),
                     }
                 }
-                PlayoutTick::Finished => finished.push(handle),
+                // Nothing to say now (or not allowed to send): time runs on, and the next
+                // packet starts a talkspurt (RFC 3550 §5.1).
+                _ => {
+                    media.sender.skip(1);
+                    media.sender.talkspurt();
+                }
+            }
+            // Rare (a clip ran out, the agent finished): the Vec stays unallocated per tick.
+            if call.flow.has_actions() {
+                acted.push(handle);
             }
         }
         self.due = due;
         if sent > 0 {
             self.stats.rtp_out(sent);
         }
-        // Rare (a clip ran out), so the small Vec above stays empty and unallocated per tick.
-        for handle in finished {
-            let Some(call) = self.calls.get_mut(&handle) else { continue };
-            if let Some(slot) = call.media.as_mut().and_then(|m| m.slot.take()) {
-                self.clock.remove_stream(slot);
-                self.streams.remove(&slot);
-            }
-            if call.phase == Phase::Ending {
-                self.hang_up(now, handle);
-            }
+        for handle in acted {
+            self.after_flow(now, handle);
         }
     }
-}
-
-/// `now + d`, capped: durations come from configuration and from the control plane, and an
-/// `Instant` overflow would panic the shard.
-fn later(now: Instant, d: Duration) -> Instant {
-    const FAR: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-    now.checked_add(d.min(FAR)).unwrap_or(now)
-}
-
-/// Whether the offer has an audio stream with PCMU or PCMA (static 0/8, or by rtpmap name).
-fn offers_g711(offer: &SdpOffer) -> bool {
-    offer.media.iter().any(|m| {
-        m.media.eq_ignore_ascii_case("audio")
-            && m.port != 0
-            && (m.formats.iter().any(|f| f == "0" || f == "8")
-                || m.rtpmaps.iter().any(|(_, name, rate)| {
-                    *rate == 8000
-                        && (name.eq_ignore_ascii_case("PCMU") || name.eq_ignore_ascii_case("PCMA"))
-                }))
-    })
 }
 
 fn can_send(direction: Direction, remote: SocketAddr) -> bool {
@@ -939,15 +940,5 @@ fn media_codec(codec: precall_sip::Codec) -> Codec {
     match codec {
         precall_sip::Codec::Pcmu => Codec::Pcmu,
         precall_sip::Codec::Pcma => Codec::Pcma,
-    }
-}
-
-/// The SIP answer to a control plane that could not plan a call.
-fn refusal(e: &ControlError) -> (u16, &'static str) {
-    match e {
-        ControlError::Overloaded | ControlError::Timeout | ControlError::Stopped => {
-            (503, "Service Unavailable")
-        }
-        _ => (500, "Server Internal Error"),
     }
 }

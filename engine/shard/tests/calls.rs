@@ -12,7 +12,7 @@ use std::{
 
 use precall_api::{
     AudioInstruction, CallContext, CallId, CallInstructions, CloneStatus, ControlError,
-    SpeechInstruction, StatusPollInstruction,
+    MediaEventKind, SpeechInstruction, StatusPollInstruction,
 };
 use precall_engine::{Engine, EngineConfig, MediaPlan, PlanReply, ShardControl, ShardPlan};
 use precall_media::{Codec, EncodedClip, RtpPacket};
@@ -68,6 +68,7 @@ fn hold_plan(call_id: CallId, greeting: bool) -> ShardPlan {
             hold: Some(sine(600.0, 0.5)),
             error: Some(sine(300.0, 0.2)),
         },
+        agent: None,
     }
 }
 
@@ -108,6 +109,10 @@ impl ShardControl for FakeControl {
 
     fn call_ended(&self, call_id: CallId, reason: String) -> Result<(), ControlError> {
         self.ended.lock().unwrap().push((call_id.as_str().to_owned(), reason));
+        Ok(())
+    }
+
+    fn call_event(&self, _: CallId, _: MediaEventKind, _: String) -> Result<(), ControlError> {
         Ok(())
     }
 }

@@ -9,7 +9,7 @@ use std::{
 
 use std::sync::Arc;
 
-use precall_api::{CallContext, CallId, ControlError};
+use precall_api::{CallContext, CallId, ControlError, MediaEventKind};
 use precall_engine::{
     Engine, EngineConfig, EngineError, PlanReply, SendError, ShardControl, ShardMsg,
 };
@@ -28,6 +28,9 @@ impl ShardControl for NoControl {
         Err(ControlError::Stopped)
     }
     fn call_ended(&self, _: CallId, _: String) -> Result<(), ControlError> {
+        Ok(())
+    }
+    fn call_event(&self, _: CallId, _: MediaEventKind, _: String) -> Result<(), ControlError> {
         Ok(())
     }
 }

@@ -148,6 +148,16 @@ pub struct SessionDescription {
 pub type SdpOffer = SessionDescription;
 
 impl SessionDescription {
+    /// Whether an answer can carry audio: an enabled RTP/AVP audio stream offering PCMU or PCMA
+    /// (static 0/8, or by `a=rtpmap` name at 8000 Hz). The one G.711 check of the engine: the
+    /// shard refuses other offers with `488` before the controller records a call.
+    pub fn has_g711_audio(&self) -> bool {
+        self.media
+            .iter()
+            .filter(|m| is_audio_rtp(m))
+            .any(|m| m.formats.iter().any(|f| codec_of(m, f).is_some()))
+    }
+
     /// Parses an SDP body. Tolerates LF-only lines; checks the lines we use.
     pub fn parse(body: &[u8]) -> Result<Self, SdpError> {
         let text = String::from_utf8_lossy(body);

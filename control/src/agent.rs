@@ -1,0 +1,174 @@
+//! Where the agent is: the control plane's half of the agent leg.
+//!
+//! A shard never waits on DNS or HTTP, so before a `connect` plan goes to the shard this
+//! resolves the agent's address, and for private ElevenLabs agents (an API key is set) fetches
+//! a signed URL (`GET /v1/convai/conversation/get-signed-url?agent_id=…`, valid 15 minutes
+//! and possibly single-use: one per call, fetched right before the connect).
+
+use std::time::Duration;
+
+use precall_api::WebSocketInstruction;
+use precall_engine::{AgentTarget, AgentUnavailable};
+use reqwest::Url;
+use serde::Deserialize;
+
+/// Which agent service calls are bridged to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEndpoint {
+    /// A WebSocket endpoint that takes `agent_id` in the query (`AGENT_WS_URL`, a self-hosted
+    /// agent, or the embedded demo agent).
+    Url(String),
+    /// ElevenLabs Agents: public agents by `agent_id` on the API host, private ones (an API key
+    /// is set) by signed URL.
+    ElevenLabs {
+        /// `ELEVENLABS_API_BASE`.
+        api_base: String,
+        /// `ELEVENLABS_API_KEY`.
+        api_key: Option<String>,
+    },
+}
+
+impl AgentEndpoint {
+    /// The WebSocket endpoint the controller names in its instructions (`agent_id` appended).
+    pub fn ws_base(&self) -> String {
+        match self {
+            AgentEndpoint::Url(url) => url.clone(),
+            AgentEndpoint::ElevenLabs { api_base, .. } => {
+                let ws = if let Some(rest) = api_base.strip_prefix("https://") {
+                    format!("wss://{rest}")
+                } else if let Some(rest) = api_base.strip_prefix("http://") {
+                    format!("ws://{rest}")
+                } else {
+                    api_base.clone()
+                };
+                format!("{}/v1/convai/conversation", ws.trim_end_matches('/'))
+            }
+        }
+    }
+}
+
+/// Turns a `connect` instruction into an [`AgentTarget`] a shard can open at once.
+#[derive(Debug, Clone)]
+pub struct AgentResolver {
+    endpoint: AgentEndpoint,
+    http: reqwest::Client,
+}
+
+#[derive(Deserialize)]
+struct SignedUrl {
+    signed_url: String,
+}
+
+impl AgentResolver {
+    /// A resolver for `endpoint`; HTTP requests (signed URLs) give up after `timeout`.
+    pub fn new(endpoint: AgentEndpoint, timeout: Duration) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .user_agent(concat!("precall/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("agent HTTP client: {e}"))?;
+        Ok(Self { endpoint, http })
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&self) -> &AgentEndpoint {
+        &self.endpoint
+    }
+
+    /// The URL to open for `ws` and the address it resolves to.
+    pub async fn resolve(
+        &self,
+        ws: &WebSocketInstruction,
+    ) -> Result<AgentTarget, AgentUnavailable> {
+        let url = match &self.endpoint {
+            AgentEndpoint::ElevenLabs { api_base, api_key: Some(key) } => {
+                self.signed_url(api_base, key, &ws.agent_id).await?
+            }
+            _ => ws.url.clone(),
+        };
+        target(&url).await
+    }
+
+    async fn signed_url(
+        &self,
+        api_base: &str,
+        key: &str,
+        agent_id: &str,
+    ) -> Result<String, AgentUnavailable> {
+        let mut url = Url::parse(&format!("{api_base}/v1/convai/conversation/get-signed-url"))
+            .map_err(|e| AgentUnavailable(format!("ELEVENLABS_API_BASE: {e}")))?;
+        url.query_pairs_mut().append_pair("agent_id", agent_id);
+        let response = self
+            .http
+            .get(url)
+            .header("xi-api-key", key)
+            .send()
+            .await
+            .map_err(|e| AgentUnavailable(format!("signed URL request: {e}")))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            let body: String = body.chars().take(300).collect();
+            return Err(AgentUnavailable(format!("signed URL: HTTP {status}: {body}")));
+        }
+        let signed: SignedUrl = response
+            .json()
+            .await
+            .map_err(|e| AgentUnavailable(format!("signed URL answer: {e}")))?;
+        Ok(signed.signed_url)
+    }
+}
+
+/// Parses `url` and resolves its host (the shard connects to the address, and uses the host
+/// for TLS and the `Host` header).
+pub async fn target(url: &str) -> Result<AgentTarget, AgentUnavailable> {
+    let parsed =
+        Url::parse(url).map_err(|e| AgentUnavailable(format!("agent URL {url:?}: {e}")))?;
+    let tls = match parsed.scheme() {
+        "wss" => true,
+        "ws" => false,
+        other => {
+            return Err(AgentUnavailable(format!("agent URL scheme {other:?} is not ws or wss")));
+        }
+    };
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| AgentUnavailable(format!("agent URL {url:?} has no host")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = parsed.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+    let addr = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| AgentUnavailable(format!("resolving {host}: {e}")))?
+        .next()
+        .ok_or_else(|| AgentUnavailable(format!("{host} has no address")))?;
+    Ok(AgentTarget { url: url.to_owned(), host, addr, tls })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elevenlabs_ws_base_follows_the_api_host() {
+        let e = AgentEndpoint::ElevenLabs {
+            api_base: "https://api.eu.residency.elevenlabs.io".into(),
+            api_key: None,
+        };
+        assert_eq!(e.ws_base(), "wss://api.eu.residency.elevenlabs.io/v1/convai/conversation");
+        let e = AgentEndpoint::ElevenLabs { api_base: "http://127.0.0.1:9/".into(), api_key: None };
+        assert_eq!(e.ws_base(), "ws://127.0.0.1:9/v1/convai/conversation");
+    }
+
+    #[tokio::test]
+    async fn targets_resolve_and_bad_urls_say_why() {
+        let t = target("ws://127.0.0.1:4567/v1/convai/conversation?agent_id=a").await.unwrap();
+        assert_eq!((t.addr.port(), t.tls, t.host.as_str()), (4567, false, "127.0.0.1"));
+        let t = target("wss://localhost/x").await.unwrap();
+        assert_eq!((t.addr.port(), t.tls, t.host.as_str()), (443, true, "localhost"));
+        assert!(target("http://x/").await.unwrap_err().0.contains("scheme"));
+        assert!(target("ws://no-such-host.invalid/").await.unwrap_err().0.contains("resolving"));
+    }
+}
