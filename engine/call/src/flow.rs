@@ -230,6 +230,11 @@ pub struct CallFlow {
     agent_audio: VecDeque<u8>,
     agent_frame: [u8; FRAME_SAMPLES],
     agent_started: bool,
+    /// Greeting frames still to play: the agent's first words wait for the greeting's end
+    /// (hold, not the greeting, is what the agent cuts off).
+    greeting_left: usize,
+    /// A silence frame in the caller's codec, sent while the agent is quiet.
+    silence: [u8; FRAME_SAMPLES],
     speaking: bool,
     interrupted_up_to: Option<u64>,
     reorder: Reorder,
@@ -273,6 +278,8 @@ impl CallFlow {
             agent_audio: VecDeque::new(),
             agent_frame: [0; FRAME_SAMPLES],
             agent_started: false,
+            greeting_left: 0,
+            silence: [Codec::Pcmu.silence(); FRAME_SAMPLES],
             speaking: false,
             interrupted_up_to: None,
             reorder: Reorder::new(),
@@ -391,6 +398,7 @@ impl CallFlow {
                 return;
             }
             CallAction::Hold | CallAction::Connect => {
+                self.greeting_left = plan.media.greeting.as_ref().map_or(0, |g| g.frames());
                 let items = clip(&plan.media.greeting)
                     .map(PlayItem::once)
                     .into_iter()
@@ -484,6 +492,7 @@ impl CallFlow {
             return;
         }
         self.codec = codec;
+        self.silence = [codec.silence(); FRAME_SAMPLES];
         self.last_rtp = now;
         self.rtp_check_at = Some(later(now, self.cfg.rtp_timeout));
         if self.end_reason.is_some() {
@@ -501,6 +510,7 @@ impl CallFlow {
     /// The caller's codec changed (re-INVITE, UPDATE).
     pub fn handle_media_changed(&mut self, codec: Codec) {
         self.codec = codec;
+        self.silence = [codec.silence(); FRAME_SAMPLES];
         if let Agent::Open { formats: Some(f), .. } | Agent::Talking { formats: f } =
             &mut self.agent
         {
@@ -874,6 +884,7 @@ impl CallFlow {
     pub fn poll_frame(&mut self, _now: Instant) -> Option<Frame<'_>> {
         match self.phase {
             Phase::Holding | Phase::Connecting | Phase::Ending => self.clip_frame(),
+            Phase::Bridged if self.greeting_left > 0 => self.clip_frame(),
             Phase::Bridged => self.agent_frame(),
             Phase::AwaitingPlan | Phase::Answering | Phase::HangingUp | Phase::Ended => None,
         }
@@ -890,6 +901,7 @@ impl CallFlow {
         let codec = self.codec;
         let marker = !self.speaking;
         self.speaking = true;
+        self.greeting_left = self.greeting_left.saturating_sub(1);
         match self.playout.tick() {
             PlayoutTick::Frame { clip, index } => {
                 Some(Frame { payload: clip.frame(codec, index), marker })
@@ -906,8 +918,12 @@ impl CallFlow {
             if matches!(self.agent, Agent::Finished) {
                 self.end_reason = Some(reason::COMPLETED);
                 self.hang_up();
+                return None;
             }
-            return None;
+            // The agent is quiet: RTP goes on with silence, so NATs, session border
+            // controllers and the caller's own RTP timeout see a live stream; the agent's next
+            // words start a talkspurt (marker).
+            return Some(Frame { payload: &self.silence, marker: false });
         }
         let take = queued.min(FRAME_SAMPLES);
         for (dst, src) in self.agent_frame.iter_mut().zip(self.agent_audio.drain(..take)) {

@@ -310,7 +310,9 @@ fn hold_connect_first_audio_interruption_agent_end_bye() {
     assert_eq!(h.flow.agent_queued(), 0);
     let cut = h.at();
     h.run_for(Duration::from_millis(40));
-    assert_eq!(h.frames_since(cut), vec![Sent::Nothing, Sent::Nothing]);
+    // The line stays live with silence while the agent is quiet.
+    let quiet = Sent::Frame { first: 0xFF, marker: false };
+    assert_eq!(h.frames_since(cut), vec![quiet.clone(), quiet]);
     h.agent(&audio_msg(2, &[ulaw(-7000); 330]));
     let next = h.at();
     h.run_for(Duration::from_millis(60));
@@ -410,7 +412,12 @@ fn pcma_caller_and_pcm_16k_agent_are_converted_both_ways() {
     let pcm: Vec<u8> = std::iter::repeat_n(6000i16, 3200).flat_map(|s| s.to_le_bytes()).collect();
     h.agent(&audio_msg(1, &pcm));
     assert!(h.flow.agent_queued() >= 1500, "{}", h.flow.agent_queued());
+    // The greeting (5 frames) plays to its end first; then the agent.
     h.run_for(Duration::from_millis(100));
+    assert_eq!(h.sent.len(), 6);
+    assert!(h.sent[..5].iter().all(|(_, _, p)| p[0] == g711::alaw_encode(1000)));
+    // Past the resampler's first milliseconds, the level is the agent's.
+    h.run_for(Duration::from_millis(60));
     let last = &h.sent.last().unwrap().2;
     let v = g711::alaw_decode(last[80]);
     assert!((5500..6500).contains(&v), "{v}");

@@ -640,8 +640,14 @@ impl Core {
             Action::Record(kind, detail) => {
                 let Some(call) = self.calls.get(&handle) else { return };
                 let call_id = call.flow.call_id().clone();
-                if kind == MediaEventKind::AgentFailed {
-                    tracing::warn!(shard = self.index, call_id = %call_id, %detail, "agent leg failed");
+                match kind {
+                    MediaEventKind::AgentFailed => {
+                        tracing::warn!(shard = self.index, call_id = %call_id, %detail, "agent leg failed");
+                    }
+                    MediaEventKind::AgentConnected => {
+                        tracing::info!(shard = self.index, call_id = %call_id, %detail, "agent conversation started");
+                    }
+                    _ => {}
                 }
                 if let Err(e) = self.control.call_event(call_id, kind, detail) {
                     tracing::warn!(shard = self.index, error = %e, "could not record a call event");
@@ -667,6 +673,7 @@ impl Core {
 
     fn connect_agent(&mut self, handle: CallHandle, target: AgentTarget) {
         let Some(call) = self.calls.get_mut(&handle) else { return };
+        tracing::debug!(shard = self.index, call_id = %call.flow.call_id(), addr = %target.addr, tls = target.tls, "opening the agent leg");
         let outbox = Rc::new(Outbox::default());
         let this = self.this.clone();
         let nudge = self.nudge.clone();
