@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # precall's test command (the README's, and what .ci/run calls).
-# Installs what the tests need when it is missing (PostgreSQL, SIPp, tshark: Debian packages),
+# Installs what the tests need when it is missing (PostgreSQL, SIPp, tshark, openssl: Debian packages),
 # checks formatting and lints, then runs every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,7 @@ have_pg() {
 have_pg || need+=(postgresql)
 command -v sipp >/dev/null || need+=(sip-tester)
 command -v tshark >/dev/null || need+=(tshark)
+command -v openssl >/dev/null || need+=(openssl)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

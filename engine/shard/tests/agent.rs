@@ -594,3 +594,140 @@ fn dead_and_flooding_agents_do_not_disturb_other_calls_on_the_shard() {
     );
     engine.shutdown().unwrap();
 }
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it, made with openssl (rustls
+/// wants a CA:FALSE end-entity certificate with a subjectAltName).
+fn test_pki(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=precall test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("ext.cnf"), "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[test]
+fn a_wss_agent_is_reached_over_tls_with_a_test_ca() {
+    use futures_rustls::rustls;
+    use rustls::pki_types::pem::PemObject;
+    let dir = std::env::temp_dir().join(format!("precall-wss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    test_pki(&dir);
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let server_cfg = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heard = Arc::new(Mutex::new(0usize));
+    let h = Arc::clone(&heard);
+    thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let conn = rustls::ServerConnection::new(server_cfg).unwrap();
+        let Ok(mut ws) = tungstenite::accept(rustls::StreamOwned::new(conn, tcp)) else { return };
+        let _init = ws.read();
+        send(
+            &mut ws,
+            serde_json::json!({"type": "conversation_initiation_metadata", "conversation_initiation_metadata_event": {
+            "conversation_id": "tls", "agent_output_audio_format": "ulaw_8000", "user_input_audio_format": "ulaw_8000"}}),
+        );
+        send(&mut ws, audio(1, &ulaw_tone(TONE_A_HZ, 400, 8000.0)));
+        while let Ok(msg) = ws.read() {
+            if let Message::Text(t) = msg {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                if let Some(c) = v["user_audio_chunk"].as_str() {
+                    *h.lock().unwrap() += B64.decode(c).map_or(0, |a| a.len());
+                }
+            }
+            if *h.lock().unwrap() >= 8000 {
+                let _ = ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() }));
+                let _ = ws.flush();
+            }
+        }
+    });
+    let control = Arc::new(Control::default());
+    let engine = start(control.clone(), 1, Some(dir.join("ca.pem")));
+    let target = AgentTarget {
+        url: format!("wss://127.0.0.1:{}/v1/convai/conversation?agent_id=test", addr.port()),
+        host: "127.0.0.1".into(),
+        addr,
+        tls: true,
+    };
+    let (uac, d, media) = call(&engine, &control, "tls@test", &target);
+    uac.await_bye(&d.call_id);
+    eventually("the end recorded", || ended_with(&control, &d.call_id).is_some());
+    assert_eq!(ended_with(&control, &d.call_id).as_deref(), Some("completed"));
+    assert!(*heard.lock().unwrap() >= 8000, "the agent heard the caller over TLS");
+    let got = media.got.lock().unwrap();
+    let tone = got
+        .iter()
+        .filter(|g| {
+            (TONE_A_HZ - 100.0..TONE_A_HZ + 100.0).contains(&frequency(Codec::Pcma, &g.payload))
+        })
+        .count();
+    assert_eq!(tone, 20, "the agent's 400 ms over TLS");
+    drop(got);
+    engine.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
