@@ -1,0 +1,290 @@
+//! The endpoint: every UAS transaction, dialog and BYE client transaction of the calls one
+//! shard owns, behind the handle_/poll_ interface described in the crate docs.
+//!
+//! One concern per file: this one holds the state, the run-loop interface and the
+//! application's answers (`accept`, `reject`, `hangup`); `requests.rs` handles each request
+//! method, `responses.rs` the answers to our BYEs and every timer, `send.rs` builds and sends
+//! what goes out (responses, BYE, dialog headers), `matching.rs` the RFC 3261 §17.2.3 keys and
+//! the small parsing helpers they share.
+
+mod matching;
+mod requests;
+mod responses;
+mod send;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::build::{self, ResponseSpec, reason_phrase};
+use crate::call::{Call, CallState, Retransmit2xx};
+use crate::config::{IdGen, SipConfig};
+use crate::error::{AcceptError, DropReason, RequestError};
+use crate::event::{CallHandle, EndReason, Event, Transmit};
+use crate::message::{self, StartLine, StartLineError};
+use crate::sdp::{self, LocalMedia, MediaParams};
+use crate::timers::{TimerQueue, TimerValues};
+use crate::transaction::client_non_invite::ClientNonInvite;
+use crate::transaction::server_invite::ServerInvite;
+use crate::transaction::server_non_invite::ServerNonInvite;
+use crate::transaction::{ServerKey, TxnId};
+use crate::wire::{self};
+
+use matching::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Owner {
+    Call(CallHandle),
+    Server(TxnId),
+    Client(TxnId),
+}
+
+#[derive(Debug)]
+enum ServerTxn {
+    Invite(ServerInvite),
+    NonInvite(ServerNonInvite),
+}
+
+#[derive(Debug)]
+struct ServerEntry {
+    key: Option<ServerKey>,
+    txn: ServerTxn,
+}
+
+impl ServerEntry {
+    fn dest_and_last(&self) -> (SocketAddr, &[u8]) {
+        match &self.txn {
+            ServerTxn::Invite(t) => (t.dest, t.last_response()),
+            ServerTxn::NonInvite(t) => (t.dest, t.last_response()),
+        }
+    }
+}
+
+/// Sent with every `503` to an INVITE (seconds before the caller retries).
+const RETRY_AFTER_503: &str = "Retry-After: 5\r\n";
+
+/// One shard's SIP user-agent server. See the crate docs for the run loop.
+#[derive(Debug)]
+pub struct Endpoint<G: IdGen> {
+    cfg: SipConfig,
+    t: TimerValues,
+    ids: G,
+    next_id: u64,
+    calls: HashMap<CallHandle, Call>,
+    calls_by_id: HashMap<String, CallHandle>,
+    servers: HashMap<TxnId, ServerEntry>,
+    server_index: HashMap<ServerKey, TxnId>,
+    clients: HashMap<TxnId, ClientNonInvite>,
+    client_index: HashMap<String, TxnId>,
+    timers: TimerQueue<Owner>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+}
+
+impl<G: IdGen> Endpoint<G> {
+    /// A new endpoint with no calls.
+    pub fn new(cfg: SipConfig, ids: G) -> Self {
+        let t = TimerValues { t1: cfg.t1, t2: cfg.t2, t4: cfg.t4 };
+        Self {
+            cfg,
+            t,
+            ids,
+            next_id: 0,
+            calls: HashMap::new(),
+            calls_by_id: HashMap::new(),
+            servers: HashMap::new(),
+            server_index: HashMap::new(),
+            clients: HashMap::new(),
+            client_index: HashMap::new(),
+            timers: TimerQueue::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Live calls: ringing, answered, confirmed or hanging up.
+    pub fn calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The earliest deadline of all timers; call [`Self::handle_timeout`] then. May be earlier
+    /// than needed (a wake-up that finds nothing due is harmless).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    /// Runs every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(owner) = self.timers.pop_due(now) {
+            match owner {
+                Owner::Call(h) => self.call_timer(now, h),
+                Owner::Server(id) => self.server_timer(now, id),
+                Owner::Client(id) => self.client_timer(now, id),
+            }
+        }
+    }
+
+    /// Processes one received datagram.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        if datagram.len() > self.cfg.max_message_bytes {
+            return self.dropped(DropReason::TooLarge);
+        }
+        let datagram = wire::skip_leading_crlf(datagram);
+        if datagram.is_empty() {
+            return; // CRLF keepalive (RFC 5626 §4.4.1)
+        }
+        let (head_bytes, rest) = wire::split_head_body(datagram);
+        let head_text = wire::normalize_head(head_bytes);
+        let head = wire::parse_head(&head_text);
+        match message::parse_start_line(head.start_line) {
+            Ok(StartLine::Response { code }) => self.on_response(now, code, &head.headers),
+            Ok(StartLine::Request { method, uri }) => {
+                self.on_request(now, from, method, uri, &head, &head_text, rest)
+            }
+            Err(StartLineError::NotSip) => self.dropped(DropReason::NotSip),
+            Err(StartLineError::BadStatusLine) => self.dropped(DropReason::MalformedResponse),
+            Err(StartLineError::Request(kind)) => {
+                let err = match kind {
+                    message::RequestErrorKind::BadRequestLine => RequestError::BadRequestLine,
+                    message::RequestErrorKind::Version => RequestError::VersionNotSupported,
+                };
+                let method = head.start_line.split(' ').next().unwrap_or("");
+                let key = server_key(method, &head.headers);
+                self.answer_error(now, from, key, method == "ACK", &head.headers, &err);
+            }
+        }
+    }
+
+    // ----- the application's answers -----
+
+    /// Answers the call with `200 OK` and our SDP (answer to the offer, or an offer when the
+    /// INVITE had none) and starts retransmitting it until the ACK (RFC 3261 §13.3.1.4).
+    /// `local_rtp` is our RTP socket; SDP announces `advertised_ip` when configured.
+    pub fn accept(
+        &mut self,
+        now: Instant,
+        call: CallHandle,
+        local_rtp: SocketAddr,
+    ) -> Result<MediaParams, AcceptError> {
+        let Some(mut c) = self.calls.remove(&call) else {
+            return Err(AcceptError::UnknownCall);
+        };
+        if c.state != CallState::Ringing {
+            self.calls.insert(call, c);
+            return Err(AcceptError::NotRinging);
+        }
+        let tag = self.local_tag(&mut c);
+        c.session_id = self.ids.session_id();
+        c.session_version = 1;
+        let ip = self.cfg.advertised_ip.unwrap_or_else(|| {
+            if local_rtp.ip().is_unspecified() { self.cfg.local.ip() } else { local_rtp.ip() }
+        });
+        let local = LocalMedia {
+            rtp: SocketAddr::new(ip, local_rtp.port()),
+            session_id: c.session_id,
+            session_version: c.session_version,
+        };
+        c.local_rtp = Some(local.rtp);
+        let (sdp_text, media) = match &c.offer {
+            Some(offer) => match sdp::answer(offer, &local) {
+                Ok(answered) => answered,
+                Err(_) => {
+                    self.final_to_invite(now, &mut c, 488, reason_phrase(488), "");
+                    self.end(call, c, EndReason::Rejected);
+                    return Err(AcceptError::NotAcceptable);
+                }
+            },
+            None => {
+                c.awaiting_answer = true;
+                (sdp::offer(&local), placeholder_media())
+            }
+        };
+        let head = wire::parse_head(&c.invite_head);
+        let mut extra = String::new();
+        for rr in message::list(&head.headers, "Record-Route", None) {
+            extra.push_str(&format!("Record-Route: {rr}\r\n"));
+        }
+        extra.push_str(&self.dialog_headers(self.signalling_addr(&c), c.session_expires));
+        let payload = build::response(
+            &head.headers,
+            c.invite_source,
+            &ResponseSpec {
+                code: 200,
+                reason: "OK",
+                to_tag: Some(&tag),
+                extra: &extra,
+                body: Some(("application/sdp", sdp_text.as_bytes())),
+                server: &self.cfg.user_agent,
+            },
+        );
+        if let Some(ServerEntry { txn: ServerTxn::Invite(txn), .. }) =
+            self.servers.get_mut(&c.invite_txn)
+        {
+            txn.accepted(now, &self.t, payload.clone());
+        }
+        self.arm(Owner::Server(c.invite_txn));
+        c.retransmit = Some(Retransmit2xx::start(
+            now,
+            &self.t,
+            c.invite_source,
+            c.dialog.remote_seq,
+            payload.clone(),
+        ));
+        c.state = CallState::Answered;
+        c.media = Some(media);
+        self.send(c.invite_source, payload);
+        self.calls.insert(call, c);
+        self.arm(Owner::Call(call));
+        Ok(media)
+    }
+
+    /// Refuses a ringing call with a final non-2xx (`code` outside 300–699 becomes 500). The
+    /// INVITE transaction then retransmits it on Timer G until the ACK or Timer H.
+    pub fn reject(&mut self, now: Instant, call: CallHandle, code: u16, reason: &str) {
+        let Some(mut c) = self.calls.remove(&call) else { return };
+        if c.state != CallState::Ringing {
+            self.calls.insert(call, c);
+            return;
+        }
+        let code = if (300..=699).contains(&code) { code } else { 500 };
+        // RFC 3261 §21.5.4: an overloaded server tells the caller when to retry, so a trunk
+        // backs off (or fails over) instead of retrying at once.
+        let extra = if code == 503 { RETRY_AFTER_503 } else { "" };
+        self.final_to_invite(now, &mut c, code, reason, extra);
+        self.end(call, c, EndReason::Rejected);
+    }
+
+    /// Ends the call: a BYE once the dialog is confirmed (RFC 3261 §15: not before the ACK or
+    /// the 2xx give-up); `480` while still ringing. `CallEnded` follows the BYE's outcome.
+    pub fn hangup(&mut self, now: Instant, call: CallHandle) {
+        let Some(mut c) = self.calls.remove(&call) else { return };
+        match c.state {
+            CallState::Ringing => {
+                self.final_to_invite(now, &mut c, 480, reason_phrase(480), "");
+                self.end(call, c, EndReason::Rejected);
+            }
+            CallState::Answered => {
+                c.bye_pending = true;
+                self.calls.insert(call, c);
+            }
+            CallState::Confirmed => {
+                self.send_bye(now, call, &mut c, true);
+                c.state = CallState::Ending;
+                self.calls.insert(call, c);
+            }
+            CallState::Ending => {
+                self.calls.insert(call, c);
+            }
+        }
+    }
+}

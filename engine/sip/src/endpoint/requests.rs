@@ -1,0 +1,456 @@
+//! Each request method: INVITE, re-INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE/INFO.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::body;
+use crate::build::{self, ResponseSpec, host_port, reason_phrase};
+use crate::call::{Call, CallState, Retransmit2xx};
+use crate::config::IdGen;
+use crate::dialog::Dialog;
+use crate::error::{DropReason, RequestError};
+use crate::event::{CallHandle, EndReason, Event};
+use crate::message::{self, ALLOW, Method, Request, SUPPORTED};
+use crate::sdp::SessionDescription;
+use crate::sdp::{self, LocalMedia};
+use crate::transaction::server_invite::ServerInvite;
+use crate::transaction::{ServerKey, TxnId};
+use crate::uri;
+use crate::wire::{self, HeaderLine};
+
+use super::matching::*;
+use super::*;
+
+impl<G: IdGen> Endpoint<G> {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_request(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        method_str: &str,
+        uri_str: &str,
+        head: &wire::Head<'_>,
+        head_text: &str,
+        rest: &[u8],
+    ) {
+        let headers = &head.headers;
+        let is_ack = method_str == "ACK";
+        if message::list(headers, "Via", Some("v")).is_empty() {
+            // No Via: the sender could not match any answer (RFC 3261 §8.1.1.7).
+            let reason = if is_ack { DropReason::UnmatchedAck } else { DropReason::Unanswerable };
+            return self.dropped(reason);
+        }
+        let key = server_key(method_str, headers);
+        // Retransmissions first (RFC 3261 §17.2.3), before any costly parsing.
+        if let Some(id) = key.as_ref().and_then(|k| self.server_index.get(k)).copied() {
+            if is_ack {
+                if let Some(ServerEntry { txn: ServerTxn::Invite(txn), .. }) =
+                    self.servers.get_mut(&id)
+                {
+                    if txn.on_ack(now, &self.t) {
+                        self.arm(Owner::Server(id));
+                        return;
+                    }
+                }
+            } else {
+                if let Some(entry) = self.servers.get(&id) {
+                    let (dest, last) = entry.dest_and_last();
+                    if !last.is_empty() {
+                        let last = last.to_vec();
+                        self.send(dest, last);
+                    }
+                }
+                return;
+            }
+        }
+        let body = match wire::frame_body(headers, rest) {
+            Ok(body) => body,
+            Err(e) => return self.answer_error(now, from, key, is_ack, headers, &e.into()),
+        };
+        if head.bad_line {
+            return self.answer_error(
+                now,
+                from,
+                key,
+                is_ack,
+                headers,
+                &RequestError::BadHeaderLine,
+            );
+        }
+        let req = match message::parse_request(method_str, uri_str, headers, body) {
+            Ok(req) => req,
+            Err(e) => return self.answer_error(now, from, key, is_ack, headers, &e),
+        };
+        match req.method {
+            Method::Invite if req.to.tag().is_some() => {
+                self.on_reinvite(now, from, key, &req, headers, body)
+            }
+            Method::Invite => self.on_invite(now, from, key, &req, headers, head_text, body),
+            Method::Ack => self.on_ack(now, &req, body),
+            Method::Cancel => self.on_cancel(now, from, key, headers),
+            Method::Bye => self.on_bye(now, from, key, &req, headers),
+            Method::Options => self.on_options(now, from, key, &req, headers),
+            Method::Update | Method::Info => {
+                self.on_update_info(now, from, key, &req, headers, body)
+            }
+            Method::NotAllowed | Method::Unknown => {
+                self.answer_error(now, from, key, false, headers, &RequestError::UnknownMethod)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_invite(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        key: Option<ServerKey>,
+        req: &Request<'_>,
+        headers: &[HeaderLine<'_>],
+        head_text: &str,
+        body: &[u8],
+    ) {
+        if self.calls_by_id.contains_key(req.call_id) {
+            // Same Call-ID, new transaction: a merged or looped request (§8.2.2.2).
+            return self.answer_error(now, from, key, false, headers, &RequestError::MergedRequest);
+        }
+        let offer = match read_offer(req, body) {
+            Ok(offer) => offer,
+            Err(e) => return self.answer_error(now, from, key, false, headers, &e),
+        };
+        if let Some(offer) = &offer {
+            // Refuse at once what accept() could never answer, before the application starts
+            // work for the call (RFC 3264 §6: no common codec -> 488).
+            let probe = LocalMedia { rtp: self.cfg.local, session_id: 0, session_version: 0 };
+            if let Err(e) = sdp::answer(offer, &probe) {
+                return self.answer_error(now, from, key, false, headers, &negotiation_error(e));
+            }
+        }
+        let handle = CallHandle(self.fresh_id());
+        let txn_id = TxnId(self.fresh_id());
+        let trying = build::response(
+            headers,
+            from,
+            &ResponseSpec {
+                code: 100,
+                reason: "Trying",
+                to_tag: None,
+                extra: "",
+                body: None,
+                server: &self.cfg.user_agent,
+            },
+        );
+        self.send(from, trying.clone());
+        let txn = ServerInvite::proceeding(Some(handle), from, trying);
+        if let Some(k) = &key {
+            self.server_index.insert(k.clone(), txn_id);
+        }
+        self.servers.insert(txn_id, ServerEntry { key, txn: ServerTxn::Invite(txn) });
+
+        let session_expires =
+            req.session_expires.filter(|_| req.supports_timer).map(|(delta, _)| delta);
+        let call = Call {
+            state: CallState::Ringing,
+            dialog: Dialog::from_invite(req, req.from_raw, req.to_raw, from),
+            invite_head: head_text.to_owned(),
+            invite_txn: txn_id,
+            invite_source: from,
+            offer: offer.clone(),
+            session_expires,
+            retransmit: None,
+            local_rtp: None,
+            session_id: 0,
+            session_version: 0,
+            awaiting_answer: false,
+            media: None,
+            bye_pending: false,
+        };
+        self.calls_by_id.insert(req.call_id.to_owned(), handle);
+        self.calls.insert(handle, call);
+        let to_user = uri::user_of(&req.uri).or_else(|| uri::user_of(&req.to.uri));
+        self.events.push_back(Event::IncomingCall {
+            call: handle,
+            call_id: req.call_id.to_owned(),
+            from_user: uri::user_of(&req.from.uri).unwrap_or_default(),
+            to_user: to_user.unwrap_or_default(),
+            source: from,
+            offer,
+        });
+    }
+
+    pub(super) fn on_reinvite(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        mut key: Option<ServerKey>,
+        req: &Request<'_>,
+        headers: &[HeaderLine<'_>],
+        body: &[u8],
+    ) {
+        let Some((h, mut c)) = self.take_in_dialog(now, from, &mut key, req, headers) else {
+            return;
+        };
+        // The caller re-INVITEs inside the dialog, so it has our 2xx: stop resending it and
+        // count the dialog as confirmed even if that ACK was lost.
+        if c.retransmit.take().is_some() {
+            self.confirm(now, h, &mut c);
+        }
+        if let Some(contact) = &req.contact {
+            c.dialog.remote_target = Some(contact.uri.raw.to_owned()); // target refresh §12.2.2
+        }
+        let offer = match read_offer(req, body) {
+            Ok(offer) => offer,
+            Err(e) => {
+                self.calls.insert(h, c);
+                return self.answer_error(now, from, key, false, headers, &e);
+            }
+        };
+        let local = LocalMedia {
+            rtp: c.local_rtp.unwrap_or(self.cfg.public_addr()),
+            session_id: c.session_id,
+            session_version: c.session_version + 1,
+        };
+        let (sdp_text, media) = match &offer {
+            Some(offer) => match sdp::answer(offer, &local) {
+                Ok((text, media)) => (text, Some(media)),
+                Err(e) => {
+                    self.calls.insert(h, c);
+                    let err = negotiation_error(e);
+                    return self.answer_error(now, from, key, false, headers, &err);
+                }
+            },
+            None => {
+                c.awaiting_answer = true;
+                (sdp::offer(&local), None)
+            }
+        };
+        c.session_version += 1;
+        let se = req.session_expires.filter(|_| req.supports_timer).map(|(d, _)| d);
+        let extra = self.dialog_headers(self.signalling_addr(&c), se);
+        let payload = build::response(
+            headers,
+            from,
+            &ResponseSpec {
+                code: 200,
+                reason: "OK",
+                to_tag: None,
+                extra: &extra,
+                body: Some(("application/sdp", sdp_text.as_bytes())),
+                server: &self.cfg.user_agent,
+            },
+        );
+        let txn_id = TxnId(self.fresh_id());
+        let mut txn = ServerInvite::proceeding(Some(h), from, Vec::new());
+        txn.accepted(now, &self.t, payload.clone());
+        if let Some(k) = &key {
+            self.server_index.insert(k.clone(), txn_id);
+        }
+        self.servers.insert(txn_id, ServerEntry { key, txn: ServerTxn::Invite(txn) });
+        self.arm(Owner::Server(txn_id));
+        c.retransmit = Some(Retransmit2xx::start(now, &self.t, from, req.cseq, payload.clone()));
+        self.send(from, payload);
+        if let Some(media) = media {
+            c.media = Some(media);
+            self.events.push_back(Event::MediaChanged { call: h, media });
+        }
+        self.calls.insert(h, c);
+        self.arm(Owner::Call(h));
+    }
+
+    pub(super) fn on_ack(&mut self, now: Instant, req: &Request<'_>, body: &[u8]) {
+        let Some((h, mut c)) = self.take_dialog(req) else {
+            return self.dropped(DropReason::UnmatchedAck);
+        };
+        let acks_our_2xx = c.retransmit.as_ref().is_some_and(|r| r.cseq == req.cseq);
+        if acks_our_2xx {
+            c.retransmit = None;
+            if c.awaiting_answer && !body.is_empty() {
+                c.awaiting_answer = false;
+                let media = body::sdp_of(req.content_type, body)
+                    .and_then(|b| SessionDescription::parse(b).ok())
+                    .and_then(|sd| sdp::read_answer(&sd).ok());
+                if let Some(media) = media {
+                    c.media = Some(media);
+                    self.events.push_back(Event::MediaChanged { call: h, media });
+                }
+            }
+            self.confirm(now, h, &mut c);
+        }
+        // Otherwise a retransmitted ACK: absorbed.
+        self.calls.insert(h, c);
+    }
+
+    pub(super) fn on_cancel(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        key: Option<ServerKey>,
+        headers: &[HeaderLine<'_>],
+    ) {
+        // §9.2: the CANCEL carries the INVITE's branch and sent-by.
+        let invite_key =
+            key.as_ref().map(|k| ServerKey { method: "INVITE".to_owned(), ..k.clone() });
+        let txn_id = invite_key.and_then(|k| self.server_index.get(&k).copied());
+        let Some(txn_id) = txn_id else {
+            return self.answer_error(
+                now,
+                from,
+                key,
+                false,
+                headers,
+                &RequestError::NoSuchCallOrTransaction,
+            );
+        };
+        let call = match self.servers.get(&txn_id) {
+            Some(ServerEntry { txn: ServerTxn::Invite(txn), .. }) if txn.is_proceeding() => {
+                txn.call
+            }
+            _ => None,
+        };
+        let ringing = call.and_then(|h| self.calls.remove(&h).map(|c| (h, c)));
+        // §9.2: the 200 to the CANCEL and the 487 to the INVITE carry the same To tag.
+        let tag = match ringing {
+            Some((_, ref c)) if c.dialog.local_tag.is_some() => c.dialog.local_tag.clone(),
+            _ => None,
+        }
+        .unwrap_or_else(|| self.ids.tag());
+        let ok = build::response(
+            headers,
+            from,
+            &ResponseSpec {
+                code: 200,
+                reason: "OK",
+                to_tag: Some(&tag),
+                extra: "",
+                body: None,
+                server: &self.cfg.user_agent,
+            },
+        );
+        self.send_final(now, from, key, ok);
+        if let Some((h, mut c)) = ringing {
+            if c.state == CallState::Ringing {
+                c.dialog.local_tag = Some(tag);
+                self.final_to_invite(now, &mut c, 487, reason_phrase(487), "");
+                self.end(h, c, EndReason::Cancelled);
+            } else {
+                self.calls.insert(h, c);
+            }
+        }
+    }
+
+    pub(super) fn on_bye(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        key: Option<ServerKey>,
+        req: &Request<'_>,
+        headers: &[HeaderLine<'_>],
+    ) {
+        let Some((h, c)) = self.take_dialog(req) else {
+            return self.answer_error(
+                now,
+                from,
+                key,
+                false,
+                headers,
+                &RequestError::NoSuchCallOrTransaction,
+            );
+        };
+        let ok = self.plain_ok(headers, from, "");
+        self.send_final(now, from, key, ok);
+        self.end(h, c, EndReason::RemoteBye);
+    }
+
+    pub(super) fn on_options(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        key: Option<ServerKey>,
+        req: &Request<'_>,
+        headers: &[HeaderLine<'_>],
+    ) {
+        if req.to.tag().is_some() {
+            match self.take_dialog(req) {
+                Some((h, c)) => {
+                    self.calls.insert(h, c);
+                }
+                None => {
+                    return self.answer_error(
+                        now,
+                        from,
+                        key,
+                        false,
+                        headers,
+                        &RequestError::NoSuchCallOrTransaction,
+                    );
+                }
+            }
+        }
+        // Carriers probe trunks with OPTIONS (RFC 3261 §11.2).
+        let extra =
+            format!("Allow: {ALLOW}\r\nAccept: application/sdp\r\nSupported: {SUPPORTED}\r\n");
+        let ok = self.plain_ok(headers, from, &extra);
+        self.send_final(now, from, key, ok);
+    }
+
+    pub(super) fn on_update_info(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        mut key: Option<ServerKey>,
+        req: &Request<'_>,
+        headers: &[HeaderLine<'_>],
+        body: &[u8],
+    ) {
+        let Some((h, mut c)) = self.take_in_dialog(now, from, &mut key, req, headers) else {
+            return;
+        };
+        let offer = if req.method == Method::Update { read_offer(req, body) } else { Ok(None) };
+        let offer = match offer {
+            Ok(o) => o,
+            Err(e) => {
+                self.calls.insert(h, c);
+                return self.answer_error(now, from, key, false, headers, &e);
+            }
+        };
+        let ok = match offer {
+            None => self.plain_ok(headers, from, ""),
+            Some(offer) => {
+                // RFC 3311 §5.2: an UPDATE offer is answered in its 200.
+                let local = LocalMedia {
+                    rtp: c.local_rtp.unwrap_or(self.cfg.public_addr()),
+                    session_id: c.session_id,
+                    session_version: c.session_version + 1,
+                };
+                match sdp::answer(&offer, &local) {
+                    Ok((text, media)) => {
+                        c.session_version += 1;
+                        c.media = Some(media);
+                        self.events.push_back(Event::MediaChanged { call: h, media });
+                        let contact =
+                            format!("Contact: <sip:{}>\r\n", host_port(self.signalling_addr(&c)));
+                        build::response(
+                            headers,
+                            from,
+                            &ResponseSpec {
+                                code: 200,
+                                reason: "OK",
+                                to_tag: None,
+                                extra: &contact,
+                                body: Some(("application/sdp", text.as_bytes())),
+                                server: &self.cfg.user_agent,
+                            },
+                        )
+                    }
+                    Err(e) => {
+                        self.calls.insert(h, c);
+                        let err = negotiation_error(e);
+                        return self.answer_error(now, from, key, false, headers, &err);
+                    }
+                }
+            }
+        };
+        self.calls.insert(h, c);
+        self.send_final(now, from, key, ok);
+    }
+}

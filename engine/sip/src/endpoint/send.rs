@@ -1,0 +1,296 @@
+//! What goes out: responses, final answers, BYE, dialog headers, and the bookkeeping around them.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::build::{self, ResponseSpec, host_port};
+use crate::call::{Call, CallState};
+use crate::config::IdGen;
+use crate::error::{DropReason, RequestError};
+use crate::event::{CallHandle, EndReason, Event, Transmit};
+use crate::message::{self, ALLOW, MAGIC_COOKIE, Request, SUPPORTED};
+use crate::transaction::client_non_invite::ClientNonInvite;
+use crate::transaction::server_invite::ServerInvite;
+use crate::transaction::server_non_invite::ServerNonInvite;
+use crate::transaction::{ServerKey, TxnId};
+use crate::uri;
+use crate::wire::{self, HeaderLine};
+
+use super::*;
+
+impl<G: IdGen> Endpoint<G> {
+    pub(super) fn fresh_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub(super) fn send(&mut self, dest: SocketAddr, payload: Vec<u8>) {
+        self.transmits.push_back(Transmit { dest, payload });
+    }
+
+    pub(super) fn dropped(&mut self, reason: DropReason) {
+        self.events.push_back(Event::Dropped { reason });
+    }
+
+    pub(super) fn arm(&mut self, owner: Owner) {
+        let next = match owner {
+            Owner::Call(h) => self.calls.get(&h).and_then(Call::next_deadline),
+            Owner::Server(id) => self.servers.get(&id).and_then(|e| match &e.txn {
+                ServerTxn::Invite(t) => t.next_deadline(),
+                ServerTxn::NonInvite(t) => t.next_deadline(),
+            }),
+            Owner::Client(id) => self.clients.get(&id).and_then(ClientNonInvite::next_deadline),
+        };
+        if let Some(at) = next {
+            self.timers.schedule(at, owner);
+        }
+    }
+
+    pub(super) fn local_tag(&mut self, c: &mut Call) -> String {
+        if let Some(tag) = &c.dialog.local_tag {
+            return tag.clone();
+        }
+        let tag = self.ids.tag();
+        c.dialog.local_tag = Some(tag.clone());
+        tag
+    }
+
+    /// The address this call's Contact and Via announce. With an advertised IP, that one. Bound
+    /// to a wildcard address (`0.0.0.0`, the default) with none advertised, `public_addr` would
+    /// announce `0.0.0.0`, where no caller can send its ACK or BYE: use the address the shard
+    /// chose for the call's RTP instead (the local address that routes to the caller).
+    pub(super) fn signalling_addr(&self, c: &Call) -> SocketAddr {
+        let public = self.cfg.public_addr();
+        match c.local_rtp {
+            Some(rtp) if public.ip().is_unspecified() && !rtp.ip().is_unspecified() => {
+                SocketAddr::new(rtp.ip(), public.port())
+            }
+            _ => public,
+        }
+    }
+
+    /// Contact, Allow, Supported and the session timer of our 2xx to an INVITE.
+    pub(super) fn dialog_headers(&self, addr: SocketAddr, session_expires: Option<u32>) -> String {
+        let mut extra = format!(
+            "Contact: <sip:{}>\r\nAllow: {ALLOW}\r\nSupported: {SUPPORTED}\r\n",
+            host_port(addr)
+        );
+        if let Some(se) = session_expires {
+            // RFC 4028 §9: the caller refreshes; we only answer its re-INVITEs/UPDATEs.
+            extra.push_str(&format!("Session-Expires: {se};refresher=uac\r\nRequire: timer\r\n"));
+        }
+        extra
+    }
+
+    pub(super) fn plain_ok(
+        &mut self,
+        headers: &[HeaderLine<'_>],
+        from: SocketAddr,
+        extra: &str,
+    ) -> Vec<u8> {
+        let has_tag = message::single(headers, "To", Some("t"))
+            .ok()
+            .flatten()
+            .and_then(|to| uri::parse_name_addr(to).ok())
+            .and_then(|n| n.tag())
+            .is_some();
+        let tag = if has_tag { None } else { Some(self.ids.tag()) };
+        build::response(
+            headers,
+            from,
+            &ResponseSpec {
+                code: 200,
+                reason: "OK",
+                to_tag: tag.as_deref(),
+                extra,
+                body: None,
+                server: &self.cfg.user_agent,
+            },
+        )
+    }
+
+    /// Sends a final response and keeps a server transaction that resends it to
+    /// retransmissions (§17.2.1 Timer G/H for INVITE, §17.2.2 Timer J otherwise).
+    pub(super) fn send_final(
+        &mut self,
+        now: Instant,
+        dest: SocketAddr,
+        key: Option<ServerKey>,
+        payload: Vec<u8>,
+    ) {
+        self.send(dest, payload.clone());
+        let Some(key) = key else { return };
+        if self.server_index.contains_key(&key) {
+            return;
+        }
+        let txn = if key.method == "INVITE" {
+            ServerTxn::Invite(ServerInvite::refused(now, &self.t, dest, payload))
+        } else {
+            ServerTxn::NonInvite(ServerNonInvite::completed(now, &self.t, dest, payload))
+        };
+        let id = TxnId(self.fresh_id());
+        self.server_index.insert(key.clone(), id);
+        self.servers.insert(id, ServerEntry { key: Some(key), txn });
+        self.arm(Owner::Server(id));
+    }
+
+    pub(super) fn answer_error(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        key: Option<ServerKey>,
+        is_ack: bool,
+        headers: &[HeaderLine<'_>],
+        err: &RequestError,
+    ) {
+        if is_ack {
+            // ACK is never answered (RFC 3261 §17.2.3).
+            return self.dropped(DropReason::UnmatchedAck);
+        }
+        let extra = match err {
+            RequestError::UnknownMethod | RequestError::MethodNotAllowed => {
+                format!("Allow: {ALLOW}\r\n")
+            }
+            RequestError::BadExtension(tags) => format!("Unsupported: {}\r\n", tags.join(", ")),
+            RequestError::UnsupportedMediaType | RequestError::NotAcceptable => {
+                "Accept: application/sdp\r\n".to_owned()
+            }
+            RequestError::SessionIntervalTooSmall => format!("Min-SE: {}\r\n", message::MIN_SE),
+            _ => String::new(),
+        };
+        let reason = err.to_string();
+        let tag = self.ids.tag();
+        let payload = build::response(
+            headers,
+            from,
+            &ResponseSpec {
+                code: err.status_code(),
+                reason: &reason,
+                to_tag: Some(&tag),
+                extra: &extra,
+                body: None,
+                server: &self.cfg.user_agent,
+            },
+        );
+        self.send_final(now, from, key, payload);
+    }
+
+    /// A final non-2xx to the call's INVITE, with our To tag.
+    pub(super) fn final_to_invite(
+        &mut self,
+        now: Instant,
+        c: &mut Call,
+        code: u16,
+        reason: &str,
+        extra: &str,
+    ) {
+        let tag = self.local_tag(c);
+        let head = wire::parse_head(&c.invite_head);
+        let payload = build::response(
+            &head.headers,
+            c.invite_source,
+            &ResponseSpec {
+                code,
+                reason,
+                to_tag: Some(&tag),
+                extra,
+                body: None,
+                server: &self.cfg.user_agent,
+            },
+        );
+        if let Some(ServerEntry { txn: ServerTxn::Invite(txn), .. }) =
+            self.servers.get_mut(&c.invite_txn)
+        {
+            txn.final_non2xx(now, &self.t, payload.clone());
+        }
+        self.arm(Owner::Server(c.invite_txn));
+        self.send(c.invite_source, payload);
+    }
+
+    pub(super) fn send_bye(&mut self, now: Instant, h: CallHandle, c: &mut Call, ends_call: bool) {
+        let tag = self.local_tag(c);
+        c.dialog.local_seq += 1;
+        let (request_uri, routes, dest) = c.dialog.request_target();
+        let mut branch = self.ids.branch();
+        if !branch.starts_with(MAGIC_COOKIE) {
+            branch.insert_str(0, MAGIC_COOKIE);
+        }
+        let payload = build::request(&build::RequestSpec {
+            method: "BYE",
+            request_uri: &request_uri,
+            routes: &routes,
+            sent_by: &host_port(self.signalling_addr(c)),
+            branch: &branch,
+            from: &format!("{};tag={tag}", c.dialog.local_uri),
+            to: &c.dialog.remote_uri,
+            call_id: &c.dialog.call_id,
+            cseq: c.dialog.local_seq,
+            user_agent: &self.cfg.user_agent,
+        });
+        let id = TxnId(self.fresh_id());
+        let txn = ClientNonInvite::start(now, &self.t, h, ends_call, dest, payload.clone());
+        self.clients.insert(id, txn);
+        self.client_index.insert(branch, id);
+        self.arm(Owner::Client(id));
+        self.send(dest, payload);
+    }
+
+    /// ACK (or a later in-dialog INVITE) for our 2xx to the initial INVITE.
+    pub(super) fn confirm(&mut self, now: Instant, h: CallHandle, c: &mut Call) {
+        if c.state != CallState::Answered {
+            return;
+        }
+        c.state = CallState::Confirmed;
+        self.events.push_back(Event::CallConfirmed { call: h });
+        if c.bye_pending {
+            c.bye_pending = false;
+            self.send_bye(now, h, c, true);
+            c.state = CallState::Ending;
+        }
+    }
+
+    /// The call matching an in-dialog request (§12.2.2), taken out of the table.
+    /// The dialog of an in-dialog request that may change it (re-INVITE, UPDATE, INFO), with
+    /// its remote CSeq advanced; answers 481 for an unknown dialog and 500 for a CSeq lower
+    /// than the last one (§12.2.2) and returns `None` then.
+    pub(super) fn take_in_dialog(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        key: &mut Option<ServerKey>,
+        req: &Request<'_>,
+        headers: &[HeaderLine<'_>],
+    ) -> Option<(CallHandle, Call)> {
+        let error = match self.take_dialog(req) {
+            None => RequestError::NoSuchCallOrTransaction,
+            Some((h, c)) if req.cseq < c.dialog.remote_seq => {
+                self.calls.insert(h, c);
+                RequestError::CSeqOutOfOrder
+            }
+            Some((h, mut c)) => {
+                c.dialog.remote_seq = req.cseq;
+                return Some((h, c));
+            }
+        };
+        self.answer_error(now, from, key.take(), false, headers, &error);
+        None
+    }
+
+    pub(super) fn take_dialog(&mut self, req: &Request<'_>) -> Option<(CallHandle, Call)> {
+        let h = *self.calls_by_id.get(req.call_id)?;
+        let c = self.calls.remove(&h)?;
+        if c.dialog.matches(req.call_id, req.from.tag(), req.to.tag()) {
+            Some((h, c))
+        } else {
+            self.calls.insert(h, c);
+            None
+        }
+    }
+
+    pub(super) fn end(&mut self, h: CallHandle, c: Call, reason: EndReason) {
+        if self.calls_by_id.get(&c.dialog.call_id) == Some(&h) {
+            self.calls_by_id.remove(&c.dialog.call_id);
+        }
+        self.events.push_back(Event::CallEnded { call: h, reason });
+    }
+}
