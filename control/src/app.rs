@@ -26,6 +26,18 @@ pub struct ShardState {
     pub rtp_packets_in: u64,
     /// Sends the kernel refused (full send buffer, unreachable address).
     pub send_errors: u64,
+    /// Agent legs open now.
+    pub agent_legs: u64,
+    /// Text frames received from agents.
+    pub agent_messages_in: u64,
+    /// Text frames sent to agents.
+    pub agent_messages_out: u64,
+    /// Frames for a stalled agent dropped (its send queue was full).
+    pub agent_messages_dropped: u64,
+    /// Agent messages of ignored types or that did not parse.
+    pub agent_messages_ignored: u64,
+    /// Agent audio dropped over a call's buffer limit, in bytes.
+    pub agent_audio_overflow_bytes: u64,
 }
 
 /// A per-shard counter in `/metrics`: name, help text, how to read it.
@@ -98,7 +110,17 @@ impl App {
                 s.shard, s.active_calls
             ));
         }
-        let counters: [ShardCounter; 4] = [
+        out.push_str(
+            "# HELP precall_agent_legs Agent WebSocket legs open (connecting or bridged).\n",
+        );
+        out.push_str("# TYPE precall_agent_legs gauge\n");
+        for s in (self.shards)() {
+            out.push_str(&format!(
+                "precall_agent_legs{{shard=\"{}\"}} {}\n",
+                s.shard, s.agent_legs
+            ));
+        }
+        let counters: [ShardCounter; 9] = [
             (
                 "precall_sip_datagrams_forwarded_total",
                 "SIP datagrams forwarded to the shard owning their Call-ID.",
@@ -113,6 +135,27 @@ impl App {
             ("precall_udp_send_errors_total", "SIP and RTP sends the kernel refused.", |s| {
                 s.send_errors
             }),
+            ("precall_agent_messages_received_total", "Text frames received from agents.", |s| {
+                s.agent_messages_in
+            }),
+            ("precall_agent_messages_sent_total", "Text frames sent to agents.", |s| {
+                s.agent_messages_out
+            }),
+            (
+                "precall_agent_messages_dropped_total",
+                "Frames for a stalled agent dropped because its send queue was full.",
+                |s| s.agent_messages_dropped,
+            ),
+            (
+                "precall_agent_messages_ignored_total",
+                "Agent messages of types precall ignores, or that did not parse.",
+                |s| s.agent_messages_ignored,
+            ),
+            (
+                "precall_agent_audio_overflow_bytes_total",
+                "Agent audio dropped over a call's buffer limit (flooding agents).",
+                |s| s.agent_audio_overflow_bytes,
+            ),
         ];
         let shards = (self.shards)();
         for (name, help, value) in counters {

@@ -344,6 +344,12 @@ fn serve(cfg: Config) -> Result<(), String> {
                     rtp_packets_out: h.rtp_packets_out,
                     rtp_packets_in: h.rtp_packets_in,
                     send_errors: h.send_errors,
+                    agent_legs: h.agent_legs,
+                    agent_messages_in: h.agent_messages_in,
+                    agent_messages_out: h.agent_messages_out,
+                    agent_messages_dropped: h.agent_messages_dropped,
+                    agent_messages_ignored: h.agent_messages_ignored,
+                    agent_audio_overflow_bytes: h.agent_audio_overflow_bytes,
                 })
                 .collect()
         })
