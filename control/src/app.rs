@@ -38,6 +38,8 @@ pub struct ShardState {
     pub agent_messages_ignored: u64,
     /// Agent audio dropped over a call's buffer limit, in bytes.
     pub agent_audio_overflow_bytes: u64,
+    /// Bridge latencies: to the agent, to the caller, clone ready → first agent audio.
+    pub latency: [precall_engine::LatencySnapshot; 3],
 }
 
 /// A per-shard counter in `/metrics`: name, help text, how to read it.
@@ -119,6 +121,36 @@ impl App {
                 "precall_agent_legs{{shard=\"{}\"}} {}\n",
                 s.shard, s.agent_legs
             ));
+        }
+        let name = "precall_bridge_latency_seconds";
+        out.push_str(&format!("# HELP {name} Agent bridge delays at the engine's clock: caller RTP in to the agent message out (to_agent), agent audio in to its first RTP frame out (to_caller), clone ready to the agent's first frame at the caller (first_audio).\n# TYPE {name} histogram\n"));
+        let shards_now = (self.shards)();
+        for (k, direction) in ["to_agent", "to_caller", "first_audio"].iter().enumerate() {
+            let mut counts = [0u64; 15];
+            let mut sum_us = 0u64;
+            for s in &shards_now {
+                for (c, v) in counts.iter_mut().zip(s.latency[k].counts) {
+                    *c += v;
+                }
+                sum_us += s.latency[k].sum_us;
+            }
+            let mut cumulative = 0;
+            for (i, bound) in precall_engine::LATENCY_BUCKETS_US.iter().enumerate() {
+                cumulative += counts[i];
+                let le = *bound as f64 / 1e6;
+                out.push_str(&format!(
+                    "{name}_bucket{{direction=\"{direction}\",le=\"{le}\"}} {cumulative}\n"
+                ));
+            }
+            cumulative += counts[14];
+            out.push_str(&format!(
+                "{name}_bucket{{direction=\"{direction}\",le=\"+Inf\"}} {cumulative}\n"
+            ));
+            out.push_str(&format!(
+                "{name}_sum{{direction=\"{direction}\"}} {}\n",
+                sum_us as f64 / 1e6
+            ));
+            out.push_str(&format!("{name}_count{{direction=\"{direction}\"}} {cumulative}\n"));
         }
         let counters: [ShardCounter; 9] = [
             (

@@ -350,6 +350,7 @@ fn serve(cfg: Config) -> Result<(), String> {
                     agent_messages_dropped: h.agent_messages_dropped,
                     agent_messages_ignored: h.agent_messages_ignored,
                     agent_audio_overflow_bytes: h.agent_audio_overflow_bytes,
+                    latency: [h.latency_to_agent, h.latency_to_caller, h.latency_first_audio],
                 })
                 .collect()
         })

@@ -244,6 +244,24 @@ pub struct CallFlow {
     message: String,
     end_reason: Option<&'static str>,
     stats: FlowStats,
+    /// When the oldest caller frame of the chunk being gathered arrived.
+    chunk_first_at: Option<Instant>,
+    /// When agent audio that starts a talkspurt arrived (to its first frame out).
+    talkspurt_at: Option<Instant>,
+    /// When the agent leg was asked for (to the first agent frame out).
+    connect_at: Option<Instant>,
+    latencies: Latencies,
+}
+
+/// Delays measured at the engine's own clock, taken with [`CallFlow::take_latencies`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Latencies {
+    /// Caller RTP in → the `user_audio_chunk` holding it handed to the agent leg.
+    pub to_agent: Option<Duration>,
+    /// Agent audio in (starting a talkspurt) → its first RTP frame out.
+    pub to_caller: Option<Duration>,
+    /// `connect` (the clone is ready) → the agent's first frame out to the caller.
+    pub first_audio: Option<Duration>,
 }
 
 /// `now + d`, capped: durations come from configuration and the control plane, and an
@@ -289,6 +307,10 @@ impl CallFlow {
             message: String::new(),
             end_reason: None,
             stats: FlowStats::default(),
+            chunk_first_at: None,
+            talkspurt_at: None,
+            connect_at: None,
+            latencies: Latencies::default(),
         }
     }
 
@@ -326,6 +348,11 @@ impl CallFlow {
     #[must_use]
     pub fn agent_queued(&self) -> usize {
         self.agent_audio.len()
+    }
+
+    /// The delays measured since the last call (each `None` when nothing was measured).
+    pub fn take_latencies(&mut self) -> Latencies {
+        std::mem::take(&mut self.latencies)
     }
 
     /// Whether [`CallFlow::poll_action`] has something.
@@ -475,6 +502,7 @@ impl CallFlow {
         self.phase = Phase::Connecting;
         self.poll_at = None;
         self.agent = Agent::Connecting { deadline: later(now, self.cfg.agent_connect_timeout) };
+        self.connect_at = Some(now);
         self.actions.push_back(Action::ConnectAgent(target));
     }
 
@@ -532,6 +560,9 @@ impl CallFlow {
             formats.to_agent.push(p, audio);
             *frames += 1;
         });
+        if self.caller_frames > 0 && self.chunk_first_at.is_none() {
+            self.chunk_first_at = Some(now);
+        }
     }
 
     /// Any caller RTP (DTMF too): it keeps the RTP timeout from firing.
@@ -622,6 +653,7 @@ impl CallFlow {
                     Some(self.interrupted_up_to.map_or(event_id, |e| e.max(event_id)));
                 self.stats.agent_flushed_bytes += self.agent_audio.len() as u64;
                 self.agent_audio.clear();
+                self.talkspurt_at = None;
             }
             ServerMessage::AgentResponse(text) => {
                 self.actions.push_back(Action::Record(MediaEventKind::AgentResponse, text))
@@ -680,6 +712,9 @@ impl CallFlow {
             }
         };
         let before = self.agent_audio.len();
+        if before == 0 && self.talkspurt_at.is_none() {
+            self.talkspurt_at = Some(now);
+        }
         formats.from_agent.push(audio, &mut self.agent_audio);
         let limit = frames_in(self.cfg.agent_buffer) * FRAME_SAMPLES;
         if self.agent_audio.len() > limit {
@@ -826,6 +861,9 @@ impl CallFlow {
         }
         agent::client_audio(&self.caller_audio, &mut self.message);
         self.caller_audio.clear();
+        if let Some(at) = self.chunk_first_at.take() {
+            self.latencies.to_agent = Some(now.saturating_duration_since(at));
+        }
         self.stats.chunks_sent += 1;
         self.actions.push_back(Action::SendAgent(self.message.clone()));
     }
@@ -881,11 +919,11 @@ impl CallFlow {
 
     /// The frame to send on this 20 ms tick, if any. `None` means "send nothing now": the
     /// owner advances the RTP timestamp, and the next frame starts a talkspurt.
-    pub fn poll_frame(&mut self, _now: Instant) -> Option<Frame<'_>> {
+    pub fn poll_frame(&mut self, now: Instant) -> Option<Frame<'_>> {
         match self.phase {
             Phase::Holding | Phase::Connecting | Phase::Ending => self.clip_frame(),
             Phase::Bridged if self.greeting_left > 0 => self.clip_frame(),
-            Phase::Bridged => self.agent_frame(),
+            Phase::Bridged => self.agent_frame(now),
             Phase::AwaitingPlan | Phase::Answering | Phase::HangingUp | Phase::Ended => None,
         }
     }
@@ -911,8 +949,16 @@ impl CallFlow {
         }
     }
 
-    fn agent_frame(&mut self) -> Option<Frame<'_>> {
+    fn agent_frame(&mut self, now: Instant) -> Option<Frame<'_>> {
         let queued = self.agent_audio.len();
+        if queued > 0 {
+            if let Some(at) = self.talkspurt_at.take() {
+                self.latencies.to_caller = Some(now.saturating_duration_since(at));
+            }
+            if let Some(at) = self.connect_at.take() {
+                self.latencies.first_audio = Some(now.saturating_duration_since(at));
+            }
+        }
         if queued == 0 {
             self.speaking = false;
             if matches!(self.agent, Agent::Finished) {

@@ -18,5 +18,7 @@ pub mod plan;
 pub mod reorder;
 
 pub use agent::AgentFormat;
-pub use flow::{Action, CallFlow, CallInfo, FlowConfig, FlowStats, Frame, Phase, reason, refusal};
+pub use flow::{
+    Action, CallFlow, CallInfo, FlowConfig, FlowStats, Frame, Latencies, Phase, reason, refusal,
+};
 pub use plan::{AgentTarget, AgentUnavailable, MediaPlan, ShardPlan};

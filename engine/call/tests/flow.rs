@@ -634,3 +634,29 @@ fn rtp_timeout_and_caller_hangup() {
     assert_eq!(h.flow.phase(), Phase::Ended);
     assert_eq!(h.flow.poll_timeout(), None);
 }
+
+#[test]
+fn latencies_are_measured_at_the_engines_clock() {
+    let c = clips();
+    let mut h = Harness::new();
+    connected(&mut h, &c);
+    h.run_for(Duration::from_millis(7));
+    h.agent(&audio_msg(1, &[ulaw(5000); 1600]));
+    let mut seq = 1;
+    h.caller_speaks(&mut seq, 3, 1000);
+    let mut seen = precall_call::Latencies::default();
+    for _ in 0..10 {
+        h.run_for(TICK);
+        let l = h.flow.take_latencies();
+        seen.to_agent = seen.to_agent.or(l.to_agent);
+        seen.to_caller = seen.to_caller.or(l.to_caller);
+        seen.first_audio = seen.first_audio.or(l.first_audio);
+    }
+    // Agent audio waits for the call's next 20 ms tick at most; caller audio for its chunk.
+    assert!(seen.to_caller.unwrap() <= TICK, "{seen:?}");
+    assert!(seen.to_agent.unwrap() <= Duration::from_millis(40), "{seen:?}");
+    // From connect (the clone ready) to the agent's first frame: `connected` opens the agent
+    // 100 ms after the connect, its audio comes 7 ms later, and the next tick sends it.
+    let first = seen.first_audio.unwrap();
+    assert!((Duration::from_millis(107)..=Duration::from_millis(127)).contains(&first), "{seen:?}");
+}

@@ -3,6 +3,46 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+/// Upper bounds of the bridge latency histograms' buckets, in microseconds (a last bucket
+/// holds the rest).
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    1_000, 2_000, 5_000, 10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000, 200_000,
+    500_000, 1_000_000,
+];
+
+/// A latency histogram as read: counts per bucket of [`LATENCY_BUCKETS_US`] (not cumulative)
+/// plus the overflow bucket, and the sum in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LatencySnapshot {
+    /// Samples per bucket; the last entry counts those above every bound.
+    pub counts: [u64; 15],
+    /// Sum of all samples, µs.
+    pub sum_us: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct LatencyHistogram {
+    counts: [AtomicU64; 15],
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub(crate) fn record(&self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i =
+            LATENCY_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(LATENCY_BUCKETS_US.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot {
+            counts: std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed)),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// A snapshot of one shard, from [`Engine::health`](crate::Engine::health).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardHealth {
@@ -37,6 +77,12 @@ pub struct ShardHealth {
     pub agent_messages_ignored: u64,
     /// Agent audio dropped, in bytes: over a call's buffer limit.
     pub agent_audio_overflow_bytes: u64,
+    /// Caller RTP in → the agent message carrying it out.
+    pub latency_to_agent: LatencySnapshot,
+    /// Agent audio in (a talkspurt's start) → its first RTP frame out.
+    pub latency_to_caller: LatencySnapshot,
+    /// The clone ready (`connect`) → the agent's first frame out to the caller.
+    pub latency_first_audio: LatencySnapshot,
 }
 
 /// The counters behind [`ShardHealth`]. Aligned to a cache line so shards do not contend.
@@ -57,6 +103,9 @@ pub(crate) struct ShardStats {
     agent_messages_dropped: AtomicU64,
     agent_messages_ignored: AtomicU64,
     agent_audio_overflow_bytes: AtomicU64,
+    pub(crate) latency_to_agent: LatencyHistogram,
+    pub(crate) latency_to_caller: LatencyHistogram,
+    pub(crate) latency_first_audio: LatencyHistogram,
 }
 
 impl ShardStats {
@@ -131,6 +180,9 @@ impl ShardStats {
             agent_messages_dropped: self.agent_messages_dropped.load(Ordering::Relaxed),
             agent_messages_ignored: self.agent_messages_ignored.load(Ordering::Relaxed),
             agent_audio_overflow_bytes: self.agent_audio_overflow_bytes.load(Ordering::Relaxed),
+            latency_to_agent: self.latency_to_agent.snapshot(),
+            latency_to_caller: self.latency_to_caller.snapshot(),
+            latency_first_audio: self.latency_first_audio.snapshot(),
         }
     }
 }

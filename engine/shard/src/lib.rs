@@ -60,7 +60,7 @@ pub use config::EngineConfig;
 pub use control::{AgentTarget, AgentUnavailable, MediaPlan, PlanReply, ShardControl, ShardPlan};
 pub use engine::Engine;
 pub use error::{EngineError, SendError};
-pub use health::ShardHealth;
+pub use health::{LATENCY_BUCKETS_US, LatencySnapshot, ShardHealth};
 pub use inbox::{ForwardedDatagram, PlanDelivery, ShardMsg};
 pub use precall_call::FlowConfig;
 pub use routing::{rtp_port_slice, shard_for_call_id};

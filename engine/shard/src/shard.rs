@@ -598,6 +598,7 @@ impl Core {
             self.perform(now, handle, action);
         }
         let Some(call) = self.calls.get_mut(&handle) else { return };
+        record_latencies(&self.stats, &mut call.flow);
         let next = call.flow.poll_timeout();
         if next != call.armed {
             call.armed = next;
@@ -922,6 +923,7 @@ impl Core {
                     media.sender.talkspurt();
                 }
             }
+            record_latencies(&self.stats, &mut call.flow);
             // Rare (a clip ran out, the agent finished): the Vec stays unallocated per tick.
             if call.flow.has_actions() {
                 acted.push(handle);
@@ -934,6 +936,19 @@ impl Core {
         for handle in acted {
             self.after_flow(now, handle);
         }
+    }
+}
+
+fn record_latencies(stats: &ShardStats, flow: &mut CallFlow) {
+    let l = flow.take_latencies();
+    if let Some(d) = l.to_agent {
+        stats.latency_to_agent.record(d);
+    }
+    if let Some(d) = l.to_caller {
+        stats.latency_to_caller.record(d);
+    }
+    if let Some(d) = l.first_audio {
+        stats.latency_first_audio.record(d);
     }
 }
 
