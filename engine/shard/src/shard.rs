@@ -376,8 +376,10 @@ async fn receive_rtp(
         match socket.recv_from(&mut buf).await {
             Ok((len, from)) => {
                 let Some(core) = core.upgrade() else { return };
-                core.borrow_mut().on_rtp(Instant::now(), handle, from, &buf[..len]);
-                nudge.nudge();
+                let moved = core.borrow_mut().on_rtp(Instant::now(), handle, from, &buf[..len]);
+                if moved {
+                    nudge.nudge();
+                }
             }
             Err(_) => glommio::timer::sleep(RECV_ERROR_BACKOFF).await,
         }
@@ -590,22 +592,30 @@ impl Core {
         self.after_flow(now, p.call);
     }
 
-    /// Performs what a call's flow asks for, then re-arms its deadline.
-    fn after_flow(&mut self, now: Instant, handle: CallHandle) {
+    /// Performs what a call's flow asks for, then re-arms its deadline. Returns whether the
+    /// call's deadline moved earlier (the loop must then recompute its wake-up).
+    fn after_flow(&mut self, now: Instant, handle: CallHandle) -> bool {
         loop {
-            let Some(call) = self.calls.get_mut(&handle) else { return };
+            let Some(call) = self.calls.get_mut(&handle) else { return true };
             let Some(action) = call.flow.poll_action() else { break };
             self.perform(now, handle, action);
         }
-        let Some(call) = self.calls.get_mut(&handle) else { return };
+        let Some(call) = self.calls.get_mut(&handle) else { return true };
         record_latencies(&self.stats, &mut call.flow);
         let next = call.flow.poll_timeout();
-        if next != call.armed {
-            call.armed = next;
-            if let Some(at) = next {
-                self.timers.push(Reverse((at, handle)));
-            }
+        if next == call.armed {
+            return false;
         }
+        let earlier = match (next, call.armed) {
+            (Some(n), Some(a)) => n < a,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        call.armed = next;
+        if let Some(at) = next {
+            self.timers.push(Reverse((at, handle)));
+        }
+        earlier
     }
 
     fn perform(&mut self, now: Instant, handle: CallHandle, action: Action) {
@@ -680,8 +690,9 @@ impl Core {
         let nudge = self.nudge.clone();
         let deliver = move |now: Instant, input: AgentInput<'_>| {
             if let Some(core) = this.upgrade() {
-                core.borrow_mut().on_agent(now, handle, input);
-                nudge.nudge();
+                if core.borrow_mut().on_agent(now, handle, input) {
+                    nudge.nudge();
+                }
             }
         };
         let task = glommio::spawn_local(agent_leg::run(
@@ -694,10 +705,13 @@ impl Core {
         self.update_agent_gauge();
     }
 
-    fn on_agent(&mut self, now: Instant, handle: CallHandle, input: AgentInput<'_>) {
-        let Some(call) = self.calls.get_mut(&handle) else { return };
+    /// One happening of a call's agent leg. Returns whether the loop must look at its
+    /// deadlines again.
+    fn on_agent(&mut self, now: Instant, handle: CallHandle, input: AgentInput<'_>) -> bool {
+        let sip_before = self.endpoint.poll_timeout();
+        let Some(call) = self.calls.get_mut(&handle) else { return false };
         if call.agent.is_none() {
-            return;
+            return false;
         }
         match input {
             AgentInput::Open => {
@@ -724,8 +738,10 @@ impl Core {
                 call.flow.handle_agent_failed(now, e);
             }
         }
-        self.after_flow(now, handle);
+        let moved = self.after_flow(now, handle);
+        // An ending may have queued SIP (a BYE, a final response).
         self.drain(now);
+        moved || self.endpoint.poll_timeout() != sip_before
     }
 
     /// Binds the call's RTP port and answers with `200 OK`.
@@ -787,11 +803,20 @@ impl Core {
     }
 
     /// One RTP datagram from the caller (the receive task calls this between its awaits).
-    fn on_rtp(&mut self, now: Instant, handle: CallHandle, from: SocketAddr, datagram: &[u8]) {
-        let Ok(packet) = RtpPacket::new_checked(datagram) else { return };
+    /// One caller RTP datagram. Returns whether the loop must look at its deadlines again
+    /// (rare: most packets only feed the flow).
+    fn on_rtp(
+        &mut self,
+        now: Instant,
+        handle: CallHandle,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) -> bool {
+        let Ok(packet) = RtpPacket::new_checked(datagram) else { return false };
         self.stats.rtp_in();
-        let Some(call) = self.calls.get_mut(&handle) else { return };
-        let Some(media) = call.media.as_mut() else { return };
+        let sip_before = self.endpoint.poll_timeout();
+        let Some(call) = self.calls.get_mut(&handle) else { return false };
+        let Some(media) = call.media.as_mut() else { return false };
         if media.latched.is_none() {
             media.latched = Some(from);
         }
@@ -812,7 +837,8 @@ impl Core {
         } else {
             call.flow.handle_rtp_seen(now);
         }
-        self.after_flow(now, handle);
+        let moved = self.after_flow(now, handle);
+        moved || self.endpoint.poll_timeout() != sip_before
     }
 
     /// Our RTP address: the SIP socket's, or, when that is a wildcard, the local address the
