@@ -162,6 +162,96 @@ mod tests {
         assert_eq!(e.ws_base(), "ws://127.0.0.1:9/v1/convai/conversation");
     }
 
+    /// A fake ElevenLabs REST API answering one request per connection: the signed URL to a
+    /// key it knows, 401 with ElevenLabs' body otherwise. Returns its base URL and the
+    /// request lines it saw.
+    fn fake_api() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = std::sync::Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push(line.trim_end().to_owned());
+                }
+                let keyed = head.iter().any(|h| h.eq_ignore_ascii_case("xi-api-key: good-key"));
+                log.lock().unwrap().push(head[0].clone());
+                let (status, body) = if keyed {
+                    (
+                        "200 OK",
+                        r#"{"signed_url":"ws://127.0.0.1:9/v1/convai/conversation?agent_id=a1&conversation_signature=sig"}"#,
+                    )
+                } else {
+                    (
+                        "401 Unauthorized",
+                        r#"{"detail":{"status":"invalid_api_key","message":"Invalid API key"}}"#,
+                    )
+                };
+                let mut out = stream;
+                let _ = write!(
+                    out,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (base, seen)
+    }
+
+    fn ws(agent_id: &str) -> WebSocketInstruction {
+        WebSocketInstruction {
+            url: format!("wss://unused.example/v1/convai/conversation?agent_id={agent_id}"),
+            agent_id: agent_id.into(),
+            voice_id: "v".into(),
+            first_message: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn private_agents_get_a_signed_url_per_call() {
+        let (base, seen) = fake_api();
+        let good =
+            AgentEndpoint::ElevenLabs { api_base: base.clone(), api_key: Some("good-key".into()) };
+        let resolver = AgentResolver::new(good, Duration::from_secs(5)).unwrap();
+        let t = resolver.resolve(&ws("a1")).await.unwrap();
+        assert_eq!(
+            t.url,
+            "ws://127.0.0.1:9/v1/convai/conversation?agent_id=a1&conversation_signature=sig"
+        );
+        assert_eq!((t.addr.port(), t.tls), (9, false));
+        let t2 = resolver.resolve(&ws("a1")).await.unwrap();
+        assert_eq!(t2.url, t.url);
+        let lines = seen.lock().unwrap().clone();
+        assert_eq!(
+            lines,
+            vec!["GET /v1/convai/conversation/get-signed-url?agent_id=a1 HTTP/1.1"; 2],
+            "one signed URL per call"
+        );
+        let bad = AgentEndpoint::ElevenLabs { api_base: base, api_key: Some("wrong".into()) };
+        let e = AgentResolver::new(bad, Duration::from_secs(5))
+            .unwrap()
+            .resolve(&ws("a1"))
+            .await
+            .unwrap_err();
+        assert!(e.0.contains("401") && e.0.contains("invalid_api_key"), "{}", e.0);
+        // Public agents (no key) connect with agent_id, no HTTP.
+        let public =
+            AgentEndpoint::ElevenLabs { api_base: "http://127.0.0.1:1".into(), api_key: None };
+        let mut w = ws("pub");
+        w.url = "ws://127.0.0.1:7/v1/convai/conversation?agent_id=pub".into();
+        let t =
+            AgentResolver::new(public, Duration::from_secs(5)).unwrap().resolve(&w).await.unwrap();
+        assert_eq!(t.url, w.url);
+    }
+
     #[tokio::test]
     async fn targets_resolve_and_bad_urls_say_why() {
         let t = target("ws://127.0.0.1:4567/v1/convai/conversation?agent_id=a").await.unwrap();

@@ -44,14 +44,7 @@ impl ToAgent {
             (AgentFormat::Pcm(_), codec) => {
                 self.pcm.clear();
                 self.pcm.extend(g711.iter().map(|&b| codec.decode(b)));
-                let samples = match &mut self.resampler {
-                    Some(r) => {
-                        self.resampled.clear();
-                        r.push(&self.pcm, &mut self.resampled);
-                        &self.resampled
-                    }
-                    None => &self.pcm,
-                };
+                let samples = resample(&mut self.resampler, &self.pcm, &mut self.resampled);
                 out.extend(samples.iter().flat_map(|s| s.to_le_bytes()));
             }
         }
@@ -103,17 +96,26 @@ impl FromAgent {
                 let pairs = bytes.chunks_exact(2);
                 self.carry = pairs.remainder().first().copied().or(self.carry);
                 self.pcm.extend(pairs.map(|p| i16::from_le_bytes([p[0], p[1]])));
-                let samples = match &mut self.resampler {
-                    Some(r) => {
-                        self.resampled.clear();
-                        r.push(&self.pcm, &mut self.resampled);
-                        &self.resampled
-                    }
-                    None => &self.pcm,
-                };
+                let samples = resample(&mut self.resampler, &self.pcm, &mut self.resampled);
                 out.extend(samples.iter().map(|&s| codec.encode(s)));
             }
         }
+    }
+}
+
+/// `pcm` through the resampler when there is one (into `out`), else `pcm` itself.
+fn resample<'a>(
+    resampler: &mut Option<StreamResampler>,
+    pcm: &'a [i16],
+    out: &'a mut Vec<i16>,
+) -> &'a [i16] {
+    match resampler {
+        Some(r) => {
+            out.clear();
+            r.push(pcm, out);
+            out
+        }
+        None => pcm,
     }
 }
 
