@@ -176,7 +176,7 @@ pub const VARS: &[Var] = &[
     },
     Var {
         name: "SIMULATED_CLONE_DELAY_MS",
-        default: "3000",
+        default: "8000",
         help: "simulated provider: time to finish a clone",
     },
     Var {
@@ -604,7 +604,7 @@ mod tests {
         assert!(c.shards >= 1);
         assert_eq!(
             c.provider,
-            ProviderConfig::Simulated { delay: Duration::from_millis(3000), fail: false }
+            ProviderConfig::Simulated { delay: Duration::from_millis(8000), fail: false }
         );
         assert_eq!(c.public_base_url, "http://127.0.0.1:8000");
         assert_eq!(c.greeting_audio_url, "http://127.0.0.1:8000/audio/greeting.wav");
