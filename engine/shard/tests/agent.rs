@@ -305,14 +305,16 @@ fn a_call_is_bridged_both_ways_interrupted_and_ended_by_the_agent() {
     assert!(last_a < first_b, "no audio of the interrupted response after the interruption");
     assert!(got[first_a].marker, "the agent's first frame starts a talkspurt");
     assert!(got[first_b].marker || kinds[first_b - 1] == "a", "a new talkspurt is marked");
+    let mut skipped = 0;
     for w in got.windows(2) {
         assert_eq!(w[1].seq, w[0].seq.wrapping_add(1), "sequence continuous");
-        assert_eq!(
-            w[1].ts,
-            w[0].ts.wrapping_add(160),
-            "timestamps continuous from hold into the agent"
-        );
+        // +160 per packet, continuous from hold into the agent; a frame the shard skipped
+        // because it woke a period late advances the timestamp over it (rare, loaded box).
+        let step = w[1].ts.wrapping_sub(w[0].ts);
+        assert!(step >= 160 && step % 160 == 0, "timestamp step {step}");
+        skipped += usize::from(step != 160);
     }
+    assert!(skipped * 50 <= got.len(), "{skipped} skipped frames");
     let gaps: Vec<Duration> = got.windows(2).map(|w| w[1].at - w[0].at).collect();
     let mean = gaps.iter().sum::<Duration>() / gaps.len() as u32;
     assert!(
