@@ -55,6 +55,8 @@ pub mod reason {
     pub const COMPLETED: &str = "completed";
     /// The plan did not arrive in time.
     pub const NO_PLAN: &str = "no_plan";
+    /// No RTP port was free to answer with.
+    pub const NO_RTP_PORT: &str = "no_rtp_port";
 }
 
 /// Settings of every call of a shard.
@@ -577,6 +579,13 @@ impl CallFlow {
             let text = format!("The caller pressed the key {digit} on their phone keypad.");
             self.actions.push_back(Action::SendAgent(agent::client_contextual_update(&text)));
         }
+    }
+
+    /// The leg could not be answered (no media port): `why` is the recorded end reason; the
+    /// owner refuses the call itself.
+    pub fn handle_answer_failed(&mut self, why: &'static str) {
+        self.end_reason = Some(why);
+        self.handle_leg_ended();
     }
 
     /// The leg is over (caller BYE or CANCEL, our BYE answered, refused): the call is done.

@@ -26,8 +26,10 @@
 //!   status checks. An idle shard sleeps in io_uring: no polling.
 //!
 //! Calls follow the control plane's plan, which arrives through [`ShardControl`] as a reply
-//! callback that puts it in the shard's inbox: greeting, hold loop, a status check every poll
-//! interval, the error clip and BYE on failure.
+//! callback that puts it in the shard's inbox. Each call's rules (greeting, hold, status
+//! checks, the switch-over to the agent, the bridge, every ending) are a sans-IO
+//! `precall_call::CallFlow`; the shard owns the sockets and tasks it asks for: the RTP socket
+//! and, once the clone is ready, one agent WebSocket leg (ws:// or wss://) on this shard.
 //!
 //! A shard reports once at start, on a channel, that it runs (with its socket address) or why
 //! it could not: glommio itself only shows executor errors when the thread is joined.

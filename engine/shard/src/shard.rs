@@ -9,8 +9,16 @@
 //! * the **SIP receive task**: awaits datagrams on the SIP socket. A datagram whose Call-ID
 //!   another shard owns is forwarded to that shard's inbox; the others go to this shard's
 //!   `Endpoint` at once. Then it nudges the loop, whose deadlines may have moved;
-//! * one **RTP receive task per answered call**: records arrival time and source (symmetric
-//!   RTP latch) in shard-local cells.
+//! * one **RTP receive task per answered call**: hands each packet, from its own buffer, to
+//!   the call's flow (symmetric RTP latch, caller audio to the agent, DTMF) and nudges the loop
+//!   only when a deadline moved;
+//! * one **agent leg task per bridged call** (`agent_leg.rs`): the WebSocket to the agent; each
+//!   frame goes to the call's flow at once, the flow's messages go out through a bounded
+//!   outbox.
+//!
+//! The rules of a call live in its `precall_call::CallFlow`; this file performs the flows'
+//! actions (answer, reject, BYE, status checks, agent legs, call events), keeps one heap of
+//! their deadlines, and on every media clock tick sends the frame each flow lends.
 //!
 //! Socket receives live in their own tasks, never in a `select`, because dropping glommio's
 //! in-flight `recv_from` cancels an io_uring request whose datagram may already be taken.
@@ -752,10 +760,10 @@ impl Core {
             Ok(bound) => bound,
             Err(e) => {
                 tracing::warn!(shard = self.index, error = %e, "no RTP port for a call");
-                self.endpoint.reject(now, handle, 503, "Service Unavailable");
                 if let Some(call) = self.calls.get_mut(&handle) {
-                    call.flow.handle_leg_ended();
+                    call.flow.handle_answer_failed(precall_call::reason::NO_RTP_PORT);
                 }
+                self.endpoint.reject(now, handle, 503, "Service Unavailable");
                 return;
             }
         };
