@@ -40,6 +40,8 @@ pub struct AgentLog {
     /// Caller audio as the agent received it (µ-law).
     pub heard: Vec<u8>,
     pub pongs: Vec<u64>,
+    /// `contextual_update` texts.
+    pub updates: Vec<String>,
     pub connections: usize,
 }
 
@@ -98,7 +100,11 @@ fn read_client(ws: &mut WebSocket<impl Read + Write>, log: &Mutex<AgentLog>, pin
                         Some(id) if id == ping => log.pongs.push(id),
                         _ => log.violations.push(format!("pong for no ping: {v}")),
                     },
-                    Some("contextual_update" | "client_tool_result" | "user_activity") => {}
+                    Some("contextual_update") => match v["text"].as_str() {
+                        Some(t) => log.updates.push(t.to_owned()),
+                        None => log.violations.push(format!("contextual_update without text: {v}")),
+                    },
+                    Some("client_tool_result" | "user_activity") => {}
                     _ => log.violations.push(format!("unexpected message: {v}")),
                 }
             }

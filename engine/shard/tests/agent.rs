@@ -530,3 +530,49 @@ fn a_wss_agent_is_reached_over_tls_with_a_test_ca() {
     engine.shutdown().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn caller_dtmf_is_recorded_once_and_told_to_the_agent() {
+    let control = Arc::new(Control::default());
+    let engine = start(control.clone(), 1, None);
+    let agent = FakeAgent::start(Behaviour::Talk);
+    let (uac, d, media) = call(&engine, &control, "dtmf@test", &target(&agent));
+    eventually("the bridge", || {
+        control.events.lock().unwrap().iter().any(|(_, k, _)| *k == MediaEventKind::AgentConnected)
+    });
+    // RFC 4733: key 5, three end packets with one timestamp (as phones send them), PT 101.
+    // Sent from a second socket of the caller's address: RTP latching is still "first source"
+    // (strict RTP, issue 12, will want them from the latched source).
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = SocketAddr::from(([127, 0, 0, 1], sdp_port(&d.answer_sdp)));
+    for i in 0..3u16 {
+        let mut pkt = vec![0x80, 101, 0x10, i as u8];
+        pkt.extend(777_777u32.to_be_bytes());
+        pkt.extend(0x0bad_cafeu32.to_be_bytes());
+        pkt.extend([5, 0x80 | 10, 0x03, 0x20]);
+        sock.send_to(&pkt, to).unwrap();
+    }
+    eventually("the DTMF event", || {
+        control
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, k, t)| *k == MediaEventKind::Dtmf && t == "5")
+    });
+    uac.await_bye(&d.call_id);
+    let dtmf = control
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, k, _)| *k == MediaEventKind::Dtmf)
+        .count();
+    assert_eq!(dtmf, 1, "three end packets are one key press");
+    let log = agent.log.lock().unwrap();
+    assert!(log.violations.is_empty(), "{:?}", log.violations);
+    assert!(log.updates.iter().any(|u| u.contains('5')), "the agent was told: {:?}", log.updates);
+    drop(log);
+    drop(media);
+    engine.shutdown().unwrap();
+}
