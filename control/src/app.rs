@@ -9,38 +9,8 @@ use crate::metrics::Metrics;
 use crate::runtime::ControlHandle;
 use crate::twilio::Twilio;
 
-/// One engine shard as `/health` and `/metrics` show it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ShardState {
-    /// Shard number.
-    pub shard: usize,
-    /// Its executor is running.
-    pub alive: bool,
-    /// Calls it owns.
-    pub active_calls: u64,
-    /// SIP datagrams it received for a Call-ID another shard owns, and forwarded there.
-    pub datagrams_forwarded: u64,
-    /// RTP packets it sent to callers.
-    pub rtp_packets_out: u64,
-    /// RTP packets it received from callers.
-    pub rtp_packets_in: u64,
-    /// Sends the kernel refused (full send buffer, unreachable address).
-    pub send_errors: u64,
-    /// Agent legs open now.
-    pub agent_legs: u64,
-    /// Text frames received from agents.
-    pub agent_messages_in: u64,
-    /// Text frames sent to agents.
-    pub agent_messages_out: u64,
-    /// Frames for a stalled agent dropped (its send queue was full).
-    pub agent_messages_dropped: u64,
-    /// Agent messages of ignored types or that did not parse.
-    pub agent_messages_ignored: u64,
-    /// Agent audio dropped over a call's buffer limit, in bytes.
-    pub agent_audio_overflow_bytes: u64,
-    /// Bridge latencies: to the agent, to the caller, clone ready → first agent audio.
-    pub latency: [precall_engine::LatencySnapshot; 3],
-}
+/// One engine shard as `/health` and `/metrics` show it: the engine's own snapshot.
+pub use precall_engine::ShardHealth as ShardState;
 
 /// A per-shard counter in `/metrics`: name, help text, how to read it.
 type ShardCounter = (&'static str, &'static str, fn(&ShardState) -> u64);
@@ -106,7 +76,9 @@ impl App {
         self.metrics.render(&mut out);
         out.push_str("# HELP precall_active_calls Calls owned by each engine shard.\n");
         out.push_str("# TYPE precall_active_calls gauge\n");
-        for s in (self.shards)() {
+        // One read of the shards' counters for the whole page.
+        let shards = (self.shards)();
+        for s in &shards {
             out.push_str(&format!(
                 "precall_active_calls{{protocol=\"sip\",shard=\"{}\"}} {}\n",
                 s.shard, s.active_calls
@@ -116,7 +88,7 @@ impl App {
             "# HELP precall_agent_legs Agent WebSocket legs open (connecting or bridged).\n",
         );
         out.push_str("# TYPE precall_agent_legs gauge\n");
-        for s in (self.shards)() {
+        for s in &shards {
             out.push_str(&format!(
                 "precall_agent_legs{{shard=\"{}\"}} {}\n",
                 s.shard, s.agent_legs
@@ -124,15 +96,20 @@ impl App {
         }
         let name = "precall_bridge_latency_seconds";
         out.push_str(&format!("# HELP {name} Agent bridge delays at the engine's clock: caller RTP in to the agent message out (to_agent), agent audio in to its first RTP frame out (to_caller), clone ready to the agent's first frame at the caller (first_audio).\n# TYPE {name} histogram\n"));
-        let shards_now = (self.shards)();
-        for (k, direction) in ["to_agent", "to_caller", "first_audio"].iter().enumerate() {
+        type Histogram = fn(&ShardState) -> &precall_engine::LatencySnapshot;
+        let histograms: [(&str, Histogram); 3] = [
+            ("to_agent", |s| &s.latency_to_agent),
+            ("to_caller", |s| &s.latency_to_caller),
+            ("first_audio", |s| &s.latency_first_audio),
+        ];
+        for (direction, histogram) in histograms {
             let mut counts = [0u64; 15];
             let mut sum_us = 0u64;
-            for s in &shards_now {
-                for (c, v) in counts.iter_mut().zip(s.latency[k].counts) {
+            for s in &shards {
+                for (c, v) in counts.iter_mut().zip(histogram(s).counts) {
                     *c += v;
                 }
-                sum_us += s.latency[k].sum_us;
+                sum_us += histogram(s).sum_us;
             }
             let mut cumulative = 0;
             for (i, bound) in precall_engine::LATENCY_BUCKETS_US.iter().enumerate() {
@@ -189,7 +166,6 @@ impl App {
                 |s| s.agent_audio_overflow_bytes,
             ),
         ];
-        let shards = (self.shards)();
         for (name, help, value) in counters {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
             for s in &shards {

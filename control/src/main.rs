@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use precall::agent::{AgentEndpoint, AgentResolver};
-use precall::app::{App, ShardState};
+use precall::app::App;
 use precall::audio_service::AudioService;
 use precall::config::{self, Config, ProviderConfig, redact_url};
 use precall::demo_agent::DemoAgent;
@@ -158,15 +158,20 @@ fn provider(cfg: &Config) -> Result<AnyProvider, String> {
     })
 }
 
-fn start_side_runtime<S: Store>(
-    store: impl std::future::Future<Output = Result<S, String>> + Send + 'static,
-    cfg: &Config,
+/// What the side runtime is built from, whichever store it gets.
+struct SideSetup {
+    controller: ControllerConfig,
+    provider: AnyProvider,
     profiles: Vec<VoiceProfile>,
     metrics: Arc<Metrics>,
-    agent_ws_url: &str,
+    request_timeout: Duration,
+}
+
+fn start_side_runtime<S: Store>(
+    store: impl std::future::Future<Output = Result<S, String>> + Send + 'static,
+    setup: SideSetup,
 ) -> Result<SideRuntime, String> {
-    let ctl_cfg = controller_config(cfg, agent_ws_url);
-    let provider = provider(cfg)?;
+    let SideSetup { controller, provider, profiles, metrics, request_timeout } = setup;
     SideRuntime::start(
         move || async move {
             let store = store.await?;
@@ -176,9 +181,9 @@ fn start_side_runtime<S: Store>(
                     .await
                     .map_err(|e| format!("saving voice profile {}: {e}", p.id))?;
             }
-            Ok(Service { controller: CallController::new(store, ctl_cfg), provider, metrics })
+            Ok(Service { controller: CallController::new(store, controller), provider, metrics })
         },
-        cfg.control_request_timeout,
+        request_timeout,
     )
     .map_err(|e| e.to_string())
 }
@@ -241,18 +246,17 @@ fn serve(cfg: Config) -> Result<(), String> {
     };
     let agent_ws_url = agent_endpoint.ws_base();
     let agents = Arc::new(AgentResolver::new(agent_endpoint, cfg.control_request_timeout)?);
+    let setup = SideSetup {
+        controller: controller_config(&cfg, &agent_ws_url),
+        provider: provider(&cfg)?,
+        profiles: voice_profiles,
+        metrics: Arc::clone(&metrics),
+        request_timeout: cfg.control_request_timeout,
+    };
     let (side, store_kind) = match &cfg.database_url {
         None => {
             tracing::warn!("DATABASE_URL is not set: calls are kept in memory and lost at exit");
-            let store = async { Ok(MemoryStore::new()) };
-            let side = start_side_runtime(
-                store,
-                &cfg,
-                voice_profiles,
-                Arc::clone(&metrics),
-                &agent_ws_url,
-            )?;
-            (side, "memory")
+            (start_side_runtime(async { Ok(MemoryStore::new()) }, setup)?, "memory")
         }
         Some(url) => {
             let pg = PgStoreConfig {
@@ -264,14 +268,7 @@ fn serve(cfg: Config) -> Result<(), String> {
             let store = async move {
                 PgStore::connect(&pg).await.map_err(|e| format!("PostgreSQL at {shown}: {e}"))
             };
-            let side = start_side_runtime(
-                store,
-                &cfg,
-                voice_profiles,
-                Arc::clone(&metrics),
-                &agent_ws_url,
-            )?;
-            (side, "postgres")
+            (start_side_runtime(store, setup)?, "postgres")
         }
     };
     match &cfg.provider {
@@ -331,30 +328,8 @@ fn serve(cfg: Config) -> Result<(), String> {
     may_cfg.set_workers(cfg.shards.clamp(1, 4));
     // The probe holds a weak reference so that shutdown can take the engine back.
     let probe_engine = Arc::downgrade(&engine);
-    let probe = Arc::new(move || {
-        probe_engine.upgrade().map_or_else(Vec::new, |engine| {
-            engine
-                .health()
-                .iter()
-                .map(|h| ShardState {
-                    shard: h.shard,
-                    alive: h.alive,
-                    active_calls: h.active_calls,
-                    datagrams_forwarded: h.datagrams_forwarded,
-                    rtp_packets_out: h.rtp_packets_out,
-                    rtp_packets_in: h.rtp_packets_in,
-                    send_errors: h.send_errors,
-                    agent_legs: h.agent_legs,
-                    agent_messages_in: h.agent_messages_in,
-                    agent_messages_out: h.agent_messages_out,
-                    agent_messages_dropped: h.agent_messages_dropped,
-                    agent_messages_ignored: h.agent_messages_ignored,
-                    agent_audio_overflow_bytes: h.agent_audio_overflow_bytes,
-                    latency: [h.latency_to_agent, h.latency_to_caller, h.latency_first_audio],
-                })
-                .collect()
-        })
-    });
+    let probe =
+        Arc::new(move || probe_engine.upgrade().map_or_else(Vec::new, |engine| engine.health()));
     let twilio = Twilio::new(
         side.handle(),
         TwilioConfig {

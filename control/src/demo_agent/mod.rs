@@ -46,33 +46,35 @@ impl DemoAgent {
     pub fn start(addr: SocketAddr) -> io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
-        listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let ids = Arc::new(AtomicU64::new(1));
         let thread = std::thread::Builder::new().name("demo-agent".into()).spawn(move || {
-            while !flag.load(Ordering::Acquire) {
-                match listener.accept() {
-                    Ok((stream, peer)) => {
-                        let id = ids.fetch_add(1, Ordering::Relaxed);
-                        let flag = Arc::clone(&flag);
-                        let _ = std::thread::Builder::new()
-                            .name("demo-agent-conv".into())
-                            .stack_size(256 * 1024)
-                            .spawn(move || {
-                                if let Err(e) = converse(stream, id, &flag) {
-                                    tracing::debug!(%peer, error = %e, "demo agent conversation ended");
-                                }
-                            });
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
+            // Blocking accepts; `Drop` sets the flag and connects once to wake this loop.
+            for stream in listener.incoming() {
+                if flag.load(Ordering::Acquire) {
+                    return;
+                }
+                let stream = match stream {
+                    Ok(stream) => stream,
                     Err(e) => {
+                        // Out of file descriptors, say: back off rather than spin.
                         tracing::warn!(error = %e, "demo agent accept failed");
                         std::thread::sleep(Duration::from_millis(100));
+                        continue;
                     }
-                }
+                };
+                let peer = stream.peer_addr().ok();
+                let id = ids.fetch_add(1, Ordering::Relaxed);
+                let flag = Arc::clone(&flag);
+                let _ = std::thread::Builder::new()
+                    .name("demo-agent-conv".into())
+                    .stack_size(256 * 1024)
+                    .spawn(move || {
+                        if let Err(e) = converse(stream, id, &flag) {
+                            tracing::debug!(?peer, error = %e, "demo agent conversation ended");
+                        }
+                    });
             }
         })?;
         Ok(Self { addr, stop, thread: Some(thread) })
@@ -92,6 +94,8 @@ impl DemoAgent {
 impl Drop for DemoAgent {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        // Wakes the blocking accept, which then sees the flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -738,7 +738,6 @@ impl CallFlow {
             self.phase = Phase::Bridged;
             // The agent's first words start a talkspurt (marker bit), contiguous with hold.
             self.speaking = false;
-            let _ = now;
         }
     }
 
@@ -881,10 +880,8 @@ impl CallFlow {
 
     /// Error clip, then hang-up; straight to hang-up without a clip or an answered leg.
     fn fail(&mut self, _now: Instant, why: &'static str, detail: Option<String>) {
-        if !self.live() && self.phase != Phase::Ending {
-            return;
-        }
-        if self.phase == Phase::Ending {
+        // Already ending (error clip, BYE) or over: the first reason stands.
+        if !self.live() {
             return;
         }
         self.end_reason = Some(why);

@@ -12,8 +12,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::{Future, poll_fn};
-use std::pin::{Pin, pin};
+use std::future::poll_fn;
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -93,22 +93,6 @@ impl Outbox {
 
 trait Io: AsyncRead + AsyncWrite + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
-
-/// Returns `Pending` once, so the executor runs the shard's other tasks (the media clock)
-/// before this one continues.
-struct YieldNow(bool);
-
-impl Future for YieldNow {
-    type Output = ();
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0 {
-            return Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
 
 async fn open(
     target: &AgentTarget,
@@ -190,7 +174,8 @@ pub(crate) async fn run(
             if done {
                 return;
             }
-            YieldNow(false).await;
+            // Let the shard's other tasks (the media clock) run before the next frame.
+            futures_lite::future::yield_now().await;
         }
     };
     let writer = async {

@@ -516,7 +516,7 @@ impl Core {
                 }
                 self.after_flow(now, call);
             }
-            Event::CallEnded { call, reason } => self.on_ended(now, call, reason),
+            Event::CallEnded { call, reason } => self.on_ended(call, reason),
             Event::Dropped { reason } => {
                 tracing::debug!(shard = self.index, %reason, "SIP datagram dropped");
                 self.stats.datagram_dropped();
@@ -870,7 +870,7 @@ impl Core {
         self.endpoint.hangup(now, handle);
     }
 
-    fn on_ended(&mut self, now: Instant, handle: CallHandle, reason: EndReason) {
+    fn on_ended(&mut self, handle: CallHandle, reason: EndReason) {
         let Some(mut call) = self.calls.remove(&handle) else { return };
         call.flow.handle_leg_ended();
         while call.flow.poll_action().is_some() {}
@@ -900,7 +900,6 @@ impl Core {
         if let Err(e) = self.control.call_ended(call_id, reason.to_owned()) {
             tracing::warn!(shard = self.index, error = %e, "could not record the end of a call");
         }
-        let _ = now;
     }
 
     /// On shutdown: one BYE (or final response) per live call, sent now, and the end recorded
