@@ -69,7 +69,20 @@ pub const VARS: &[Var] = &[
     Var {
         name: "MEDIA_WS_PORT",
         default: "8001",
-        help: "port of the Twilio Media Streams WebSocket server",
+        help: "port of the Twilio Media Streams WebSocket server (on HTTP_HOST, every shard)",
+    },
+    Var {
+        name: "TWILIO_STREAM_URL",
+        default: "from PUBLIC_BASE_URL",
+        help: "the <Stream> URL put in TwiML (and signed by Twilio): default \
+               ws://HOST:MEDIA_WS_PORT/twilio/media for an http:// PUBLIC_BASE_URL, \
+               wss://HOST/twilio/media (a TLS proxy in front) for https://",
+    },
+    Var {
+        name: "TWILIO_HOLD_MODE",
+        default: "stream",
+        help: "stream: answer <Connect><Stream> at once, hold and agent over the stream; \
+               poll: <Play> hold + <Redirect> polling, the stream only for the agent",
     },
     Var {
         name: "DATABASE_URL",
@@ -222,6 +235,33 @@ pub enum ConfigError {
     },
 }
 
+/// How a Twilio call waits for its clone (`TWILIO_HOLD_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldMode {
+    /// `<Connect><Stream>` at once: greeting, hold and the agent over one media stream.
+    Stream,
+    /// The seed's flow: `<Play>` hold and `<Redirect>` to the poll URL; the stream carries
+    /// the agent only.
+    Poll,
+}
+
+/// The stream URL for a `PUBLIC_BASE_URL` (no trailing slash): a direct `http://host[:port]`
+/// reaches the media port itself; an `https://` base means a TLS proxy in front (as in
+/// `deploy/nginx.conf`), which serves the stream path on the same host.
+pub fn derive_stream_url(public_base_url: &str, media_ws_port: u16) -> String {
+    if let Some(rest) = public_base_url.strip_prefix("https://") {
+        return format!("wss://{rest}/twilio/media");
+    }
+    let rest = public_base_url.strip_prefix("http://").unwrap_or(public_base_url);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = match authority.rsplit_once(':') {
+        // `[v6]:port` or `host:port`; a bare `[v6]` has its last colon inside the brackets.
+        Some((host, port)) if !port.contains(']') => host,
+        _ => authority,
+    };
+    format!("ws://{host}:{media_ws_port}/twilio/media")
+}
+
 /// Which clone provider runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderConfig {
@@ -262,6 +302,10 @@ pub struct Config {
     pub rtp_timeout: Duration,
     /// Media Streams WebSocket port.
     pub media_ws_port: u16,
+    /// The `<Stream url>` Twilio is given (`TWILIO_STREAM_URL`, or derived).
+    pub twilio_stream_url: String,
+    /// `TWILIO_HOLD_MODE`.
+    pub twilio_hold_mode: HoldMode,
     /// PostgreSQL URL, `None` for the in-memory store.
     pub database_url: Option<String>,
     /// PostgreSQL pool size.
@@ -393,6 +437,10 @@ impl Config {
         let public_base_url = r
             .url("PUBLIC_BASE_URL", &["http://", "https://"], "an http:// or https:// URL")?
             .unwrap_or_else(|| format!("http://127.0.0.1:{http_port}"));
+        let media_ws_port = r.port("MEDIA_WS_PORT")?;
+        let twilio_stream_url = r
+            .url("TWILIO_STREAM_URL", &["ws://", "wss://"], "a ws:// or wss:// URL")?
+            .unwrap_or_else(|| derive_stream_url(&public_base_url, media_ws_port));
         let sip_addr = if r.bool("ENABLE_SIP_HANDLER")? {
             Some(SocketAddr::new(r.ip("SIP_HOST")?, r.port("SIP_PORT")?))
         } else {
@@ -516,7 +564,19 @@ impl Config {
             pin_cores: r.bool("SHARD_PIN_CORES")?,
             rtp_ports: rtp_min..=rtp_max,
             rtp_timeout: r.millis("RTP_TIMEOUT_MS")?,
-            media_ws_port: r.port("MEDIA_WS_PORT")?,
+            media_ws_port,
+            twilio_stream_url,
+            twilio_hold_mode: match r.string("TWILIO_HOLD_MODE").to_ascii_lowercase().as_str() {
+                "stream" => HoldMode::Stream,
+                "poll" => HoldMode::Poll,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        var: "TWILIO_HOLD_MODE",
+                        value: r.string("TWILIO_HOLD_MODE"),
+                        expected: "stream or poll",
+                    });
+                }
+            },
             database_url,
             database_pool_size,
             twilio_auth_token: r.raw("TWILIO_AUTH_TOKEN"),
@@ -608,6 +668,40 @@ mod tests {
         );
         assert_eq!(c.public_base_url, "http://127.0.0.1:8000");
         assert_eq!(c.greeting_audio_url, "http://127.0.0.1:8000/audio/greeting.wav");
+        // The default stream URL reaches the media port, not the HTTP port.
+        assert_eq!(c.twilio_stream_url, "ws://127.0.0.1:8001/twilio/media");
+        assert_eq!(c.twilio_hold_mode, HoldMode::Stream);
+    }
+
+    #[test]
+    fn the_stream_url_follows_public_base_url_or_its_own_setting() {
+        assert_eq!(
+            derive_stream_url("http://203.0.113.7:8000", 8001),
+            "ws://203.0.113.7:8001/twilio/media"
+        );
+        assert_eq!(
+            derive_stream_url("http://[2001:db8::1]:80", 9),
+            "ws://[2001:db8::1]:9/twilio/media"
+        );
+        assert_eq!(
+            derive_stream_url("http://[2001:db8::1]", 9),
+            "ws://[2001:db8::1]:9/twilio/media"
+        );
+        assert_eq!(
+            derive_stream_url("http://voice.test/x", 8001),
+            "ws://voice.test:8001/twilio/media"
+        );
+        assert_eq!(
+            derive_stream_url("https://voice.example.com", 8001),
+            "wss://voice.example.com/twilio/media"
+        );
+        let c = cfg(&[("PUBLIC_BASE_URL", "http://10.0.0.5:8080"), ("MEDIA_WS_PORT", "9001")]);
+        assert_eq!(c.unwrap().twilio_stream_url, "ws://10.0.0.5:9001/twilio/media");
+        let c = cfg(&[("TWILIO_STREAM_URL", "wss://media.example.com/twilio/media/")]);
+        assert_eq!(c.unwrap().twilio_stream_url, "wss://media.example.com/twilio/media");
+        assert!(cfg(&[("TWILIO_STREAM_URL", "https://x/twilio/media")]).is_err());
+        assert_eq!(cfg(&[("TWILIO_HOLD_MODE", "POLL")]).unwrap().twilio_hold_mode, HoldMode::Poll);
+        assert!(cfg(&[("TWILIO_HOLD_MODE", "music")]).is_err());
     }
 
     #[test]

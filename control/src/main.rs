@@ -26,7 +26,7 @@ use precall_clone::{
     SimulatedProvider,
 };
 use precall_controller::{CallController, ControllerConfig, MemoryStore, Store, VoiceProfile};
-use precall_engine::{Engine, EngineConfig};
+use precall_engine::{Engine, EngineConfig, MediaStreamsConfig};
 use precall_http::{Limits, Server};
 
 #[global_allocator]
@@ -314,6 +314,12 @@ fn serve(cfg: Config) -> Result<(), String> {
             agent_first_audio_timeout: cfg.agent_first_audio_timeout,
             agent_chunk: cfg.agent_chunk,
             agent_tls_ca_file: cfg.agent_tls_ca_file.clone(),
+            media_streams: Some(MediaStreamsConfig {
+                addr: std::net::SocketAddr::new(cfg.http_addr.ip(), cfg.media_ws_port),
+                public_url: cfg.twilio_stream_url.clone(),
+                auth_token: cfg.twilio_auth_token.clone(),
+                skip_signature: cfg.twilio_skip_signature,
+            }),
             ..EngineConfig::default()
         },
         Arc::new(bridge),
@@ -337,6 +343,8 @@ fn serve(cfg: Config) -> Result<(), String> {
             auth_token: cfg.twilio_auth_token.clone(),
             skip_signature: cfg.twilio_skip_signature,
             error_message: cfg.error_message.clone(),
+            stream_url: cfg.twilio_stream_url.clone(),
+            hold_mode: cfg.twilio_hold_mode,
         },
         Arc::clone(&metrics),
     );
@@ -347,6 +355,8 @@ fn serve(cfg: Config) -> Result<(), String> {
     tracing::info!(
         http = %http.local_addr(),
         sip = ?engine.sip_addr(),
+        media_streams = ?engine.media_streams_addr(),
+        twilio_stream_url = %cfg.twilio_stream_url,
         shards = engine.shard_count(),
         store = store_kind,
         "precall is ready"

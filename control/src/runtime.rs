@@ -207,12 +207,12 @@ async fn serve<S: Store>(
 
 fn error_reply(request: &ControlRequest, e: ControlError) -> ControlReply {
     match request {
-        ControlRequest::Inbound(_) | ControlRequest::CheckStatus(_) => {
-            ControlReply::Instructions(Err(e))
-        }
-        ControlRequest::CallEnded { .. } | ControlRequest::CallEvent { .. } => {
-            ControlReply::Ended(Err(e))
-        }
+        ControlRequest::Inbound(_)
+        | ControlRequest::CheckStatus(_)
+        | ControlRequest::StreamStart(_) => ControlReply::Instructions(Err(e)),
+        ControlRequest::CallEnded { .. }
+        | ControlRequest::CallEvent { .. }
+        | ControlRequest::StreamClosed { .. } => ControlReply::Ended(Err(e)),
         ControlRequest::Health => ControlReply::Health(Err(e)),
     }
 }
@@ -229,6 +229,7 @@ fn control_error(e: ControllerError) -> ControlError {
     match e {
         ControllerError::UnknownCall(id) => ControlError::UnknownCall(id),
         ControllerError::Store(e) => ControlError::Store(e.to_string()),
+        ControllerError::Refused(why) => ControlError::Refused(why),
     }
 }
 
@@ -255,6 +256,19 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
                 service.metrics.call_ended(rec);
             }
             ControlReply::Ended(ended.map(|_| ()))
+        }
+        ControlRequest::StreamStart(start) => {
+            ControlReply::Instructions(ctl.stream_started(start, now).await.map_err(control_error))
+        }
+        ControlRequest::StreamClosed { call_id, reason, failed } => {
+            let closed =
+                ctl.stream_closed(call_id, reason, *failed, now).await.map_err(control_error);
+            if let Ok(rec) = &closed {
+                if rec.status == precall_api::CallStatus::Ended {
+                    service.metrics.call_ended(rec);
+                }
+            }
+            ControlReply::Ended(closed.map(|_| ()))
         }
         ControlRequest::CallEvent { call_id, kind, detail } => ControlReply::Ended(
             ctl.media_event(call_id, *kind, detail, now).await.map_err(control_error),

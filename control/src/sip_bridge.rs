@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use precall_api::{
     CallAction, CallContext, CallId, CallInstructions, ControlError, ControlPort, ControlReply,
-    ControlRequest, MediaEventKind,
+    ControlRequest, MediaEventKind, StreamStart,
 };
-use precall_engine::{MediaPlan, PlanReply, ShardControl, ShardPlan};
+use precall_engine::{Done, MediaPlan, PlanReply, ShardControl, ShardPlan};
 use precall_media::EncodedClip;
 
 use crate::agent::AgentResolver;
@@ -55,6 +55,8 @@ impl SipBridge {
     }
 
     fn plan(&self, request: ControlRequest, reply: PlanReply) -> Result<(), ControlError> {
+        // A Twilio stream says the error with `<Say>` after it closes: no error clip for it.
+        let error_clip = !matches!(request, ControlRequest::StreamStart(_));
         let bridge = self.clone();
         self.control.submit(
             request,
@@ -80,7 +82,8 @@ impl SipBridge {
                                     _ => None,
                                 }
                             };
-                            let (media, agent) = tokio::join!(bridge.clips(&instructions), agent);
+                            let clips = bridge.clips(&instructions, error_clip);
+                            let (media, agent) = tokio::join!(clips, agent);
                             reply(Ok(ShardPlan { instructions, media, agent }));
                         });
                     }
@@ -94,8 +97,8 @@ impl SipBridge {
         )
     }
 
-    /// The clips `ins` needs, resolved concurrently.
-    async fn clips(&self, ins: &CallInstructions) -> MediaPlan {
+    /// The clips `ins` needs, resolved concurrently (the error clip only with `error_clip`).
+    async fn clips(&self, ins: &CallInstructions, error_clip: bool) -> MediaPlan {
         let greeting = ins.greeting_audio.as_ref().map(|a| a.url.as_str());
         let hold = ins.hold_audio.as_ref().map(|a| a.url.as_str()).or_else(|| {
             (ins.action() == CallAction::Connect).then_some(self.defaults.hold_url.as_str())
@@ -105,8 +108,9 @@ impl SipBridge {
             .as_ref()
             .and_then(|e| e.audio_url.as_deref())
             .unwrap_or(&self.defaults.error_url);
+        let error = error_clip.then_some(error);
         let (greeting, hold, error) =
-            tokio::join!(self.clip(greeting), self.clip(hold), self.clip(Some(error)));
+            tokio::join!(self.clip(greeting), self.clip(hold), self.clip(error));
         MediaPlan { greeting, hold, error }
     }
 
@@ -142,6 +146,28 @@ impl ShardControl for SipBridge {
                 if let ControlReply::Ended(Err(e)) = answer {
                     tracing::warn!(error = %e, "recording the end of a SIP call failed");
                 }
+            }),
+        )
+    }
+
+    fn stream_start(&self, start: StreamStart, reply: PlanReply) -> Result<(), ControlError> {
+        self.plan(ControlRequest::StreamStart(start), reply)
+    }
+
+    fn stream_closed(
+        &self,
+        call_id: CallId,
+        reason: String,
+        failed: bool,
+        done: Done,
+    ) -> Result<(), ControlError> {
+        self.control.submit(
+            ControlRequest::StreamClosed { call_id, reason, failed },
+            Box::new(move |answer| {
+                done(match answer {
+                    ControlReply::Ended(result) => result,
+                    _ => Err(ControlError::Mismatch),
+                })
             }),
         )
     }

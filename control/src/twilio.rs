@@ -15,6 +15,7 @@ use precall_twilio::{
     Params, RequestValidator, SIGNATURE_HEADER, TwilioCallStatus, TwimlUrls, parse_query, twiml,
 };
 
+use crate::config::HoldMode;
 use crate::metrics::{ErrorKind, Metrics, Route};
 use crate::runtime::ControlHandle;
 
@@ -29,6 +30,10 @@ pub struct TwilioConfig {
     pub skip_signature: bool,
     /// `ERROR_MESSAGE`, said when precall cannot serve a call.
     pub error_message: String,
+    /// The `<Stream url>` (`TWILIO_STREAM_URL`, or derived from `PUBLIC_BASE_URL`).
+    pub stream_url: String,
+    /// `TWILIO_HOLD_MODE`.
+    pub hold_mode: HoldMode,
 }
 
 /// The Twilio routes.
@@ -36,7 +41,6 @@ pub struct Twilio {
     control: ControlHandle,
     validator: Option<RequestValidator>,
     cfg: TwilioConfig,
-    media_stream_url: String,
     metrics: Arc<Metrics>,
 }
 
@@ -78,11 +82,7 @@ impl Twilio {
         } else if cfg.skip_signature {
             tracing::warn!("TWILIO_SKIP_SIGNATURE is ignored because TWILIO_AUTH_TOKEN is set");
         }
-        let media_stream_url = format!(
-            "{}/twilio/media",
-            cfg.public_base_url.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1)
-        );
-        Self { control, validator, cfg, media_stream_url, metrics }
+        Self { control, validator, cfg, metrics }
     }
 
     /// Serves a `/twilio/…` request.
@@ -138,7 +138,7 @@ impl Twilio {
         };
         match route {
             Route::Voice => self.voice(&params),
-            Route::Poll => self.poll(&query),
+            Route::Poll => self.poll(&query, &params),
             Route::Status => self.status(&params),
         }
     }
@@ -168,14 +168,23 @@ impl Twilio {
         if ok { Ok(()) } else { Err("invalid X-Twilio-Signature") }
     }
 
-    fn urls(&self, call_id: &CallId) -> TwimlUrls {
+    /// The URLs of a call's TwiML; `params` (the webhook's form) gives the stream its
+    /// caller and dialed numbers, for the agent.
+    fn urls(&self, call_id: &CallId, params: &Params) -> TwimlUrls {
+        let mut stream_params = Vec::new();
+        for (name, keys) in [("caller", ["From", "Caller"]), ("dialed", ["To", "Called"])] {
+            if let Some(v) = keys.iter().find_map(|k| params.get(k)).filter(|v| !v.is_empty()) {
+                stream_params.push((name.to_owned(), v.to_owned()));
+            }
+        }
         TwimlUrls {
             poll_url: format!(
                 "{}/twilio/poll?call_id={}",
                 self.cfg.public_base_url,
                 precall_api::percent::encode_component(call_id.as_str())
             ),
-            media_stream_url: self.media_stream_url.clone(),
+            media_stream_url: self.cfg.stream_url.clone(),
+            stream_params,
         }
     }
 
@@ -184,7 +193,9 @@ impl Twilio {
     fn instructions(
         &self,
         call_id: &CallId,
+        params: &Params,
         reply: Result<ControlReply, ControlError>,
+        stream_hold: bool,
     ) -> Response {
         let result = match reply {
             Ok(ControlReply::Instructions(r)) => r,
@@ -192,7 +203,10 @@ impl Twilio {
             Err(e) => Err(e),
         };
         match result {
-            Ok(ins) => xml(200, twiml::render(&ins, &self.urls(call_id))),
+            Ok(ins) if stream_hold => {
+                xml(200, twiml::render_stream(&ins, &self.urls(call_id, params)))
+            }
+            Ok(ins) => xml(200, twiml::render(&ins, &self.urls(call_id, params))),
             Err(ControlError::Overloaded) => {
                 self.metrics.error(ErrorKind::Overloaded);
                 Response::text(503, "overloaded, retry\n").header("Retry-After", "1")
@@ -230,16 +244,19 @@ impl Twilio {
         tracing::info!(call_id = %ctx.call_id, from = %Redacted(from), to = %Redacted(to), "Twilio inbound call");
         let call_id = ctx.call_id.clone();
         let reply = self.control.call(ControlRequest::Inbound(ctx));
-        self.instructions(&call_id, reply)
+        self.instructions(&call_id, params, reply, self.cfg.hold_mode == HoldMode::Stream)
     }
 
-    fn poll(&self, query: &Params) -> Response {
+    /// A status check: the poll flow (`TWILIO_HOLD_MODE=poll`), and in stream mode what
+    /// Twilio asks when a stream closed: the call's end (`<Hangup/>`, with the error message
+    /// when it failed), or, for a broken stream, the poll flow from where the call is.
+    fn poll(&self, query: &Params, params: &Params) -> Response {
         let Some(call_id) = query.get("call_id").filter(|s| valid_call_id(s)) else {
             return self.fail(ErrorKind::BadRequest, 400, "missing or invalid call_id");
         };
         let call_id = CallId::new(call_id);
         let reply = self.control.call(ControlRequest::CheckStatus(call_id.clone()));
-        self.instructions(&call_id, reply)
+        self.instructions(&call_id, params, reply, false)
     }
 
     fn status(&self, params: &Params) -> Response {

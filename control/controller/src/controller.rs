@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use precall_api::{
     CallContext, CallId, CallInstructions, CallStatus, CloneStatus, JobId, MediaEventKind,
-    ProfileId, Timestamp,
+    ProfileId, Protocol, StreamStart, Timestamp,
 };
 
 use crate::model::{
@@ -48,6 +48,10 @@ pub enum ControllerError {
     /// A status check or end named a call that was never recorded.
     #[error("unknown call {0}")]
     UnknownCall(CallId),
+    /// The request does not belong to the call it names (a media stream whose CallSid or
+    /// account differs from the call's).
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// The answer to an inbound call.
@@ -160,6 +164,82 @@ impl<S: Store> CallController<S> {
         self.apply(call_id, plan, now).await
     }
 
+    /// A Twilio media stream started for `start.call_id`: the call must be a known Twilio call
+    /// whose CallSid and account are the stream's. Answers the plan for the shard: like an
+    /// inbound answer (greeting included when `start.greeting`) for the call's current state.
+    pub async fn stream_started(
+        &self,
+        start: &StreamStart,
+        now: Timestamp,
+    ) -> Result<CallInstructions, ControllerError> {
+        let call = self
+            .store
+            .get_call(&start.call_id)
+            .await?
+            .ok_or_else(|| ControllerError::UnknownCall(start.call_id.clone()))?;
+        if call.protocol != Protocol::Twilio {
+            return Err(ControllerError::Refused(format!("{} is not a Twilio call", call.call_id)));
+        }
+        if call.call_id.as_str() != start.call_sid {
+            return Err(ControllerError::Refused(format!(
+                "stream CallSid {} is not the call's {}",
+                start.call_sid, call.call_id
+            )));
+        }
+        if !call.session_id.is_empty() && call.session_id != start.account_sid {
+            return Err(ControllerError::Refused(format!(
+                "stream account {} is not the call's",
+                start.account_sid
+            )));
+        }
+        let job = match call.clone_job_id {
+            Some(id) => self.store.get_clone_job(id).await?,
+            None => None,
+        };
+        let profile = self.store.get_profile(&call.profile_id).await?;
+        let detail = if start.greeting { "greeting" } else { "" };
+        self.event(&call.call_id, now, EventKind::StreamStarted, detail).await?;
+        let plan = Planner::new(&self.cfg).plan(
+            &call,
+            job.as_ref(),
+            profile.as_ref(),
+            now,
+            start.greeting,
+        );
+        self.apply(&call.call_id, plan, now).await
+    }
+
+    /// A shard closed the call's media stream: a failure is recorded as the call's failure
+    /// (the poll that follows says the error message and hangs up), anything else as its end.
+    pub async fn stream_closed(
+        &self,
+        call_id: &CallId,
+        reason: &str,
+        failed: bool,
+        now: Timestamp,
+    ) -> Result<CallRecord, ControllerError> {
+        if !failed {
+            return self.call_ended(call_id, reason, now).await;
+        }
+        let before = self
+            .store
+            .get_call(call_id)
+            .await?
+            .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
+        if matches!(before.status, CallStatus::Failed | CallStatus::Ended) {
+            return Ok(before);
+        }
+        let after = self
+            .store
+            .set_call_status(call_id, CallStatus::Failed, now, Some(reason))
+            .await?
+            .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
+        if after.status == CallStatus::Failed {
+            self.event(call_id, now, EventKind::Failed, reason).await?;
+        }
+        Ok(after)
+    }
+
     /// The call is over (caller hung up, BYE, CANCEL, Twilio's status callback). Idempotent:
     /// the first end is kept. Returns the record afterwards.
     pub async fn call_ended(
@@ -200,6 +280,7 @@ impl<S: Store> CallController<S> {
             MediaEventKind::UserTranscript => EventKind::UserTranscript,
             MediaEventKind::Dtmf => EventKind::Dtmf,
             MediaEventKind::AgentFailed => EventKind::AgentFailed,
+            MediaEventKind::StreamLost => EventKind::StreamLost,
         };
         Ok(self.event(call_id, now, kind, detail).await?)
     }

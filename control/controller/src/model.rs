@@ -185,6 +185,10 @@ pub enum EventKind {
     Dtmf,
     /// The agent leg failed (why, with the server's message).
     AgentFailed,
+    /// A Twilio media stream started on a shard (the shard's plan was made).
+    StreamStarted,
+    /// A Twilio media stream broke without Twilio's `stop` (Twilio falls back to polling).
+    StreamLost,
 }
 
 impl EventKind {
@@ -204,6 +208,8 @@ impl EventKind {
             EventKind::UserTranscript => "user_transcript",
             EventKind::Dtmf => "dtmf",
             EventKind::AgentFailed => "agent_failed",
+            EventKind::StreamStarted => "stream_started",
+            EventKind::StreamLost => "stream_lost",
         }
     }
 
@@ -223,6 +229,8 @@ impl EventKind {
             "user_transcript" => EventKind::UserTranscript,
             "dtmf" => EventKind::Dtmf,
             "agent_failed" => EventKind::AgentFailed,
+            "stream_started" => EventKind::StreamStarted,
+            "stream_lost" => EventKind::StreamLost,
             _ => return None,
         })
     }

@@ -6,8 +6,11 @@
 //! - **Hangup**: `<Say>` the error text (when there is one), then `<Hangup />`. Nothing else.
 //! - **Connect**: the greeting `<Play>` (when there is one), then
 //!   `<Connect><Stream url="{media_stream_url}">` with `<Parameter>`s `call_id`, `agent_id`,
-//!   `voice_id` and `first_message` (when set). The agent's own WebSocket URL never appears:
-//!   the engine bridges Twilio's media stream to it, and Twilio does not pass a Stream URL's
+//!   `voice_id`, `first_message` (when set) and the [`TwimlUrls::stream_params`], then
+//!   `<Redirect method="POST">` to the poll URL: Twilio runs it when the engine closes the
+//!   stream (the call's end or failure, which the poll answers with `<Hangup/>`, or a broken
+//!   stream, which the poll carries on). The agent's own WebSocket URL never appears: the
+//!   engine bridges Twilio's media stream to it, and Twilio does not pass a Stream URL's
 //!   query reliably, so everything travels as parameters (`start.customParameters`).
 //! - **Hold**: the greeting `<Play>`, the hold `<Play loop="N">` and `<Redirect method="POST">`
 //!   to the poll URL. The hold is always finite: `loops == 0` ("until the next instruction")
@@ -40,6 +43,8 @@ pub struct TwimlUrls {
     pub poll_url: String,
     /// The engine's Media Streams endpoint (`wss://…/twilio/media`).
     pub media_stream_url: String,
+    /// More `<Parameter>`s for every `<Stream>` (the caller's and the dialed number).
+    pub stream_params: Vec<(String, String)>,
 }
 
 /// Renders `ins` as a TwiML document (see the module docs for the shapes).
@@ -65,8 +70,12 @@ pub fn render(ins: &CallInstructions, urls: &TwimlUrls) -> String {
                 if let Some(first) = &ws.first_message {
                     doc.parameter("first_message", first);
                 }
+                for (name, value) in &urls.stream_params {
+                    doc.parameter(name, value);
+                }
                 doc.close("Stream");
                 doc.close("Connect");
+                doc.text("Redirect", &[("method", "POST")], &urls.poll_url);
             }
         }
         CallAction::Hold => {
@@ -83,6 +92,29 @@ pub fn render(ins: &CallInstructions, urls: &TwimlUrls) -> String {
             doc.text("Redirect", &[("method", "POST")], &urls.poll_url);
         }
     }
+    doc.finish()
+}
+
+/// The stream hold answer (`TWILIO_HOLD_MODE=stream`) to an inbound call that is not failed:
+/// `<Connect><Stream>` straight away, with `<Parameter>`s `call_id`, `greeting` = `1` (the
+/// engine plays the greeting, then hold, then the agent, over the stream) and the
+/// [`TwimlUrls::stream_params`], then `<Redirect method="POST">` to the poll URL for when the
+/// stream closes. A failed call renders as [`render`] does (`<Say>` + `<Hangup />`).
+pub fn render_stream(ins: &CallInstructions, urls: &TwimlUrls) -> String {
+    if ins.action() == CallAction::Hangup {
+        return render(ins, urls);
+    }
+    let mut doc = Doc::new();
+    doc.open("Connect", &[]);
+    doc.open("Stream", &[("url", &urls.media_stream_url)]);
+    doc.parameter("call_id", ins.call_id.as_str());
+    doc.parameter("greeting", "1");
+    for (name, value) in &urls.stream_params {
+        doc.parameter(name, value);
+    }
+    doc.close("Stream");
+    doc.close("Connect");
+    doc.text("Redirect", &[("method", "POST")], &urls.poll_url);
     doc.finish()
 }
 
@@ -225,6 +257,7 @@ mod tests {
         TwimlUrls {
             poll_url: "https://x/twilio/poll?call_id=CA1".into(),
             media_stream_url: "wss://x/twilio/media".into(),
+            stream_params: Vec::new(),
         }
     }
 

@@ -42,6 +42,7 @@ fn urls() -> TwimlUrls {
     TwimlUrls {
         poll_url: format!("https://x/twilio/poll?call_id=\"{NASTY}"),
         media_stream_url: format!("wss://x/twilio/media?\"'{NASTY}"),
+        stream_params: vec![("caller".into(), format!("+1\"{NASTY}"))],
     }
 }
 
@@ -112,11 +113,13 @@ fn stream_parameters_round_trip_through_a_parser() {
             "Parameter",
             "Parameter",
             "Parameter",
-            "Parameter"
+            "Parameter",
+            "Parameter",
+            "Redirect"
         ]
     );
     assert_eq!(shape[3].1, [("url".to_owned(), cleaned(&urls().media_stream_url))]);
-    let params: Vec<_> = shape[4..]
+    let params: Vec<_> = shape[4..shape.len() - 1]
         .iter()
         .map(|(_, attrs, _)| {
             assert_eq!(attrs.len(), 2);
@@ -133,6 +136,7 @@ fn stream_parameters_round_trip_through_a_parser() {
             ("voice_id".to_owned(), cleaned(&format!("voice'{NASTY}"))),
             // Tab and newline survive attribute-value normalisation because they are escaped.
             ("first_message".to_owned(), cleaned(&first)),
+            ("caller".to_owned(), cleaned(&format!("+1\"{NASTY}"))),
         ]
     );
     // The agent's own URL is bridged by the engine and never reaches Twilio.

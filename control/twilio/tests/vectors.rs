@@ -105,11 +105,22 @@ fn instructions(v: &Value) -> CallInstructions {
 fn twiml_vectors() {
     let doc = load("twiml.json");
     for case in cases(&doc, "cases") {
+        let stream_params = case["urls"]["stream_params"]
+            .as_array()
+            .map(|a| {
+                a.iter().map(|p| (s(p, "name").to_owned(), s(p, "value").to_owned())).collect()
+            })
+            .unwrap_or_default();
         let urls = TwimlUrls {
             poll_url: s(&case["urls"], "poll_url").to_owned(),
             media_stream_url: s(&case["urls"], "media_stream_url").to_owned(),
+            stream_params,
         };
-        let got = twiml::render(&instructions(&case["instructions"]), &urls);
+        let ins = instructions(&case["instructions"]);
+        let got = match case["mode"].as_str() {
+            Some("stream") => twiml::render_stream(&ins, &urls),
+            _ => twiml::render(&ins, &urls),
+        };
         assert_eq!(got, s(case, "expected"), "{}", s(case, "name"));
     }
 }

@@ -32,8 +32,35 @@ pub enum ControlRequest {
         /// The text.
         detail: String,
     },
+    /// A Twilio Media Stream started on a shard (its `start` message): check that it belongs
+    /// to a known Twilio call and plan it like an inbound call.
+    StreamStart(StreamStart),
+    /// A shard closed a call's media stream: the call's outcome, recorded before the stream
+    /// closes, so the TwiML Twilio runs next (`<Redirect>` to the poll URL) finds it.
+    StreamClosed {
+        /// The call.
+        call_id: CallId,
+        /// Why (`completed`, `failed`, `agent_error`, `hold_timeout`, ...).
+        reason: String,
+        /// The call failed: the caller hears the error message next. Otherwise it ended.
+        failed: bool,
+    },
     /// Is the control plane (and its store) able to serve?
     Health,
+}
+
+/// What a Media Streams `start` message says about the call, for
+/// [`ControlRequest::StreamStart`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamStart {
+    /// The call id precall put in the `<Stream>`'s `call_id` parameter.
+    pub call_id: CallId,
+    /// `start.callSid`: must be the call's own CallSid.
+    pub call_sid: String,
+    /// `start.accountSid`: must be the account the call came in on.
+    pub account_sid: String,
+    /// The `<Stream>` was the call's first answer (stream hold mode): play the greeting.
+    pub greeting: bool,
 }
 
 /// The controller's answer to a [`ControlRequest`].
@@ -42,9 +69,9 @@ pub enum ControlRequest {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ControlReply {
-    /// For `Inbound` and `CheckStatus`.
+    /// For `Inbound`, `CheckStatus` and `StreamStart`.
     Instructions(Result<CallInstructions, ControlError>),
-    /// For `CallEnded` and `CallEvent`.
+    /// For `CallEnded`, `CallEvent` and `StreamClosed`.
     Ended(Result<(), ControlError>),
     /// For `Health`.
     Health(Result<(), ControlError>),
@@ -65,6 +92,9 @@ pub enum ControlError {
     Stopped,
     /// The answer did not match the request (a bug, reported rather than panicking).
     Mismatch,
+    /// The request does not belong to the call it names (a media stream whose CallSid or
+    /// account is not the call's); the text says what differs.
+    Refused(String),
 }
 
 impl fmt::Display for ControlError {
@@ -76,6 +106,7 @@ impl fmt::Display for ControlError {
             ControlError::Overloaded => f.write_str("the controller's queue is full"),
             ControlError::Stopped => f.write_str("the control plane is stopping"),
             ControlError::Mismatch => f.write_str("the controller answered another question"),
+            ControlError::Refused(why) => write!(f, "refused: {why}"),
         }
     }
 }

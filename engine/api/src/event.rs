@@ -13,6 +13,9 @@ pub enum MediaEventKind {
     Dtmf,
     /// The agent leg failed (why, and the server's message).
     AgentFailed,
+    /// A Twilio media stream broke without Twilio's `stop`: Twilio runs the TwiML after
+    /// `</Connect>` next (the poll flow).
+    StreamLost,
 }
 
 impl MediaEventKind {
@@ -24,6 +27,7 @@ impl MediaEventKind {
             MediaEventKind::UserTranscript => "user_transcript",
             MediaEventKind::Dtmf => "dtmf",
             MediaEventKind::AgentFailed => "agent_failed",
+            MediaEventKind::StreamLost => "stream_lost",
         }
     }
 }

@@ -19,7 +19,7 @@ mod redact;
 mod time;
 
 pub use context::{CallContext, CallStatus, Protocol};
-pub use control::{ControlError, ControlPort, ControlReply, ControlRequest, ReplyFn};
+pub use control::{ControlError, ControlPort, ControlReply, ControlRequest, ReplyFn, StreamStart};
 pub use event::MediaEventKind;
 pub use ids::{CallId, JobId, ProfileId, VoiceId};
 pub use instructions::{

@@ -76,6 +76,9 @@ pub struct FlowConfig {
     pub agent_chunk: Duration,
     /// Agent audio queued for the caller at most; the excess is dropped and counted.
     pub agent_buffer: Duration,
+    /// After the agent's normal end, longest wait for the leg to confirm that the caller heard
+    /// its last audio (a Twilio `mark` echo) before hanging up anyway.
+    pub heard_timeout: Duration,
 }
 
 impl Default for FlowConfig {
@@ -88,6 +91,7 @@ impl Default for FlowConfig {
             agent_first_audio_timeout: Duration::from_secs(10),
             agent_chunk: Duration::from_millis(40),
             agent_buffer: Duration::from_secs(120),
+            heard_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -151,6 +155,13 @@ pub enum Action {
     CloseAgent,
     /// Record this on the call's history (transcript, DTMF, agent failures).
     Record(MediaEventKind, String),
+    /// The leg must say when the caller has heard every agent frame lent so far (this count):
+    /// a Twilio leg sends a `mark` and reports its echo, an RTP leg (nothing buffered past the
+    /// socket) reports at once. Either way with [`CallFlow::handle_heard`].
+    Mark(u64),
+    /// The agent was interrupted: drop what the leg itself still buffers for the caller
+    /// (Twilio `clear`; nothing to do on RTP).
+    ClearLeg,
 }
 
 /// One frame to send to the caller: 160 bytes of G.711 in the leg's codec.
@@ -179,6 +190,10 @@ pub struct FlowStats {
     pub chunks_sent: u64,
     /// Chunks of silence sent because the caller sent nothing.
     pub silent_chunks: u64,
+    /// Agent frames lent to the leg (the playout ledger's "played" side).
+    pub agent_frames_sent: u64,
+    /// Of those, frames the leg confirmed the caller heard.
+    pub agent_frames_heard: u64,
     /// Caller packets late, duplicated or lost on the way to the agent.
     pub caller_late: u64,
     /// See `caller_late`.
@@ -253,6 +268,20 @@ pub struct CallFlow {
     /// When the agent leg was asked for (to the first agent frame out).
     connect_at: Option<Instant>,
     latencies: Latencies,
+    ledger: Ledger,
+}
+
+/// What became of the agent's audio: queued in the flow (`agent_audio`), lent to the leg
+/// (`sent`), confirmed heard by the caller (`heard`). One ledger for every leg kind: RTP
+/// confirms at once, Twilio when its `mark` comes back.
+#[derive(Debug, Default)]
+struct Ledger {
+    sent: u64,
+    heard: u64,
+    /// The last count a [`Action::Mark`] asked about.
+    marked: u64,
+    /// The agent finished; hang up once `heard == sent`, or at this time.
+    drain_deadline: Option<Instant>,
 }
 
 /// Delays measured at the engine's own clock, taken with [`CallFlow::take_latencies`].
@@ -313,6 +342,7 @@ impl CallFlow {
             talkspurt_at: None,
             connect_at: None,
             latencies: Latencies::default(),
+            ledger: Ledger::default(),
         }
     }
 
@@ -342,6 +372,8 @@ impl CallFlow {
             caller_late: r.late,
             caller_duplicate: r.duplicate,
             caller_lost: r.lost,
+            agent_frames_sent: self.ledger.sent,
+            agent_frames_heard: self.ledger.heard,
             ..self.stats
         }
     }
@@ -375,10 +407,17 @@ impl CallFlow {
             Agent::Connecting { deadline } | Agent::Open { deadline, .. } => Some(*deadline),
             _ => None,
         };
-        [self.plan_deadline, self.poll_at, self.rtp_check_at, self.chunk_at, agent]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.plan_deadline,
+            self.poll_at,
+            self.rtp_check_at,
+            self.chunk_at,
+            agent,
+            self.ledger.drain_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn live(&self) -> bool {
@@ -663,6 +702,10 @@ impl CallFlow {
                 self.stats.agent_flushed_bytes += self.agent_audio.len() as u64;
                 self.agent_audio.clear();
                 self.talkspurt_at = None;
+                if self.ledger.sent > self.ledger.heard {
+                    // The leg may still hold some of the interrupted words: drop them too.
+                    self.actions.push_back(Action::ClearLeg);
+                }
             }
             ServerMessage::AgentResponse(text) => {
                 self.actions.push_back(Action::Record(MediaEventKind::AgentResponse, text))
@@ -839,6 +882,14 @@ impl CallFlow {
         if self.chunk_at.is_some_and(|d| d <= now) {
             self.send_chunk(now);
         }
+        if self.ledger.drain_deadline.is_some_and(|d| d <= now) {
+            // The leg never confirmed the last words: end anyway.
+            self.ledger.drain_deadline = None;
+            if self.live() {
+                self.end_reason = Some(reason::COMPLETED);
+                self.hang_up();
+            }
+        }
     }
 
     /// Sends the caller audio gathered since the last chunk; silence when there was none, so
@@ -918,7 +969,30 @@ impl CallFlow {
         self.close_agent();
         self.phase = Phase::HangingUp;
         self.poll_at = None;
+        self.ledger.drain_deadline = None;
         self.actions.push_back(Action::Hangup);
+    }
+
+    /// The leg confirms that the caller heard the first `frames` agent frames it was lent
+    /// (the answer to an [`Action::Mark`]; a Twilio `mark` echo, also after a `clear`).
+    pub fn handle_heard(&mut self, frames: u64) {
+        self.ledger.heard = self.ledger.heard.max(frames.min(self.ledger.sent));
+        if matches!(self.agent, Agent::Finished)
+            && self.agent_audio.is_empty()
+            && self.ledger.heard >= self.ledger.sent
+            && self.live()
+        {
+            self.end_reason = Some(reason::COMPLETED);
+            self.hang_up();
+        }
+    }
+
+    /// Asks the leg to confirm what it was lent so far, once per count.
+    fn mark(&mut self) {
+        if self.ledger.sent > self.ledger.marked {
+            self.ledger.marked = self.ledger.sent;
+            self.actions.push_back(Action::Mark(self.ledger.sent));
+        }
     }
 
     // ----- media -----
@@ -966,11 +1040,22 @@ impl CallFlow {
             }
         }
         if queued == 0 {
+            if self.speaking {
+                // The end of a talkspurt: the ledger learns when the caller has heard it.
+                self.mark();
+            }
             self.speaking = false;
             if matches!(self.agent, Agent::Finished) {
-                self.end_reason = Some(reason::COMPLETED);
-                self.hang_up();
-                return None;
+                // The agent's last words go out; hang up once the leg says they were heard.
+                if self.ledger.heard >= self.ledger.sent {
+                    self.end_reason = Some(reason::COMPLETED);
+                    self.hang_up();
+                    return None;
+                }
+                self.mark();
+                if self.ledger.drain_deadline.is_none() {
+                    self.ledger.drain_deadline = Some(later(now, self.cfg.heard_timeout));
+                }
             }
             // The agent is quiet: RTP goes on with silence, so NATs, session border
             // controllers and the caller's own RTP timeout see a live stream; the agent's next
@@ -985,6 +1070,7 @@ impl CallFlow {
         self.agent_frame[take..].fill(self.codec.silence());
         let marker = !self.speaking;
         self.speaking = true;
+        self.ledger.sent += 1;
         Some(Frame { payload: &self.agent_frame, marker })
     }
 }

@@ -16,6 +16,7 @@ pub mod convert;
 pub mod flow;
 pub mod plan;
 pub mod reorder;
+pub mod twilio;
 
 pub use agent::AgentFormat;
 pub use flow::{

@@ -112,6 +112,8 @@ struct Harness {
     ended: bool,
     codec: Codec,
     next_tick: Instant,
+    /// Answer `Mark` at once, as an RTP leg does; `false` plays a Twilio leg: marks wait.
+    auto_heard: bool,
 }
 
 impl Harness {
@@ -136,6 +138,7 @@ impl Harness {
             ended: false,
             codec: Codec::Pcmu,
             next_tick: now,
+            auto_heard: true,
         };
         h.drain();
         h
@@ -156,6 +159,7 @@ impl Harness {
                     self.flow.handle_leg_ended();
                     self.ended = true;
                 }
+                Action::Mark(n) if self.auto_heard => self.flow.handle_heard(n),
                 _ => {}
             }
         }
@@ -342,6 +346,66 @@ fn hold_connect_first_audio_interruption_agent_end_bye() {
     assert_eq!(played, 3, "the agent's last words were all played");
     assert!(h.has(&Action::CloseAgent));
     assert_eq!(h.flow.stats().interruptions, 1);
+}
+
+fn marks(h: &Harness) -> Vec<u64> {
+    h.actions
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Action::Mark(n) => Some(*n),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_buffering_leg_hangs_up_only_once_the_last_words_were_heard() {
+    let c = clips();
+    let mut h = Harness::new();
+    h.auto_heard = false;
+    connected(&mut h, &c);
+    // Three frames of a response: one mark at its end, asking about all three.
+    h.agent(&audio_msg(1, &[ulaw(5000); 480]));
+    h.run_for(Duration::from_millis(100));
+    assert_eq!(marks(&h), vec![3]);
+    assert_eq!(h.flow.stats().agent_frames_sent, 3);
+    assert_eq!(h.flow.stats().agent_frames_heard, 0);
+    // Interrupted while the leg still holds them: the leg is told to drop them.
+    h.agent(r#"{"type":"interruption","interruption_event":{"event_id":1}}"#);
+    assert!(h.has(&Action::ClearLeg));
+    // The leg's echo after its clear: heard (or dropped) up to 3.
+    h.input(|f, _| f.handle_heard(3));
+    assert_eq!(h.flow.stats().agent_frames_heard, 3);
+    // The last response, then the agent's normal end: no hang-up before the echo.
+    h.agent(&audio_msg(2, &[ulaw(4000); 320]));
+    h.input(|f, now| f.handle_agent_closed(now, Some(1000), "bye"));
+    h.run_for(Duration::from_millis(200));
+    assert!(!h.ended, "the caller has not heard the last words yet");
+    assert_eq!(marks(&h), vec![3, 5]);
+    // A count beyond what was lent is capped; the echo of the last mark ends the call.
+    h.input(|f, _| f.handle_heard(99));
+    assert!(h.ended);
+    assert_eq!(h.flow.end_reason(), Some(reason::COMPLETED));
+    assert_eq!(h.flow.stats().agent_frames_heard, 5);
+}
+
+#[test]
+fn a_leg_that_never_confirms_is_hung_up_after_the_heard_timeout() {
+    let c = clips();
+    let mut h = Harness::with(FlowConfig {
+        rtp_timeout: Duration::from_secs(60),
+        heard_timeout: Duration::from_secs(2),
+        ..FlowConfig::default()
+    });
+    h.auto_heard = false;
+    connected(&mut h, &c);
+    h.agent(&audio_msg(1, &[ulaw(5000); 160]));
+    h.input(|f, now| f.handle_agent_closed(now, Some(1000), "bye"));
+    h.run_for(Duration::from_millis(1900));
+    assert!(!h.ended);
+    h.run_for(Duration::from_millis(200));
+    assert!(h.ended, "hung up once the heard timeout passed");
+    assert_eq!(h.flow.end_reason(), Some(reason::COMPLETED));
 }
 
 #[test]

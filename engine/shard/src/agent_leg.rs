@@ -79,7 +79,7 @@ impl Outbox {
         }
     }
 
-    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<String>> {
+    pub(crate) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<String>> {
         if let Some(msg) = self.queue.borrow_mut().pop_front() {
             return Poll::Ready(Some(msg));
         }

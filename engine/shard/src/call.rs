@@ -13,12 +13,33 @@ use std::{
 use glommio::Task;
 use precall_call::CallFlow;
 use precall_media::{Codec, RtpSender, StreamSlot};
+use precall_sip::CallHandle;
 use socket2::Socket;
 
 use crate::{
     agent_leg::Outbox,
     socket::{UdpPair, bind_rtp},
 };
+
+/// A call of the shard: a SIP call of its endpoint, or a Twilio media stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum CallKey {
+    Sip(CallHandle),
+    Stream(u64),
+}
+
+/// The Twilio half of a call that came as a media stream.
+#[derive(Debug)]
+pub(crate) struct StreamLeg {
+    /// `start.streamSid`, in every message sent.
+    pub(crate) stream_sid: String,
+    /// What the connection's writer sends; closing it closes the stream.
+    pub(crate) outbox: Rc<Outbox>,
+    /// The media clock stream, once answered.
+    pub(crate) slot: Option<StreamSlot>,
+    /// The shard asked for the stream to close (its outcome is being recorded).
+    pub(crate) closing: bool,
+}
 
 /// The RTP half of an answered call.
 #[derive(Debug)]
@@ -65,9 +86,12 @@ pub(crate) struct AgentLeg {
 #[derive(Debug)]
 pub(crate) struct Call {
     pub(crate) flow: CallFlow,
-    /// Where the INVITE came from (picks our RTP address when the SIP socket is a wildcard).
+    /// Where the INVITE (or the stream's connection) came from (picks our RTP address when
+    /// the SIP socket is a wildcard).
     pub(crate) source: SocketAddr,
     pub(crate) media: Option<CallMedia>,
+    /// For a Twilio call: its media stream.
+    pub(crate) stream: Option<StreamLeg>,
     pub(crate) agent: Option<AgentLeg>,
     /// The deadline of the flow that is in the shard's timer heap (older entries are stale).
     pub(crate) armed: Option<Instant>,

@@ -51,6 +51,34 @@ pub struct EngineConfig {
     pub agent_chunk: Duration,
     /// A PEM file of CAs trusted for `wss://` agents beside the system's (`AGENT_TLS_CA_FILE`).
     pub agent_tls_ca_file: Option<PathBuf>,
+    /// The Twilio Media Streams server every shard runs; `None`: no streams.
+    pub media_streams: Option<MediaStreamsConfig>,
+}
+
+/// The Twilio Media Streams WebSocket server of the shards.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MediaStreamsConfig {
+    /// Where every shard listens (SO_REUSEPORT); port 0 picks one (shard 0 binds first).
+    pub addr: SocketAddr,
+    /// The stream URL as Twilio was given it in TwiML: the upgrade's `X-Twilio-Signature` is
+    /// over this URL (with the request's query, if any).
+    pub public_url: String,
+    /// `TWILIO_AUTH_TOKEN`: signs the upgrade request. `None` with `skip_signature` false
+    /// refuses every stream (403).
+    pub auth_token: Option<String>,
+    /// `TWILIO_SKIP_SIGNATURE`: accept unsigned upgrades (development only).
+    pub skip_signature: bool,
+}
+
+impl std::fmt::Debug for MediaStreamsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MediaStreamsConfig")
+            .field("addr", &self.addr)
+            .field("public_url", &self.public_url)
+            .field("signed", &self.auth_token.is_some())
+            .field("skip_signature", &self.skip_signature)
+            .finish()
+    }
 }
 
 impl EngineConfig {
@@ -107,6 +135,7 @@ impl Default for EngineConfig {
             agent_first_audio_timeout: Duration::from_secs(10),
             agent_chunk: Duration::from_millis(40),
             agent_tls_ca_file: None,
+            media_streams: None,
         }
     }
 }

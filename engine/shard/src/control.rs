@@ -5,11 +5,15 @@
 //! the engine's callbacks put the answer in the owning shard's inbox and ring its doorbell, so
 //! the answer wakes the shard like any other message (no polling).
 
-use precall_api::{CallContext, CallId, ControlError, MediaEventKind};
+use precall_api::{CallContext, CallId, ControlError, MediaEventKind, StreamStart};
 pub use precall_call::{AgentTarget, AgentUnavailable, MediaPlan, ShardPlan};
 
 /// Called once with the answer, on the control plane's thread. It must not block.
 pub type PlanReply = Box<dyn FnOnce(Result<ShardPlan, ControlError>) + Send>;
+
+/// Called once when a report is stored (or could not be), on the control plane's thread. It
+/// must not block.
+pub type Done = Box<dyn FnOnce(Result<(), ControlError>) + Send>;
 
 /// What a shard asks the control plane. Implemented over the side runtime by the `precall`
 /// binary, and by fakes in tests. Every method returns at once: an `Err` means the request was
@@ -30,6 +34,29 @@ pub trait ShardControl: Send + Sync + 'static {
         kind: MediaEventKind,
         detail: String,
     ) -> Result<(), ControlError>;
+    /// A Twilio media stream started: check it belongs to its call and plan the call (clips
+    /// for the stream: no error clip, Twilio says the error message itself). By default
+    /// streams are refused (a control plane without Twilio).
+    fn stream_start(&self, start: StreamStart, reply: PlanReply) -> Result<(), ControlError> {
+        let _ = reply;
+        Err(ControlError::Refused(format!("media streams are not served (call {})", start.call_id)))
+    }
+    /// The shard is closing a call's media stream: record the outcome (`failed` or ended),
+    /// then call `done`. The shard closes the stream only after `done` (or a short deadline),
+    /// because Twilio asks the poll URL as soon as the stream closes. By default: recorded as
+    /// an end, done at once.
+    fn stream_closed(
+        &self,
+        call_id: CallId,
+        reason: String,
+        failed: bool,
+        done: Done,
+    ) -> Result<(), ControlError> {
+        let _ = failed;
+        let result = self.call_ended(call_id, reason);
+        done(result.clone());
+        result
+    }
 }
 
 #[cfg(test)]

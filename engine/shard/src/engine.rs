@@ -23,6 +23,7 @@ use crate::{
 pub struct Engine {
     shards: Vec<ShardHandle>,
     sip_addr: Option<SocketAddr>,
+    media_streams_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -46,7 +47,11 @@ impl Engine {
         cfg.validate()?;
         let cpus = if cfg.pin_cores { Some(online_cpus()?) } else { None };
         let (report_tx, reports) = crossbeam_channel::bounded(cfg.shards);
-        let mut engine = Engine { shards: Vec::with_capacity(cfg.shards), sip_addr: None };
+        let mut engine = Engine {
+            shards: Vec::with_capacity(cfg.shards),
+            sip_addr: None,
+            media_streams_addr: None,
+        };
         // Every inbox exists before any shard starts: each shard gets all senders, to forward
         // datagrams to the shard that owns their Call-ID.
         let (senders, receivers): (Vec<_>, Vec<_>) =
@@ -72,7 +77,10 @@ impl Engine {
             },
             agent_tls: Some(Arc::new(agent_tls)),
         };
-        let mut spawn = |engine: &mut Engine, index: usize, sip: Option<SocketAddr>| {
+        let mut spawn = |engine: &mut Engine,
+                         index: usize,
+                         sip: Option<SocketAddr>,
+                         media: Option<SocketAddr>| {
             let placement = match &cpus {
                 Some(cpus) => Placement::Fixed(cpus[index % cpus.len()]),
                 None => Placement::Unbound,
@@ -83,6 +91,10 @@ impl Engine {
             let params = ShardParams {
                 index,
                 sip,
+                media_streams: cfg
+                    .media_streams
+                    .clone()
+                    .map(|m| crate::MediaStreamsConfig { addr: media.unwrap_or(m.addr), ..m }),
                 recv_buffer_bytes: cfg.recv_buffer_bytes,
                 rtp_ports: rtp_port_slice(cfg.rtp_ports.clone(), index, cfg.shards),
                 stats: stats.clone(),
@@ -102,16 +114,20 @@ impl Engine {
         };
 
         // Shard 0 binds first: with port 0 the kernel picks a port, which the others then share.
-        if let Err(err) = spawn(&mut engine, 0, cfg.sip) {
+        let media = cfg.media_streams.as_ref().map(|m| m.addr);
+        if let Err(err) = spawn(&mut engine, 0, cfg.sip, media) {
             return Err(engine.abort(err));
         }
         match engine.await_report(&reports) {
-            Ok(addr) => engine.sip_addr = addr,
+            Ok((sip, media)) => {
+                engine.sip_addr = sip;
+                engine.media_streams_addr = media;
+            }
             Err(err) => return Err(engine.abort(err)),
         }
-        let sip = engine.sip_addr;
+        let (sip, media) = (engine.sip_addr, engine.media_streams_addr);
         for index in 1..cfg.shards {
-            if let Err(err) = spawn(&mut engine, index, sip) {
+            if let Err(err) = spawn(&mut engine, index, sip, media) {
                 return Err(engine.abort(err));
             }
         }
@@ -120,7 +136,7 @@ impl Engine {
                 return Err(engine.abort(err));
             }
         }
-        tracing::info!(shards = cfg.shards, sip = ?engine.sip_addr, "engine started");
+        tracing::info!(shards = cfg.shards, sip = ?engine.sip_addr, media_streams = ?engine.media_streams_addr, "engine started");
         Ok(engine)
     }
 
@@ -128,6 +144,12 @@ impl Engine {
     /// `None` when SIP is disabled.
     pub fn sip_addr(&self) -> Option<SocketAddr> {
         self.sip_addr
+    }
+
+    /// The address every shard's Twilio Media Streams server listens on (with the port the
+    /// kernel chose for port 0), or `None` when streams are off.
+    pub fn media_streams_addr(&self) -> Option<SocketAddr> {
+        self.media_streams_addr
     }
 
     /// How many shards run.
@@ -158,8 +180,12 @@ impl Engine {
         result
     }
 
-    /// Waits for the next start report; `Ok` carries the shard's SIP address.
-    fn await_report(&mut self, reports: &Reports) -> Result<Option<SocketAddr>, EngineError> {
+    /// Waits for the next start report; `Ok` carries the shard's SIP and media streams
+    /// addresses.
+    fn await_report(
+        &mut self,
+        reports: &Reports,
+    ) -> Result<(Option<SocketAddr>, Option<SocketAddr>), EngineError> {
         // Every shard's `Reporter` sends exactly once, even when its thread dies first, so
         // this cannot wait for a shard that is gone.
         let (shard, report) = reports.recv().map_err(|_| EngineError::ShardStart {
@@ -167,7 +193,7 @@ impl Engine {
             source: std::io::Error::other("start report channel closed"),
         })?;
         match report {
-            StartReport::Started(addr) => Ok(addr),
+            StartReport::Started(sip, media) => Ok((sip, media)),
             StartReport::Failed(err) => Err(err),
             StartReport::Vanished => {
                 let joined = self.shards[shard].thread.take().map(|t| join_shard(shard, t));

@@ -83,6 +83,19 @@ pub struct ShardHealth {
     pub latency_to_caller: LatencySnapshot,
     /// The clone ready (`connect`) → the agent's first frame out to the caller.
     pub latency_first_audio: LatencySnapshot,
+    /// Twilio media streams open on the shard (upgraded, not yet gone).
+    pub streams: u64,
+    /// Media stream connections refused before the upgrade (bad path, method, signature, …)
+    /// or closed before `start` (no start in time, a start that did not parse).
+    pub streams_refused: u64,
+    /// Media Streams messages that did not parse.
+    pub stream_messages_malformed: u64,
+    /// Frames for Twilio dropped because the stream's send queue was full (a slow socket).
+    pub stream_frames_dropped: u64,
+    /// Media frames sent to Twilio.
+    pub stream_frames_out: u64,
+    /// Media frames received from Twilio.
+    pub stream_frames_in: u64,
 }
 
 /// The counters behind [`ShardHealth`]. Aligned to a cache line so shards do not contend.
@@ -106,6 +119,12 @@ pub(crate) struct ShardStats {
     pub(crate) latency_to_agent: LatencyHistogram,
     pub(crate) latency_to_caller: LatencyHistogram,
     pub(crate) latency_first_audio: LatencyHistogram,
+    streams: AtomicU64,
+    streams_refused: AtomicU64,
+    stream_messages_malformed: AtomicU64,
+    stream_frames_dropped: AtomicU64,
+    stream_frames_out: AtomicU64,
+    stream_frames_in: AtomicU64,
 }
 
 impl ShardStats {
@@ -163,6 +182,30 @@ impl ShardStats {
         self.agent_audio_overflow_bytes.fetch_add(overflow_bytes, Ordering::Relaxed);
     }
 
+    pub(crate) fn set_streams(&self, streams: usize) {
+        self.streams.store(streams as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stream_refused(&self) {
+        self.streams_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stream_malformed(&self) {
+        self.stream_messages_malformed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stream_dropped(&self) {
+        self.stream_frames_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stream_out(&self, frames: u64) {
+        self.stream_frames_out.fetch_add(frames, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stream_in(&self) {
+        self.stream_frames_in.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self, shard: usize) -> ShardHealth {
         ShardHealth {
             shard,
@@ -183,6 +226,12 @@ impl ShardStats {
             latency_to_agent: self.latency_to_agent.snapshot(),
             latency_to_caller: self.latency_to_caller.snapshot(),
             latency_first_audio: self.latency_first_audio.snapshot(),
+            streams: self.streams.load(Ordering::Relaxed),
+            streams_refused: self.streams_refused.load(Ordering::Relaxed),
+            stream_messages_malformed: self.stream_messages_malformed.load(Ordering::Relaxed),
+            stream_frames_dropped: self.stream_frames_dropped.load(Ordering::Relaxed),
+            stream_frames_out: self.stream_frames_out.load(Ordering::Relaxed),
+            stream_frames_in: self.stream_frames_in.load(Ordering::Relaxed),
         }
     }
 }

@@ -16,7 +16,8 @@ use std::{
 };
 
 use precall_api::{CallId, ControlError};
-use precall_sip::CallHandle;
+
+use crate::call::CallKey;
 
 use crate::control::ShardPlan;
 
@@ -39,6 +40,8 @@ pub enum ShardMsg {
     /// The control plane's answer about one of this shard's calls (boxed: a plan is large and
     /// rare, the queue's slots stay small).
     Plan(Box<PlanDelivery>),
+    /// A media stream's outcome is recorded: the stream may close now.
+    Release(StreamRelease),
     /// Make the shard's loop panic, to test how panics are reported.
     #[cfg(test)]
     PanicForTest,
@@ -61,10 +64,16 @@ pub(crate) enum PlanKind {
 /// A plan (or the control plane's error) for one call of the receiving shard.
 #[derive(Debug)]
 pub struct PlanDelivery {
-    pub(crate) call: CallHandle,
+    pub(crate) call: CallKey,
     pub(crate) call_id: CallId,
     pub(crate) kind: PlanKind,
     pub(crate) result: Result<ShardPlan, ControlError>,
+}
+
+/// "The outcome of this stream call is stored" (see `ShardControl::stream_closed`).
+#[derive(Debug)]
+pub struct StreamRelease {
+    pub(crate) call: CallKey,
 }
 
 #[derive(Debug, Default)]

@@ -57,12 +57,15 @@ mod inbox;
 mod routing;
 mod shard;
 mod socket;
+mod stream_leg;
 
-pub use config::EngineConfig;
-pub use control::{AgentTarget, AgentUnavailable, MediaPlan, PlanReply, ShardControl, ShardPlan};
+pub use config::{EngineConfig, MediaStreamsConfig};
+pub use control::{
+    AgentTarget, AgentUnavailable, Done, MediaPlan, PlanReply, ShardControl, ShardPlan,
+};
 pub use engine::Engine;
 pub use error::{EngineError, SendError};
 pub use health::{LATENCY_BUCKETS_US, LatencySnapshot, ShardHealth};
-pub use inbox::{ForwardedDatagram, PlanDelivery, ShardMsg};
+pub use inbox::{ForwardedDatagram, PlanDelivery, ShardMsg, StreamRelease};
 pub use precall_call::FlowConfig;
 pub use routing::{rtp_port_slice, shard_for_call_id};

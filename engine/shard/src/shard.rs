@@ -42,9 +42,12 @@ use std::{
 
 use crossbeam_channel::Sender;
 use futures_rustls::rustls;
-use glommio::{Task, net::UdpSocket};
-use precall_api::{CallContext, CallId, CallStatus, MediaEventKind, Protocol};
-use precall_call::{Action, AgentTarget, CallFlow, CallInfo, FlowConfig, refusal};
+use glommio::net::{TcpListener, UdpSocket};
+use precall_api::{CallContext, CallId, CallStatus, MediaEventKind, Protocol, StreamStart};
+use precall_call::{
+    Action, AgentTarget, CallFlow, CallInfo, FlowConfig, Phase, refusal,
+    twilio::{self, StreamStartInfo},
+};
 use precall_media::{
     Codec, Due, FRAME_DURATION, MediaClock, RtpPacket, RtpSender, RtpTimestamp, SeqNo, Ssrc,
     TelephoneEvent,
@@ -53,15 +56,16 @@ use precall_sip::{CallHandle, Direction, EndReason, Endpoint, Event, SdpOffer, S
 use socket2::Socket;
 
 use crate::{
-    EngineError, SendError, ShardMsg,
+    EngineError, MediaStreamsConfig, SendError, ShardMsg,
     agent_leg::{self, AgentInput, Outbox},
-    call::{AgentLeg, Call, CallMedia, PortPool},
+    call::{AgentLeg, Call, CallKey, CallMedia, PortPool, StreamLeg},
     control::{PlanReply, ShardControl},
     health::ShardStats,
     ids::RandomIds,
-    inbox::{ForwardedDatagram, Inbox, InboxSender, PlanDelivery, PlanKind},
+    inbox::{ForwardedDatagram, Inbox, InboxSender, PlanDelivery, PlanKind, StreamRelease},
     routing::shard_for_call_id,
     socket::{self, UdpPair},
+    stream_leg::{self, StreamAuth, StreamInput},
 };
 
 /// Largest UDP payload (65,535 minus the 8-byte UDP header, rounded up): a SIP datagram never
@@ -78,11 +82,19 @@ const RECV_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 /// receives (see [`serve`]); any non-zero pause makes the executor enter the kernel.
 const CANCEL_SUBMIT_PAUSE: Duration = Duration::from_micros(100);
 
+/// How long a stopping shard lets its media streams send their close frames.
+const STREAM_CLOSE_PAUSE: Duration = Duration::from_millis(200);
+
+/// Longest a stream waits for its outcome to be recorded before it closes anyway (Twilio asks
+/// the poll URL as soon as it closes; see [`ShardControl::stream_closed`]).
+const STREAM_RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What a shard says once, right after it starts (or fails to).
 #[derive(Debug)]
 pub(crate) enum StartReport {
-    /// Running; the SIP socket's local address when it has one.
-    Started(Option<SocketAddr>),
+    /// Running; the SIP socket's and the media streams listener's local addresses, when
+    /// there are.
+    Started(Option<SocketAddr>, Option<SocketAddr>),
     /// Could not start; the shard's thread is ending.
     Failed(EngineError),
     /// The shard's future was dropped without running or panicked before reporting (glommio
@@ -130,6 +142,8 @@ pub(crate) struct CallSettings {
 pub(crate) struct ShardParams {
     pub(crate) index: usize,
     pub(crate) sip: Option<SocketAddr>,
+    /// The Twilio Media Streams server, with the address to bind.
+    pub(crate) media_streams: Option<MediaStreamsConfig>,
     pub(crate) recv_buffer_bytes: usize,
     pub(crate) rtp_ports: RangeInclusive<u16>,
     pub(crate) stats: Arc<ShardStats>,
@@ -185,6 +199,7 @@ pub(crate) async fn run(params: ShardParams) {
     let ShardParams {
         index,
         sip,
+        media_streams,
         recv_buffer_bytes,
         rtp_ports,
         stats,
@@ -205,51 +220,71 @@ pub(crate) async fn run(params: ShardParams) {
             return;
         }
     };
+    let listener = match media_streams.as_ref().map(|m| bind_streams(index, m.addr)).transpose() {
+        Ok(bound) => bound,
+        Err(err) => {
+            reporter.report(StartReport::Failed(err));
+            return;
+        }
+    };
     let local = sip.as_ref().map(|p| p.local);
+    let media_local = listener.as_ref().and_then(|l| l.local_addr().ok());
     let nudge = Rc::new(Nudge::default());
-    let mut receiver: Option<Task<()>> = None;
-    let core = sip.map(|pair| {
-        let UdpPair { recv, send, local } = pair;
-        let mut sip_cfg = SipConfig::new(local);
-        sip_cfg.advertised_ip = settings.advertised_ip;
-        let core = Rc::new_cyclic(|this| {
-            RefCell::new(Core {
-                index,
-                endpoint: Endpoint::new(sip_cfg, RandomIds::new(index)),
-                ids: RandomIds::new(index + 1_000),
-                sip_send: send,
-                sip_ip: local.ip(),
-                me: peers[index].clone(),
-                control,
-                settings,
-                stats: stats.clone(),
-                calls: HashMap::new(),
-                clock: MediaClock::new(FRAME_DURATION, Instant::now()),
-                streams: HashMap::new(),
-                due: Vec::new(),
-                timers: BinaryHeap::new(),
-                ports: PortPool::new(rtp_ports.clone()),
-                this: this.clone(),
-                nudge: nudge.clone(),
-                closed_agents: Vec::new(),
-            })
-        });
-        receiver = Some(glommio::spawn_local(receive_sip(
+    let (sip_recv, sip_send, sip_local) = match sip {
+        Some(UdpPair { recv, send, local }) => (Some(recv), Some(send), local),
+        // SIP off: the endpoint exists but is never fed, so it never asks to send.
+        None => (None, None, SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))),
+    };
+    let mut sip_cfg = SipConfig::new(sip_local);
+    sip_cfg.advertised_ip = settings.advertised_ip;
+    let core = Rc::new_cyclic(|this| {
+        RefCell::new(Core {
             index,
-            Rc::new(recv),
-            peers,
-            core.clone(),
-            nudge.clone(),
-        )));
-        core
+            endpoint: Endpoint::new(sip_cfg, RandomIds::new(index)),
+            ids: RandomIds::new(index + 1_000),
+            sip_send,
+            sip_ip: sip_local.ip(),
+            me: peers[index].clone(),
+            control,
+            settings,
+            stats: stats.clone(),
+            calls: HashMap::new(),
+            clock: MediaClock::new(FRAME_DURATION, Instant::now()),
+            streams: HashMap::new(),
+            due: Vec::new(),
+            timers: BinaryHeap::new(),
+            ports: PortPool::new(rtp_ports.clone()),
+            this: this.clone(),
+            nudge: nudge.clone(),
+            closed_agents: Vec::new(),
+            next_stream: 0,
+            stream_message: String::with_capacity(384),
+        })
+    });
+    let receiver = sip_recv.map(|recv| {
+        glommio::spawn_local(receive_sip(index, Rc::new(recv), peers, core.clone(), nudge.clone()))
+    });
+    let acceptor = listener.zip(media_streams).map(|(listener, cfg)| {
+        let auth = Rc::new(StreamAuth {
+            validator: cfg.auth_token.as_deref().map(precall_twilio::RequestValidator::new),
+            skip_signature: cfg.skip_signature,
+            public_url: cfg.public_url.clone(),
+        });
+        glommio::spawn_local(stream_leg::accept(
+            index,
+            listener,
+            auth,
+            stats.clone(),
+            stream_opener(&core, &nudge),
+        ))
     });
     stats.set_alive(true);
-    reporter.report(StartReport::Started(local));
-    tracing::debug!(shard = index, ?rtp_ports, "shard started");
+    reporter.report(StartReport::Started(local, media_local));
+    tracing::debug!(shard = index, ?rtp_ports, ?media_local, "shard started");
 
-    serve(&inbox, core.as_ref(), &nudge).await;
+    serve(&inbox, &core, &nudge).await;
 
-    if let Some(task) = receiver {
+    for task in [receiver, acceptor].into_iter().flatten() {
         // Dropping the task's future cancels its pending io_uring receive, but glommio only
         // queues that cancellation: one trip through the reactor submits it, so the kernel
         // drops the ring's reference to the socket now rather than asynchronously after the
@@ -257,16 +292,48 @@ pub(crate) async fn run(params: ShardParams) {
         // in 6).
         task.cancel().await;
     }
-    if let Some(core) = core {
+    let streams = {
         let mut core = core.borrow_mut();
-        // Sends the BYEs and drops every call's RTP receive task, agent leg and sockets (same
-        // cancellation as above).
-        core.hang_up_all(Instant::now());
+        // Sends the BYEs, closes the media streams, and drops every call's RTP receive task,
+        // agent leg and sockets (same cancellation as above).
+        let streams = core.hang_up_all(Instant::now());
         core.closed_agents.clear();
-    }
-    glommio::timer::sleep(CANCEL_SUBMIT_PAUSE).await;
+        streams
+    };
+    let pause = if streams > 0 { STREAM_CLOSE_PAUSE } else { CANCEL_SUBMIT_PAUSE };
+    glommio::timer::sleep(pause).await;
     drop(inbox);
     tracing::debug!(shard = index, "shard stopped");
+}
+
+/// The callback factory the media streams listener calls for each connection: each gets a
+/// key of its own, and its inputs go to the core.
+fn stream_opener(core: &Rc<RefCell<Core>>, nudge: &Rc<Nudge>) -> stream_leg::Open {
+    let this = Rc::downgrade(core);
+    let nudge = nudge.clone();
+    Rc::new(move |outbox: Rc<Outbox>, peer: SocketAddr| {
+        let key = match this.upgrade() {
+            Some(core) => core.borrow_mut().next_stream_key(),
+            None => CallKey::Stream(u64::MAX),
+        };
+        let this = this.clone();
+        let nudge = nudge.clone();
+        Box::new(move |now: Instant, input: StreamInput<'_>| {
+            if let Some(core) = this.upgrade() {
+                if core.borrow_mut().on_stream(now, key, &outbox, peer, input) {
+                    nudge.nudge();
+                }
+            }
+        })
+    })
+}
+
+fn bind_streams(shard: usize, addr: SocketAddr) -> Result<TcpListener, EngineError> {
+    TcpListener::bind(addr).map_err(|e| EngineError::Bind {
+        shard,
+        addr,
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 fn bind_sip(
@@ -282,9 +349,9 @@ fn bind_sip(
 }
 
 /// The loop: one wait for "inbox, deadline or nudge", then everything due.
-async fn serve(inbox: &Inbox, core: Option<&Rc<RefCell<Core>>>, nudge: &Nudge) {
+async fn serve(inbox: &Inbox, core: &Rc<RefCell<Core>>, nudge: &Nudge) {
     loop {
-        let deadline = core.and_then(|c| c.borrow().next_deadline());
+        let deadline = core.borrow().next_deadline();
         let now = Instant::now();
         let timer = deadline.filter(|d| *d > now).map(|d| glommio::timer::Timer::new(d - now));
         let due_now = deadline.is_some_and(|d| d <= now);
@@ -310,16 +377,10 @@ async fn serve(inbox: &Inbox, core: Option<&Rc<RefCell<Core>>>, nudge: &Nudge) {
             Some(ShardMsg::Stop) => return,
             #[cfg(test)]
             Some(ShardMsg::PanicForTest) => panic!("shard panics as asked"),
-            Some(other) => {
-                if let Some(core) = core {
-                    core.borrow_mut().on_message(Instant::now(), other);
-                }
-            }
+            Some(other) => core.borrow_mut().on_message(Instant::now(), other),
             None => {}
         }
-        if let Some(core) = core {
-            core.borrow_mut().on_tick(Instant::now());
-        }
+        core.borrow_mut().on_tick(Instant::now());
     }
 }
 
@@ -384,7 +445,12 @@ async fn receive_rtp(
         match socket.recv_from(&mut buf).await {
             Ok((len, from)) => {
                 let Some(core) = core.upgrade() else { return };
-                let moved = core.borrow_mut().on_rtp(Instant::now(), handle, from, &buf[..len]);
+                let moved = core.borrow_mut().on_rtp(
+                    Instant::now(),
+                    CallKey::Sip(handle),
+                    from,
+                    &buf[..len],
+                );
                 if moved {
                     nudge.nudge();
                 }
@@ -401,19 +467,20 @@ struct Core {
     endpoint: Endpoint<RandomIds>,
     /// SSRC, first sequence numbers and timestamps (RFC 3550 §5.1: random).
     ids: RandomIds,
-    sip_send: Socket,
+    /// `None` when SIP is off.
+    sip_send: Option<Socket>,
     sip_ip: IpAddr,
     me: InboxSender,
     control: Arc<dyn ShardControl>,
     settings: CallSettings,
     stats: Arc<ShardStats>,
-    calls: HashMap<CallHandle, Call>,
+    calls: HashMap<CallKey, Call>,
     clock: MediaClock,
-    streams: HashMap<precall_media::StreamSlot, CallHandle>,
+    streams: HashMap<precall_media::StreamSlot, CallKey>,
     /// Reused for every media clock wake-up (no allocation per tick).
     due: Vec<Due>,
     /// Each call's next flow deadline; an entry is stale unless it equals the call's `armed`.
-    timers: BinaryHeap<Reverse<(Instant, CallHandle)>>,
+    timers: BinaryHeap<Reverse<(Instant, CallKey)>>,
     ports: PortPool,
     /// This core, for the tasks it spawns (RTP receive, agent legs).
     this: Weak<RefCell<Core>>,
@@ -421,9 +488,17 @@ struct Core {
     /// Agent legs whose flow let go, dropped (cancelled) on the next loop turn rather than
     /// from inside their own task.
     closed_agents: Vec<AgentLeg>,
+    next_stream: u64,
+    /// Reused to build each media message for Twilio.
+    stream_message: String,
 }
 
 impl Core {
+    fn next_stream_key(&mut self) -> CallKey {
+        self.next_stream += 1;
+        CallKey::Stream(self.next_stream)
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         [
             self.endpoint.poll_timeout(),
@@ -446,6 +521,11 @@ impl Core {
             ShardMsg::Plan(p) => {
                 self.on_plan(now, *p);
                 self.drain(now);
+            }
+            ShardMsg::Release(r) => {
+                if let Some(leg) = self.calls.get(&r.call).and_then(|c| c.stream.as_ref()) {
+                    leg.outbox.close();
+                }
             }
             _ => {}
         }
@@ -470,6 +550,7 @@ impl Core {
             call.armed = None;
             call.flow.handle_timeout(now);
             self.after_flow(now, handle);
+            self.stats.set_active_calls(self.calls.len());
         }
         self.drain(now);
     }
@@ -480,8 +561,8 @@ impl Core {
             let mut idle = true;
             while let Some(t) = self.endpoint.poll_transmit() {
                 idle = false;
-                if socket::send_parts(&self.sip_send, &[IoSlice::new(&t.payload)], t.dest).is_err()
-                {
+                let Some(send) = &self.sip_send else { continue };
+                if socket::send_parts(send, &[IoSlice::new(&t.payload)], t.dest).is_err() {
                     self.stats.send_error();
                 }
             }
@@ -503,6 +584,7 @@ impl Core {
             }
             Event::CallConfirmed { .. } => {}
             Event::MediaChanged { call, media } => {
+                let call = CallKey::Sip(call);
                 let Some(c) = self.calls.get_mut(&call) else { return };
                 if let Some(m) = c.media.as_mut() {
                     m.remote = media.remote_rtp;
@@ -555,13 +637,15 @@ impl Core {
             status: CallStatus::Ringing,
             protocol: Protocol::Sip,
         };
-        let reply = self.reply_for(handle, call_id.clone(), PlanKind::Inbound);
+        let key = CallKey::Sip(handle);
+        let reply = self.reply_for(key, call_id.clone(), PlanKind::Inbound);
         match self.control.inbound(ctx, reply) {
             Ok(()) => {
                 let flow = CallFlow::new(now, info, self.settings.flow.clone());
-                let call = Call { flow, source, media: None, agent: None, armed: None };
-                self.calls.insert(handle, call);
-                self.after_flow(now, handle);
+                let call =
+                    Call { flow, source, media: None, stream: None, agent: None, armed: None };
+                self.calls.insert(key, call);
+                self.after_flow(now, key);
             }
             Err(e) => {
                 tracing::warn!(shard = self.index, call_id = %call_id, error = %e, "control plane refused the call");
@@ -572,7 +656,7 @@ impl Core {
     }
 
     /// The callback that brings a plan back to this shard's inbox (runs on the control thread).
-    fn reply_for(&self, call: CallHandle, call_id: CallId, kind: PlanKind) -> PlanReply {
+    fn reply_for(&self, call: CallKey, call_id: CallId, kind: PlanKind) -> PlanReply {
         let inbox = self.me.clone();
         Box::new(move |result| {
             let delivery = PlanDelivery { call, call_id, kind, result };
@@ -588,7 +672,7 @@ impl Core {
         let Some(call) = self.calls.get_mut(&p.call) else {
             // The call ended while the controller was thinking (CANCEL, BYE): record the end
             // again, in case the first report overtook the inbound request.
-            if p.kind == PlanKind::Inbound {
+            if p.kind == PlanKind::Inbound && matches!(p.call, CallKey::Sip(_)) {
                 let _ = self.control.call_ended(p.call_id, "canceled".to_owned());
             }
             return;
@@ -602,7 +686,7 @@ impl Core {
 
     /// Performs what a call's flow asks for, then re-arms its deadline. Returns whether the
     /// call's deadline moved earlier (the loop must then recompute its wake-up).
-    fn after_flow(&mut self, now: Instant, handle: CallHandle) -> bool {
+    fn after_flow(&mut self, now: Instant, handle: CallKey) -> bool {
         loop {
             let Some(call) = self.calls.get_mut(&handle) else { return true };
             let Some(action) = call.flow.poll_action() else { break };
@@ -626,11 +710,36 @@ impl Core {
         earlier
     }
 
-    fn perform(&mut self, now: Instant, handle: CallHandle, action: Action) {
+    fn perform(&mut self, now: Instant, handle: CallKey, action: Action) {
         match action {
             Action::Answer => self.answer(now, handle),
-            Action::Reject { code, reason } => self.endpoint.reject(now, handle, code, reason),
+            Action::Reject { code, reason } => match handle {
+                CallKey::Sip(h) => self.endpoint.reject(now, h, code, reason),
+                // No plan for the stream: close it; Twilio asks the poll URL next.
+                CallKey::Stream(_) => self.close_stream(handle),
+            },
             Action::Hangup => self.hang_up(now, handle),
+            Action::Mark(frames) => {
+                let Some(call) = self.calls.get_mut(&handle) else { return };
+                match &call.stream {
+                    Some(leg) => {
+                        let msg = twilio::mark_message(&leg.stream_sid, &twilio::mark_name(frames));
+                        if !leg.outbox.push(msg) {
+                            self.stats.stream_dropped();
+                        }
+                    }
+                    // RTP: what was sent is what the caller hears.
+                    None => call.flow.handle_heard(frames),
+                }
+            }
+            Action::ClearLeg => {
+                let Some(leg) = self.calls.get(&handle).and_then(|c| c.stream.as_ref()) else {
+                    return;
+                };
+                if !leg.outbox.push(twilio::clear_message(&leg.stream_sid)) {
+                    self.stats.stream_dropped();
+                }
+            }
             Action::CheckStatus => {
                 let Some(call) = self.calls.get(&handle) else { return };
                 let call_id = call.flow.call_id().clone();
@@ -690,7 +799,7 @@ impl Core {
         self.stats.set_agent_legs(self.calls.values().filter(|c| c.agent.is_some()).count());
     }
 
-    fn connect_agent(&mut self, handle: CallHandle, target: AgentTarget) {
+    fn connect_agent(&mut self, handle: CallKey, target: AgentTarget) {
         let Some(call) = self.calls.get_mut(&handle) else { return };
         tracing::debug!(shard = self.index, call_id = %call.flow.call_id(), addr = %target.addr, tls = target.tls, "opening the agent leg");
         let outbox = Rc::new(Outbox::default());
@@ -715,7 +824,7 @@ impl Core {
 
     /// One happening of a call's agent leg. Returns whether the loop must look at its
     /// deadlines again.
-    fn on_agent(&mut self, now: Instant, handle: CallHandle, input: AgentInput<'_>) -> bool {
+    fn on_agent(&mut self, now: Instant, handle: CallKey, input: AgentInput<'_>) -> bool {
         let sip_before = self.endpoint.poll_timeout();
         let Some(call) = self.calls.get_mut(&handle) else { return false };
         if call.agent.is_none() {
@@ -752,15 +861,29 @@ impl Core {
         moved || self.endpoint.poll_timeout() != sip_before
     }
 
-    /// Binds the call's RTP port and answers with `200 OK`.
-    fn answer(&mut self, now: Instant, handle: CallHandle) {
-        let Some(call) = self.calls.get(&handle) else { return };
+    /// Answers the call: a stream joins the media clock; a SIP call binds its RTP port and
+    /// answers with `200 OK`.
+    fn answer(&mut self, now: Instant, key: CallKey) {
+        let handle = match key {
+            CallKey::Sip(h) => h,
+            CallKey::Stream(_) => {
+                let slot = self.clock.add_stream(now);
+                let Some(call) = self.calls.get_mut(&key) else { return };
+                let Some(leg) = call.stream.as_mut() else { return };
+                leg.slot = Some(slot);
+                self.streams.insert(slot, key);
+                // Media Streams audio is always µ-law 8 kHz.
+                call.flow.handle_answered(now, Codec::Pcmu);
+                return;
+            }
+        };
+        let Some(call) = self.calls.get(&key) else { return };
         let ip = self.rtp_ip(call.source);
         let (port, pair) = match self.ports.bind(ip) {
             Ok(bound) => bound,
             Err(e) => {
                 tracing::warn!(shard = self.index, error = %e, "no RTP port for a call");
-                if let Some(call) = self.calls.get_mut(&handle) {
+                if let Some(call) = self.calls.get_mut(&key) {
                     call.flow.handle_answer_failed(precall_call::reason::NO_RTP_PORT);
                 }
                 self.endpoint.reject(now, handle, 503, "Service Unavailable");
@@ -790,8 +913,8 @@ impl Core {
             RtpTimestamp((random >> 16) as u32),
         );
         let slot = self.clock.add_stream(now);
-        self.streams.insert(slot, handle);
-        let Some(call) = self.calls.get_mut(&handle) else { return };
+        self.streams.insert(slot, key);
+        let Some(call) = self.calls.get_mut(&key) else { return };
         let codec = media_codec(params.codec);
         call.media = Some(CallMedia {
             port,
@@ -810,16 +933,10 @@ impl Core {
         call.flow.handle_answered(now, codec);
     }
 
-    /// One RTP datagram from the caller (the receive task calls this between its awaits).
-    /// One caller RTP datagram. Returns whether the loop must look at its deadlines again
-    /// (rare: most packets only feed the flow).
-    fn on_rtp(
-        &mut self,
-        now: Instant,
-        handle: CallHandle,
-        from: SocketAddr,
-        datagram: &[u8],
-    ) -> bool {
+    /// One caller RTP datagram (the receive task calls this between its awaits). Returns
+    /// whether the loop must look at its deadlines again (rare: most packets only feed the
+    /// flow).
+    fn on_rtp(&mut self, now: Instant, handle: CallKey, from: SocketAddr, datagram: &[u8]) -> bool {
         let Ok(packet) = RtpPacket::new_checked(datagram) else { return false };
         self.stats.rtp_in();
         let sip_before = self.endpoint.poll_timeout();
@@ -861,17 +978,208 @@ impl Core {
             .map_or(self.sip_ip, |a| a.ip())
     }
 
-    /// Stops our media and sends BYE (the SIP layer waits for the ACK first if need be).
-    fn hang_up(&mut self, now: Instant, handle: CallHandle) {
-        let Some(call) = self.calls.get_mut(&handle) else { return };
+    /// Stops our media and sends BYE (the SIP layer waits for the ACK first if need be); a
+    /// stream records its outcome, then closes (Twilio runs the TwiML after `</Connect>`).
+    fn hang_up(&mut self, now: Instant, key: CallKey) {
+        let Some(call) = self.calls.get_mut(&key) else { return };
         if let Some(media) = call.media.as_mut() {
             media.sending = false;
         }
-        self.endpoint.hangup(now, handle);
+        match key {
+            CallKey::Sip(handle) => self.endpoint.hangup(now, handle),
+            CallKey::Stream(_) => self.release_stream(key),
+        }
+    }
+
+    /// Records a stream call's outcome and closes the stream once it is stored (or after
+    /// [`STREAM_RELEASE_TIMEOUT`]). The call itself goes when the connection is gone.
+    fn release_stream(&mut self, key: CallKey) {
+        let Some(call) = self.calls.get_mut(&key) else { return };
+        let Some(leg) = call.stream.as_mut() else { return };
+        if leg.closing {
+            return;
+        }
+        leg.closing = true;
+        if let Some(slot) = leg.slot.take() {
+            self.clock.remove_stream(slot);
+            self.streams.remove(&slot);
+        }
+        let outbox = leg.outbox.clone();
+        let reason = call.flow.end_reason().unwrap_or(precall_call::reason::COMPLETED);
+        let failed = reason != precall_call::reason::COMPLETED;
+        let call_id = call.flow.call_id().clone();
+        tracing::debug!(shard = self.index, call_id = %call_id, reason, "closing the media stream");
+        let inbox = self.me.clone();
+        let done: crate::control::Done = Box::new(move |result| {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "recording a stream's outcome failed");
+            }
+            // A full inbox: the release timer closes the stream instead.
+            let _ = inbox.send(ShardMsg::Release(StreamRelease { call: key }));
+        });
+        match self.control.stream_closed(call_id, reason.to_owned(), failed, done) {
+            Ok(()) => {
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(STREAM_RELEASE_TIMEOUT).await;
+                    outbox.close();
+                })
+                .detach();
+            }
+            Err(e) => {
+                tracing::warn!(shard = self.index, error = %e, "stream outcome not queued; closing");
+                outbox.close();
+            }
+        }
+    }
+
+    fn close_stream(&mut self, key: CallKey) {
+        let Some(call) = self.calls.get_mut(&key) else { return };
+        if let Some(leg) = call.stream.as_mut() {
+            leg.closing = true;
+            leg.outbox.close();
+        }
+    }
+
+    /// One happening of a media stream. Returns whether the loop must look at its deadlines
+    /// again.
+    fn on_stream(
+        &mut self,
+        now: Instant,
+        key: CallKey,
+        outbox: &Rc<Outbox>,
+        peer: SocketAddr,
+        input: StreamInput<'_>,
+    ) -> bool {
+        let sip_before = self.endpoint.poll_timeout();
+        match input {
+            StreamInput::Start(info) => self.on_stream_start(now, key, outbox, peer, info),
+            StreamInput::Media(chunk, audio) => {
+                self.stats.stream_in();
+                let Some(call) = self.calls.get_mut(&key) else { return false };
+                // TCP keeps the order; the chunk number stands in for the RTP sequence.
+                call.flow.handle_rtp(now, chunk as u16, audio);
+            }
+            StreamInput::Mark(name) => {
+                let Some(call) = self.calls.get_mut(&key) else { return false };
+                if let Some(frames) = twilio::parse_mark_name(name) {
+                    call.flow.handle_heard(frames);
+                }
+            }
+            StreamInput::Dtmf(digit) => {
+                let Some(call) = self.calls.get_mut(&key) else { return false };
+                call.flow.handle_dtmf(digit);
+            }
+            StreamInput::Stop => {
+                // The call is over on Twilio's side: record its end; the socket closes next.
+                self.finish_stream(key, true);
+                return false;
+            }
+            StreamInput::Gone => {
+                self.finish_stream(key, false);
+                return false;
+            }
+        }
+        let moved = self.after_flow(now, key);
+        moved || self.endpoint.poll_timeout() != sip_before
+    }
+
+    fn on_stream_start(
+        &mut self,
+        now: Instant,
+        key: CallKey,
+        outbox: &Rc<Outbox>,
+        peer: SocketAddr,
+        info: StreamStartInfo,
+    ) {
+        if self.calls.contains_key(&key) {
+            return;
+        }
+        let call_id = CallId::from(info.call_id.clone());
+        let start = StreamStart {
+            call_id: call_id.clone(),
+            call_sid: info.call_sid.clone(),
+            account_sid: info.account_sid.clone(),
+            greeting: info.greeting,
+        };
+        let reply = self.reply_for(key, call_id.clone(), PlanKind::Inbound);
+        if let Err(e) = self.control.stream_start(start, reply) {
+            tracing::warn!(shard = self.index, call_id = %call_id, error = %e, "control plane refused the stream");
+            outbox.close();
+            return;
+        }
+        tracing::debug!(shard = self.index, call_id = %call_id, stream = %info.stream_sid, "media stream started");
+        let flow_info = CallInfo {
+            call_id,
+            caller: info.caller.clone(),
+            dialed: info.dialed.clone(),
+            protocol: Protocol::Twilio,
+        };
+        let flow = CallFlow::new(now, flow_info, self.settings.flow.clone());
+        let stream = StreamLeg {
+            stream_sid: info.stream_sid,
+            outbox: outbox.clone(),
+            slot: None,
+            closing: false,
+        };
+        let call = Call {
+            flow,
+            source: peer,
+            media: None,
+            stream: Some(stream),
+            agent: None,
+            armed: None,
+        };
+        self.calls.insert(key, call);
+        self.update_stream_gauge();
+    }
+
+    /// A stream call is over for the shard: Twilio's `stop` (`stopped`: the call ended, record
+    /// it), or the socket gone. A socket gone without our close or a `stop` is a broken stream:
+    /// the call goes on at Twilio (the poll flow), so its record is not ended.
+    fn finish_stream(&mut self, key: CallKey, stopped: bool) {
+        let Some(mut call) = self.calls.remove(&key) else { return };
+        let closing = call.stream.as_ref().is_some_and(|l| l.closing);
+        let ended_by_us = closing || matches!(call.flow.phase(), Phase::HangingUp);
+        call.flow.handle_leg_ended();
+        while call.flow.poll_action().is_some() {}
+        if let Some(leg) = call.stream.take() {
+            if let Some(slot) = leg.slot {
+                self.clock.remove_stream(slot);
+                self.streams.remove(&slot);
+            }
+            leg.outbox.close();
+        }
+        if let Some(leg) = call.agent.take() {
+            self.close_agent(leg);
+        }
+        let stats = call.flow.stats();
+        self.stats.agent_call_done(
+            stats.agent_unknown + stats.agent_malformed,
+            stats.agent_overflow_bytes,
+        );
+        let call_id = call.flow.call_id().clone();
+        if stopped && !ended_by_us {
+            tracing::debug!(shard = self.index, call_id = %call_id, "media stream stopped by Twilio");
+            if let Err(e) = self.control.call_ended(call_id, "caller_hangup".to_owned()) {
+                tracing::warn!(shard = self.index, error = %e, "could not record the end of a call");
+            }
+        } else if !ended_by_us {
+            tracing::info!(shard = self.index, call_id = %call_id, "media stream broke; Twilio falls back to polling");
+            let detail = "the stream closed without Twilio's stop".to_owned();
+            if let Err(e) = self.control.call_event(call_id, MediaEventKind::StreamLost, detail) {
+                tracing::warn!(shard = self.index, error = %e, "could not record a call event");
+            }
+        }
+        self.update_stream_gauge();
+        self.stats.set_active_calls(self.calls.len());
+    }
+
+    fn update_stream_gauge(&self) {
+        self.stats.set_streams(self.calls.values().filter(|c| c.stream.is_some()).count());
     }
 
     fn on_ended(&mut self, handle: CallHandle, reason: EndReason) {
-        let Some(mut call) = self.calls.remove(&handle) else { return };
+        let Some(mut call) = self.calls.remove(&CallKey::Sip(handle)) else { return };
         call.flow.handle_leg_ended();
         while call.flow.poll_action().is_some() {}
         if let Some(media) = call.media.take() {
@@ -902,24 +1210,42 @@ impl Core {
         }
     }
 
-    /// On shutdown: one BYE (or final response) per live call, sent now, and the end recorded
-    /// as `shutdown`. Nobody waits for the answers: the shard is going away.
-    fn hang_up_all(&mut self, now: Instant) {
-        let handles: Vec<CallHandle> = self.calls.keys().copied().collect();
-        for handle in handles {
-            self.endpoint.hangup(now, handle);
+    /// On shutdown: one BYE (or final response) per live SIP call, sent now, and the end
+    /// recorded as `shutdown`. Media streams are closed without ending their calls: Twilio
+    /// runs the TwiML after `</Connect>` and the call goes on in the poll flow (on another
+    /// node behind the same URL, or on this one once restarted). Nobody waits for the
+    /// answers: the shard is going away. Returns how many streams were closed.
+    fn hang_up_all(&mut self, now: Instant) -> usize {
+        for key in self.calls.keys() {
+            if let CallKey::Sip(handle) = key {
+                self.endpoint.hangup(now, *handle);
+            }
         }
         while let Some(t) = self.endpoint.poll_transmit() {
-            let _ = socket::send_parts(&self.sip_send, &[IoSlice::new(&t.payload)], t.dest);
+            if let Some(send) = &self.sip_send {
+                let _ = socket::send_parts(send, &[IoSlice::new(&t.payload)], t.dest);
+            }
         }
-        for (_, mut call) in self.calls.drain() {
+        let mut streams = 0;
+        for (key, mut call) in self.calls.drain() {
             if let Some(leg) = call.agent.take() {
                 leg.outbox.close();
             }
-            let _ = self.control.call_ended(call.flow.call_id().clone(), "shutdown".to_owned());
+            match (key, call.stream.take()) {
+                (CallKey::Stream(_), Some(leg)) => {
+                    leg.outbox.close();
+                    streams += 1;
+                }
+                _ => {
+                    let call_id = call.flow.call_id().clone();
+                    let _ = self.control.call_ended(call_id, "shutdown".to_owned());
+                }
+            }
         }
         self.stats.set_active_calls(0);
         self.stats.set_agent_legs(0);
+        self.stats.set_streams(0);
+        streams
     }
 
     /// Sends one frame for every stream the media clock says is due.
@@ -930,10 +1256,28 @@ impl Core {
         let mut due = std::mem::take(&mut self.due);
         self.clock.poll_due(now, &mut due);
         let mut sent = 0;
-        let mut acted: Vec<CallHandle> = Vec::new();
+        let mut streamed = 0;
+        let mut acted: Vec<CallKey> = Vec::new();
         for d in due.drain(..) {
             let Some(&handle) = self.streams.get(&d.stream) else { continue };
             let Some(call) = self.calls.get_mut(&handle) else { continue };
+            if let Some(leg) = call.stream.as_ref() {
+                // A Twilio stream: one media message per 20 ms frame, in real time (Twilio
+                // buffers what it is sent ahead; precall never runs ahead of the clock).
+                if let Some(frame) = call.flow.poll_frame(now) {
+                    twilio::media_message(&leg.stream_sid, frame.payload, &mut self.stream_message);
+                    if leg.outbox.push(self.stream_message.clone()) {
+                        streamed += 1;
+                    } else {
+                        self.stats.stream_dropped();
+                    }
+                }
+                record_latencies(&self.stats, &mut call.flow);
+                if call.flow.has_actions() {
+                    acted.push(handle);
+                }
+                continue;
+            }
             let Some(media) = call.media.as_mut() else { continue };
             media.sender.skip(d.skipped);
             let dest = media.destination();
@@ -965,6 +1309,9 @@ impl Core {
         self.due = due;
         if sent > 0 {
             self.stats.rtp_out(sent);
+        }
+        if streamed > 0 {
+            self.stats.stream_out(streamed);
         }
         for handle in acted {
             self.after_flow(now, handle);

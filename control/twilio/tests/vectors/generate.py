@@ -136,11 +136,11 @@ def signatures():
 def twiml():
     cases = []
 
-    def t(name, instructions, urls, snippet):
+    def t(name, instructions, urls, snippet, mode="poll"):
         scope = {"VoiceResponse": VoiceResponse}
         exec(snippet, scope)
-        cases.append({"name": name, "python": snippet, "instructions": instructions, "urls": urls,
-                      "expected": str(scope["r"])})
+        cases.append({"name": name, "mode": mode, "python": snippet, "instructions": instructions,
+                      "urls": urls, "expected": str(scope["r"])})
 
     urls = {"poll_url": "https://x/twilio/poll?call_id=CA1",
             "media_stream_url": "wss://x/twilio/media"}
@@ -193,7 +193,8 @@ def twiml():
       "s = c.stream(url='wss://x/twilio/media')\n"
       "s.parameter(name='call_id', value='CA1')\n"
       "s.parameter(name='agent_id', value='ag1')\n"
-      "s.parameter(name='voice_id', value='vo1')\n")
+      "s.parameter(name='voice_id', value='vo1')\n"
+      "r.redirect('https://x/twilio/poll?call_id=CA1', method='POST')\n")
     ws2 = dict(ws, first_message="Hi! It's \"me\" & you\n\tok?")
     t("connect with first message needing attribute escapes",
       ins(websocket=ws2), urls,
@@ -203,7 +204,45 @@ def twiml():
       "s.parameter(name='call_id', value='CA1')\n"
       "s.parameter(name='agent_id', value='ag1')\n"
       "s.parameter(name='voice_id', value='vo1')\n"
-      "s.parameter(name='first_message', value='Hi! It\\'s \"me\" & you\\n\\tok?')\n")
+      "s.parameter(name='first_message', value='Hi! It\\'s \"me\" & you\\n\\tok?')\n"
+      "r.redirect('https://x/twilio/poll?call_id=CA1', method='POST')\n")
+    numbers = dict(urls, stream_params=[{"name": "caller", "value": "+15550001"},
+                                        {"name": "dialed", "value": "+15550002"}])
+    t("connect with the caller's and dialed numbers as parameters",
+      ins(websocket=ws), numbers,
+      "r = VoiceResponse()\n"
+      "c = r.connect()\n"
+      "s = c.stream(url='wss://x/twilio/media')\n"
+      "s.parameter(name='call_id', value='CA1')\n"
+      "s.parameter(name='agent_id', value='ag1')\n"
+      "s.parameter(name='voice_id', value='vo1')\n"
+      "s.parameter(name='caller', value='+15550001')\n"
+      "s.parameter(name='dialed', value='+15550002')\n"
+      "r.redirect('https://x/twilio/poll?call_id=CA1', method='POST')\n")
+    t("stream hold: the stream at once, greeting played by the engine, redirect after",
+      ins(greeting={"url": "https://x/greeting.mp3", "loops": 1},
+          hold={"url": "https://x/hold.mp3", "loops": 0}, poll_interval_ms=2000), numbers,
+      "r = VoiceResponse()\n"
+      "c = r.connect()\n"
+      "s = c.stream(url='wss://x/twilio/media')\n"
+      "s.parameter(name='call_id', value='CA1')\n"
+      "s.parameter(name='greeting', value='1')\n"
+      "s.parameter(name='caller', value='+15550001')\n"
+      "s.parameter(name='dialed', value='+15550002')\n"
+      "r.redirect('https://x/twilio/poll?call_id=CA1', method='POST')\n", mode="stream")
+    t("stream hold of a connect-ready call is the same stream",
+      ins(greeting={"url": "https://x/greeting.mp3", "loops": 1}, websocket=ws), urls,
+      "r = VoiceResponse()\n"
+      "c = r.connect()\n"
+      "s = c.stream(url='wss://x/twilio/media')\n"
+      "s.parameter(name='call_id', value='CA1')\n"
+      "s.parameter(name='greeting', value='1')\n"
+      "r.redirect('https://x/twilio/poll?call_id=CA1', method='POST')\n", mode="stream")
+    t("stream hold of a failed call says the error and hangs up",
+      ins(should_hangup=True, error_text="Sorry."), urls,
+      "r = VoiceResponse()\n"
+      "r.say('Sorry.')\n"
+      "r.hangup()\n", mode="stream")
     t("hangup with error message",
       ins(should_hangup=True, error_text="Sorry, we could not set up your call. Goodbye."), urls,
       "r = VoiceResponse()\n"
