@@ -1,5 +1,6 @@
 //! Twilio webhooks over real HTTP against the running `precall` binary: the seed's five
-//! regression tests and the hostile cases around them.
+//! regression tests and the hostile cases around them, in the seed's poll flow
+//! (`TWILIO_HOLD_MODE=poll`; the stream hold mode is tested in `twilio_stream.rs`).
 
 mod support;
 
@@ -29,6 +30,7 @@ fn node_on(port: u16, extra: &[(&str, &str)]) -> Node {
         ("PUBLIC_BASE_URL", base.clone()),
         ("ENABLE_SIP_HANDLER", "false".to_owned()),
         ("SHARDS", "1".to_owned()),
+        ("TWILIO_HOLD_MODE", "poll".to_owned()),
     ];
     env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
     Node { p: Precall::start_on(port, &env), base }
@@ -193,8 +195,9 @@ fn poll_when_completed_connects_the_stream() {
         Some(n.poll(SID)).filter(|a| a.body.contains("<Connect>"))
     });
     assert_xml(&a);
-    let ws = n.base.replacen("http://", "ws://", 1);
-    assert!(a.body.contains(&format!("<Stream url=\"{ws}/twilio/media\">")), "{}", a.body);
+    // The stream URL reaches the media port (PUBLIC_BASE_URL is a direct http:// address).
+    let ws = format!("ws://127.0.0.1:{}/twilio/media", n.p.media_port);
+    assert!(a.body.contains(&format!("<Stream url=\"{ws}\">")), "{}", a.body);
     assert!(
         a.body.contains(&format!("<Parameter name=\"call_id\" value=\"{SID}\" />")),
         "{}",
@@ -202,7 +205,12 @@ fn poll_when_completed_connects_the_stream() {
     );
     assert!(a.body.contains("<Parameter name=\"agent_id\" value=\"agent_e2e\" />"), "{}", a.body);
     assert!(a.body.contains("<Parameter name=\"voice_id\" value=\"sim-default-"), "{}", a.body);
-    assert!(!a.body.contains("<Redirect"), "{}", a.body);
+    assert!(a.body.contains("<Parameter name=\"caller\" value=\"+12349013030\" />"), "{}", a.body);
+    // When the stream closes, Twilio asks the poll URL what next.
+    let connect_end = a.body.find("</Connect>").unwrap();
+    let redirect =
+        format!("<Redirect method=\"POST\">{}/twilio/poll?call_id={SID}</Redirect>", n.base);
+    assert_eq!(a.body.find(&redirect), Some(connect_end + "</Connect>".len()), "{}", a.body);
 }
 
 #[test]

@@ -81,7 +81,20 @@ impl App {
         for s in &shards {
             out.push_str(&format!(
                 "precall_active_calls{{protocol=\"sip\",shard=\"{}\"}} {}\n",
-                s.shard, s.active_calls
+                s.shard,
+                s.active_calls.saturating_sub(s.streams)
+            ));
+            out.push_str(&format!(
+                "precall_active_calls{{protocol=\"twilio\",shard=\"{}\"}} {}\n",
+                s.shard, s.streams
+            ));
+        }
+        out.push_str("# HELP precall_twilio_streams Twilio media streams open on each shard.\n");
+        out.push_str("# TYPE precall_twilio_streams gauge\n");
+        for s in &shards {
+            out.push_str(&format!(
+                "precall_twilio_streams{{shard=\"{}\"}} {}\n",
+                s.shard, s.streams
             ));
         }
         out.push_str(
@@ -129,7 +142,30 @@ impl App {
             ));
             out.push_str(&format!("{name}_count{{direction=\"{direction}\"}} {cumulative}\n"));
         }
-        let counters: [ShardCounter; 9] = [
+        let counters: [ShardCounter; 14] = [
+            (
+                "precall_twilio_streams_refused_total",
+                "Media stream connections refused before the upgrade (path, method, signature) or closed before a valid start.",
+                |s| s.streams_refused,
+            ),
+            (
+                "precall_twilio_stream_messages_malformed_total",
+                "Media Streams messages that did not parse.",
+                |s| s.stream_messages_malformed,
+            ),
+            ("precall_twilio_stream_frames_sent_total", "Media frames sent to Twilio.", |s| {
+                s.stream_frames_out
+            }),
+            (
+                "precall_twilio_stream_frames_received_total",
+                "Media frames received from Twilio.",
+                |s| s.stream_frames_in,
+            ),
+            (
+                "precall_twilio_stream_frames_dropped_total",
+                "Frames for Twilio dropped because a stream's send queue was full (a slow socket).",
+                |s| s.stream_frames_dropped,
+            ),
             (
                 "precall_sip_datagrams_forwarded_total",
                 "SIP datagrams forwarded to the shard owning their Call-ID.",

@@ -13,6 +13,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_precall");
 pub struct Precall {
     child: Option<Child>,
     pub http_port: u16,
+    /// The Twilio Media Streams port (`MEDIA_WS_PORT`).
+    pub media_port: u16,
 }
 
 impl Precall {
@@ -23,6 +25,10 @@ impl Precall {
 
     /// Starts with HTTP on `http_port` (other settings from `env`) and waits for `/health`.
     pub fn start_on(http_port: u16, env: &[(&str, String)]) -> Self {
+        let media_port = env
+            .iter()
+            .find(|(k, _)| *k == "MEDIA_WS_PORT")
+            .map_or_else(free_tcp_port, |(_, v)| v.parse().expect("MEDIA_WS_PORT"));
         let mut cmd = Command::new(BIN);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -30,6 +36,7 @@ impl Precall {
             .env("HTTP_PORT", http_port.to_string())
             .env("SIP_HOST", "127.0.0.1")
             .env("SIP_PORT", free_udp_port().to_string())
+            .env("MEDIA_WS_PORT", media_port.to_string())
             .env("SHARDS", "2")
             .env("SHARD_PIN_CORES", "false")
             .current_dir(std::env::temp_dir())
@@ -39,7 +46,7 @@ impl Precall {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn precall");
-        let p = Self { child: Some(child), http_port };
+        let p = Self { child: Some(child), http_port, media_port };
         wait_for("precall to answer /health", Duration::from_secs(30), || {
             http(p.http_port, "GET", "/health", "").ok().filter(|(status, _)| *status == 200)
         });

@@ -677,6 +677,11 @@ impl Core {
             }
             return;
         };
+        if let (CallKey::Stream(_), Err(e)) = (p.call, &p.result) {
+            // Unknown call, a CallSid or account not the call's, or the control plane failing.
+            self.stats.stream_refused();
+            tracing::info!(shard = self.index, call_id = %p.call_id, error = %e, "media stream refused; closing it");
+        }
         match p.kind {
             PlanKind::Inbound => call.flow.handle_plan(now, p.result),
             PlanKind::Status => call.flow.handle_status(now, p.result),
