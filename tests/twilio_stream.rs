@@ -187,6 +187,9 @@ fn stream_mode_plays_greeting_and_hold_then_bridges_the_agent_both_ways() {
 
     let mut s = open(&st, Some(TOKEN)).expect("the signed upgrade is accepted");
     s.start(SID, &st.params);
+    // The caller presses a key once the agent is on (the clone takes 1.5 s).
+    s.run_for(Duration::from_millis(2500), Some(&caller_frame));
+    s.dtmf('5');
     s.run_for(Duration::from_secs(20), Some(&caller_frame));
     let session = &s.session;
     assert_eq!(session.closed.map(|c| c.0), Some(Some(1000)), "precall closed the stream");
@@ -237,6 +240,11 @@ fn stream_mode_plays_greeting_and_hold_then_bridges_the_agent_both_ways() {
     );
     assert_eq!(init["dynamic_variables"]["protocol"], "twilio");
     assert_eq!(init["dynamic_variables"]["caller_number"], "+12349013030");
+    assert!(
+        log.updates.iter().any(|u| u.contains("key 5")),
+        "DTMF told to the agent: {:?}",
+        log.updates
+    );
     drop(log);
 
     // Twilio then runs the <Redirect>: the call is over, it hangs up without the error.
@@ -270,6 +278,23 @@ fn poll_mode_holds_in_twiml_and_streams_only_the_agent() {
     assert!(agent.log.lock().unwrap().heard.len() >= 16_000);
     let a = n.redirect(&st, SID);
     assert!(a.body.contains("<Hangup />"), "{}", a.body);
+}
+
+#[test]
+fn a_failed_clone_closes_the_stream_and_twilio_says_the_error() {
+    let agent = FakeAgent::start(Behaviour::Talk);
+    let n =
+        node(&agent, &[("SIMULATED_CLONE_DELAY_MS", "800"), ("SIMULATED_CLONE_OUTCOME", "failed")]);
+    let st = stream_of(&n.voice(SID).body).unwrap();
+    let mut s = open(&st, Some(TOKEN)).unwrap();
+    s.start(SID, &st.params);
+    s.run_for(Duration::from_secs(10), Some(&caller_frame));
+    assert_eq!(s.session.closed.map(|c| c.0), Some(Some(1000)), "precall closed the stream");
+    assert!(s.session.media.len() >= 25, "greeting and hold played until the clone failed");
+    assert_eq!(agent.log.lock().unwrap().connections, 0, "no agent for a failed clone");
+    // The TwiML after </Connect>: the error message, then the hang-up.
+    let a = n.redirect(&st, SID);
+    assert!(a.body.contains("<Say>") && a.body.contains("<Hangup />"), "{}", a.body);
 }
 
 #[test]
