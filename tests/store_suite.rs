@@ -112,6 +112,32 @@ async fn jobs_attach_to_calls<S: Store>(s: &S) {
     assert!(matches!(err, StoreError::Missing(_)), "{err:?}");
 }
 
+async fn live_call_pushes_are_claimed_once<S: Store>(s: &S) {
+    let (job, _) =
+        s.claim_clone_job(&"push".into(), "h", Timestamp(1_000), Timestamp(0)).await.unwrap();
+    let twilio = |id: &str| CallRecord { protocol: Protocol::Twilio, ..record(id, 1_000) };
+    for id in ["CA-push-b", "CA-push-a", "CA-push-ended"] {
+        s.insert_call(&twilio(id)).await.unwrap();
+        s.attach_job(&id.into(), job.id).await.unwrap();
+    }
+    // A SIP call on the same job is never pushed (the shard hears the news itself).
+    s.insert_call(&record("CA-push-sip", 1_000)).await.unwrap();
+    s.attach_job(&"CA-push-sip".into(), job.id).await.unwrap();
+    s.set_call_status(&"CA-push-ended".into(), CallStatus::Ended, Timestamp(2_000), None)
+        .await
+        .unwrap();
+    let ids = |v: Vec<CallId>| v.into_iter().map(|c| c.as_str().to_owned()).collect::<Vec<_>>();
+    assert_eq!(ids(s.calls_waiting_on(job.id).await.unwrap()), ["CA-push-a", "CA-push-b"]);
+    // The first claim wins, on any node; a claimed call no longer waits.
+    assert!(s.claim_push(&"CA-push-a".into(), Timestamp(3_000)).await.unwrap());
+    assert!(!s.claim_push(&"CA-push-a".into(), Timestamp(3_001)).await.unwrap());
+    assert!(!s.claim_push(&"CA-push-nope".into(), Timestamp(3_000)).await.unwrap());
+    assert_eq!(ids(s.calls_waiting_on(job.id).await.unwrap()), ["CA-push-b"]);
+    let b: CallId = "CA-push-b".into();
+    let claims = join_all((0..8).map(|_| s.claim_push(&b, Timestamp(4_000)))).await;
+    assert_eq!(claims.into_iter().filter(|c| *c.as_ref().unwrap()).count(), 1);
+}
+
 async fn events_keep_order<S: Store>(s: &S) {
     let id = CallId::new("CA-events");
     for (i, kind) in
@@ -264,6 +290,7 @@ async fn suite<S: Store>(s: &S) {
     profiles_by_id_and_number(s).await;
     clone_jobs_are_claimed_once(s).await;
     concurrent_claims_create_one_job(s).await;
+    live_call_pushes_are_claimed_once(s).await;
 }
 
 fn pg_config(url: String) -> PgStoreConfig {

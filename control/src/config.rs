@@ -101,6 +101,28 @@ pub const VARS: &[Var] = &[
         help: "accept unsigned Twilio webhooks (development only; logged loudly)",
     },
     Var {
+        name: "TWILIO_PUSH",
+        default: "true",
+        help: "poll hold mode: push each held call on with Twilio's REST API as soon as its \
+               clone is ready or failed, or its hold limit passed (polling stays the fallback)",
+    },
+    Var {
+        name: "TWILIO_API_BASE",
+        default: "https://api.twilio.com",
+        help: "Twilio REST base URL (the live-call push)",
+    },
+    Var {
+        name: "TWILIO_ACCOUNT_SID",
+        default: "-",
+        help: "account for the push when a call's webhook carried none",
+    },
+    Var {
+        name: "TWILIO_API_KEY",
+        default: "-",
+        help: "API key SID (SK...) for the push; unset = AccountSid + TWILIO_AUTH_TOKEN",
+    },
+    Var { name: "TWILIO_API_SECRET", default: "-", help: "the API key's secret" },
+    Var {
         name: "ELEVENLABS_API_KEY",
         default: "-",
         help: "ElevenLabs key; unset = simulated clone provider",
@@ -314,6 +336,14 @@ pub struct Config {
     pub twilio_auth_token: Option<String>,
     /// Accept unsigned webhooks.
     pub twilio_skip_signature: bool,
+    /// `TWILIO_PUSH`.
+    pub twilio_push: bool,
+    /// `TWILIO_API_BASE`, no trailing slash.
+    pub twilio_api_base: String,
+    /// `TWILIO_ACCOUNT_SID`.
+    pub twilio_account_sid: Option<String>,
+    /// `TWILIO_API_KEY` and `TWILIO_API_SECRET`, when both are set.
+    pub twilio_api_key: Option<(String, String)>,
     /// Clone provider.
     pub provider: ProviderConfig,
     /// Agent of the default profile.
@@ -581,6 +611,20 @@ impl Config {
             database_pool_size,
             twilio_auth_token: r.raw("TWILIO_AUTH_TOKEN"),
             twilio_skip_signature: r.bool("TWILIO_SKIP_SIGNATURE")?,
+            twilio_push: r.bool("TWILIO_PUSH")?,
+            twilio_api_base: r
+                .url("TWILIO_API_BASE", &["http://", "https://"], "an http:// or https:// URL")?
+                .unwrap_or_else(|| default_of("TWILIO_API_BASE").to_owned()),
+            twilio_account_sid: r.raw("TWILIO_ACCOUNT_SID"),
+            twilio_api_key: match (r.raw("TWILIO_API_KEY"), r.raw("TWILIO_API_SECRET")) {
+                (Some(k), Some(s)) => Some((k, s)),
+                (None, None) => None,
+                _ => {
+                    return Err(ConfigError::Inconsistent(
+                        "TWILIO_API_KEY and TWILIO_API_SECRET go together".to_owned(),
+                    ));
+                }
+            },
             provider,
             default_agent_id: r.raw("ELEVENLABS_AGENT_ID").unwrap_or_default(),
             elevenlabs_api_base,

@@ -19,6 +19,7 @@ pub mod config;
 pub mod demo_agent;
 pub mod metrics;
 pub mod profiles;
+pub mod push;
 pub mod runtime;
 pub mod sip_bridge;
 pub mod store;

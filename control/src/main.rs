@@ -12,10 +12,11 @@ use std::time::Duration;
 use precall::agent::{AgentEndpoint, AgentResolver};
 use precall::app::App;
 use precall::audio_service::AudioService;
-use precall::config::{self, Config, ProviderConfig, redact_url};
+use precall::config::{self, Config, HoldMode, ProviderConfig, redact_url};
 use precall::demo_agent::DemoAgent;
 use precall::metrics::Metrics;
 use precall::profiles;
+use precall::push::{LivePush, PushAuth, PushConfig};
 use precall::runtime::{Service, SideRuntime};
 use precall::sip_bridge::{DefaultClips, SipBridge};
 use precall::store::{PgStore, PgStoreConfig};
@@ -158,6 +159,35 @@ fn provider(cfg: &Config) -> Result<AnyProvider, String> {
     })
 }
 
+/// The live-call push, when the poll hold mode is on with REST credentials.
+fn live_push(cfg: &Config) -> Result<Option<Arc<LivePush>>, String> {
+    if cfg.twilio_hold_mode != HoldMode::Poll || !cfg.twilio_push {
+        return Ok(None);
+    }
+    let auth = match (&cfg.twilio_api_key, &cfg.twilio_auth_token) {
+        (Some((sid, secret)), _) => PushAuth::ApiKey { sid: sid.clone(), secret: secret.clone() },
+        (None, Some(token)) => PushAuth::AuthToken(token.clone()),
+        (None, None) => {
+            tracing::warn!(
+                "TWILIO_PUSH is on but neither TWILIO_AUTH_TOKEN nor TWILIO_API_KEY is set: held \
+                 Twilio calls learn their news at their next poll only"
+            );
+            return Ok(None);
+        }
+    };
+    tracing::info!(api_base = %cfg.twilio_api_base, "held Twilio calls are pushed on with the REST API");
+    let push = LivePush::new(PushConfig {
+        api_base: cfg.twilio_api_base.clone(),
+        auth,
+        account_sid: cfg.twilio_account_sid.clone(),
+        public_base_url: cfg.public_base_url.clone(),
+        stream_url: cfg.twilio_stream_url.clone(),
+        timeout: cfg.control_request_timeout,
+        backoff: Duration::from_millis(200),
+    })?;
+    Ok(Some(Arc::new(push)))
+}
+
 /// What the side runtime is built from, whichever store it gets.
 struct SideSetup {
     controller: ControllerConfig,
@@ -165,13 +195,14 @@ struct SideSetup {
     profiles: Vec<VoiceProfile>,
     metrics: Arc<Metrics>,
     request_timeout: Duration,
+    push: Option<Arc<LivePush>>,
 }
 
 fn start_side_runtime<S: Store>(
     store: impl std::future::Future<Output = Result<S, String>> + Send + 'static,
     setup: SideSetup,
 ) -> Result<SideRuntime, String> {
-    let SideSetup { controller, provider, profiles, metrics, request_timeout } = setup;
+    let SideSetup { controller, provider, profiles, metrics, request_timeout, push } = setup;
     SideRuntime::start(
         move || async move {
             let store = store.await?;
@@ -181,7 +212,12 @@ fn start_side_runtime<S: Store>(
                     .await
                     .map_err(|e| format!("saving voice profile {}: {e}", p.id))?;
             }
-            Ok(Service { controller: CallController::new(store, controller), provider, metrics })
+            Ok(Service {
+                controller: CallController::new(store, controller),
+                provider,
+                metrics,
+                push,
+            })
         },
         request_timeout,
     )
@@ -252,6 +288,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         profiles: voice_profiles,
         metrics: Arc::clone(&metrics),
         request_timeout: cfg.control_request_timeout,
+        push: live_push(&cfg)?,
     };
     let (side, store_kind) = match &cfg.database_url {
         None => {

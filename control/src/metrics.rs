@@ -119,7 +119,11 @@ pub struct Metrics {
     hold_time: Histogram,
     webhooks: [Histogram; 3],
     errors: [AtomicU64; 6],
+    pushes: [AtomicU64; 3],
 }
+
+/// The results of a live-call push, in `precall_twilio_pushes_total`'s order.
+const PUSH_RESULTS: [&str; 3] = ["updated", "already_ended", "failed"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -134,6 +138,7 @@ impl Default for Metrics {
                 Histogram::new(WEBHOOK_BUCKETS),
             ],
             errors: Default::default(),
+            pushes: Default::default(),
         }
     }
 }
@@ -158,6 +163,13 @@ impl Metrics {
         self.calls_ended[protocol_index(rec.protocol)][outcome].fetch_add(1, Ordering::Relaxed);
         if let Some(end) = rec.connected_at.or(rec.ended_at) {
             self.hold_time.observe(end.since(rec.started_at));
+        }
+    }
+
+    /// Counts a live-call push by its result (`updated`, `already_ended`, `failed`).
+    pub fn push(&self, result: &str) {
+        if let Some(i) = PUSH_RESULTS.iter().position(|r| *r == result) {
+            self.pushes[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -197,6 +209,12 @@ impl Metrics {
         for (i, result) in ["completed", "failed"].iter().enumerate() {
             let n = self.clone_jobs[i].load(Ordering::Relaxed);
             let _ = writeln!(out, "precall_clone_jobs_total{{result=\"{result}\"}} {n}");
+        }
+        out.push_str("# HELP precall_twilio_pushes_total Live-call pushes to Twilio's REST API (poll hold mode), by result.\n");
+        out.push_str("# TYPE precall_twilio_pushes_total counter\n");
+        for (i, result) in PUSH_RESULTS.iter().enumerate() {
+            let n = self.pushes[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "precall_twilio_pushes_total{{result=\"{result}\"}} {n}");
         }
         out.push_str("# HELP precall_clone_duration_seconds Time from clone start to result.\n");
         out.push_str("# TYPE precall_clone_duration_seconds histogram\n");

@@ -17,6 +17,7 @@ use precall_controller::{CallController, CloneRequest, ControllerError, Store};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
+use crate::push::{LivePush, PushTarget};
 
 /// Requests waiting for the side runtime at most; past this, submitters get `Overloaded`.
 pub const QUEUE_CAPACITY: usize = 4096;
@@ -75,6 +76,8 @@ pub struct Service<S> {
     pub provider: AnyProvider,
     /// Counters and histograms shared with `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// The live-call push (`TWILIO_HOLD_MODE=poll` with REST credentials), if on.
+    pub push: Option<Arc<LivePush>>,
 }
 
 /// The running side runtime.
@@ -243,6 +246,11 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
                 if let Some(job) = o.start_clone {
                     start_clone(Arc::clone(service), job);
                 }
+                if ctx.protocol == precall_api::Protocol::Twilio
+                    && o.instructions.action() == precall_api::CallAction::Hold
+                {
+                    push_at_hold_limit(service, &ctx.call_id);
+                }
                 o.instructions
             });
             ControlReply::Instructions(out)
@@ -294,7 +302,10 @@ fn start_clone<S: Store>(service: Arc<Service<S>>, job: CloneRequest) {
         let mut delay = Duration::from_millis(200);
         for attempt in 1..=5 {
             match service.controller.clone_finished(job.job_id, &outcome, Timestamp::now()).await {
-                Ok(_) => return,
+                Ok(_) => {
+                    push_waiting(&service, job.job_id).await;
+                    return;
+                }
                 Err(e) if attempt < 5 => {
                     tracing::warn!(job = %job.job_id, error = %e, attempt, "recording the clone result failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -306,4 +317,94 @@ fn start_clone<S: Store>(service: Arc<Service<S>>, job: CloneRequest) {
             }
         }
     });
+}
+
+/// Pushes on every Twilio call waiting on `job`, now that it finished (poll hold mode).
+async fn push_waiting<S: Store>(service: &Arc<Service<S>>, job: precall_api::JobId) {
+    if service.push.is_none() {
+        return;
+    }
+    match service.controller.store().calls_waiting_on(job).await {
+        Ok(calls) => {
+            for call_id in calls {
+                let service = Arc::clone(service);
+                tokio::spawn(async move { push_call(&service, &call_id).await });
+            }
+        }
+        Err(e) => {
+            tracing::warn!(job = %job, error = %e, "cannot list the calls to push; they poll")
+        }
+    }
+}
+
+/// Schedules the push of a held call's failure when its hold limit passes (poll hold mode).
+fn push_at_hold_limit<S: Store>(service: &Arc<Service<S>>, call_id: &precall_api::CallId) {
+    if service.push.is_none() {
+        return;
+    }
+    let service = Arc::clone(service);
+    let call_id = call_id.clone();
+    // Just past the limit, so the planner sees it passed.
+    let wait = service.controller.config().max_hold + Duration::from_millis(50);
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        push_call(&service, &call_id).await;
+    });
+}
+
+/// Pushes what the poll would answer now to a held Twilio call, when that is news (a connect
+/// or a hang-up) and this node wins the call's one push.
+async fn push_call<S: Store>(service: &Arc<Service<S>>, call_id: &precall_api::CallId) {
+    let Some(push) = &service.push else { return };
+    let ctl = &service.controller;
+    let call = match ctl.store().get_call(call_id).await {
+        Ok(Some(call)) => call,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(call_id = %call_id, error = %e, "push skipped: store error; the call polls");
+            return;
+        }
+    };
+    let waiting =
+        matches!(call.status, precall_api::CallStatus::Ringing | precall_api::CallStatus::Holding);
+    if call.protocol != precall_api::Protocol::Twilio || !waiting {
+        return;
+    }
+    let ins = match ctl.check_clone_status(call_id, Timestamp::now()).await {
+        Ok(ins) => ins,
+        Err(e) => {
+            tracing::warn!(call_id = %call_id, error = %e, "push skipped; the call polls");
+            return;
+        }
+    };
+    if !LivePush::worth_pushing(&ins) {
+        return;
+    }
+    match ctl.store().claim_push(call_id, Timestamp::now()).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::warn!(call_id = %call_id, error = %e, "push not claimed; the call polls");
+            return;
+        }
+    }
+    let target = PushTarget {
+        call_id,
+        account_sid: &call.session_id,
+        caller: &call.caller_number,
+        dialed: &call.recipient_number,
+    };
+    let outcome = push.push(&target, &ins).await;
+    service.metrics.push(outcome.label());
+    match &outcome {
+        crate::push::PushOutcome::Updated => {
+            tracing::info!(call_id = %call_id, action = ?ins.action(), "live call pushed on")
+        }
+        crate::push::PushOutcome::AlreadyEnded => {
+            tracing::info!(call_id = %call_id, "push: the call had already ended")
+        }
+        crate::push::PushOutcome::Failed(why) => {
+            tracing::warn!(call_id = %call_id, %why, "push failed; the call polls")
+        }
+    }
 }

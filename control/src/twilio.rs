@@ -19,6 +19,31 @@ use crate::config::HoldMode;
 use crate::metrics::{ErrorKind, Metrics, Route};
 use crate::runtime::ControlHandle;
 
+/// The URLs of a call's TwiML: the poll URL under `public_base_url`, the stream URL, and the
+/// caller's and dialed numbers as stream parameters (for the agent's dynamic variables).
+pub fn twiml_urls(
+    public_base_url: &str,
+    stream_url: &str,
+    call_id: &CallId,
+    caller: &str,
+    dialed: &str,
+) -> TwimlUrls {
+    let mut stream_params = Vec::new();
+    for (name, value) in [("caller", caller), ("dialed", dialed)] {
+        if !value.is_empty() {
+            stream_params.push((name.to_owned(), value.to_owned()));
+        }
+    }
+    TwimlUrls {
+        poll_url: format!(
+            "{public_base_url}/twilio/poll?call_id={}",
+            precall_api::percent::encode_component(call_id.as_str())
+        ),
+        media_stream_url: stream_url.to_owned(),
+        stream_params,
+    }
+}
+
 /// Settings of the Twilio routes.
 #[derive(Debug, Clone)]
 pub struct TwilioConfig {
@@ -171,21 +196,14 @@ impl Twilio {
     /// The URLs of a call's TwiML; `params` (the webhook's form) gives the stream its
     /// caller and dialed numbers, for the agent.
     fn urls(&self, call_id: &CallId, params: &Params) -> TwimlUrls {
-        let mut stream_params = Vec::new();
-        for (name, keys) in [("caller", ["From", "Caller"]), ("dialed", ["To", "Called"])] {
-            if let Some(v) = keys.iter().find_map(|k| params.get(k)).filter(|v| !v.is_empty()) {
-                stream_params.push((name.to_owned(), v.to_owned()));
-            }
-        }
-        TwimlUrls {
-            poll_url: format!(
-                "{}/twilio/poll?call_id={}",
-                self.cfg.public_base_url,
-                precall_api::percent::encode_component(call_id.as_str())
-            ),
-            media_stream_url: self.cfg.stream_url.clone(),
-            stream_params,
-        }
+        let number = |keys: [&str; 2]| keys.iter().find_map(|k| params.get(k)).unwrap_or_default();
+        twiml_urls(
+            &self.cfg.public_base_url,
+            &self.cfg.stream_url,
+            call_id,
+            number(["From", "Caller"]),
+            number(["To", "Called"]),
+        )
     }
 
     /// Turns the controller's answer into TwiML; failures become a spoken error and hang-up,

@@ -155,6 +155,21 @@ pub trait Store: Send + Sync + 'static {
         at: Timestamp,
     ) -> impl Future<Output = Result<CloneJob, StoreError>> + Send;
 
+    /// The Twilio calls still waiting on `job` (holding, never pushed): the calls a finished
+    /// clone job pushes on at once.
+    fn calls_waiting_on(
+        &self,
+        job: JobId,
+    ) -> impl Future<Output = Result<Vec<CallId>, StoreError>> + Send;
+
+    /// Claims the one live-call push of a call (a compare-and-set): `true` for the first
+    /// claim only, on any node; `false` for an unknown call or one already claimed.
+    fn claim_push(
+        &self,
+        call_id: &CallId,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// Answers when the store can serve requests.
     fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
@@ -219,6 +234,8 @@ struct Inner {
     events: HashMap<CallId, Vec<CallEvent>>,
     profiles: HashMap<ProfileId, VoiceProfile>,
     jobs: Vec<CloneJob>,
+    /// Calls whose live-call push was claimed.
+    pushed: std::collections::HashSet<CallId>,
 }
 
 impl Default for MemoryStore {
@@ -262,6 +279,7 @@ impl Inner {
             if ended {
                 self.calls.remove(&id);
                 self.events.remove(&id);
+                self.pushed.remove(&id);
             } else {
                 self.order.push_back(id);
             }
@@ -443,6 +461,36 @@ impl Store for MemoryStore {
             None => Err(StoreError::Missing(format!("clone {id}"))),
         };
         ready(out)
+    }
+
+    fn calls_waiting_on(
+        &self,
+        job: JobId,
+    ) -> impl Future<Output = Result<Vec<CallId>, StoreError>> + Send {
+        let inner = self.lock();
+        let mut out: Vec<CallId> = inner
+            .calls
+            .values()
+            .filter(|c| {
+                c.clone_job_id == Some(job)
+                    && c.protocol == precall_api::Protocol::Twilio
+                    && matches!(c.status, CallStatus::Ringing | CallStatus::Holding)
+                    && !inner.pushed.contains(&c.call_id)
+            })
+            .map(|c| c.call_id.clone())
+            .collect();
+        out.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        ready(Ok(out))
+    }
+
+    fn claim_push(
+        &self,
+        call_id: &CallId,
+        _at: Timestamp,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let mut inner = self.lock();
+        let claimed = inner.calls.contains_key(call_id) && inner.pushed.insert(call_id.clone());
+        ready(Ok(claimed))
     }
 
     fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send {

@@ -17,11 +17,18 @@ pub struct Migration {
 }
 
 /// All migrations, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_init.sql",
-    sql: include_str!("../../../migrations/0001_init.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_init.sql",
+        sql: include_str!("../../../migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_live_call_push.sql",
+        sql: include_str!("../../../migrations/0002_live_call_push.sql"),
+    },
+];
 
 /// Arbitrary constant naming precall's migration lock.
 const LOCK_KEY: i64 = 0x7072_6563_616c_6c01;

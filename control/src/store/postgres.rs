@@ -523,6 +523,33 @@ impl Store for PgStore {
         job_from_row(&row)
     }
 
+    async fn calls_waiting_on(&self, job: JobId) -> Result<Vec<CallId>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .cached_query(
+                "SELECT call_id FROM calls WHERE clone_job_id = $1 AND protocol = 'twilio' \
+                 AND status IN ('ringing', 'holding') AND pushed_at IS NULL ORDER BY call_id",
+                &[&job.0],
+            )
+            .await
+            .map_err(query)?;
+        Ok(rows.iter().map(|r| CallId::from(r.get::<_, String>(0))).collect())
+    }
+
+    async fn claim_push(&self, call_id: &CallId, at: Timestamp) -> Result<bool, StoreError> {
+        let n = self
+            .client()
+            .await?
+            .cached_execute(
+                "UPDATE calls SET pushed_at = $2 WHERE call_id = $1 AND pushed_at IS NULL",
+                &[&call_id.as_str(), &at.to_system()],
+            )
+            .await
+            .map_err(query)?;
+        Ok(n == 1)
+    }
+
     async fn health(&self) -> Result<(), StoreError> {
         self.client().await?.simple_query("SELECT 1").await.map_err(query)?;
         Ok(())
