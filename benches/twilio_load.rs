@@ -458,6 +458,9 @@ fn bench_store(name: &str, database_url: Option<String>, conns: usize, secs: u64
         ("MAX_HOLD_MS", "3600000".to_owned()),
         ("CLONE_JOB_TIMEOUT_MS", "3600000".to_owned()),
         ("LOG_LEVEL", "warn".to_owned()),
+        // The figures in docs/PERFORMANCE.md are of the poll flow's webhooks.
+        ("TWILIO_HOLD_MODE", "poll".to_owned()),
+        ("TWILIO_PUSH", "false".to_owned()),
     ];
     if let Some(url) = database_url {
         env.push(("DATABASE_URL", url));

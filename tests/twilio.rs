@@ -31,6 +31,8 @@ fn node_on(port: u16, extra: &[(&str, &str)]) -> Node {
         ("ENABLE_SIP_HANDLER", "false".to_owned()),
         ("SHARDS", "1".to_owned()),
         ("TWILIO_HOLD_MODE", "poll".to_owned()),
+        // These tests poll; the push has its own (tests/twilio_push.rs), against a fake API.
+        ("TWILIO_PUSH", "false".to_owned()),
     ];
     env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
     Node { p: Precall::start_on(port, &env), base }
@@ -101,6 +103,10 @@ impl Node {
         self.signed(&format!("/twilio/poll?call_id={sid}"), &call_params(sid))
     }
 
+    fn poll_target(&self, target: &str) -> Answer {
+        self.signed(target, &call_params(SID))
+    }
+
     fn metric(&self, line_start: &str) -> u64 {
         let (_, text) = self.p.get("/metrics");
         text.lines()
@@ -121,13 +127,15 @@ fn assert_xml(a: &Answer) {
 
 fn assert_hold(a: &Answer, base: &str, sid: &str, greeting: bool) {
     assert_xml(a);
-    let redirect = format!("<Redirect method=\"POST\">{base}/twilio/poll?call_id={sid}</Redirect>");
-    assert!(a.body.contains(&redirect), "{}", a.body);
-    assert!(
-        a.body.contains(&format!("<Play loop=\"1\">{base}/audio/hold.wav</Play>")),
-        "{}",
-        a.body
-    );
+    // The poll URL, naming the next hold segment once the hold clip is loaded.
+    let redirect = format!("<Redirect method=\"POST\">{base}/twilio/poll?call_id={sid}");
+    let at = a.body.find(&redirect).unwrap_or_else(|| panic!("{}", a.body));
+    let rest = &a.body[at + redirect.len()..];
+    assert!(rest.starts_with("</Redirect>") || rest.starts_with("&amp;hold="), "{}", a.body);
+    // The hold clip whole, or one segment of it: either way a finite play.
+    let whole = format!("<Play loop=\"1\">{base}/audio/hold.wav</Play>");
+    let segment = format!("<Play loop=\"1\">{base}/audio/hold/");
+    assert!(a.body.contains(&whole) || a.body.contains(&segment), "{}", a.body);
     assert_eq!(
         a.body.contains(&format!("<Play>{base}/audio/greeting.wav</Play>")),
         greeting,
@@ -177,6 +185,60 @@ fn bad_or_missing_signature_is_403() {
     );
     assert_eq!(poll.status, 200);
     assert_eq!(forged.status, 403);
+}
+
+/// 16-bit samples of a PCM WAV (the data chunk after a 44-byte header).
+fn pcm16(wav: &[u8]) -> Vec<i16> {
+    wav[44..].chunks(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect()
+}
+
+fn get_bytes(n: &Node, path: &str) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", n.p.http_port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(raw.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&raw[..at]));
+    raw[at..].to_vec()
+}
+
+#[test]
+fn hold_goes_on_where_it_stopped_from_one_poll_to_the_next() {
+    let n = node(&[("SIMULATED_CLONE_DELAY_MS", "600000")]);
+    let hold_segment = |body: &str| -> String {
+        let start = body.find("<Play loop=\"1\">").unwrap() + "<Play loop=\"1\">".len();
+        body[start..start + body[start..].find("</Play>").unwrap()].to_owned()
+    };
+    // The hold clip loads at start; until then it plays whole.
+    let first = wait_for("the hold clip's segments", Duration::from_secs(10), || {
+        Some(n.voice(SID)).filter(|a| a.body.contains("/audio/hold/"))
+    });
+    let seg0 = hold_segment(&first.body);
+    assert!(seg0.starts_with(&format!("{}/audio/hold/", n.base)) && seg0.ends_with("/0.wav"));
+    let next = format!("/twilio/poll?call_id={SID}&amp;hold=1");
+    assert!(first.body.contains(&next), "the redirect names the next segment: {}", first.body);
+    let second = n.poll_target(&format!("/twilio/poll?call_id={SID}&hold=1"));
+    let seg1 = hold_segment(&second.body);
+    assert!(seg1.ends_with("/1.wav"), "{}", second.body);
+    assert!(second.body.contains("&amp;hold=2"), "{}", second.body);
+
+    // The two segments are the clip's first 2 s and the 2 s after (one poll interval each),
+    // as the shipped hold clip has them (µ-law rounding aside).
+    let clip = pcm16(&get_bytes(&n, "/audio/hold.wav"));
+    let a = pcm16(&get_bytes(&n, seg0.strip_prefix(&n.base).unwrap()));
+    let b = pcm16(&get_bytes(&n, seg1.strip_prefix(&n.base).unwrap()));
+    assert_eq!((a.len(), b.len()), (16_000, 16_000));
+    let close = |x: &[i16], y: &[i16]| {
+        x.iter()
+            .zip(y)
+            .all(|(&p, &q)| (i32::from(p) - i32::from(q)).abs() <= 64 + i32::from(q).abs() / 16)
+    };
+    assert!(close(&a, &clip[..16_000]), "segment 0 is the clip's start");
+    assert!(close(&b, &clip[16_000..32_000]), "segment 1 goes on where segment 0 stopped");
+    // An unknown segment is a 404, not a crash.
+    let (status, _) = n.p.get("/audio/hold/0000/1.wav");
+    assert_eq!(status, 404);
 }
 
 #[test]

@@ -255,7 +255,14 @@ fn stream_mode_plays_greeting_and_hold_then_bridges_the_agent_both_ways() {
 #[test]
 fn poll_mode_holds_in_twiml_and_streams_only_the_agent() {
     let agent = FakeAgent::start(Behaviour::Talk);
-    let n = node(&agent, &[("TWILIO_HOLD_MODE", "poll"), ("SIMULATED_CLONE_DELAY_MS", "300")]);
+    let n = node(
+        &agent,
+        &[
+            ("TWILIO_HOLD_MODE", "poll"),
+            ("TWILIO_PUSH", "false"),
+            ("SIMULATED_CLONE_DELAY_MS", "300"),
+        ],
+    );
     let a = n.voice(SID);
     assert!(a.body.contains("<Play>") && a.body.contains("<Redirect"), "{}", a.body);
     let a = wait_for("the clone to complete", Duration::from_secs(10), || {

@@ -216,6 +216,14 @@ impl Handler for App {
     fn handle(&self, req: &Request) -> Response {
         match (req.method.as_str(), req.path.as_str()) {
             (_, path) if path.starts_with("/twilio/") => self.twilio.handle(req),
+            ("GET" | "HEAD", path) if path.starts_with("/audio/hold/") => {
+                match self.twilio.hold_segment(&path["/audio/hold/".len()..]) {
+                    Some(bytes) => Response::new(200)
+                        .body("audio/wav", bytes)
+                        .header("Cache-Control", "public, max-age=3600"),
+                    None => Response::text(404, "no such hold segment\n"),
+                }
+            }
             ("GET" | "HEAD", path) if path.starts_with("/audio/") => {
                 match crate::audio::clip(&path["/audio/".len()..]) {
                     Some(bytes) => Response::new(200)

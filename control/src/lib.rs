@@ -17,6 +17,7 @@ pub mod audio;
 pub mod audio_service;
 pub mod config;
 pub mod demo_agent;
+pub mod hold_segments;
 pub mod metrics;
 pub mod profiles;
 pub mod push;

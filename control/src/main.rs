@@ -14,6 +14,7 @@ use precall::app::App;
 use precall::audio_service::AudioService;
 use precall::config::{self, Config, HoldMode, ProviderConfig, redact_url};
 use precall::demo_agent::DemoAgent;
+use precall::hold_segments::HoldSegments;
 use precall::metrics::Metrics;
 use precall::profiles;
 use precall::push::{LivePush, PushAuth, PushConfig};
@@ -245,6 +246,32 @@ fn warm_clips(side: &SideRuntime, audio: &Arc<AudioService>, cfg: &Config) {
     }
 }
 
+/// Loads the hold clips (the configured one and the profiles') for the poll hold mode's
+/// segments, in the background: until one is loaded, its calls play it whole.
+fn load_hold_segments(
+    side: &SideRuntime,
+    audio: &Arc<AudioService>,
+    segments: &Arc<HoldSegments>,
+    cfg: &Config,
+    profiles: &[VoiceProfile],
+) {
+    let mut urls = vec![cfg.hold_audio_url.clone()];
+    urls.extend(profiles.iter().filter_map(|p| p.hold_url.clone()));
+    urls.sort();
+    urls.dedup();
+    let (audio, segments) = (Arc::clone(audio), Arc::clone(segments));
+    side.spawn(async move {
+        for url in urls {
+            match audio.clip(&url).await {
+                Ok(clip) => segments.insert(&url, clip),
+                Err(e) => {
+                    tracing::warn!(error = %e, "hold clip not loaded; it plays whole at each poll")
+                }
+            }
+        }
+    });
+}
+
 fn serve(cfg: Config) -> Result<(), String> {
     // Registered before anything starts, so a SIGTERM that arrives during start-up is not lost:
     // it is delivered once the start completes, and precall then stops at once.
@@ -285,7 +312,7 @@ fn serve(cfg: Config) -> Result<(), String> {
     let setup = SideSetup {
         controller: controller_config(&cfg, &agent_ws_url),
         provider: provider(&cfg)?,
-        profiles: voice_profiles,
+        profiles: voice_profiles.clone(),
         metrics: Arc::clone(&metrics),
         request_timeout: cfg.control_request_timeout,
         push: live_push(&cfg)?,
@@ -385,6 +412,13 @@ fn serve(cfg: Config) -> Result<(), String> {
         },
         Arc::clone(&metrics),
     );
+    let twilio = if cfg.twilio_hold_mode == HoldMode::Poll {
+        let segments = Arc::new(HoldSegments::new(cfg.status_poll_interval));
+        load_hold_segments(&side, &audio, &segments, &cfg, &voice_profiles);
+        twilio.with_hold_segments(segments)
+    } else {
+        twilio
+    };
     let app = App::new(side.handle(), probe, Arc::clone(&metrics), store_kind, twilio);
     let http = Server::bind(cfg.http_addr, Limits::default(), Arc::new(app))
         .map_err(|e| format!("cannot listen for HTTP on {}: {e}", cfg.http_addr))?;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use precall_api::{
-    CallContext, CallId, CallStatus, ControlError, ControlReply, ControlRequest, Protocol, Redacted,
+    CallContext, CallId, CallInstructions, CallStatus, ControlError, ControlReply, ControlRequest,
+    Protocol, Redacted,
 };
 use precall_http::{Request, Response};
 use precall_twilio::{
@@ -16,6 +17,7 @@ use precall_twilio::{
 };
 
 use crate::config::HoldMode;
+use crate::hold_segments::HoldSegments;
 use crate::metrics::{ErrorKind, Metrics, Route};
 use crate::runtime::ControlHandle;
 
@@ -67,6 +69,8 @@ pub struct Twilio {
     validator: Option<RequestValidator>,
     cfg: TwilioConfig,
     metrics: Arc<Metrics>,
+    /// Poll hold mode: the hold clip in poll-sized segments.
+    segments: Option<Arc<HoldSegments>>,
 }
 
 impl std::fmt::Debug for Twilio {
@@ -107,7 +111,14 @@ impl Twilio {
         } else if cfg.skip_signature {
             tracing::warn!("TWILIO_SKIP_SIGNATURE is ignored because TWILIO_AUTH_TOKEN is set");
         }
-        Self { control, validator, cfg, metrics }
+        Self { control, validator, cfg, metrics, segments: None }
+    }
+
+    /// Serves the hold clip in segments (poll hold mode).
+    #[must_use]
+    pub fn with_hold_segments(mut self, segments: Arc<HoldSegments>) -> Self {
+        self.segments = Some(segments);
+        self
     }
 
     /// Serves a `/twilio/…` request.
@@ -206,6 +217,25 @@ impl Twilio {
         )
     }
 
+    /// A hold answer plays segment `n` of the hold clip and polls for segment `n + 1`, so the
+    /// music goes on where it stopped (when the clip is loaded; else the whole clip plays).
+    fn continue_hold(&self, ins: &mut CallInstructions, urls: &mut TwimlUrls, n: u64) {
+        let Some(segments) = &self.segments else { return };
+        if ins.action() != precall_api::CallAction::Hold {
+            return;
+        }
+        let Some(hold) = ins.hold_audio.as_mut() else { return };
+        let Some(path) = segments.path(&hold.url, n) else { return };
+        hold.url = format!("{}{path}", self.cfg.public_base_url);
+        hold.loops = 1;
+        urls.poll_url.push_str(&format!("&hold={}", n.saturating_add(1)));
+    }
+
+    /// Serves `/audio/hold/{rest}`: one hold segment.
+    pub fn hold_segment(&self, rest: &str) -> Option<Vec<u8>> {
+        self.segments.as_ref()?.wav(rest)
+    }
+
     /// Turns the controller's answer into TwiML; failures become a spoken error and hang-up,
     /// except overload, which is a 503 so that Twilio tries the number's fallback URL.
     fn instructions(
@@ -214,6 +244,7 @@ impl Twilio {
         params: &Params,
         reply: Result<ControlReply, ControlError>,
         stream_hold: bool,
+        hold_segment: u64,
     ) -> Response {
         let result = match reply {
             Ok(ControlReply::Instructions(r)) => r,
@@ -224,7 +255,11 @@ impl Twilio {
             Ok(ins) if stream_hold => {
                 xml(200, twiml::render_stream(&ins, &self.urls(call_id, params)))
             }
-            Ok(ins) => xml(200, twiml::render(&ins, &self.urls(call_id, params))),
+            Ok(mut ins) => {
+                let mut urls = self.urls(call_id, params);
+                self.continue_hold(&mut ins, &mut urls, hold_segment);
+                xml(200, twiml::render(&ins, &urls))
+            }
             Err(ControlError::Overloaded) => {
                 self.metrics.error(ErrorKind::Overloaded);
                 Response::text(503, "overloaded, retry\n").header("Retry-After", "1")
@@ -262,7 +297,7 @@ impl Twilio {
         tracing::info!(call_id = %ctx.call_id, from = %Redacted(from), to = %Redacted(to), "Twilio inbound call");
         let call_id = ctx.call_id.clone();
         let reply = self.control.call(ControlRequest::Inbound(ctx));
-        self.instructions(&call_id, params, reply, self.cfg.hold_mode == HoldMode::Stream)
+        self.instructions(&call_id, params, reply, self.cfg.hold_mode == HoldMode::Stream, 0)
     }
 
     /// A status check: the poll flow (`TWILIO_HOLD_MODE=poll`), and in stream mode what
@@ -274,7 +309,10 @@ impl Twilio {
         };
         let call_id = CallId::new(call_id);
         let reply = self.control.call(ControlRequest::CheckStatus(call_id.clone()));
-        self.instructions(&call_id, params, reply, false)
+        // Which hold segment this poll plays (see `hold_segments`); a missing or odd value
+        // starts the clip again rather than failing the call.
+        let segment = query.get("hold").and_then(|h| h.parse().ok()).unwrap_or(0);
+        self.instructions(&call_id, params, reply, false, segment)
     }
 
     fn status(&self, params: &Params) -> Response {
