@@ -53,6 +53,11 @@ impl Precall {
         p
     }
 
+    /// The process id (for CPU and memory readings).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     pub fn get(&self, path: &str) -> (u16, String) {
         http(self.http_port, "GET", path, "").expect("HTTP request")
     }
