@@ -3,6 +3,6 @@
 -- `UPDATE calls SET pushed_at = … WHERE call_id = … AND pushed_at IS NULL`.
 
 ALTER TABLE calls ADD COLUMN IF NOT EXISTS pushed_at TIMESTAMPTZ;
--- The calls a finished clone job pushes: few per job, found without a scan.
-CREATE INDEX IF NOT EXISTS calls_waiting_by_job ON calls (clone_job_id)
-    WHERE pushed_at IS NULL AND status IN ('ringing', 'holding');
+-- The calls holding on a clone job (told at once when it finishes): few per job, no scan.
+CREATE INDEX IF NOT EXISTS calls_holding_by_job ON calls (clone_job_id)
+    WHERE status IN ('ringing', 'holding');

@@ -120,19 +120,24 @@ async fn live_call_pushes_are_claimed_once<S: Store>(s: &S) {
         s.insert_call(&twilio(id)).await.unwrap();
         s.attach_job(&id.into(), job.id).await.unwrap();
     }
-    // A SIP call on the same job is never pushed (the shard hears the news itself).
+    // A SIP call on the same job: its shard is told, it is never pushed.
     s.insert_call(&record("CA-push-sip", 1_000)).await.unwrap();
     s.attach_job(&"CA-push-sip".into(), job.id).await.unwrap();
     s.set_call_status(&"CA-push-ended".into(), CallStatus::Ended, Timestamp(2_000), None)
         .await
         .unwrap();
-    let ids = |v: Vec<CallId>| v.into_iter().map(|c| c.as_str().to_owned()).collect::<Vec<_>>();
-    assert_eq!(ids(s.calls_waiting_on(job.id).await.unwrap()), ["CA-push-a", "CA-push-b"]);
+    let ids = |v: Vec<(CallId, Protocol)>| {
+        v.into_iter().map(|(c, p)| format!("{c} {}", p.as_str())).collect::<Vec<_>>()
+    };
+    // Every call still holding on the job, with its protocol (the ended one is done).
+    assert_eq!(
+        ids(s.calls_waiting_on(job.id).await.unwrap()),
+        ["CA-push-a twilio", "CA-push-b twilio", "CA-push-sip sip"]
+    );
     // The first claim wins, on any node; a claimed call no longer waits.
     assert!(s.claim_push(&"CA-push-a".into(), Timestamp(3_000)).await.unwrap());
     assert!(!s.claim_push(&"CA-push-a".into(), Timestamp(3_001)).await.unwrap());
     assert!(!s.claim_push(&"CA-push-nope".into(), Timestamp(3_000)).await.unwrap());
-    assert_eq!(ids(s.calls_waiting_on(job.id).await.unwrap()), ["CA-push-b"]);
     let b: CallId = "CA-push-b".into();
     let claims = join_all((0..8).map(|_| s.claim_push(&b, Timestamp(4_000)))).await;
     assert_eq!(claims.into_iter().filter(|c| *c.as_ref().unwrap()).count(), 1);

@@ -288,6 +288,27 @@ fn poll_mode_holds_in_twiml_and_streams_only_the_agent() {
 }
 
 #[test]
+fn the_clone_finishing_reaches_the_held_stream_at_once_not_at_the_next_poll() {
+    let agent = FakeAgent::start(Behaviour::Talk);
+    // Polls 30 s apart: only the clone job's own news can bring the agent within the run.
+    let n =
+        node(&agent, &[("SIMULATED_CLONE_DELAY_MS", "800"), ("STATUS_POLL_INTERVAL_MS", "30000")]);
+    let st = stream_of(&n.voice(SID).body).unwrap();
+    let mut s = open(&st, Some(TOKEN)).unwrap();
+    s.start(SID, &st.params);
+    let mut heard_agent = false;
+    for _ in 0..100 {
+        s.run_for(Duration::from_millis(100), Some(&caller_frame));
+        if s.session.media.iter().any(|(_, f)| classify(f) == Heard::ToneA) {
+            heard_agent = true;
+            break;
+        }
+    }
+    assert!(heard_agent, "the agent was not heard within 10 s of a 0.8 s clone");
+    assert_eq!(agent.log.lock().unwrap().connections, 1);
+}
+
+#[test]
 fn a_failed_clone_closes_the_stream_and_twilio_says_the_error() {
     let agent = FakeAgent::start(Behaviour::Talk);
     let n =

@@ -18,7 +18,7 @@ use precall::hold_segments::HoldSegments;
 use precall::metrics::Metrics;
 use precall::profiles;
 use precall::push::{LivePush, PushAuth, PushConfig};
-use precall::runtime::{Service, SideRuntime};
+use precall::runtime::{Recheck, Service, SideRuntime};
 use precall::sip_bridge::{DefaultClips, SipBridge};
 use precall::store::{PgStore, PgStoreConfig};
 use precall::twilio::{Twilio, TwilioConfig};
@@ -197,13 +197,15 @@ struct SideSetup {
     metrics: Arc<Metrics>,
     request_timeout: Duration,
     push: Option<Arc<LivePush>>,
+    recheck: Arc<Recheck>,
 }
 
 fn start_side_runtime<S: Store>(
     store: impl std::future::Future<Output = Result<S, String>> + Send + 'static,
     setup: SideSetup,
 ) -> Result<SideRuntime, String> {
-    let SideSetup { controller, provider, profiles, metrics, request_timeout, push } = setup;
+    let SideSetup { controller, provider, profiles, metrics, request_timeout, push, recheck } =
+        setup;
     SideRuntime::start(
         move || async move {
             let store = store.await?;
@@ -218,6 +220,7 @@ fn start_side_runtime<S: Store>(
                 provider,
                 metrics,
                 push,
+                recheck,
             })
         },
         request_timeout,
@@ -285,6 +288,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         voice_profiles.extend(profiles::load_file(path).map_err(|e| e.to_string())?);
     }
     let metrics = Arc::new(Metrics::default());
+    let recheck: Arc<Recheck> = Arc::default();
     // The agent: AGENT_WS_URL, else ElevenLabs when an agent id is set, else the demo agent.
     let mut demo = None;
     let agent_endpoint = match (&cfg.agent_ws_url, cfg.default_agent_id.is_empty()) {
@@ -316,6 +320,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         metrics: Arc::clone(&metrics),
         request_timeout: cfg.control_request_timeout,
         push: live_push(&cfg)?,
+        recheck: Arc::clone(&recheck),
     };
     let (side, store_kind) = match &cfg.database_url {
         None => {
@@ -390,6 +395,14 @@ fn serve(cfg: Config) -> Result<(), String> {
     )
     .map_err(|e| format!("engine: {e}"))?;
     let engine = Arc::new(engine);
+    // A finished clone job reaches the shards holding its calls at once. A weak reference, so
+    // that shutdown can take the engine back.
+    let weak = Arc::downgrade(&engine);
+    recheck.set(move |calls| {
+        if let Some(engine) = weak.upgrade() {
+            engine.recheck(calls);
+        }
+    });
 
     // may: no pinning (the shards own the cores), stacks sized for our handlers, fewer wakeups.
     let may_cfg = may::config();

@@ -78,6 +78,35 @@ pub struct Service<S> {
     pub metrics: Arc<Metrics>,
     /// The live-call push (`TWILIO_HOLD_MODE=poll` with REST credentials), if on.
     pub push: Option<Arc<LivePush>>,
+    /// Tells the engine's shards that these calls' clone job finished (set once the engine
+    /// runs; see [`Recheck`]).
+    pub recheck: Arc<Recheck>,
+}
+
+/// The way from a finished clone job to the shards holding its calls, set after the engine
+/// starts (the side runtime starts first).
+#[derive(Default)]
+pub struct Recheck(std::sync::OnceLock<RecheckFn>);
+
+type RecheckFn = Box<dyn Fn(Vec<precall_api::CallId>) + Send + Sync>;
+
+impl std::fmt::Debug for Recheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recheck").field("set", &self.0.get().is_some()).finish()
+    }
+}
+
+impl Recheck {
+    /// Sets the way to the shards, once.
+    pub fn set(&self, f: impl Fn(Vec<precall_api::CallId>) + Send + Sync + 'static) {
+        let _ = self.0.set(Box::new(f));
+    }
+
+    fn notify(&self, calls: Vec<precall_api::CallId>) {
+        if let Some(f) = self.0.get() {
+            f(calls);
+        }
+    }
 }
 
 /// The running side runtime.
@@ -319,20 +348,28 @@ fn start_clone<S: Store>(service: Arc<Service<S>>, job: CloneRequest) {
     });
 }
 
-/// Pushes on every Twilio call waiting on `job`, now that it finished (poll hold mode).
+/// Tells everyone holding a call on `job` that it finished: the engine's shards (SIP calls,
+/// Twilio streams) check those calls at once, and in the poll hold mode each Twilio call is
+/// pushed on. Calls held on other nodes' shards learn it at their next poll.
 async fn push_waiting<S: Store>(service: &Arc<Service<S>>, job: precall_api::JobId) {
+    let calls = match service.controller.store().calls_waiting_on(job).await {
+        Ok(calls) => calls,
+        Err(e) => {
+            tracing::warn!(job = %job, error = %e, "cannot list the calls of a finished job; they poll");
+            return;
+        }
+    };
+    if calls.is_empty() {
+        return;
+    }
+    service.recheck.notify(calls.iter().map(|(id, _)| id.clone()).collect());
     if service.push.is_none() {
         return;
     }
-    match service.controller.store().calls_waiting_on(job).await {
-        Ok(calls) => {
-            for call_id in calls {
-                let service = Arc::clone(service);
-                tokio::spawn(async move { push_call(&service, &call_id).await });
-            }
-        }
-        Err(e) => {
-            tracing::warn!(job = %job, error = %e, "cannot list the calls to push; they poll")
+    for (call_id, protocol) in calls {
+        if protocol == precall_api::Protocol::Twilio {
+            let service = Arc::clone(service);
+            tokio::spawn(async move { push_call(&service, &call_id).await });
         }
     }
 }

@@ -155,12 +155,12 @@ pub trait Store: Send + Sync + 'static {
         at: Timestamp,
     ) -> impl Future<Output = Result<CloneJob, StoreError>> + Send;
 
-    /// The Twilio calls still waiting on `job` (holding, never pushed): the calls a finished
-    /// clone job pushes on at once.
+    /// The calls still holding on `job`, with their protocol: a finished clone job tells their
+    /// shards at once and pushes the Twilio ones on. Ordered by call id.
     fn calls_waiting_on(
         &self,
         job: JobId,
-    ) -> impl Future<Output = Result<Vec<CallId>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<(CallId, precall_api::Protocol)>, StoreError>> + Send;
 
     /// Claims the one live-call push of a call (a compare-and-set): `true` for the first
     /// claim only, on any node; `false` for an unknown call or one already claimed.
@@ -466,20 +466,18 @@ impl Store for MemoryStore {
     fn calls_waiting_on(
         &self,
         job: JobId,
-    ) -> impl Future<Output = Result<Vec<CallId>, StoreError>> + Send {
+    ) -> impl Future<Output = Result<Vec<(CallId, precall_api::Protocol)>, StoreError>> + Send {
         let inner = self.lock();
-        let mut out: Vec<CallId> = inner
+        let mut out: Vec<(CallId, precall_api::Protocol)> = inner
             .calls
             .values()
             .filter(|c| {
                 c.clone_job_id == Some(job)
-                    && c.protocol == precall_api::Protocol::Twilio
                     && matches!(c.status, CallStatus::Ringing | CallStatus::Holding)
-                    && !inner.pushed.contains(&c.call_id)
             })
-            .map(|c| c.call_id.clone())
+            .map(|c| (c.call_id.clone(), c.protocol))
             .collect();
-        out.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
         ready(Ok(out))
     }
 

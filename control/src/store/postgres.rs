@@ -523,18 +523,25 @@ impl Store for PgStore {
         job_from_row(&row)
     }
 
-    async fn calls_waiting_on(&self, job: JobId) -> Result<Vec<CallId>, StoreError> {
+    async fn calls_waiting_on(&self, job: JobId) -> Result<Vec<(CallId, Protocol)>, StoreError> {
         let rows = self
             .client()
             .await?
             .cached_query(
-                "SELECT call_id FROM calls WHERE clone_job_id = $1 AND protocol = 'twilio' \
-                 AND status IN ('ringing', 'holding') AND pushed_at IS NULL ORDER BY call_id",
+                "SELECT call_id, protocol FROM calls WHERE clone_job_id = $1 \
+                 AND status IN ('ringing', 'holding') ORDER BY call_id",
                 &[&job.0],
             )
             .await
             .map_err(query)?;
-        Ok(rows.iter().map(|r| CallId::from(r.get::<_, String>(0))).collect())
+        rows.iter()
+            .map(|r| {
+                let protocol: String = r.get(1);
+                let protocol = Protocol::parse(&protocol)
+                    .ok_or(StoreError::Corrupt { what: "calls.protocol", value: protocol })?;
+                Ok((CallId::from(r.get::<_, String>(0)), protocol))
+            })
+            .collect()
     }
 
     async fn claim_push(&self, call_id: &CallId, at: Timestamp) -> Result<bool, StoreError> {

@@ -237,6 +237,8 @@ pub struct CallFlow {
     poll_interval: Option<Duration>,
     poll_at: Option<Instant>,
     hold_deadline: Option<Instant>,
+    /// News came while a status check was in flight: ask again as soon as it is answered.
+    recheck: bool,
     last_rtp: Instant,
     rtp_check_at: Option<Instant>,
     /// A `connect` that arrived before the leg was answered.
@@ -319,6 +321,7 @@ impl CallFlow {
             poll_interval: None,
             poll_at: None,
             hold_deadline: None,
+            recheck: false,
             last_rtp: now,
             rtp_check_at: None,
             pending_agent: None,
@@ -504,7 +507,12 @@ impl CallFlow {
                 match plan.instructions.action() {
                     CallAction::Hold => {
                         self.take_poll(now, &plan);
-                        self.schedule_poll(now);
+                        if std::mem::take(&mut self.recheck) {
+                            // The answer may predate the news: ask again at once.
+                            self.poll_at = Some(now);
+                        } else {
+                            self.schedule_poll(now);
+                        }
                     }
                     CallAction::Connect => {
                         self.poll_at = None;
@@ -545,6 +553,19 @@ impl CallFlow {
         self.agent = Agent::Connecting { deadline: later(now, self.cfg.agent_connect_timeout) };
         self.connect_at = Some(now);
         self.actions.push_back(Action::ConnectAgent(target));
+    }
+
+    /// The control plane has news for this call (its clone job finished): check now rather
+    /// than at the next poll interval. A check already in flight is followed by another.
+    pub fn handle_recheck(&mut self, now: Instant) {
+        if self.phase != Phase::Holding {
+            return;
+        }
+        if self.plan_deadline.is_some() {
+            self.recheck = true;
+        } else {
+            self.poll_at = Some(now);
+        }
     }
 
     fn schedule_poll(&mut self, now: Instant) {

@@ -409,6 +409,32 @@ fn a_leg_that_never_confirms_is_hung_up_after_the_heard_timeout() {
 }
 
 #[test]
+fn news_from_the_control_plane_checks_at_once_instead_of_at_the_next_poll() {
+    let c = clips();
+    let mut h = Harness::new();
+    h.input(|f, now| f.handle_plan(now, Ok(hold_plan(&c))));
+    h.run_for(Duration::from_millis(100));
+    let checks = |h: &Harness| h.actions.iter().filter(|(_, a)| *a == Action::CheckStatus).count();
+    assert_eq!(checks(&h), 0, "the poll interval is 500 ms");
+    // The clone job finished: a check now.
+    h.input(|f, now| f.handle_recheck(now));
+    h.run_for(Duration::from_millis(1));
+    assert_eq!(checks(&h), 1);
+    // News while that check is in flight: its (stale) hold answer is followed by another check
+    // at once, not after the interval.
+    h.input(|f, now| f.handle_recheck(now));
+    h.input(|f, now| f.handle_status(now, Ok(hold_plan(&c))));
+    h.run_for(Duration::from_millis(1));
+    assert_eq!(checks(&h), 2);
+    h.input(|f, now| f.handle_status(now, Ok(connect_plan(&c))));
+    assert_eq!(h.flow.phase(), Phase::Connecting);
+    // Not holding any more: news changes nothing.
+    h.input(|f, now| f.handle_recheck(now));
+    h.run_for(Duration::from_millis(600));
+    assert_eq!(checks(&h), 2);
+}
+
+#[test]
 fn ping_tool_call_transcripts_and_unknown_events() {
     let c = clips();
     let mut h = Harness::new();

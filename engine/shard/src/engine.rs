@@ -6,6 +6,7 @@ use crossbeam_channel::Receiver;
 use glommio::{
     BuilderErrorKind, CpuSet, ExecutorJoinHandle, GlommioError, LocalExecutorBuilder, Placement,
 };
+use precall_api::CallId;
 use precall_call::FlowConfig;
 
 use crate::{
@@ -169,6 +170,19 @@ impl Engine {
             .get(shard)
             .ok_or(SendError::NoSuchShard { shard, shards: self.shards.len() })?;
         handle.inbox.send(msg)
+    }
+
+    /// Tells every shard that the clone job of `calls` finished: the shard holding any of them
+    /// checks it at once instead of at its next poll. Never blocks; a full inbox loses only the
+    /// shortcut (the call's own poll still comes).
+    pub fn recheck(&self, calls: Vec<CallId>) {
+        if calls.is_empty() {
+            return;
+        }
+        let calls: std::sync::Arc<[CallId]> = calls.into();
+        for shard in &self.shards {
+            let _ = shard.inbox.send(ShardMsg::Recheck(calls.clone()));
+        }
     }
 
     /// Stops every shard and joins its thread. Every shard is joined even after an error; the

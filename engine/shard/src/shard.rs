@@ -522,6 +522,21 @@ impl Core {
                 self.on_plan(now, *p);
                 self.drain(now);
             }
+            ShardMsg::Recheck(ids) => {
+                let ids: std::collections::HashSet<&CallId> = ids.iter().collect();
+                let keys: Vec<CallKey> = self
+                    .calls
+                    .iter()
+                    .filter(|(_, c)| ids.contains(c.flow.call_id()))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for key in keys {
+                    if let Some(call) = self.calls.get_mut(&key) {
+                        call.flow.handle_recheck(now);
+                    }
+                    self.after_flow(now, key);
+                }
+            }
             ShardMsg::Release(r) => {
                 if let Some(leg) = self.calls.get(&r.call).and_then(|c| c.stream.as_ref()) {
                     leg.outbox.close();
