@@ -20,8 +20,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use async_tungstenite::tungstenite::Message;
-use async_tungstenite::tungstenite::protocol::CloseFrame;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use async_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use futures_rustls::rustls;
 use futures_util::StreamExt;
 use futures_util::io::{AsyncRead, AsyncWrite};
@@ -29,6 +29,9 @@ use precall_call::AgentTarget;
 
 /// Frames waiting for the agent at most (about 3 s of 40 ms audio chunks).
 pub(crate) const OUTBOX_LIMIT: usize = 80;
+
+/// tungstenite's read chunk for the agent socket (see [`run`]).
+const AGENT_READ_BUFFER: usize = 16 * 1024;
 
 /// Longest a close takes before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -129,13 +132,19 @@ pub(crate) async fn run(
         Ok(s) => s,
         Err(e) => return deliver(Instant::now(), AgentInput::Failed(&e)),
     };
-    let ws = match async_tungstenite::client_async(target.url.as_str(), stream).await {
-        Ok((ws, _response)) => ws,
-        Err(e) => {
-            let e = format!("WebSocket handshake: {e}");
-            return deliver(Instant::now(), AgentInput::Failed(&e));
-        }
-    };
+    // tungstenite zeroes `read_buffer_size` bytes before every read (128 KiB by default, also
+    // for a read that finds nothing): 16 KiB holds a typical agent message and costs an eighth.
+    let cfg = WebSocketConfig::default().read_buffer_size(AGENT_READ_BUFFER);
+    let ws =
+        match async_tungstenite::client_async_with_config(target.url.as_str(), stream, Some(cfg))
+            .await
+        {
+            Ok((ws, _response)) => ws,
+            Err(e) => {
+                let e = format!("WebSocket handshake: {e}");
+                return deliver(Instant::now(), AgentInput::Failed(&e));
+            }
+        };
     deliver(Instant::now(), AgentInput::Open);
     let (mut sink, mut stream) = ws.split();
     let deliver = RefCell::new(deliver);

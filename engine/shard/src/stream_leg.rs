@@ -47,6 +47,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// A Media Streams message is about 250 bytes; this bounds what one frame may make us buffer.
 const MAX_MESSAGE: usize = 64 * 1024;
+/// tungstenite's read chunk for a stream (see [`connection`]).
+const READ_BUFFER: usize = 4 * 1024;
 /// Longest a close takes before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (out of descriptors), so the loop cannot spin a core.
@@ -163,9 +165,12 @@ async fn connection(
             return;
         }
     };
+    // tungstenite zeroes `read_buffer_size` bytes before every read (128 KiB by default, also
+    // for a read that finds nothing): a Media Streams message is about 400 bytes, 4 KiB does.
     let cfg = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE));
+        .max_frame_size(Some(MAX_MESSAGE))
+        .read_buffer_size(READ_BUFFER);
     let ws = WebSocketStream::from_partially_read(tcp, rest, Role::Server, Some(cfg)).await;
     let outbox = Rc::new(Outbox::default());
     let deliver = RefCell::new(open(outbox.clone(), peer));
