@@ -207,6 +207,35 @@ impl Stream {
         }
     }
 
+    /// For many streams on one thread: from now on the socket never blocks; drive it with
+    /// [`Stream::media`] and [`Stream::pump`].
+    pub fn set_nonblocking(&mut self) {
+        self.ws.get_ref().set_nonblocking(true).unwrap();
+    }
+
+    /// Reads whatever has arrived, echoes the marks that have played and sends what is
+    /// buffered, without waiting (after [`Stream::set_nonblocking`]).
+    pub fn pump(&mut self) {
+        while self.session.closed.is_none() {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => self.on_text(t.as_str()),
+                Ok(Message::Close(frame)) => {
+                    let code = frame.map(|f| u16::from(f.code));
+                    self.session.closed = Some((code, self.opened.elapsed()));
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                {
+                    break;
+                }
+                Err(_) => self.session.closed = Some((None, self.opened.elapsed())),
+            }
+        }
+        self.echo_played_marks(Instant::now());
+        let _ = self.ws.flush();
+    }
+
     fn echo_played_marks(&mut self, now: Instant) {
         let (due, later): (Vec<_>, Vec<_>) =
             self.pending_marks.drain(..).partition(|(_, at)| *at <= now);
