@@ -36,9 +36,8 @@ use fake_agent::{Behaviour, FakeAgent, TONE_A_HZ, frequency, ulaw_tone};
 use fake_twilio::{StreamTwiml, open, stream_of};
 use fake_twilio_rest::FakeRest;
 use precall_media::Codec;
-use precall_twilio::RequestValidator;
 use support::free_tcp_port;
-use support::precall::{Answer, Precall, request};
+use support::precall::{Answer, Precall, signed_webhook};
 
 const TOKEN: &str = "bench-stream-token-0123456789";
 const ACCOUNT: &str = "AC00000000000000000000000000000000";
@@ -55,22 +54,7 @@ struct Node {
 
 fn short_greeting() -> String {
     let path = std::env::temp_dir().join("precall-bench-greeting-20ms.wav");
-    let mut out = Vec::new();
-    let data = vec![0u8; 320];
-    out.extend_from_slice(b"RIFF");
-    out.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
-    out.extend_from_slice(b"WAVEfmt ");
-    out.extend_from_slice(&16u32.to_le_bytes());
-    out.extend_from_slice(&1u16.to_le_bytes());
-    out.extend_from_slice(&1u16.to_le_bytes());
-    out.extend_from_slice(&8000u32.to_le_bytes());
-    out.extend_from_slice(&16000u32.to_le_bytes());
-    out.extend_from_slice(&2u16.to_le_bytes());
-    out.extend_from_slice(&16u16.to_le_bytes());
-    out.extend_from_slice(b"data");
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out.extend_from_slice(&data);
-    std::fs::write(&path, out).unwrap();
+    std::fs::write(&path, support::wav_pcm16(&[0; 160])).unwrap();
     format!("file://{}", path.display())
 }
 
@@ -90,17 +74,6 @@ fn node(extra: &[(&str, String)]) -> Node {
     Node { p: Precall::start_on(port, &env), base }
 }
 
-fn enc(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 impl Node {
     fn webhook(&self, target: &str, sid: &str) -> Answer {
         let params = [
@@ -109,16 +82,7 @@ impl Node {
             ("From", "+12349013030"),
             ("To", "+18005551212"),
         ];
-        let owned: Vec<(String, String)> =
-            params.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        let sig = RequestValidator::new(TOKEN).compute(&format!("{}{target}", self.base), &owned);
-        let body =
-            params.iter().map(|(k, v)| format!("{k}={}", enc(v))).collect::<Vec<_>>().join("&");
-        let headers = [
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("X-Twilio-Signature", sig.as_str()),
-        ];
-        request(self.p.http_port, "POST", target, &headers, body.as_bytes()).expect("webhook")
+        signed_webhook(self.p.http_port, &self.base, TOKEN, target, &params)
     }
 
     fn metrics(&self) -> String {

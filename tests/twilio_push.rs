@@ -12,9 +12,8 @@ mod fake_twilio_rest;
 use std::time::Duration;
 
 use fake_twilio_rest::FakeRest;
-use precall_twilio::RequestValidator;
 use support::pg::PgServer;
-use support::precall::{Answer, Precall, request};
+use support::precall::{Answer, Precall, signed_webhook};
 use support::{free_tcp_port, wait_for};
 
 const TOKEN: &str = "push-test-token-0123456789";
@@ -41,17 +40,6 @@ fn node(rest: &FakeRest, extra: &[(&str, String)]) -> Node {
     Node { p: Precall::start_on(port, &env), base }
 }
 
-fn enc(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 impl Node {
     fn voice(&self, sid: &str) -> Answer {
         let params = [
@@ -61,18 +49,7 @@ impl Node {
             ("From", "+12349013030"),
             ("To", "+18005551212"),
         ];
-        let owned: Vec<(String, String)> =
-            params.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        let sig =
-            RequestValidator::new(TOKEN).compute(&format!("{}/twilio/voice", self.base), &owned);
-        let body =
-            params.iter().map(|(k, v)| format!("{k}={}", enc(v))).collect::<Vec<_>>().join("&");
-        let headers = [
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("X-Twilio-Signature", sig.as_str()),
-        ];
-        let a =
-            request(self.p.http_port, "POST", "/twilio/voice", &headers, body.as_bytes()).unwrap();
+        let a = signed_webhook(self.p.http_port, &self.base, TOKEN, "/twilio/voice", &params);
         assert_eq!(a.status, 200, "{a:?}");
         a
     }

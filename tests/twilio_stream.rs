@@ -16,8 +16,7 @@ use std::time::Duration;
 use fake_agent::{Behaviour, CALLER_HZ, FakeAgent, TONE_A_HZ, TONE_B_HZ, frequency, ulaw_tone};
 use fake_twilio::{OpenError, StreamTwiml, open, stream_of};
 use precall_media::Codec;
-use precall_twilio::RequestValidator;
-use support::precall::{Answer, Precall, request};
+use support::precall::{Answer, Precall, request, signed_webhook};
 use support::{free_tcp_port, wait_for};
 
 const TOKEN: &str = "stream-test-token-0123456789";
@@ -51,65 +50,25 @@ fn node(agent: &FakeAgent, extra: &[(&str, &str)]) -> Node {
 
 /// A 16-bit 8 kHz mono WAV of a tone.
 fn wav_tone(hz: f32, ms: u32) -> Vec<u8> {
-    let n = ms * 8;
-    let mut out = Vec::new();
-    out.extend_from_slice(b"RIFF");
-    out.extend_from_slice(&(36 + n * 2).to_le_bytes());
-    out.extend_from_slice(b"WAVEfmt ");
-    out.extend_from_slice(&16u32.to_le_bytes());
-    out.extend_from_slice(&1u16.to_le_bytes());
-    out.extend_from_slice(&1u16.to_le_bytes());
-    out.extend_from_slice(&8000u32.to_le_bytes());
-    out.extend_from_slice(&16000u32.to_le_bytes());
-    out.extend_from_slice(&2u16.to_le_bytes());
-    out.extend_from_slice(&16u16.to_le_bytes());
-    out.extend_from_slice(b"data");
-    out.extend_from_slice(&(n * 2).to_le_bytes());
-    for i in 0..n {
-        let v = (i as f32 * hz * std::f32::consts::TAU / 8000.0).sin() * 8000.0;
-        out.extend_from_slice(&(v as i16).to_le_bytes());
-    }
-    out
-}
-
-fn params(sid: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("CallSid", sid.to_owned()),
-        ("AccountSid", "AC00000000000000000000000000000000".to_owned()),
-        ("From", "+12349013030".to_owned()),
-        ("To", "+18005551212".to_owned()),
-        ("CallStatus", "ringing".to_owned()),
-        ("Direction", "inbound".to_owned()),
-        ("ApiVersion", "2010-04-01".to_owned()),
-    ]
-}
-
-fn form(params: &[(&str, String)]) -> String {
-    let enc = |v: &str| -> String {
-        v.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => {
-                    char::from(b).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    };
-    params.iter().map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect::<Vec<_>>().join("&")
+    let samples: Vec<i16> = (0..ms * 8)
+        .map(|i| ((i as f32 * hz * std::f32::consts::TAU / 8000.0).sin() * 8000.0) as i16)
+        .collect();
+    support::wav_pcm16(&samples)
 }
 
 impl Node {
     /// A signed webhook, as Twilio sends it.
     fn webhook(&self, target: &str, sid: &str) -> Answer {
-        let p = params(sid);
-        let owned: Vec<(String, String)> =
-            p.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
-        let sig = RequestValidator::new(TOKEN).compute(&format!("{}{target}", self.base), &owned);
-        let headers = [
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("X-Twilio-Signature", sig.as_str()),
+        let params = [
+            ("CallSid", sid),
+            ("AccountSid", "AC00000000000000000000000000000000"),
+            ("From", "+12349013030"),
+            ("To", "+18005551212"),
+            ("CallStatus", "ringing"),
+            ("Direction", "inbound"),
+            ("ApiVersion", "2010-04-01"),
         ];
-        let a = request(self.p.http_port, "POST", target, &headers, form(&p).as_bytes()).unwrap();
+        let a = signed_webhook(self.p.http_port, &self.base, TOKEN, target, &params);
         assert_eq!(a.status, 200, "{a:?}");
         a
     }

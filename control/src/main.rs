@@ -249,8 +249,8 @@ fn warm_clips(side: &SideRuntime, audio: &Arc<AudioService>, cfg: &Config) {
     }
 }
 
-/// Loads the hold clips (the configured one and the profiles') for the poll hold mode's
-/// segments, in the background: until one is loaded, its calls play it whole.
+/// Loads the hold clips (the configured one and the profiles') for the poll flow's segments,
+/// in the background: until one is loaded, its calls play it whole.
 fn load_hold_segments(
     side: &SideRuntime,
     audio: &Arc<AudioService>,
@@ -425,13 +425,11 @@ fn serve(cfg: Config) -> Result<(), String> {
         },
         Arc::clone(&metrics),
     );
-    let twilio = if cfg.twilio_hold_mode == HoldMode::Poll {
-        let segments = Arc::new(HoldSegments::new(cfg.status_poll_interval));
-        load_hold_segments(&side, &audio, &segments, &cfg, &voice_profiles);
-        twilio.with_hold_segments(segments)
-    } else {
-        twilio
-    };
+    // The poll flow's hold in segments: the poll hold mode's, and the stream mode's fallback
+    // after a broken stream.
+    let segments = Arc::new(HoldSegments::new(cfg.status_poll_interval));
+    load_hold_segments(&side, &audio, &segments, &cfg, &voice_profiles);
+    let twilio = twilio.with_hold_segments(segments);
     let app = App::new(side.handle(), probe, Arc::clone(&metrics), store_kind, twilio);
     let http = Server::bind(cfg.http_addr, Limits::default(), Arc::new(app))
         .map_err(|e| format!("cannot listen for HTTP on {}: {e}", cfg.http_addr))?;

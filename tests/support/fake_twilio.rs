@@ -191,20 +191,28 @@ impl Stream {
             let wait = next.min(until).saturating_duration_since(Instant::now());
             let wait = wait.clamp(Duration::from_millis(1), Duration::from_millis(20));
             self.ws.get_ref().set_read_timeout(Some(wait)).unwrap();
-            match self.ws.read() {
-                Ok(Message::Text(t)) => self.on_text(t.as_str()),
-                Ok(Message::Close(frame)) => {
-                    let code = frame.map(|f| u16::from(f.code));
-                    self.session.closed = Some((code, self.opened.elapsed()));
-                }
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(_) => {
-                    self.session.closed = Some((None, self.opened.elapsed()));
-                }
-            }
+            let read = self.ws.read();
+            self.on_read(read);
         }
+    }
+
+    /// Handles one read; `false` when nothing (more) is there to read now.
+    fn on_read(&mut self, read: tungstenite::Result<Message>) -> bool {
+        match read {
+            Ok(Message::Text(t)) => self.on_text(t.as_str()),
+            Ok(Message::Close(frame)) => {
+                let code = frame.map(|f| u16::from(f.code));
+                self.session.closed = Some((code, self.opened.elapsed()));
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                return false;
+            }
+            Err(_) => self.session.closed = Some((None, self.opened.elapsed())),
+        }
+        true
     }
 
     /// For many streams on one thread: from now on the socket never blocks; drive it with
@@ -217,19 +225,9 @@ impl Stream {
     /// buffered, without waiting (after [`Stream::set_nonblocking`]).
     pub fn pump(&mut self) {
         while self.session.closed.is_none() {
-            match self.ws.read() {
-                Ok(Message::Text(t)) => self.on_text(t.as_str()),
-                Ok(Message::Close(frame)) => {
-                    let code = frame.map(|f| u16::from(f.code));
-                    self.session.closed = Some((code, self.opened.elapsed()));
-                }
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-                {
-                    break;
-                }
-                Err(_) => self.session.closed = Some((None, self.opened.elapsed())),
+            let read = self.ws.read();
+            if !self.on_read(read) {
+                break;
             }
         }
         self.echo_played_marks(Instant::now());

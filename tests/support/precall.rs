@@ -137,3 +137,38 @@ pub fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<
     )?;
     Ok((a.status, a.body))
 }
+
+/// `application/x-www-form-urlencoded` of `params`.
+pub fn form(params: &[(&str, &str)]) -> String {
+    let enc = |v: &str| -> String {
+        v.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    params.iter().map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect::<Vec<_>>().join("&")
+}
+
+/// A Twilio webhook as Twilio sends it: a form POST to `target` on `port`, signed with `token`
+/// over `public_base` + `target`.
+pub fn signed_webhook(
+    port: u16,
+    public_base: &str,
+    token: &str,
+    target: &str,
+    params: &[(&str, &str)],
+) -> Answer {
+    let owned: Vec<(String, String)> =
+        params.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    let sig = precall_twilio::RequestValidator::new(token)
+        .compute(&format!("{public_base}{target}"), &owned);
+    let headers = [
+        ("Content-Type", "application/x-www-form-urlencoded"),
+        ("X-Twilio-Signature", sig.as_str()),
+    ];
+    request(port, "POST", target, &headers, form(params).as_bytes()).expect("webhook")
+}

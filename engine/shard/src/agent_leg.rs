@@ -188,26 +188,33 @@ pub(crate) async fn run(
         }
     };
     let writer = async {
-        loop {
-            match poll_fn(|cx| outbox.poll_next(cx)).await {
-                Some(msg) => {
-                    if let Err(e) = sink.send(Message::text(msg)).await {
-                        let e = format!("sending to the agent: {e}");
-                        (deliver.borrow_mut())(Instant::now(), AgentInput::Failed(&e));
-                        return;
-                    }
-                }
-                None => {
-                    let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
-                    let close = pin!(sink.send(Message::Close(Some(frame))));
-                    let timer = pin!(glommio::timer::sleep(CLOSE_TIMEOUT));
-                    let _ = futures_util::future::select(close, timer).await;
-                    return;
-                }
-            }
+        if let Err(e) = write_outbox(&mut sink, &outbox).await {
+            let e = format!("sending to the agent: {e}");
+            (deliver.borrow_mut())(Instant::now(), AgentInput::Failed(&e));
         }
     };
     futures_util::future::select(pin!(reader), pin!(writer)).await;
+}
+
+/// Sends what `outbox` holds, in order, until it is closed (then a close frame, 1000, within
+/// [`CLOSE_TIMEOUT`]) or a send fails. The writer half of every WebSocket the shard runs.
+pub(crate) async fn write_outbox<S>(sink: &mut S, outbox: &Outbox) -> Result<(), S::Error>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    use futures_util::SinkExt;
+    loop {
+        match poll_fn(|cx| outbox.poll_next(cx)).await {
+            Some(msg) => sink.send(Message::text(msg)).await?,
+            None => {
+                let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+                let close = pin!(sink.send(Message::Close(Some(frame))));
+                let timer = pin!(glommio::timer::sleep(CLOSE_TIMEOUT));
+                let _ = futures_util::future::select(close, timer).await;
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// The TLS client configuration for `wss://` agents: the system's roots plus, when given, the

@@ -1157,26 +1157,10 @@ impl Core {
     /// it), or the socket gone. A socket gone without our close or a `stop` is a broken stream:
     /// the call goes on at Twilio (the poll flow), so its record is not ended.
     fn finish_stream(&mut self, key: CallKey, stopped: bool) {
-        let Some(mut call) = self.calls.remove(&key) else { return };
+        let Some(call) = self.calls.get(&key) else { return };
         let closing = call.stream.as_ref().is_some_and(|l| l.closing);
         let ended_by_us = closing || matches!(call.flow.phase(), Phase::HangingUp);
-        call.flow.handle_leg_ended();
-        while call.flow.poll_action().is_some() {}
-        if let Some(leg) = call.stream.take() {
-            if let Some(slot) = leg.slot {
-                self.clock.remove_stream(slot);
-                self.streams.remove(&slot);
-            }
-            leg.outbox.close();
-        }
-        if let Some(leg) = call.agent.take() {
-            self.close_agent(leg);
-        }
-        let stats = call.flow.stats();
-        self.stats.agent_call_done(
-            stats.agent_unknown + stats.agent_malformed,
-            stats.agent_overflow_bytes,
-        );
+        let Some(call) = self.remove_call(key) else { return };
         let call_id = call.flow.call_id().clone();
         if stopped && !ended_by_us {
             tracing::debug!(shard = self.index, call_id = %call_id, "media stream stopped by Twilio");
@@ -1198,8 +1182,10 @@ impl Core {
         self.stats.set_streams(self.calls.values().filter(|c| c.stream.is_some()).count());
     }
 
-    fn on_ended(&mut self, handle: CallHandle, reason: EndReason) {
-        let Some(mut call) = self.calls.remove(&CallKey::Sip(handle)) else { return };
+    /// Takes a call out of the shard: its flow ended, its media clock stream, RTP port or
+    /// media stream, and agent leg let go, its counters added to the shard's.
+    fn remove_call(&mut self, key: CallKey) -> Option<Call> {
+        let mut call = self.calls.remove(&key)?;
         call.flow.handle_leg_ended();
         while call.flow.poll_action().is_some() {}
         if let Some(media) = call.media.take() {
@@ -1207,6 +1193,13 @@ impl Core {
             self.streams.remove(&media.slot);
             self.ports.release(media.port);
             // Dropping `media` drops the receive task (cancelling its receive) and the sockets.
+        }
+        if let Some(leg) = call.stream.take() {
+            if let Some(slot) = leg.slot {
+                self.clock.remove_stream(slot);
+                self.streams.remove(&slot);
+            }
+            leg.outbox.close();
         }
         if let Some(leg) = call.agent.take() {
             self.close_agent(leg);
@@ -1216,6 +1209,11 @@ impl Core {
             stats.agent_unknown + stats.agent_malformed,
             stats.agent_overflow_bytes,
         );
+        Some(call)
+    }
+
+    fn on_ended(&mut self, handle: CallHandle, reason: EndReason) {
+        let Some(call) = self.remove_call(CallKey::Sip(handle)) else { return };
         let reason = call.flow.end_reason().unwrap_or(match reason {
             EndReason::RemoteBye => "caller_hangup",
             EndReason::Cancelled => "canceled",

@@ -14,7 +14,6 @@
 //! [`StreamInput::Gone`].
 
 use std::cell::RefCell;
-use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
@@ -23,15 +22,14 @@ use std::time::{Duration, Instant};
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::Message;
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
-use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use async_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use futures_util::StreamExt;
 use futures_util::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use precall_call::twilio::{self, StreamEvent, StreamStartInfo};
 use precall_twilio::{RequestValidator, SIGNATURE_HEADER};
 
-use crate::agent_leg::Outbox;
+use crate::agent_leg::{Outbox, write_outbox};
 use crate::health::ShardStats;
 
 /// The path Twilio is given (`<Stream url="…/twilio/media">`).
@@ -49,8 +47,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_MESSAGE: usize = 64 * 1024;
 /// tungstenite's read chunk for a stream (see [`connection`]).
 const READ_BUFFER: usize = 4 * 1024;
-/// Longest a close takes before the socket is simply dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (out of descriptors), so the loop cannot spin a core.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -356,22 +352,8 @@ async fn serve(
         }
     };
     let writer = async {
-        loop {
-            match poll_fn(|cx| outbox.poll_next(cx)).await {
-                Some(msg) => {
-                    if sink.send(Message::text(msg)).await.is_err() {
-                        return;
-                    }
-                }
-                None => {
-                    let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
-                    let close = pin!(sink.send(Message::Close(Some(frame))));
-                    let timer = pin!(glommio::timer::sleep(CLOSE_TIMEOUT));
-                    let _ = futures_util::future::select(close, timer).await;
-                    return;
-                }
-            }
-        }
+        // A send that fails means the socket is gone: the reader sees it too.
+        let _ = write_outbox(&mut sink, outbox).await;
     };
     // The reader ending (stop, a close, a broken socket) or the writer ending (our close sent)
     // ends the connection; dropping the other half drops the socket.
