@@ -14,7 +14,7 @@ mod fake_twilio;
 use std::time::Duration;
 
 use fake_agent::{Behaviour, CALLER_HZ, FakeAgent, TONE_A_HZ, TONE_B_HZ, frequency, ulaw_tone};
-use fake_twilio::{OpenError, StreamTwiml, open, stream_of};
+use fake_twilio::{OpenError, StreamTwiml, open, open_with, stream_of};
 use precall_media::Codec;
 use support::precall::{Answer, Precall, request, signed_webhook};
 use support::{free_tcp_port, wait_for};
@@ -265,6 +265,50 @@ fn the_clone_finishing_reaches_the_held_stream_at_once_not_at_the_next_poll() {
     }
     assert!(heard_agent, "the agent was not heard within 10 s of a 0.8 s clone");
     assert_eq!(agent.log.lock().unwrap().connections, 1);
+}
+
+#[test]
+fn a_slow_twilio_socket_never_stalls_the_shard() {
+    let agent = FakeAgent::start(Behaviour::Talk);
+    // One shard, so the slow stream and the healthy one share its loop and media clock.
+    let n = node(&agent, &[("SIMULATED_CLONE_DELAY_MS", "600000"), ("SHARDS", "1")]);
+    let dropped = |n: &Node| {
+        let (_, m) = n.p.get("/metrics");
+        m.lines()
+            .filter_map(|l| l.strip_prefix("precall_twilio_stream_frames_dropped_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum::<u64>()
+    };
+    // The slow one: a 4 KiB receive window, and it never reads.
+    let slow_sid = "CA22222222222222222222222222222222";
+    let st_slow = stream_of(&n.voice(slow_sid).body).unwrap();
+    let mut slow = open_with(&st_slow, Some(TOKEN), Some(4096)).unwrap();
+    slow.start(slow_sid, &st_slow.params);
+    let st = stream_of(&n.voice(SID).body).unwrap();
+    let mut s = open(&st, Some(TOKEN)).unwrap();
+    s.start(SID, &st.params);
+    // The healthy stream plays on while the slow one's queue fills and overflows.
+    let mut overflowed = false;
+    for _ in 0..120 {
+        s.run_for(Duration::from_millis(500), Some(&caller_frame));
+        slow.media(&caller_frame(0));
+        if dropped(&n) > 0 {
+            overflowed = true;
+            break;
+        }
+    }
+    assert!(overflowed, "the slow stream's queue never filled");
+    s.run_for(Duration::from_secs(2), Some(&caller_frame));
+    assert!(s.session.closed.is_none() && s.session.violations.is_empty());
+    let worst = s.session.media.windows(2).map(|w| w[1].0 - w[0].0).max().unwrap();
+    assert!(worst < Duration::from_millis(150), "the healthy stream had a gap of {worst:?}");
+    let span = s.session.media.last().unwrap().0 - s.session.media[0].0;
+    let expected = span.as_millis() as usize / 20;
+    assert!(
+        s.session.media.len() + 5 >= expected,
+        "{} frames over {span:?}",
+        s.session.media.len()
+    );
 }
 
 #[test]

@@ -87,9 +87,26 @@ const ACCOUNT: &str = "AC00000000000000000000000000000000";
 /// Opens the stream of `twiml` for call `call_sid`, signing the upgrade with `token` (or a
 /// wrong signature with `None`).
 pub fn open(twiml: &StreamTwiml, token: Option<&str>) -> Result<Stream, OpenError> {
+    open_with(twiml, token, None)
+}
+
+/// [`open`], with the socket's receive buffer set to `rcvbuf` bytes before it connects (a
+/// small one plays a slow Twilio: its TCP window closes after a few kilobytes).
+pub fn open_with(
+    twiml: &StreamTwiml,
+    token: Option<&str>,
+    rcvbuf: Option<usize>,
+) -> Result<Stream, OpenError> {
     let url = &twiml.url;
     let host = url.split("://").nth(1).and_then(|r| r.split('/').next()).unwrap();
-    let tcp = TcpStream::connect(host).map_err(|e| OpenError::Other(e.to_string()))?;
+    let addr: std::net::SocketAddr = host.parse().expect("an ip:port stream URL");
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|e| OpenError::Other(e.to_string()))?;
+    if let Some(size) = rcvbuf {
+        socket.set_recv_buffer_size(size).map_err(|e| OpenError::Other(e.to_string()))?;
+    }
+    socket.connect(&addr.into()).map_err(|e| OpenError::Other(e.to_string()))?;
+    let tcp: TcpStream = socket.into();
     let mut req = url.as_str().into_client_request().unwrap();
     let sig = match token {
         Some(t) => RequestValidator::new(t).compute(url, &[]),

@@ -82,6 +82,10 @@ const RECV_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 /// receives (see [`serve`]); any non-zero pause makes the executor enter the kernel.
 const CANCEL_SUBMIT_PAUSE: Duration = Duration::from_micros(100);
 
+/// SO_SNDBUF of each media stream connection (the kernel doubles it): about 2 s of outbound
+/// media messages, then the connection's queue fills and its frames are dropped and counted.
+const STREAM_SEND_BUFFER: usize = 16 * 1024;
+
 /// How long a stopping shard lets its media streams send their close frames.
 const STREAM_CLOSE_PAUSE: Duration = Duration::from_millis(200);
 
@@ -329,11 +333,8 @@ fn stream_opener(core: &Rc<RefCell<Core>>, nudge: &Rc<Nudge>) -> stream_leg::Ope
 }
 
 fn bind_streams(shard: usize, addr: SocketAddr) -> Result<TcpListener, EngineError> {
-    TcpListener::bind(addr).map_err(|e| EngineError::Bind {
-        shard,
-        addr,
-        source: std::io::Error::other(e.to_string()),
-    })
+    socket::bind_tcp_listener(addr, STREAM_SEND_BUFFER)
+        .map_err(|source| EngineError::Bind { shard, addr, source })
 }
 
 fn bind_sip(

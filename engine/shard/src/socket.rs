@@ -1,5 +1,6 @@
-//! Creating a shard's UDP sockets with our own options (socket2), then handing them to glommio,
-//! and the synchronous send path. This is the crate's only `unsafe`.
+//! Creating a shard's UDP sockets and its media streams listener with our own options
+//! (socket2), then handing them to glommio, and the synchronous send path. This is the crate's
+//! only `unsafe`.
 //!
 //! Each socket is two file descriptors on one kernel socket: glommio owns one for receiving
 //! (io_uring, awaited by a task that is never dropped mid-receive except when the socket
@@ -68,6 +69,31 @@ fn into_pair(socket: Socket) -> io::Result<UdpPair> {
     #[allow(unsafe_code)]
     let recv = unsafe { glommio::net::UdpSocket::from_raw_fd(fd) };
     Ok(UdpPair { recv, send, local })
+}
+
+/// The media streams listener on `addr`: SO_REUSEPORT (every shard binds the same port and the
+/// kernel spreads connections) and SO_SNDBUF = `send_buffer_bytes`, which the accepted
+/// connections inherit. A small send buffer bounds what a slow peer can make the kernel hold
+/// (by default it grows to `net.ipv4.tcp_wmem`'s maximum, 4 MiB: minutes of audio), so the
+/// connection's own bounded queue, and its drop count, take over within seconds.
+///
+/// Must run on the shard's executor thread: glommio ties the socket to the current reactor.
+pub(crate) fn bind_tcp_listener(
+    addr: SocketAddr,
+    send_buffer_bytes: usize,
+) -> io::Result<glommio::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_send_buffer_size(send_buffer_bytes)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    let fd = socket.into_raw_fd();
+    // SAFETY: `into_raw_fd` just released `fd`: a listening TCP socket that nothing else owns
+    // or will close. The glommio listener takes sole ownership and closes it when dropped.
+    #[allow(unsafe_code)]
+    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
+    Ok(listener)
 }
 
 /// Sends one datagram made of `parts` to `dest` without blocking and without copying the
