@@ -114,7 +114,8 @@ pub const VARS: &[Var] = &[
     Var {
         name: "TWILIO_ACCOUNT_SID",
         default: "-",
-        help: "account for the push when a call's webhook carried none",
+        help: "account whose auth token signs the push (a parent account's serves its \
+               subaccounts); default: each call's own AccountSid",
     },
     Var {
         name: "TWILIO_API_KEY",

@@ -27,7 +27,8 @@ const ATTEMPTS: u32 = 5;
 /// How precall authenticates to Twilio's REST API.
 #[derive(Clone, PartialEq, Eq)]
 pub enum PushAuth {
-    /// The account's auth token, with the call's AccountSid as the user.
+    /// The account's auth token, with `TWILIO_ACCOUNT_SID` (or else the call's AccountSid) as
+    /// the user.
     AuthToken(String),
     /// An API key (`TWILIO_API_KEY` `SK…`, `TWILIO_API_SECRET`).
     ApiKey {
@@ -54,7 +55,8 @@ pub struct PushConfig {
     pub api_base: String,
     /// How to authenticate.
     pub auth: PushAuth,
-    /// `TWILIO_ACCOUNT_SID`: the account when a call's record has none.
+    /// `TWILIO_ACCOUNT_SID`: the user for the auth token, and the account when a call's
+    /// record has none.
     pub account_sid: Option<String>,
     /// `PUBLIC_BASE_URL`, for the TwiML's absolute URLs.
     pub public_base_url: String,
@@ -157,8 +159,12 @@ impl LivePush {
             precall_api::percent::encode_component(account),
             precall_api::percent::encode_component(target.call_id.as_str())
         );
+        // The URL names the call's own account; the credentials are `TWILIO_ACCOUNT_SID`'s when
+        // set (a parent account's token also serves its subaccounts' calls), else the call's.
         let (user, password) = match &self.cfg.auth {
-            PushAuth::AuthToken(token) => (account, token.as_str()),
+            PushAuth::AuthToken(token) => {
+                (self.cfg.account_sid.as_deref().unwrap_or(account), token.as_str())
+            }
             PushAuth::ApiKey { sid, secret } => (sid.as_str(), secret.as_str()),
         };
         let body = self.body(target, ins);
