@@ -142,7 +142,7 @@ impl App {
             ));
             out.push_str(&format!("{name}_count{{direction=\"{direction}\"}} {cumulative}\n"));
         }
-        let counters: [ShardCounter; 14] = [
+        let counters: [ShardCounter; 15] = [
             (
                 "precall_twilio_streams_refused_total",
                 "Media stream connections refused before the upgrade (path, method, signature) or closed before a valid start.",
@@ -177,6 +177,11 @@ impl App {
             ("precall_rtp_packets_received_total", "RTP packets received from callers.", |s| {
                 s.rtp_packets_in
             }),
+            (
+                "precall_rtp_packets_rejected_total",
+                "RTP packets dropped by strict RTP: not from the call's latched or allowed source.",
+                |s| s.rtp_packets_rejected,
+            ),
             ("precall_udp_send_errors_total", "SIP and RTP sends the kernel refused.", |s| {
                 s.send_errors
             }),

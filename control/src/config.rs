@@ -67,6 +67,12 @@ pub const VARS: &[Var] = &[
         help: "no RTP from the caller for this long ends the call",
     },
     Var {
+        name: "RTP_STRICT_SOURCE",
+        default: "true",
+        help: "take a call's RTP only from its SDP or INVITE address (false: from any address \
+               after 3 packets; for trunks whose media comes from elsewhere; see OPERATIONS.md)",
+    },
+    Var {
         name: "MEDIA_WS_PORT",
         default: "8001",
         help: "port of the Twilio Media Streams WebSocket server (on HTTP_HOST, every shard)",
@@ -323,6 +329,8 @@ pub struct Config {
     pub rtp_ports: std::ops::RangeInclusive<u16>,
     /// Caller RTP silence that ends a call.
     pub rtp_timeout: Duration,
+    /// `RTP_STRICT_SOURCE`.
+    pub rtp_strict_source: bool,
     /// Media Streams WebSocket port.
     pub media_ws_port: u16,
     /// The `<Stream url>` Twilio is given (`TWILIO_STREAM_URL`, or derived).
@@ -595,6 +603,7 @@ impl Config {
             pin_cores: r.bool("SHARD_PIN_CORES")?,
             rtp_ports: rtp_min..=rtp_max,
             rtp_timeout: r.millis("RTP_TIMEOUT_MS")?,
+            rtp_strict_source: r.bool("RTP_STRICT_SOURCE")?,
             media_ws_port,
             twilio_stream_url,
             twilio_hold_mode: match r.string("TWILIO_HOLD_MODE").to_ascii_lowercase().as_str() {

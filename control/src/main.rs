@@ -376,6 +376,7 @@ fn serve(cfg: Config) -> Result<(), String> {
             rtp_ports: cfg.rtp_ports.clone(),
             advertised_ip: cfg.sip_advertised_ip,
             rtp_timeout: cfg.rtp_timeout,
+            rtp_strict_source: cfg.rtp_strict_source,
             // The controller's deadline, then at most the same again to make the clips ready,
             // and a margin: past that the plan was lost (a full inbox) and the call is refused.
             plan_timeout: cfg.control_request_timeout * 2 + Duration::from_secs(1),

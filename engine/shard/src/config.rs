@@ -37,6 +37,11 @@ pub struct EngineConfig {
     pub advertised_ip: Option<IpAddr>,
     /// `RTP_TIMEOUT_MS`: no RTP from the caller for this long ends the call with BYE.
     pub rtp_timeout: Duration,
+    /// `RTP_STRICT_SOURCE`: take a call's RTP only from the SDP `c=` address or the INVITE's
+    /// source IP (after a few consecutive packets of one SSRC, always). Off for trunks whose
+    /// media comes from other addresses than their signalling and SDP say: then any source
+    /// can take a call's audio with a few packets.
+    pub rtp_strict_source: bool,
     /// Longest a ringing call waits for the control plane's plan before it is refused with
     /// `500`. Covers a reply lost to a full inbox; set it above the controller's own deadline
     /// plus the time to fetch clips.
@@ -130,6 +135,7 @@ impl Default for EngineConfig {
             io_memory_bytes: Self::DEFAULT_IO_MEMORY_BYTES,
             advertised_ip: None,
             rtp_timeout: Duration::from_secs(30),
+            rtp_strict_source: true,
             plan_timeout: Duration::from_secs(15),
             agent_connect_timeout: Duration::from_secs(5),
             agent_first_audio_timeout: Duration::from_secs(10),

@@ -77,6 +77,7 @@ impl Engine {
                 ..FlowConfig::default()
             },
             agent_tls: Some(Arc::new(agent_tls)),
+            strict_rtp_source: cfg.rtp_strict_source,
         };
         let mut spawn = |engine: &mut Engine,
                          index: usize,

@@ -63,6 +63,8 @@ pub struct ShardHealth {
     pub rtp_packets_out: u64,
     /// RTP packets received from callers.
     pub rtp_packets_in: u64,
+    /// RTP packets dropped by strict RTP: not from the call's latched (or allowed) source.
+    pub rtp_packets_rejected: u64,
     /// Sends (SIP or RTP) the kernel refused (full send buffer, unreachable address).
     pub send_errors: u64,
     /// Calls whose agent leg is open (connecting, or bridged).
@@ -109,6 +111,7 @@ pub(crate) struct ShardStats {
     datagrams_dropped: AtomicU64,
     rtp_packets_out: AtomicU64,
     rtp_packets_in: AtomicU64,
+    rtp_packets_rejected: AtomicU64,
     send_errors: AtomicU64,
     agent_legs: AtomicU64,
     agent_messages_in: AtomicU64,
@@ -154,6 +157,10 @@ impl ShardStats {
 
     pub(crate) fn rtp_in(&self) {
         self.rtp_packets_in.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn rtp_rejected(&self) {
+        self.rtp_packets_rejected.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn send_error(&self) {
@@ -216,6 +223,7 @@ impl ShardStats {
             datagrams_dropped: self.datagrams_dropped.load(Ordering::Relaxed),
             rtp_packets_out: self.rtp_packets_out.load(Ordering::Relaxed),
             rtp_packets_in: self.rtp_packets_in.load(Ordering::Relaxed),
+            rtp_packets_rejected: self.rtp_packets_rejected.load(Ordering::Relaxed),
             send_errors: self.send_errors.load(Ordering::Relaxed),
             agent_legs: self.agent_legs.load(Ordering::Relaxed),
             agent_messages_in: self.agent_messages_in.load(Ordering::Relaxed),

@@ -58,7 +58,7 @@ use socket2::Socket;
 use crate::{
     EngineError, MediaStreamsConfig, SendError, ShardMsg,
     agent_leg::{self, AgentInput, Outbox},
-    call::{AgentLeg, Call, CallKey, CallMedia, PortPool, StreamLeg},
+    call::{AgentLeg, Call, CallKey, CallMedia, PortPool, RtpLatch, RtpSource, StreamLeg},
     control::{PlanReply, ShardControl},
     health::ShardStats,
     ids::RandomIds,
@@ -140,6 +140,8 @@ pub(crate) struct CallSettings {
     pub(crate) flow: FlowConfig,
     /// For `wss://` agents.
     pub(crate) agent_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Strict RTP's source rule (`RTP_STRICT_SOURCE`): latch only the SDP or INVITE address.
+    pub(crate) strict_rtp_source: bool,
 }
 
 /// Everything a shard needs, moved onto its thread.
@@ -257,7 +259,7 @@ pub(crate) async fn run(params: ShardParams) {
             streams: HashMap::new(),
             due: Vec::new(),
             timers: BinaryHeap::new(),
-            ports: PortPool::new(rtp_ports.clone()),
+            ports: PortPool::new(rtp_ports.clone(), RandomIds::new(index + 2_000).next_u64()),
             this: this.clone(),
             nudge: nudge.clone(),
             closed_agents: Vec::new(),
@@ -333,8 +335,11 @@ fn stream_opener(core: &Rc<RefCell<Core>>, nudge: &Rc<Nudge>) -> stream_leg::Ope
 }
 
 fn bind_streams(shard: usize, addr: SocketAddr) -> Result<TcpListener, EngineError> {
-    socket::bind_tcp_listener(addr, STREAM_SEND_BUFFER)
-        .map_err(|source| EngineError::Bind { shard, addr, source })
+    socket::bind_tcp_listener(addr, STREAM_SEND_BUFFER).map_err(|source| EngineError::Bind {
+        shard,
+        addr,
+        source,
+    })
 }
 
 fn bind_sip(
@@ -604,12 +609,12 @@ impl Core {
                 let Some(c) = self.calls.get_mut(&call) else { return };
                 if let Some(m) = c.media.as_mut() {
                     m.remote = media.remote_rtp;
+                    // A new address (re-INVITE): learn the source again.
+                    m.latch.media_changed(media.remote_rtp);
                     m.payload_type = media.payload_type;
                     m.codec = media_codec(media.codec);
                     m.telephone_event = media.telephone_event;
                     m.sending = can_send(media.direction, media.remote_rtp);
-                    // A new address (re-INVITE): latch again on what arrives next.
-                    m.latched = None;
                     c.flow.handle_media_changed(m.codec);
                 }
                 self.after_flow(now, call);
@@ -936,13 +941,14 @@ impl Core {
         let slot = self.clock.add_stream(now);
         self.streams.insert(slot, key);
         let Some(call) = self.calls.get_mut(&key) else { return };
+        let source_ip = call.source.ip();
         let codec = media_codec(params.codec);
         call.media = Some(CallMedia {
             port,
             send: pair.send,
             _receiver: receiver,
             remote: params.remote_rtp,
-            latched: None,
+            latch: RtpLatch::new(params.remote_rtp, source_ip, self.settings.strict_rtp_source),
             codec,
             payload_type: params.payload_type,
             telephone_event: params.telephone_event,
@@ -963,8 +969,11 @@ impl Core {
         let sip_before = self.endpoint.poll_timeout();
         let Some(call) = self.calls.get_mut(&handle) else { return false };
         let Some(media) = call.media.as_mut() else { return false };
-        if media.latched.is_none() {
-            media.latched = Some(from);
+        if media.latch.on_packet(from, packet.ssrc().0) == RtpSource::Rejected {
+            // Not the caller's stream (strict RTP): dropped, counted, and it does not keep the
+            // call alive.
+            self.stats.rtp_rejected();
+            return false;
         }
         let pt = packet.payload_type();
         if pt == media.payload_type {

@@ -208,12 +208,12 @@ fn a_call_gets_greeting_and_hold_over_rtp_and_ends_with_the_callers_bye() {
     // The 200 ms poll interval went by several times.
     eventually("status checks", || *control.polls.lock().unwrap() >= 2);
 
-    // Symmetric RTP: once the caller's RTP comes from elsewhere, our RTP follows it.
+    // Symmetric RTP: once the caller's RTP comes from elsewhere (a NAT rebinding: same IP, new
+    // port) for three packets in a row, our RTP follows it.
     let moved = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut probe = [0u8; 172];
-    probe[0] = 0x80;
-    probe[1] = 8;
-    moved.send_to(&probe, ("127.0.0.1", our_rtp)).unwrap();
+    for seq in 0..3u8 {
+        moved.send_to(&rtp_packet(seq, 0x5151), ("127.0.0.1", our_rtp)).unwrap();
+    }
     let latched = collect_rtp(&moved, Duration::from_millis(300));
     assert!(latched.len() >= 10, "{} packets after the latch", latched.len());
 
@@ -222,6 +222,51 @@ fn a_call_gets_greeting_and_hold_over_rtp_and_ends_with_the_callers_bye() {
     await_end(&control, "call-one@carrier.example", "caller_hangup");
     eventually("no active calls", || engine.health().iter().all(|h| h.active_calls == 0));
     assert!(engine.health().iter().map(|h| h.rtp_packets_out).sum::<u64>() >= 50);
+    engine.shutdown().unwrap();
+}
+
+/// A PCMA packet of silence with sequence number `seq` and SSRC `ssrc`.
+fn rtp_packet(seq: u8, ssrc: u32) -> [u8; 172] {
+    let mut p = [0xD5u8; 172];
+    p[..12].copy_from_slice(&[0x80, 8, 0, seq, 0, 0, 0, 0, 0, 0, 0, 0]);
+    p[4..8].copy_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    p[8..12].copy_from_slice(&ssrc.to_be_bytes());
+    p
+}
+
+#[test]
+fn spoofed_rtp_from_another_address_never_takes_the_calls_audio() {
+    let control = Arc::new(FakeControl::default());
+    let engine = start(1, control.clone());
+    let mut uac = Uac::new(engine.sip_addr().unwrap());
+    let rtp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let d = uac.invite("call-spoof@carrier.example", rtp.local_addr().unwrap().port());
+    let our_rtp = sdp_port(&d.answer_sdp);
+    uac.ack(&d);
+    // Right after the 200 OK, before the caller's first packet, an attacker elsewhere (another
+    // loopback address: neither the SDP's nor the INVITE's) floods the call's port.
+    let spoofer = UdpSocket::bind("127.0.0.2:0").unwrap();
+    for seq in 0..20 {
+        spoofer.send_to(&rtp_packet(seq, 0xBAD), ("127.0.0.1", our_rtp)).unwrap();
+    }
+    eventually("the spoofed packets counted", || {
+        engine.health().iter().map(|h| h.rtp_packets_rejected).sum::<u64>() >= 20
+    });
+    // The audio still goes where the SDP said, and nothing to the spoofer.
+    let heard = collect_rtp(&rtp, Duration::from_millis(300));
+    assert!(heard.len() >= 10, "{} packets to the caller", heard.len());
+    spoofer.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut buf = [0u8; 2048];
+    assert!(spoofer.recv_from(&mut buf).is_err(), "the spoofer got the call's audio");
+    // The caller's own stream latches and keeps the call alive; the spoofer's keeps failing.
+    for seq in 0..5 {
+        rtp.send_to(&rtp_packet(seq, 0x1234), ("127.0.0.1", our_rtp)).unwrap();
+        spoofer.send_to(&rtp_packet(seq, 0xBAD), ("127.0.0.1", our_rtp)).unwrap();
+    }
+    assert!(collect_rtp(&rtp, Duration::from_millis(200)).len() >= 5);
+    assert!(spoofer.recv_from(&mut buf).is_err(), "the spoofer got the call's audio");
+    uac.bye(&d);
+    await_end(&control, "call-spoof@carrier.example", "caller_hangup");
     engine.shutdown().unwrap();
 }
 
