@@ -124,3 +124,29 @@ fn the_readme_documents_every_variable() {
         assert!(readme.contains(&row), "README's configuration table lacks {row}");
     }
 }
+
+#[test]
+fn a_second_instance_on_the_same_ports_refuses_to_start() {
+    let first = Precall::start(&[("SIMULATED_CLONE_DELAY_MS", "0".to_owned())]);
+    let (sip, media) = (first.sip_port, first.media_port);
+    for (var, port) in [("HTTP_PORT", first.http_port), ("MEDIA_WS_PORT", media), ("SIP_PORT", sip)]
+    {
+        let mut env = vec![
+            ("HTTP_HOST", "127.0.0.1".to_owned()),
+            ("SIP_HOST", "127.0.0.1".to_owned()),
+            ("HTTP_PORT", support::free_tcp_port().to_string()),
+            ("MEDIA_WS_PORT", support::free_tcp_port().to_string()),
+            ("SIP_PORT", support::free_udp_port().to_string()),
+            ("SHARD_PIN_CORES", "false".to_owned()),
+        ];
+        env.retain(|(k, _)| *k != var);
+        env.push((var, port.to_string()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let out = run(&[], &env);
+        assert_eq!(out.status.code(), Some(1), "{var}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(var) && err.contains("already in use"), "{var}: {err}");
+    }
+    // The first one never noticed.
+    assert_eq!(first.get("/health").0, 200);
+}

@@ -275,7 +275,34 @@ fn load_hold_segments(
     });
 }
 
+/// Longest a stop may take before the process exits anyway.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Refuses to start on a port another process (another `precall`, most likely) serves. The
+/// listeners set SO_REUSEPORT (every shard binds the SIP and media ports; may's HTTP listener
+/// does too), which would let a second instance start silently and take half the traffic. A
+/// plain bind, without SO_REUSEPORT, fails on a port anyone holds. Port 0 is not checked.
+fn check_ports_free(cfg: &Config) -> Result<(), String> {
+    let in_use = |what: &str, addr: std::net::SocketAddr, e: std::io::Error| {
+        format!(
+            "{what} {addr} is already in use ({e}): is another precall running? Stop it, or \
+             choose another port"
+        )
+    };
+    let media = std::net::SocketAddr::new(cfg.http_addr.ip(), cfg.media_ws_port);
+    for (what, addr) in [("HTTP_PORT", cfg.http_addr), ("MEDIA_WS_PORT", media)] {
+        if addr.port() != 0 {
+            std::net::TcpListener::bind(addr).map_err(|e| in_use(what, addr, e))?;
+        }
+    }
+    if let Some(sip) = cfg.sip_addr.filter(|a| a.port() != 0) {
+        std::net::UdpSocket::bind(sip).map_err(|e| in_use("SIP_PORT", sip, e))?;
+    }
+    Ok(())
+}
+
 fn serve(cfg: Config) -> Result<(), String> {
+    check_ports_free(&cfg)?;
     // Registered before anything starts, so a SIGTERM that arrives during start-up is not lost:
     // it is delivered once the start completes, and precall then stops at once.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -449,6 +476,19 @@ fn serve(cfg: Config) -> Result<(), String> {
         tracing::info!(signal = sig, "signal received");
     }
     tracing::info!("stopping");
+    // Stopping ends in bounded time whatever state the process is in: a second signal, or
+    // the deadline, ends it at once.
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::warn!(signal = sig, "second signal while stopping: exiting now");
+            std::process::exit(1);
+        }
+    });
+    std::thread::spawn(|| {
+        std::thread::sleep(SHUTDOWN_DEADLINE);
+        tracing::error!(deadline = ?SHUTDOWN_DEADLINE, "stopping took too long: exiting now");
+        std::process::exit(1);
+    });
     http.shutdown();
     let engine =
         Arc::try_unwrap(engine).map_err(|_| "engine still in use at shutdown".to_owned())?;

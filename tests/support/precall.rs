@@ -15,6 +15,8 @@ pub struct Precall {
     pub http_port: u16,
     /// The Twilio Media Streams port (`MEDIA_WS_PORT`).
     pub media_port: u16,
+    /// The SIP port (`SIP_PORT`).
+    pub sip_port: u16,
 }
 
 impl Precall {
@@ -29,13 +31,17 @@ impl Precall {
             .iter()
             .find(|(k, _)| *k == "MEDIA_WS_PORT")
             .map_or_else(free_tcp_port, |(_, v)| v.parse().expect("MEDIA_WS_PORT"));
+        let sip_port = env
+            .iter()
+            .find(|(k, _)| *k == "SIP_PORT")
+            .map_or_else(free_udp_port, |(_, v)| v.parse().expect("SIP_PORT"));
         let mut cmd = Command::new(BIN);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HTTP_HOST", "127.0.0.1")
             .env("HTTP_PORT", http_port.to_string())
             .env("SIP_HOST", "127.0.0.1")
-            .env("SIP_PORT", free_udp_port().to_string())
+            .env("SIP_PORT", sip_port.to_string())
             .env("MEDIA_WS_PORT", media_port.to_string())
             .env("SHARDS", "2")
             .env("SHARD_PIN_CORES", "false")
@@ -46,7 +52,7 @@ impl Precall {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn precall");
-        let p = Self { child: Some(child), http_port, media_port };
+        let p = Self { child: Some(child), http_port, media_port, sip_port };
         wait_for("precall to answer /health", Duration::from_secs(30), || {
             http(p.http_port, "GET", "/health", "").ok().filter(|(status, _)| *status == 200)
         });
