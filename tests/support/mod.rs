@@ -8,14 +8,37 @@ pub mod precall;
 use std::net::{TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
-/// A loopback TCP port nobody listens on right now.
-pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
+/// Ports the tests pick for their listeners: below Linux's ephemeral range (32768-60999 by
+/// default), so nothing that binds port 0 or connects out (an embedded demo agent, a clip
+/// fetch, SIPp) can take one between the pick and the bind. A counter spreads the picks of one
+/// test binary; the process id spreads those of concurrent binaries.
+const PICK_FIRST: u16 = 20_000;
+const PICK_COUNT: u16 = 12_000;
+
+fn pick(bindable: impl Fn(u16) -> bool) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = (std::process::id() % u32::from(PICK_COUNT)) * 7;
+    for _ in 0..PICK_COUNT {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = PICK_FIRST + ((offset + n) % u32::from(PICK_COUNT)) as u16;
+        if bindable(port) {
+            return port;
+        }
+    }
+    panic!("no free port in {PICK_FIRST}..{}", PICK_FIRST + PICK_COUNT);
 }
 
-/// A loopback UDP port nobody is bound to right now.
+/// A loopback TCP port nobody listens on right now (nor on UDP, so either use is safe).
+pub fn free_tcp_port() -> u16 {
+    pick(|p| {
+        TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok()
+    })
+}
+
+/// A loopback UDP port nobody is bound to right now (nor listens on TCP).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap()
+    free_tcp_port()
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `deadline`.
