@@ -241,6 +241,8 @@ pub struct CallFlow {
     recheck: bool,
     last_rtp: Instant,
     rtp_check_at: Option<Instant>,
+    /// The caller put the call on hold (it sends no RTP): the RTP timeout waits.
+    caller_holding: bool,
     /// A `connect` that arrived before the leg was answered.
     pending_agent: Option<AgentTarget>,
     voice: Option<(String, Option<String>)>,
@@ -324,6 +326,7 @@ impl CallFlow {
             recheck: false,
             last_rtp: now,
             rtp_check_at: None,
+            caller_holding: false,
             pending_agent: None,
             voice: None,
             agent: Agent::None,
@@ -584,7 +587,9 @@ impl CallFlow {
         self.codec = codec;
         self.silence = [codec.silence(); FRAME_SAMPLES];
         self.last_rtp = now;
-        self.rtp_check_at = Some(later(now, self.cfg.rtp_timeout));
+        if !self.caller_holding {
+            self.rtp_check_at = Some(later(now, self.cfg.rtp_timeout));
+        }
         if self.end_reason.is_some() {
             // Answered to say the error.
             self.phase = Phase::Ending;
@@ -594,6 +599,25 @@ impl CallFlow {
         match self.pending_agent.take() {
             Some(target) => self.connect(now, target),
             None => self.schedule_poll(now),
+        }
+    }
+
+    /// The caller put the call on hold (`on_hold`: its SDP says it will send no RTP:
+    /// `recvonly`, `inactive`, `c=0.0.0.0`) or took it off hold. While on hold the RTP timeout
+    /// does not run; it starts afresh when the caller resumes.
+    pub fn handle_caller_hold(&mut self, now: Instant, on_hold: bool) {
+        if on_hold == self.caller_holding {
+            return;
+        }
+        self.caller_holding = on_hold;
+        if on_hold {
+            self.rtp_check_at = None;
+        } else if self.rtp_check_at.is_none()
+            && !matches!(self.phase, Phase::AwaitingPlan | Phase::Answering)
+            && self.live()
+        {
+            self.last_rtp = now;
+            self.rtp_check_at = Some(later(now, self.cfg.rtp_timeout));
         }
     }
 

@@ -435,6 +435,36 @@ fn news_from_the_control_plane_checks_at_once_instead_of_at_the_next_poll() {
 }
 
 #[test]
+fn a_caller_who_puts_the_call_on_hold_is_not_hung_up_for_sending_no_rtp() {
+    let c = clips();
+    let mut h =
+        Harness::with(FlowConfig { rtp_timeout: Duration::from_secs(5), ..FlowConfig::default() });
+    // A long hold limit: nothing but the RTP timeout could end this call.
+    let mut plan = hold_plan(&c);
+    plan.instructions.status_poll.as_mut().unwrap().hold_remaining = Duration::from_secs(3600);
+    h.input(|f, now| f.handle_plan(now, Ok(plan)));
+    h.run_for(Duration::from_secs(2));
+    // re-INVITE with a=inactive (or recvonly, or c=0.0.0.0): no RTP is coming, by design.
+    h.input(|f, now| f.handle_caller_hold(now, true));
+    for _ in 0..20 {
+        h.run_for(Duration::from_secs(1));
+        // Status checks go on; answer them so the call keeps holding.
+        if h.has(&Action::CheckStatus) {
+            h.input(|f, now| f.handle_status(now, Ok(hold_plan(&c))));
+            h.actions.retain(|(_, a)| *a != Action::CheckStatus);
+        }
+    }
+    assert!(!h.ended, "hung up a held call for its missing RTP");
+    // Off hold and still silent: the timeout runs again, from the resumption.
+    h.input(|f, now| f.handle_caller_hold(now, false));
+    h.run_for(Duration::from_millis(4900));
+    assert!(!h.ended);
+    h.run_for(Duration::from_millis(200));
+    assert!(h.ended);
+    assert_eq!(h.flow.end_reason(), Some(reason::RTP_TIMEOUT));
+}
+
+#[test]
 fn ping_tool_call_transcripts_and_unknown_events() {
     let c = clips();
     let mut h = Harness::new();

@@ -615,6 +615,8 @@ impl Core {
                     m.codec = media_codec(media.codec);
                     m.telephone_event = media.telephone_event;
                     m.sending = can_send(media.direction, media.remote_rtp);
+                    c.flow
+                        .handle_caller_hold(now, !caller_sends(media.direction, media.remote_rtp));
                     c.flow.handle_media_changed(m.codec);
                 }
                 self.after_flow(now, call);
@@ -958,6 +960,7 @@ impl Core {
             slot,
         });
         call.flow.handle_answered(now, codec);
+        call.flow.handle_caller_hold(now, !caller_sends(params.direction, params.remote_rtp));
     }
 
     /// One caller RTP datagram (the receive task calls this between its awaits). Returns
@@ -1364,6 +1367,12 @@ fn can_send(direction: Direction, remote: SocketAddr) -> bool {
     matches!(direction, Direction::SendRecv | Direction::SendOnly)
         && !remote.ip().is_unspecified()
         && remote.port() != 0
+}
+
+/// Whether the caller will send RTP, by our negotiated `direction` and its address: not when
+/// it holds the call (its `recvonly` or `inactive`, or the old `c=0.0.0.0`).
+fn caller_sends(direction: Direction, remote: SocketAddr) -> bool {
+    matches!(direction, Direction::SendRecv | Direction::RecvOnly) && !remote.ip().is_unspecified()
 }
 
 fn media_codec(codec: precall_sip::Codec) -> Codec {
