@@ -89,8 +89,8 @@ fn fingerprint(url: &str, clip: &EncodedClip) -> u64 {
     h
 }
 
-/// A 16-bit mono 8 kHz PCM WAV.
-fn wav_pcm16(pcm: &[i16]) -> Vec<u8> {
+/// A 16-bit mono 8 kHz PCM WAV of `pcm`.
+pub fn wav_pcm16(pcm: &[i16]) -> Vec<u8> {
     let data = u32::try_from(pcm.len() * 2).unwrap_or(u32::MAX);
     let mut out = Vec::with_capacity(44 + pcm.len() * 2);
     out.extend_from_slice(b"RIFF");

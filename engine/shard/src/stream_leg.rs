@@ -35,6 +35,9 @@ use crate::health::ShardStats;
 /// The path Twilio is given (`<Stream url="…/twilio/media">`).
 pub(crate) const STREAM_PATH: &str = "/twilio/media";
 
+/// Media stream connections one shard keeps open at most (upgraded or not); past it new ones
+/// get `503`.
+const MAX_CONNECTIONS: usize = 10_000;
 /// The upgrade request, headers included, at most.
 const MAX_HEAD: usize = 8 * 1024;
 /// Headers of the upgrade request at most (Twilio sends about ten).
@@ -90,13 +93,33 @@ pub(crate) async fn accept(
     open: Open,
 ) {
     let mut failures: u64 = 0;
+    let open_connections = Rc::new(std::cell::Cell::new(0usize));
     loop {
         match listener.accept().await {
-            Ok(tcp) => {
+            Ok(mut tcp) => {
                 failures = 0;
                 let peer = tcp.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                if open_connections.get() >= MAX_CONNECTIONS {
+                    // Bounded like every other resource of a shard: a flood of idle connections
+                    // cannot take the descriptors the calls need.
+                    stats.stream_refused();
+                    glommio::spawn_local(async move {
+                        let busy = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
+                                    Content-Length: 0\r\nConnection: close\r\n\r\n";
+                        let _ = tcp.write_all(busy.as_bytes()).await;
+                        let _ = tcp.close().await;
+                    })
+                    .detach();
+                    continue;
+                }
+                open_connections.set(open_connections.get() + 1);
+                let count = open_connections.clone();
                 let task = connection(tcp, peer, auth.clone(), stats.clone(), open.clone());
-                glommio::spawn_local(task).detach();
+                glommio::spawn_local(async move {
+                    task.await;
+                    count.set(count.get() - 1);
+                })
+                .detach();
             }
             Err(e) => {
                 failures += 1;
