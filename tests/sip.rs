@@ -130,3 +130,80 @@ fn sipp_places_50_calls_that_hear_greeting_and_hold_over_rtp() {
     });
     assert!(precall.stop().success());
 }
+
+#[test]
+fn sigterm_drains_new_calls_get_503_and_the_calls_up_finish() {
+    let sip_port = free_udp_port();
+    let precall = Precall::start(&[
+        ("SIP_PORT", sip_port.to_string()),
+        ("RTP_PORT_MIN", "44000".to_owned()),
+        ("RTP_PORT_MAX", "44999".to_owned()),
+        ("SIMULATED_CLONE_DELAY_MS", "600000".to_owned()),
+        ("DRAIN_TIMEOUT_MS", "30000".to_owned()),
+    ]);
+    // 20 calls of 5 s each, all up at once.
+    let scenario = std::fs::read_to_string(SCENARIO)
+        .unwrap()
+        .replace(r#"<pause milliseconds="3000"/>"#, r#"<pause milliseconds="5000"/>"#);
+    let path = std::env::temp_dir().join(format!("precall-drain-{}.xml", std::process::id()));
+    std::fs::write(&path, scenario).unwrap();
+    let media = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sipp = Command::new("sipp")
+        .arg(format!("127.0.0.1:{sip_port}"))
+        .arg("-sf")
+        .arg(&path)
+        .args(["-i", "127.0.0.1", "-p", &free_udp_port().to_string()])
+        .args(["-set", "rtp_ip", "127.0.0.1"])
+        .args(["-set", "rtp_port", &media.local_addr().unwrap().port().to_string()])
+        .args(["-m", "20", "-r", "20", "-l", "20", "-timeout", "60s", "-timeout_error"])
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sipp");
+    let active = |p: &Precall| -> u64 {
+        let (_, metrics) = p.get("/metrics");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("precall_active_calls{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    wait_for("20 calls up", Duration::from_secs(20), || (active(&precall) == 20).then_some(()));
+
+    precall.sigterm();
+    wait_for("/health to say draining", Duration::from_secs(5), || {
+        let (status, body) = precall.get("/health");
+        (status == 503 && body.contains("draining")).then_some(())
+    });
+    // A new call and a dispatcher's probe: 503 with Retry-After.
+    let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+    probe.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let me = probe.local_addr().unwrap().port();
+    for (method, call_id) in [("INVITE", "drain-new@test"), ("OPTIONS", "drain-probe@test")] {
+        let req = format!(
+            "{method} sip:+18005551212@127.0.0.1:{sip_port} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK{method};rport\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:+12345678901@127.0.0.1>;tag=d1\r\n\
+             To: <sip:+18005551212@127.0.0.1>\r\nCall-ID: {call_id}\r\nCSeq: 1 {method}\r\n\
+             Contact: <sip:+12345678901@127.0.0.1:{me}>\r\nContent-Length: 0\r\n\r\n"
+        );
+        probe.send_to(req.as_bytes(), ("127.0.0.1", sip_port)).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = probe.recv(&mut buf).expect("an answer while draining");
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("SIP/2.0 503"), "{method}: {answer}");
+        assert!(answer.contains("Retry-After: 5"), "{method}: {answer}");
+    }
+    // The calls up finish as the callers end them: SIPp sees no failed call.
+    let out = sipp.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a call was dropped by the drain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // With no call left, precall stops by itself, well before the drain timeout.
+    assert!(precall.wait_exit(Duration::from_secs(15)).success());
+}

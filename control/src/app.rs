@@ -25,6 +25,8 @@ pub struct App {
     metrics: Arc<Metrics>,
     store_kind: &'static str,
     twilio: Twilio,
+    /// A graceful stop is under way: `/health` says so (503) and new Twilio calls get 503.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for App {
@@ -43,7 +45,16 @@ impl App {
         store_kind: &'static str,
         twilio: Twilio,
     ) -> Self {
-        Self { control, shards, metrics, store_kind, twilio }
+        Self { control, shards, metrics, store_kind, twilio, draining: Arc::default() }
+    }
+
+    /// The flag that puts the node in draining mode (see [`App::handle`]).
+    pub fn draining(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.draining)
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn health(&self) -> Response {
@@ -54,9 +65,15 @@ impl App {
         };
         let shards = (self.shards)();
         let shards_ok = !shards.is_empty() && shards.iter().all(|s| s.alive);
-        let ok = store.is_ok() && shards_ok;
+        let draining = self.is_draining();
+        let ok = store.is_ok() && shards_ok && !draining;
+        let status = match (draining, ok) {
+            (true, _) => "draining",
+            (false, true) => "ok",
+            (false, false) => "unavailable",
+        };
         let body = serde_json::json!({
-            "status": if ok { "ok" } else { "unavailable" },
+            "status": status,
             "version": env!("CARGO_PKG_VERSION"),
             "store": {
                 "kind": self.store_kind,
@@ -220,6 +237,11 @@ impl App {
 impl Handler for App {
     fn handle(&self, req: &Request) -> Response {
         match (req.method.as_str(), req.path.as_str()) {
+            // Draining: a new Twilio call goes to the number's fallback URL (or is retried);
+            // the calls already up keep their polls, status callbacks and streams.
+            ("POST", "/twilio/voice") if self.is_draining() => {
+                Response::text(503, "draining, retry elsewhere\n").header("Retry-After", "5")
+            }
             (_, path) if path.starts_with("/twilio/") => self.twilio.handle(req),
             ("GET" | "HEAD", path) if path.starts_with("/audio/hold/") => {
                 match self.twilio.hold_segment(&path["/audio/hold/".len()..]) {

@@ -232,6 +232,11 @@ pub const VARS: &[Var] = &[
         help: "longest a webhook or shard waits for the controller",
     },
     Var {
+        name: "DRAIN_TIMEOUT_MS",
+        default: "30000",
+        help: "on SIGTERM: no new calls, calls up go on for at most this long, then BYE",
+    },
+    Var {
         name: "LOG_LEVEL",
         default: "info",
         help: "tracing filter (error, warn, info, debug, or a RUST_LOG-style filter)",
@@ -391,6 +396,8 @@ pub struct Config {
     pub clone_job_timeout: Duration,
     /// Controller request deadline.
     pub control_request_timeout: Duration,
+    /// `DRAIN_TIMEOUT_MS`.
+    pub drain_timeout: Duration,
     /// Log filter.
     pub log_level: String,
 }
@@ -656,6 +663,7 @@ impl Config {
             max_hold: r.millis("MAX_HOLD_MS")?,
             clone_job_timeout: r.millis("CLONE_JOB_TIMEOUT_MS")?,
             control_request_timeout: r.millis("CONTROL_REQUEST_TIMEOUT_MS")?,
+            drain_timeout: r.millis("DRAIN_TIMEOUT_MS")?,
             log_level: r.string("LOG_LEVEL"),
             public_base_url,
         })

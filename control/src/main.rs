@@ -278,6 +278,34 @@ fn load_hold_segments(
 /// Longest a stop may take before the process exits anyway.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
 
+/// The graceful stop: `/health` says draining (503) and new calls get `503` + `Retry-After`
+/// (SIP INVITE and OPTIONS, so a dispatcher takes the node out; Twilio's voice webhook); the
+/// calls already up go on to their natural end, for at most `timeout`; the rest get BYE when
+/// the shards stop.
+fn drain(engine: &Engine, draining: &std::sync::atomic::AtomicBool, timeout: Duration) {
+    draining.store(true, std::sync::atomic::Ordering::Release);
+    let start = std::time::Instant::now();
+    let mut told = engine.drain();
+    let calls = engine.active_calls();
+    tracing::info!(calls, timeout_ms = timeout.as_millis() as u64, "draining");
+    loop {
+        if told < engine.shard_count() {
+            // An inbox was full: ask again.
+            told = engine.drain();
+        }
+        let calls = engine.active_calls();
+        if calls == 0 {
+            tracing::info!(took_ms = start.elapsed().as_millis() as u64, "drained: no calls left");
+            return;
+        }
+        if start.elapsed() >= timeout {
+            tracing::warn!(calls, "drain timeout: the calls left get BYE");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Refuses to start on a port another process (another `precall`, most likely) serves. The
 /// listeners set SO_REUSEPORT (every shard binds the SIP and media ports; may's HTTP listener
 /// does too), which would let a second instance start silently and take half the traffic. A
@@ -459,6 +487,7 @@ fn serve(cfg: Config) -> Result<(), String> {
     load_hold_segments(&side, &audio, &segments, &cfg, &voice_profiles);
     let twilio = twilio.with_hold_segments(segments);
     let app = App::new(side.handle(), probe, Arc::clone(&metrics), store_kind, twilio);
+    let draining = app.draining();
     let http = Server::bind(cfg.http_addr, Limits::default(), Arc::new(app))
         .map_err(|e| format!("cannot listen for HTTP on {}: {e}", cfg.http_addr))?;
 
@@ -475,15 +504,16 @@ fn serve(cfg: Config) -> Result<(), String> {
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "signal received");
     }
-    tracing::info!("stopping");
-    // Stopping ends in bounded time whatever state the process is in: a second signal, or
-    // the deadline, ends it at once.
+    // A second signal ends the process at once, whatever it is doing.
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
-            tracing::warn!(signal = sig, "second signal while stopping: exiting now");
+            tracing::warn!(signal = sig, "second signal: exiting now");
             std::process::exit(1);
         }
     });
+    drain(&engine, &draining, cfg.drain_timeout);
+    tracing::info!("stopping");
+    // Stopping ends in bounded time whatever state the process is in.
     std::thread::spawn(|| {
         std::thread::sleep(SHUTDOWN_DEADLINE);
         tracing::error!(deadline = ?SHUTDOWN_DEADLINE, "stopping took too long: exiting now");

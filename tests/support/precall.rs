@@ -68,6 +68,20 @@ impl Precall {
         http(self.http_port, "GET", path, "").expect("HTTP request")
     }
 
+    /// Sends SIGTERM and returns at once (a graceful stop begins).
+    pub fn sigterm(&self) {
+        if let Some(child) = &self.child {
+            // SAFETY: the pid is our own child's, not yet reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits (bounded by `deadline`) for the process to exit by itself.
+    pub fn wait_exit(mut self, deadline: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        wait_for("precall to exit", deadline, || child.try_wait().unwrap())
+    }
+
     /// SIGTERM, then the exit status (bounded wait).
     pub fn stop(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();

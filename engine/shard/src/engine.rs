@@ -173,6 +173,18 @@ impl Engine {
         handle.inbox.send(msg)
     }
 
+    /// Starts a graceful stop: every shard answers new INVITEs and OPTIONS `503` with
+    /// `Retry-After` from now on, and its calls go on. Returns how many shards were told (a
+    /// shard with a full inbox is told nothing now; ask again).
+    pub fn drain(&self) -> usize {
+        self.shards.iter().filter(|s| s.inbox.send(ShardMsg::Drain).is_ok()).count()
+    }
+
+    /// Calls the shards hold right now (SIP calls and Twilio streams).
+    pub fn active_calls(&self) -> u64 {
+        self.shards.iter().map(|s| s.stats.snapshot(s.index).active_calls).sum()
+    }
+
     /// Tells every shard that the clone job of `calls` finished: the shard holding any of them
     /// checks it at once instead of at its next poll. Never blocks; a full inbox loses only the
     /// shortcut (the call's own poll still comes).

@@ -42,6 +42,8 @@ pub enum ShardMsg {
     Plan(Box<PlanDelivery>),
     /// A media stream's outcome is recorded: the stream may close now.
     Release(StreamRelease),
+    /// Stop taking new calls (`503` to INVITE and OPTIONS); the calls already up go on.
+    Drain,
     /// These calls' clone job finished: the shard holding any of them checks it at once.
     Recheck(std::sync::Arc<[CallId]>),
     /// Make the shard's loop panic, to test how panics are reported.

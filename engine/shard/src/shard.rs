@@ -528,6 +528,14 @@ impl Core {
                 self.on_plan(now, *p);
                 self.drain(now);
             }
+            ShardMsg::Drain => {
+                tracing::info!(
+                    shard = self.index,
+                    calls = self.calls.len(),
+                    "draining: no new calls"
+                );
+                self.endpoint.set_draining(true);
+            }
             ShardMsg::Recheck(ids) => {
                 let ids: std::collections::HashSet<&CallId> = ids.iter().collect();
                 let keys: Vec<CallKey> = self

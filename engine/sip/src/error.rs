@@ -98,6 +98,10 @@ pub enum RequestError {
     /// Same Call-ID and From tag as a call we have, but another transaction (RFC 3261 §8.2.2.2).
     #[error("Loop Detected")]
     MergedRequest,
+    /// The endpoint is draining: no new calls, OPTIONS says so (`503` + `Retry-After`), so a
+    /// dispatcher takes the node out and callers retry elsewhere.
+    #[error("Service Unavailable")]
+    Unavailable,
 }
 
 impl RequestError {
@@ -117,6 +121,7 @@ impl RequestError {
             Self::NoSuchCallOrTransaction => 481,
             Self::CSeqOutOfOrder => 500,
             Self::MergedRequest => 482,
+            Self::Unavailable => 503,
             Self::Framing(_)
             | Self::BadHeaderLine
             | Self::BadRequestLine

@@ -743,3 +743,30 @@ fn overload_503_carries_retry_after() {
     let resp = sim.wire.iter().map(|(_, t)| t.payload.clone()).find(|p| status(p) == Some(486));
     assert_eq!(header(&resp.expect("486 sent"), "Retry-After"), None);
 }
+
+#[test]
+fn a_draining_endpoint_refuses_new_calls_and_probes_but_keeps_its_calls() {
+    let mut sim = Sim::new();
+    let (call, tag) = answered(&mut sim, "up-before");
+    sim.send(&in_dialog("ACK", "up-before", "z9hG4bKack1", &tag, 1, ""));
+    sim.take_inbox();
+    sim.take_events();
+    sim.ep.set_draining(true);
+    // A new call: 503 with Retry-After, no call for the application.
+    sim.send(&invite("new-during-drain", "z9hG4bKinv2", OFFER));
+    let inbox = sim.take_inbox();
+    assert_eq!(inbox.iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(503)]);
+    assert_eq!(header(&inbox[0], "Retry-After"), Some("5"));
+    assert!(sim.take_events().is_empty());
+    assert_eq!(sim.ep.calls(), 1);
+    // A dispatcher's OPTIONS probe: 503 too, so it takes the node out.
+    let options = invite("probe", "z9hG4bKopt1", "")
+        .replace("INVITE sip:", "OPTIONS sip:")
+        .replace("CSeq: 1 INVITE", "CSeq: 1 OPTIONS");
+    sim.send(&options);
+    assert_eq!(sim.take_inbox().iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(503)]);
+    // The call already up goes on to its natural end.
+    sim.send(&in_dialog("BYE", "up-before", "z9hG4bKbye1", &tag, 2, ""));
+    assert_eq!(sim.take_inbox().iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(200)]);
+    assert_eq!(sim.take_events(), vec![Event::CallEnded { call, reason: EndReason::RemoteBye }]);
+}

@@ -79,6 +79,8 @@ pub struct Endpoint<G: IdGen> {
     timers: TimerQueue<Owner>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// New calls and out-of-dialog OPTIONS get `503` + `Retry-After` (a graceful stop).
+    draining: bool,
 }
 
 impl<G: IdGen> Endpoint<G> {
@@ -99,7 +101,14 @@ impl<G: IdGen> Endpoint<G> {
             timers: TimerQueue::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            draining: false,
         }
+    }
+
+    /// Draining: new INVITEs and out-of-dialog OPTIONS are answered `503` with `Retry-After`
+    /// (so a dispatcher probing with OPTIONS takes this node out); calls already up go on.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
     }
 
     /// Live calls: ringing, answered, confirmed or hanging up.

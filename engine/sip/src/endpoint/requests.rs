@@ -114,6 +114,9 @@ impl<G: IdGen> Endpoint<G> {
             // Same Call-ID, new transaction: a merged or looped request (§8.2.2.2).
             return self.answer_error(now, from, key, false, headers, &RequestError::MergedRequest);
         }
+        if self.draining {
+            return self.answer_error(now, from, key, false, headers, &RequestError::Unavailable);
+        }
         let offer = match read_offer(req, body) {
             Ok(offer) => offer,
             Err(e) => return self.answer_error(now, from, key, false, headers, &e),
@@ -385,6 +388,10 @@ impl<G: IdGen> Endpoint<G> {
                     );
                 }
             }
+        }
+        if self.draining && req.to.tag().is_none() {
+            // The probe of a dispatcher (Kamailio's ds_ping): take this node out.
+            return self.answer_error(now, from, key, false, headers, &RequestError::Unavailable);
         }
         // Carriers probe trunks with OPTIONS (RFC 3261 §11.2).
         let extra =

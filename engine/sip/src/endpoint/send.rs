@@ -9,6 +9,9 @@ use crate::config::IdGen;
 use crate::error::{DropReason, RequestError};
 use crate::event::{CallHandle, EndReason, Event, Transmit};
 use crate::message::{self, ALLOW, MAGIC_COOKIE, Request, SUPPORTED};
+
+/// `Retry-After` (seconds) of the `503` a draining endpoint answers.
+const DRAIN_RETRY_AFTER_S: u32 = 5;
 use crate::transaction::client_non_invite::ClientNonInvite;
 use crate::transaction::server_invite::ServerInvite;
 use crate::transaction::server_non_invite::ServerNonInvite;
@@ -156,6 +159,7 @@ impl<G: IdGen> Endpoint<G> {
                 "Accept: application/sdp\r\n".to_owned()
             }
             RequestError::SessionIntervalTooSmall => format!("Min-SE: {}\r\n", message::MIN_SE),
+            RequestError::Unavailable => format!("Retry-After: {DRAIN_RETRY_AFTER_S}\r\n"),
             _ => String::new(),
         };
         let reason = err.to_string();
