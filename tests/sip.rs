@@ -207,3 +207,37 @@ fn sigterm_drains_new_calls_get_503_and_the_calls_up_finish() {
     // With no call left, precall stops by itself, well before the drain timeout.
     assert!(precall.wait_exit(Duration::from_secs(15)).success());
 }
+
+#[test]
+fn sip_from_outside_the_trusted_networks_gets_403_and_no_call() {
+    let sip_port = free_udp_port();
+    // Only 127.0.0.2 may call; the test sends from 127.0.0.1.
+    let precall = Precall::start(&[
+        ("SIP_PORT", sip_port.to_string()),
+        ("SIP_TRUSTED_CIDRS", "127.0.0.2/32, 192.0.2.0/24".to_owned()),
+    ]);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let me = sock.local_addr().unwrap().port();
+    let invite = format!(
+        "INVITE sip:+18005551212@127.0.0.1:{sip_port} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bKuntrusted;rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:+12345678901@127.0.0.1>;tag=u1\r\n\
+         To: <sip:+18005551212@127.0.0.1>\r\nCall-ID: untrusted@test\r\nCSeq: 1 INVITE\r\n\
+         Contact: <sip:+12345678901@127.0.0.1:{me}>\r\nContent-Length: 0\r\n\r\n"
+    );
+    sock.send_to(invite.as_bytes(), ("127.0.0.1", sip_port)).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).expect("an answer");
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("SIP/2.0 403 Forbidden"), "{answer}");
+    // No call was recorded or held: nothing reached the control plane or the shards.
+    let (_, metrics) = precall.get("/metrics");
+    let calls: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("precall_calls_total{") || l.starts_with("precall_active_calls{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(calls, 0, "{metrics}");
+    assert!(precall.stop().success());
+}

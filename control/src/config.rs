@@ -50,6 +50,12 @@ pub const VARS: &[Var] = &[
         help: "address put in SDP and Contact when behind NAT (default: the bound address)",
     },
     Var {
+        name: "SIP_TRUSTED_CIDRS",
+        default: "-",
+        help: "comma-separated networks (198.51.100.0/24) or addresses allowed to send SIP; \
+               others get 403 (unset: any source, logged loudly at start)",
+    },
+    Var {
         name: "SHARDS",
         default: "one per core",
         help: "number of engine shards (glommio executors)",
@@ -326,6 +332,8 @@ pub struct Config {
     pub sip_addr: Option<SocketAddr>,
     /// Address advertised in SDP/Contact.
     pub sip_advertised_ip: Option<IpAddr>,
+    /// `SIP_TRUSTED_CIDRS`; empty: any source.
+    pub sip_trusted: Vec<precall_engine::Cidr>,
     /// Engine shards.
     pub shards: usize,
     /// Pin shards to cores.
@@ -496,6 +504,20 @@ impl Config {
             None => None,
             Some(_) => Some(r.ip("SIP_ADVERTISED_IP")?),
         };
+        let sip_trusted = match r.raw("SIP_TRUSTED_CIDRS") {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| {
+                    s.parse().map_err(|_| ConfigError::Invalid {
+                        var: "SIP_TRUSTED_CIDRS",
+                        value: list.clone(),
+                        expected: "comma-separated IP networks (198.51.100.0/24) or addresses",
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let shards = match r.raw("SHARDS") {
             None => std::thread::available_parallelism().map_or(1, usize::from),
             Some(value) => match value.parse::<usize>() {
@@ -606,6 +628,7 @@ impl Config {
             http_addr,
             sip_addr,
             sip_advertised_ip,
+            sip_trusted,
             shards,
             pin_cores: r.bool("SHARD_PIN_CORES")?,
             rtp_ports: rtp_min..=rtp_max,
@@ -764,6 +787,17 @@ mod tests {
         assert!(cfg(&[("TWILIO_STREAM_URL", "https://x/twilio/media")]).is_err());
         assert_eq!(cfg(&[("TWILIO_HOLD_MODE", "POLL")]).unwrap().twilio_hold_mode, HoldMode::Poll);
         assert!(cfg(&[("TWILIO_HOLD_MODE", "music")]).is_err());
+    }
+
+    #[test]
+    fn trusted_sip_networks_are_read_and_checked() {
+        assert!(cfg(&[]).unwrap().sip_trusted.is_empty());
+        let c = cfg(&[("SIP_TRUSTED_CIDRS", "198.51.100.0/24, 203.0.113.5,2001:db8::/32")]);
+        let trusted = c.unwrap().sip_trusted;
+        assert_eq!(trusted.len(), 3);
+        assert!(trusted[1].contains("203.0.113.5".parse().unwrap()));
+        let err = cfg(&[("SIP_TRUSTED_CIDRS", "198.51.100.0/24, carrier.example")]).unwrap_err();
+        assert!(err.to_string().contains("SIP_TRUSTED_CIDRS"), "{err}");
     }
 
     #[test]

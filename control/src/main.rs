@@ -412,6 +412,15 @@ fn serve(cfg: Config) -> Result<(), String> {
         )?);
     if cfg.sip_addr.is_some() {
         warm_clips(&side, &audio, &cfg);
+        if cfg.sip_trusted.is_empty() {
+            tracing::warn!(
+                "SIP_TRUSTED_CIDRS is not set: precall answers SIP from ANY address. Anyone who \
+                 can reach the SIP port can place calls (and start voice clones). List your \
+                 carriers' signalling networks in SIP_TRUSTED_CIDRS."
+            );
+        } else {
+            tracing::info!(networks = cfg.sip_trusted.len(), "SIP only from SIP_TRUSTED_CIDRS");
+        }
     }
     let bridge = SipBridge::new(
         side.handle(),
@@ -430,6 +439,7 @@ fn serve(cfg: Config) -> Result<(), String> {
             sip: cfg.sip_addr,
             rtp_ports: cfg.rtp_ports.clone(),
             advertised_ip: cfg.sip_advertised_ip,
+            sip_trusted: cfg.sip_trusted.clone(),
             rtp_timeout: cfg.rtp_timeout,
             rtp_strict_source: cfg.rtp_strict_source,
             // The controller's deadline, then at most the same again to make the clips ready,

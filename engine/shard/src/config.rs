@@ -35,6 +35,8 @@ pub struct EngineConfig {
     /// `SIP_ADVERTISED_IP`: the address put in SDP and Contact behind NAT (default: the bound
     /// address).
     pub advertised_ip: Option<IpAddr>,
+    /// `SIP_TRUSTED_CIDRS`: the only SIP sources served (others get `403`); empty: any.
+    pub sip_trusted: Vec<precall_sip::Cidr>,
     /// `RTP_TIMEOUT_MS`: no RTP from the caller for this long ends the call with BYE.
     pub rtp_timeout: Duration,
     /// `RTP_STRICT_SOURCE`: take a call's RTP only from the SDP `c=` address or the INVITE's
@@ -134,6 +136,7 @@ impl Default for EngineConfig {
             recv_buffer_bytes: Self::DEFAULT_RECV_BUFFER_BYTES,
             io_memory_bytes: Self::DEFAULT_IO_MEMORY_BYTES,
             advertised_ip: None,
+            sip_trusted: Vec::new(),
             rtp_timeout: Duration::from_secs(30),
             rtp_strict_source: true,
             plan_timeout: Duration::from_secs(15),

@@ -68,6 +68,7 @@ impl Engine {
             .map_err(|reason| EngineError::AgentTls { reason })?;
         let settings = CallSettings {
             advertised_ip: cfg.advertised_ip,
+            sip_trusted: cfg.sip_trusted.clone(),
             flow: FlowConfig {
                 rtp_timeout: cfg.rtp_timeout,
                 plan_timeout: cfg.plan_timeout,

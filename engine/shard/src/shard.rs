@@ -136,6 +136,8 @@ impl Drop for Reporter {
 #[derive(Debug, Clone)]
 pub(crate) struct CallSettings {
     pub(crate) advertised_ip: Option<IpAddr>,
+    /// `SIP_TRUSTED_CIDRS`.
+    pub(crate) sip_trusted: Vec<precall_sip::Cidr>,
     /// Every call flow's settings.
     pub(crate) flow: FlowConfig,
     /// For `wss://` agents.
@@ -243,6 +245,7 @@ pub(crate) async fn run(params: ShardParams) {
     };
     let mut sip_cfg = SipConfig::new(sip_local);
     sip_cfg.advertised_ip = settings.advertised_ip;
+    sip_cfg.trusted = settings.sip_trusted.clone();
     let core = Rc::new_cyclic(|this| {
         RefCell::new(Core {
             index,

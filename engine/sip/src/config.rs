@@ -20,6 +20,65 @@ pub struct SipConfig {
     pub user_agent: String,
     /// Larger datagrams are dropped unread.
     pub max_message_bytes: usize,
+    /// `SIP_TRUSTED_CIDRS`: the only sources served; a request from elsewhere gets `403` and
+    /// nothing else (no call, no application event), a response from elsewhere is dropped.
+    /// Empty: every source is served.
+    pub trusted: Vec<Cidr>,
+}
+
+/// An IP network, `addr/prefix` (a bare address is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the network (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) =
+            s.trim().split_once('/').map_or((s.trim(), None), |(a, p)| (a, Some(p)));
+        let net: std::net::IpAddr =
+            addr.parse().map_err(|_| format!("{s:?} is not an IP address or network"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Self { net, prefix })
+    }
+}
+
+/// Whether `ip` may talk to an endpoint trusting `trusted` (empty: anyone).
+pub(crate) fn is_trusted(trusted: &[Cidr], ip: std::net::IpAddr) -> bool {
+    trusted.is_empty() || trusted.iter().any(|c| c.contains(ip))
 }
 
 impl SipConfig {
@@ -33,6 +92,7 @@ impl SipConfig {
             advertised_ip: None,
             user_agent: "precall".to_owned(),
             max_message_bytes: 65_535,
+            trusted: Vec::new(),
         }
     }
 
@@ -52,4 +112,30 @@ pub trait IdGen {
     fn branch(&mut self) -> String;
     /// An SDP session id for `o=` (RFC 4566 §5.2).
     fn session_id(&mut self) -> u64;
+}
+
+#[cfg(test)]
+mod cidr_tests {
+    use super::*;
+
+    #[test]
+    fn networks_contain_their_addresses() {
+        let c: Cidr = "198.51.100.0/24".parse().unwrap();
+        assert!(c.contains("198.51.100.77".parse().unwrap()));
+        assert!(!c.contains("198.51.101.1".parse().unwrap()));
+        assert!(c.contains("::ffff:198.51.100.9".parse().unwrap()), "IPv4-mapped");
+        let one: Cidr = "203.0.113.5".parse().unwrap();
+        assert!(one.contains("203.0.113.5".parse().unwrap()));
+        assert!(!one.contains("203.0.113.6".parse().unwrap()));
+        let v6: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains("2001:db8:1::9".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        assert!(!v6.contains("198.51.100.1".parse().unwrap()));
+        let any: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(any.contains("192.0.2.1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("carrier.example".parse::<Cidr>().is_err());
+        assert!(is_trusted(&[], "192.0.2.1".parse().unwrap()));
+        assert!(!is_trusted(&[c], "192.0.2.1".parse().unwrap()));
+    }
 }

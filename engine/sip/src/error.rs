@@ -98,6 +98,9 @@ pub enum RequestError {
     /// Same Call-ID and From tag as a call we have, but another transaction (RFC 3261 §8.2.2.2).
     #[error("Loop Detected")]
     MergedRequest,
+    /// The source is not in `SIP_TRUSTED_CIDRS`.
+    #[error("Forbidden")]
+    Forbidden,
     /// The endpoint is draining: no new calls, OPTIONS says so (`503` + `Retry-After`), so a
     /// dispatcher takes the node out and callers retry elsewhere.
     #[error("Service Unavailable")]
@@ -122,6 +125,7 @@ impl RequestError {
             Self::CSeqOutOfOrder => 500,
             Self::MergedRequest => 482,
             Self::Unavailable => 503,
+            Self::Forbidden => 403,
             Self::Framing(_)
             | Self::BadHeaderLine
             | Self::BadRequestLine
@@ -142,6 +146,9 @@ pub enum DropReason {
     /// Larger than `SipConfig::max_message_bytes`.
     #[error("datagram larger than the configured maximum")]
     TooLarge,
+    /// A response from a source not in `SIP_TRUSTED_CIDRS`.
+    #[error("response from an untrusted source")]
+    Untrusted,
     /// No SIP start line: not a SIP message at all.
     #[error("not a SIP message")]
     NotSip,

@@ -54,7 +54,7 @@ mod transaction;
 mod uri;
 mod wire;
 
-pub use config::{IdGen, SipConfig};
+pub use config::{Cidr, IdGen, SipConfig};
 pub use endpoint::Endpoint;
 pub use error::{AcceptError, DropReason, FramingError, RequestError};
 pub use event::{CallHandle, EndReason, Event, Transmit};

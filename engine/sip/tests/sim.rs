@@ -770,3 +770,38 @@ fn a_draining_endpoint_refuses_new_calls_and_probes_but_keeps_its_calls() {
     assert_eq!(sim.take_inbox().iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(200)]);
     assert_eq!(sim.take_events(), vec![Event::CallEnded { call, reason: EndReason::RemoteBye }]);
 }
+
+#[test]
+fn requests_from_outside_the_trusted_networks_get_403_and_nothing_else() {
+    let mut cfg = config();
+    cfg.trusted = vec!["198.51.100.0/24".parse().unwrap(), "2001:db8::/32".parse().unwrap()];
+    let mut sim = Sim { ep: Endpoint::new(cfg, CounterIds::default()), ..Sim::new() };
+    // The trunk (198.51.100.20) is served.
+    let (_call, _tag) = answered(&mut sim, "from-trunk");
+    sim.take_inbox();
+    sim.take_events();
+    // Anyone else: 403, no call, no event; an ACK or a response from there is dropped.
+    sim.uac = "203.0.113.66:5060".parse().unwrap();
+    sim.send(&invite("from-elsewhere", "z9hG4bKinv9", OFFER));
+    let inbox = sim.take_inbox();
+    assert_eq!(inbox.iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(403)]);
+    assert!(sim.take_events().is_empty());
+    assert_eq!(sim.ep.calls(), 1);
+    sim.send(&in_dialog("ACK", "from-elsewhere", "z9hG4bKack9", "x", 1, ""));
+    sim.send("SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 203.0.113.10:5060;branch=z9hG4bKzz\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: x\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n");
+    assert!(sim.take_inbox().is_empty());
+    let dropped = sim
+        .take_events()
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Dropped {
+                    reason: precall_sip::DropReason::Untrusted
+                        | precall_sip::DropReason::UnmatchedAck
+                }
+            )
+        })
+        .count();
+    assert_eq!(dropped, 2);
+}

@@ -155,8 +155,22 @@ impl<G: IdGen> Endpoint<G> {
         let (head_bytes, rest) = wire::split_head_body(datagram);
         let head_text = wire::normalize_head(head_bytes);
         let head = wire::parse_head(&head_text);
+        let trusted = crate::config::is_trusted(&self.cfg.trusted, from.ip());
         match message::parse_start_line(head.start_line) {
+            Ok(StartLine::Response { .. }) if !trusted => self.dropped(DropReason::Untrusted),
             Ok(StartLine::Response { code }) => self.on_response(now, code, &head.headers),
+            Ok(StartLine::Request { method, .. }) if !trusted => {
+                // Trunk access control: a clear answer, and nothing else happens.
+                let key = server_key(method, &head.headers);
+                self.answer_error(
+                    now,
+                    from,
+                    key,
+                    method == "ACK",
+                    &head.headers,
+                    &RequestError::Forbidden,
+                );
+            }
             Ok(StartLine::Request { method, uri }) => {
                 self.on_request(now, from, method, uri, &head, &head_text, rest)
             }
