@@ -159,7 +159,7 @@ impl App {
             ));
             out.push_str(&format!("{name}_count{{direction=\"{direction}\"}} {cumulative}\n"));
         }
-        let counters: [ShardCounter; 15] = [
+        let counters: [ShardCounter; 16] = [
             (
                 "precall_twilio_streams_refused_total",
                 "Media stream connections refused before the upgrade (path, method, signature) or closed before a valid start.",
@@ -187,6 +187,11 @@ impl App {
                 "precall_sip_datagrams_forwarded_total",
                 "SIP datagrams forwarded to the shard owning their Call-ID.",
                 |s| s.datagrams_forwarded,
+            ),
+            (
+                "precall_sip_datagrams_dropped_total",
+                "SIP datagrams dropped unanswered: not SIP, unmatched, from an untrusted source, or forwarding to a full shard inbox.",
+                |s| s.datagrams_dropped,
             ),
             ("precall_rtp_packets_sent_total", "RTP packets sent to callers.", |s| {
                 s.rtp_packets_out
