@@ -412,7 +412,7 @@ async fn receive_sip(
                 let datagram = &buf[..len];
                 // No Call-ID: handled here (the endpoint answers 400 or drops it).
                 let owner = precall_sip::peek_call_id(datagram)
-                    .map_or(shard, |id| shard_for_call_id(id, peers.len()));
+                    .map_or(shard, |id| shard_for_call_id(&id, peers.len()));
                 if owner != shard {
                     let msg = ForwardedDatagram { from, data: datagram.into() };
                     match peers[owner].send(ShardMsg::Sip(msg)) {

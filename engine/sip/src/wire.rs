@@ -147,23 +147,62 @@ pub(crate) fn frame_body<'d>(
 /// Finds the Call-ID value (`Call-ID:` or compact `i:`, any case) without parsing the message,
 /// so a shard can route a datagram to the shard owning the call before anything else.
 /// Looks at header lines only (the start line and the body are skipped); no allocation.
-pub fn peek_call_id(datagram: &[u8]) -> Option<&[u8]> {
+pub fn peek_call_id(datagram: &[u8]) -> Option<Cow<'_, [u8]>> {
     let datagram = skip_leading_crlf(datagram);
     let mut pos = datagram.iter().position(|b| *b == b'\n')? + 1;
-    while pos < datagram.len() {
+    let line_at = |pos: usize| {
         let end =
             datagram[pos..].iter().position(|b| *b == b'\n').map_or(datagram.len(), |e| pos + e);
         let line = &datagram[pos..end];
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        (line.strip_suffix(b"\r").unwrap_or(line), end + 1)
+    };
+    while pos < datagram.len() {
+        let (line, next) = line_at(pos);
         if line.is_empty() {
             return None; // end of the header section
         }
-        if let Some(value) = call_id_value(line) {
-            return Some(value);
+        if is_call_id_line(line) {
+            // A folded value (continuation lines start with SP or HT) is unfolded exactly as
+            // the endpoint's `normalize_head` does, so both name the same call and the
+            // datagram goes to the shard that owns it.
+            let mut folded = line.to_vec();
+            let mut at = next;
+            let mut was_folded = false;
+            while at < datagram.len() {
+                let (cont, after) = line_at(at);
+                if !matches!(cont.first(), Some(b' ' | b'\t')) {
+                    break;
+                }
+                was_folded = true;
+                let trimmed = trim_bytes(cont);
+                if !folded.ends_with(b" ") && !trimmed.is_empty() {
+                    folded.push(b' ');
+                }
+                folded.extend_from_slice(trim_start(cont));
+                at = after;
+            }
+            if !was_folded {
+                return call_id_value(line).map(Cow::Borrowed);
+            }
+            return call_id_value(&folded).map(|v| Cow::Owned(v.to_vec()));
         }
-        pos = end + 1;
+        pos = next;
     }
     None
+}
+
+fn is_call_id_line(line: &[u8]) -> bool {
+    line.iter().position(|b| *b == b':').is_some_and(|colon| {
+        let name = trim_bytes(&line[..colon]);
+        name.eq_ignore_ascii_case(b"call-id") || name.eq_ignore_ascii_case(b"i")
+    })
+}
+
+fn trim_start(mut b: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = b {
+        b = rest;
+    }
+    b
 }
 
 fn call_id_value(line: &[u8]) -> Option<&[u8]> {
@@ -244,18 +283,50 @@ mod tests {
     #[test]
     fn peek_call_id_forms() {
         let normal = b"INVITE sip:a@b SIP/2.0\r\nVia: x\r\nCall-ID: abc@host\r\n\r\n";
-        assert_eq!(peek_call_id(normal), Some(&b"abc@host"[..]));
+        assert_eq!(peek(normal), Some(&b"abc@host"[..]));
         let compact = b"BYE sip:a@b SIP/2.0\r\ni:   zz9 \r\n\r\n";
-        assert_eq!(peek_call_id(compact), Some(&b"zz9"[..]));
+        assert_eq!(peek(compact), Some(&b"zz9"[..]));
         let weird = b"OPTIONS sip:a@b SIP/2.0\ncALL-iD   :\tq1\n\n";
-        assert_eq!(peek_call_id(weird), Some(&b"q1"[..]));
+        assert_eq!(peek(weird), Some(&b"q1"[..]));
         let in_body = b"MESSAGE sip:a@b SIP/2.0\r\nTo: x\r\n\r\nCall-ID: nope\r\n";
-        assert_eq!(peek_call_id(in_body), None);
-        assert_eq!(peek_call_id(b"\x00\xff garbage"), None);
-        assert_eq!(peek_call_id(b""), None);
-        assert_eq!(peek_call_id(b"\r\n\r\n"), None);
+        assert_eq!(peek(in_body), None);
+        assert_eq!(peek(b"\x00\xff garbage"), None);
+        assert_eq!(peek(b""), None);
+        assert_eq!(peek(b"\r\n\r\n"), None);
         // a header whose name merely ends in "i" is not the compact form
         let not_i = b"INVITE sip:a@b SIP/2.0\r\nMulti: x\r\nI: real\r\n\r\n";
-        assert_eq!(peek_call_id(not_i), Some(&b"real"[..]));
+        assert_eq!(peek(not_i), Some(&b"real"[..]));
+    }
+
+    fn peek(d: &[u8]) -> Option<&[u8]> {
+        // A leak keeps the test's slices simple; tests only.
+        peek_call_id(d).map(|c| &*Box::leak(c.into_owned().into_boxed_slice()))
+    }
+
+    #[test]
+    fn a_folded_call_id_is_peeked_as_the_endpoint_reads_it() {
+        for (datagram, want) in [
+            (&b"BYE sip:a@b SIP/2.0\r\nCall-ID:\r\n  abc@host\r\nVia: x\r\n\r\n"[..], "abc@host"),
+            (&b"BYE sip:a@b SIP/2.0\r\nCall-ID: abc\r\n\t@host\r\n\r\n"[..], "abc @host"),
+            (&b"BYE sip:a@b SIP/2.0\r\ni: abc@host\r\n \r\n\r\n"[..], "abc@host"),
+        ] {
+            assert_eq!(
+                peek(datagram),
+                Some(want.as_bytes()),
+                "{}",
+                String::from_utf8_lossy(datagram)
+            );
+            // The endpoint's own reading of the same head.
+            let (head, _) = split_head_body(datagram);
+            let text = normalize_head(head);
+            let parsed = parse_head(&text);
+            let value = parsed
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("call-id") || h.name == "i")
+                .unwrap()
+                .value;
+            assert_eq!(value, want);
+        }
     }
 }
