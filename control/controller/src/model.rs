@@ -255,6 +255,10 @@ pub struct CallEvent {
 /// (a SIP user name such as `agent`) is kept as it is, lower-cased.
 pub fn normalize_number(raw: &str) -> String {
     let trimmed = raw.trim();
+    // A telephone-subscriber's parameters (`;npdi`, `;rn=+1…` from number portability,
+    // `;isub=`, `;phone-context=`) are not part of the number: their digits must not join it.
+    let number = trimmed.split(';').next().unwrap_or(trimmed);
+    let trimmed = if number.chars().any(|c| c.is_ascii_digit()) { number.trim() } else { trimmed };
     let digits: String = trimmed.chars().filter(char::is_ascii_digit).collect();
     if digits.is_empty() {
         return trimmed.to_ascii_lowercase();
@@ -265,6 +269,19 @@ pub fn normalize_number(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dialed_numbers_lose_separators_and_number_parameters() {
+        assert_eq!(normalize_number("+1 (800) 555-1212"), "+18005551212");
+        assert_eq!(normalize_number("+1.800.555.1212"), "+18005551212");
+        // Number portability: the routing number's digits must not join the dialed number.
+        assert_eq!(normalize_number("+1-800-555-1212;npdi;rn=+1-999-555-0000"), "+18005551212");
+        assert_eq!(normalize_number("18005551212;rn=1999;npdi"), "18005551212");
+        assert_eq!(normalize_number("5551212;phone-context=+1800"), "5551212");
+        // User names without digits stay as they are, parameters included, lower-cased.
+        assert_eq!(normalize_number("Agent"), "agent");
+        assert_eq!(normalize_number("support;x=y"), "support;x=y");
+    }
 
     fn profile(urls: &[&str]) -> VoiceProfile {
         VoiceProfile {
