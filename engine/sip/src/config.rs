@@ -24,6 +24,15 @@ pub struct SipConfig {
     /// nothing else (no call, no application event), a response from elsewhere is dropped.
     /// Empty: every source is served.
     pub trusted: Vec<Cidr>,
+    /// With a trusted list: each untrusted source may send this many requests per
+    /// [`SipConfig::untrusted_window`] (each answered `403`); past it the source is ignored for
+    /// [`SipConfig::untrusted_ban`] (pike-style), so a flood cannot turn precall into a
+    /// reflector. Trusted sources are never limited.
+    pub untrusted_limit: u32,
+    /// See [`SipConfig::untrusted_limit`].
+    pub untrusted_window: Duration,
+    /// See [`SipConfig::untrusted_limit`].
+    pub untrusted_ban: Duration,
 }
 
 /// An IP network, `addr/prefix` (a bare address is a /32 or /128).
@@ -93,6 +102,9 @@ impl SipConfig {
             user_agent: "precall".to_owned(),
             max_message_bytes: 65_535,
             trusted: Vec::new(),
+            untrusted_limit: 10,
+            untrusted_window: Duration::from_secs(2),
+            untrusted_ban: Duration::from_secs(30),
         }
     }
 

@@ -149,6 +149,9 @@ pub enum DropReason {
     /// A response from a source not in `SIP_TRUSTED_CIDRS`.
     #[error("response from an untrusted source")]
     Untrusted,
+    /// An untrusted source over its request rate: ignored for a while.
+    #[error("untrusted source over its request rate")]
+    RateLimited,
     /// No SIP start line: not a SIP message at all.
     #[error("not a SIP message")]
     NotSip,

@@ -805,3 +805,45 @@ fn requests_from_outside_the_trusted_networks_get_403_and_nothing_else() {
         .count();
     assert_eq!(dropped, 2);
 }
+
+#[test]
+fn an_untrusted_flood_is_answered_a_few_times_then_ignored_for_a_while() {
+    let mut cfg = config();
+    cfg.trusted = vec!["198.51.100.0/24".parse().unwrap()];
+    cfg.untrusted_limit = 5;
+    cfg.untrusted_window = Duration::from_secs(2);
+    cfg.untrusted_ban = Duration::from_secs(30);
+    let mut sim = Sim { ep: Endpoint::new(cfg, CounterIds::default()), ..Sim::new() };
+    sim.uac = "203.0.113.66:5060".parse().unwrap();
+    for i in 0..50 {
+        sim.send(&invite(&format!("flood-{i}"), &format!("z9hG4bKf{i}"), OFFER));
+    }
+    let answered = sim.take_inbox().len();
+    assert_eq!(answered, 5, "5 answers (403), the rest ignored");
+    let limited = sim
+        .take_events()
+        .iter()
+        .filter(|e| matches!(e, Event::Dropped { reason: precall_sip::DropReason::RateLimited }))
+        .count();
+    assert_eq!(limited, 45);
+    // The trunk itself is never limited.
+    let trunk: SocketAddr = UAC.parse().unwrap();
+    for i in 0..20 {
+        sim.ep.handle_datagram(
+            sim.now,
+            trunk,
+            invite(&format!("trunk-{i}"), &format!("z9hG4bKt{i}"), OFFER).as_bytes(),
+        );
+    }
+    sim.drain();
+    assert_eq!(sim.ep.calls(), 20);
+    sim.take_inbox();
+    sim.take_events();
+    // Still banned 20 s later; heard again once the ban is over.
+    sim.now += Duration::from_secs(20);
+    sim.send(&invite("later", "z9hG4bKl1", OFFER));
+    assert!(sim.take_inbox().is_empty());
+    sim.now += Duration::from_secs(11);
+    sim.send(&invite("after-ban", "z9hG4bKl2", OFFER));
+    assert_eq!(sim.take_inbox().iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(403)]);
+}

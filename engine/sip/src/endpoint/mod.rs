@@ -81,7 +81,20 @@ pub struct Endpoint<G: IdGen> {
     events: VecDeque<Event>,
     /// New calls and out-of-dialog OPTIONS get `503` + `Retry-After` (a graceful stop).
     draining: bool,
+    /// Untrusted sources' request counts (see [`SipConfig::untrusted_limit`]).
+    pike: HashMap<std::net::IpAddr, Pike>,
 }
+
+/// One untrusted source's requests in the current window, and its ban.
+#[derive(Debug, Clone, Copy)]
+struct Pike {
+    window_start: Instant,
+    count: u32,
+    banned_until: Option<Instant>,
+}
+
+/// Untrusted sources tracked at most; past it the idle ones are forgotten.
+const PIKE_SOURCES: usize = 10_000;
 
 impl<G: IdGen> Endpoint<G> {
     /// A new endpoint with no calls.
@@ -102,7 +115,41 @@ impl<G: IdGen> Endpoint<G> {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             draining: false,
+            pike: HashMap::new(),
         }
+    }
+
+    /// Whether an untrusted source may have its request answered now (pike-style limit).
+    fn pike_allows(&mut self, now: Instant, ip: std::net::IpAddr) -> bool {
+        let (window, ban, limit) =
+            (self.cfg.untrusted_window, self.cfg.untrusted_ban, self.cfg.untrusted_limit);
+        if self.pike.len() >= PIKE_SOURCES && !self.pike.contains_key(&ip) {
+            self.pike.retain(|_, p| {
+                p.banned_until.is_some_and(|b| b > now)
+                    || now.duration_since(p.window_start) < window
+            });
+            if self.pike.len() >= PIKE_SOURCES {
+                return false;
+            }
+        }
+        let p =
+            self.pike.entry(ip).or_insert(Pike { window_start: now, count: 0, banned_until: None });
+        if let Some(until) = p.banned_until {
+            if now < until {
+                return false;
+            }
+            *p = Pike { window_start: now, count: 0, banned_until: None };
+        }
+        if now.duration_since(p.window_start) >= window {
+            p.window_start = now;
+            p.count = 0;
+        }
+        p.count += 1;
+        if p.count > limit {
+            p.banned_until = Some(now + ban);
+            return false;
+        }
+        true
     }
 
     /// Draining: new INVITEs and out-of-dialog OPTIONS are answered `503` with `Retry-After`
@@ -159,6 +206,9 @@ impl<G: IdGen> Endpoint<G> {
         match message::parse_start_line(head.start_line) {
             Ok(StartLine::Response { .. }) if !trusted => self.dropped(DropReason::Untrusted),
             Ok(StartLine::Response { code }) => self.on_response(now, code, &head.headers),
+            Ok(StartLine::Request { .. }) if !trusted && !self.pike_allows(now, from.ip()) => {
+                self.dropped(DropReason::RateLimited)
+            }
             Ok(StartLine::Request { method, .. }) if !trusted => {
                 // Trunk access control: a clear answer, and nothing else happens.
                 let key = server_key(method, &head.headers);
