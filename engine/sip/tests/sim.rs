@@ -847,3 +847,24 @@ fn an_untrusted_flood_is_answered_a_few_times_then_ignored_for_a_while() {
     sim.send(&invite("after-ban", "z9hG4bKl2", OFFER));
     assert_eq!(sim.take_inbox().iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(403)]);
 }
+
+#[test]
+fn update_refreshes_the_remote_target_like_a_reinvite() {
+    let mut sim = Sim::new();
+    let (call, tag) = answered(&mut sim, "c-upd");
+    sim.send(&in_dialog("ACK", "c-upd", "z9hG4bKacku", &tag, 1, ""));
+    sim.take_inbox();
+    // The caller moved (RFC 3311 §5.2): its UPDATE carries a new Contact.
+    let update = in_dialog("UPDATE", "c-upd", "z9hG4bKupd1", &tag, 2, "").replace(
+        "Contact: <sip:+15557654321@198.51.100.20:5060>",
+        "Contact: <sip:+15557654321@198.51.100.77:5070>",
+    );
+    sim.send(&update);
+    assert_eq!(sim.take_inbox().iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(200)]);
+    // Our BYE goes to the new target.
+    sim.ep.hangup(sim.now, call);
+    sim.drain();
+    let bye = sim.take_inbox().into_iter().find(|p| is_bye(p)).expect("a BYE");
+    let line = String::from_utf8_lossy(&bye).lines().next().unwrap().to_owned();
+    assert_eq!(line, "BYE sip:+15557654321@198.51.100.77:5070 SIP/2.0");
+}

@@ -412,6 +412,12 @@ impl<G: IdGen> Endpoint<G> {
         let Some((h, mut c)) = self.take_in_dialog(now, from, &mut key, req, headers) else {
             return;
         };
+        if req.method == Method::Update {
+            // UPDATE is a target refresh request (RFC 3311 §5.2), like a re-INVITE.
+            if let Some(contact) = &req.contact {
+                c.dialog.remote_target = Some(contact.uri.raw.to_owned());
+            }
+        }
         let offer = if req.method == Method::Update { read_offer(req, body) } else { Ok(None) };
         let offer = match offer {
             Ok(o) => o,
