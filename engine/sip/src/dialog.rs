@@ -1,7 +1,7 @@
 //! Dialog state of a UAS (RFC 3261 §12.1.1) and the target of requests we send in it
 //! (§12.2.1.1).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::message::Request;
 use crate::uri;
@@ -83,8 +83,34 @@ impl Dialog {
                 (ruri, routes, first.raw.to_owned())
             }
         };
-        let dest =
-            uri::parse_uri(&next_hop).ok().and_then(|u| uri::resolve(&u)).unwrap_or(self.source);
+        let dest = uri::parse_uri(&next_hop)
+            .ok()
+            .and_then(|u| uri::resolve(&u))
+            .filter(|d| routable_from(d.ip(), self.source.ip()))
+            .unwrap_or(self.source);
         (request_uri, routes, dest)
+    }
+}
+
+/// Whether `dest`, from a Contact or Route, can be reached by a peer that reached us from
+/// `source`. A caller behind NAT announces its private address (`Contact:
+/// <sip:…@192.168.1.50>`) while its packets come from the NAT's public one: a request sent to
+/// the private address is lost, so it goes to the source (where the NAT binding is) instead.
+fn routable_from(dest: IpAddr, source: IpAddr) -> bool {
+    fn local(ip: IpAddr) -> u8 {
+        match ip {
+            IpAddr::V4(v4) if v4.is_unspecified() => 3,
+            IpAddr::V4(v4) if v4.is_loopback() => 2,
+            IpAddr::V4(v4) if v4.is_private() || v4.is_link_local() => 1,
+            IpAddr::V6(v6) if v6.is_unspecified() => 3,
+            IpAddr::V6(v6) if v6.is_loopback() => 2,
+            IpAddr::V6(v6) if v6.is_unique_local() || v6.is_unicast_link_local() => 1,
+            _ => 0,
+        }
+    }
+    match (local(dest), local(source)) {
+        (3, _) => false,
+        // Loopback is reachable only from loopback; a private address from a private one.
+        (d, s) => d <= s,
     }
 }

@@ -868,3 +868,41 @@ fn update_refreshes_the_remote_target_like_a_reinvite() {
     let line = String::from_utf8_lossy(&bye).lines().next().unwrap().to_owned();
     assert_eq!(line, "BYE sip:+15557654321@198.51.100.77:5070 SIP/2.0");
 }
+
+#[test]
+fn a_bye_to_a_private_contact_behind_nat_goes_to_the_source() {
+    let mut sim = Sim::new();
+    // The caller announces its LAN address; its packets come from 198.51.100.20 (the NAT).
+    let natted = invite("c-nat", "z9hG4bKnat1", OFFER).replace(
+        "Contact: <sip:+15557654321@198.51.100.20:5060>",
+        "Contact: <sip:+15557654321@192.168.1.50:5060>",
+    );
+    let natted = natted.replace("Record-Route: <sip:198.51.100.30;lr>\r\n", "");
+    sim.send(&natted);
+    let events = sim.take_events();
+    let Some(Event::IncomingCall { call, .. }) = events.first() else { panic!("{events:?}") };
+    let call = *call;
+    sim.ep.accept(sim.now, call, rtp()).unwrap();
+    sim.drain();
+    let tag = sim
+        .wire
+        .iter()
+        .map(|(_, t)| &t.payload)
+        .find(|p| is_200_invite(p))
+        .map(|p| to_tag(p))
+        .unwrap();
+    sim.send(&in_dialog("ACK", "c-nat", "z9hG4bKacknat", &tag, 1, ""));
+    sim.ep.hangup(sim.now, call);
+    sim.drain();
+    let (_, bye) = sim.wire.iter().rev().find(|(_, t)| is_bye(&t.payload)).expect("a BYE");
+    // The Request-URI is still the Contact (the NAT forwards by address, the phone by URI).
+    assert!(
+        String::from_utf8_lossy(&bye.payload)
+            .starts_with("BYE sip:+15557654321@192.168.1.50:5060 SIP/2.0")
+    );
+    assert_eq!(
+        bye.dest,
+        UAC.parse::<SocketAddr>().unwrap(),
+        "sent where the caller's packets come from"
+    );
+}
