@@ -906,3 +906,23 @@ fn a_bye_to_a_private_contact_behind_nat_goes_to_the_source() {
         "sent where the caller's packets come from"
     );
 }
+
+#[test]
+fn the_2xx_to_a_session_refreshing_update_carries_the_session_interval() {
+    let mut sim = Sim::new();
+    let (_call, tag) = answered(&mut sim, "c-se");
+    sim.send(&in_dialog("ACK", "c-se", "z9hG4bKackse", &tag, 1, ""));
+    sim.take_inbox();
+    let refresh = in_dialog("UPDATE", "c-se", "z9hG4bKse1", &tag, 2, "").replace(
+        "Max-Forwards: 70\r\n",
+        "Max-Forwards: 70\r\nSession-Expires: 1800;refresher=uac\r\nSupported: timer\r\n",
+    );
+    sim.send(&refresh);
+    let inbox = sim.take_inbox();
+    assert_eq!(status(&inbox[0]), Some(200));
+    assert_eq!(header(&inbox[0], "Session-Expires"), Some("1800;refresher=uac"));
+    assert_eq!(header(&inbox[0], "Require"), Some("timer"));
+    // An UPDATE that refreshes nothing gets a plain 200.
+    sim.send(&in_dialog("UPDATE", "c-se", "z9hG4bKse2", &tag, 3, ""));
+    assert_eq!(header(&sim.take_inbox()[0], "Session-Expires"), None);
+}

@@ -426,8 +426,15 @@ impl<G: IdGen> Endpoint<G> {
                 return self.answer_error(now, from, key, false, headers, &e);
             }
         };
+        // A session refresh (RFC 4028 §9): its 2xx carries the session interval.
+        let timer = match req.session_expires.filter(|_| req.supports_timer) {
+            Some((se, _)) if req.method == Method::Update => {
+                format!("Session-Expires: {se};refresher=uac\r\nRequire: timer\r\n")
+            }
+            _ => String::new(),
+        };
         let ok = match offer {
-            None => self.plain_ok(headers, from, ""),
+            None => self.plain_ok(headers, from, &timer),
             Some(offer) => {
                 // RFC 3311 §5.2: an UPDATE offer is answered in its 200.
                 let local = LocalMedia {
@@ -440,8 +447,10 @@ impl<G: IdGen> Endpoint<G> {
                         c.session_version += 1;
                         c.media = Some(media);
                         self.events.push_back(Event::MediaChanged { call: h, media });
-                        let contact =
-                            format!("Contact: <sip:{}>\r\n", host_port(self.signalling_addr(&c)));
+                        let contact = format!(
+                            "Contact: <sip:{}>\r\n{timer}",
+                            host_port(self.signalling_addr(&c))
+                        );
                         build::response(
                             headers,
                             from,
