@@ -198,9 +198,6 @@ impl<G: IdGen> Endpoint<G> {
         if c.retransmit.take().is_some() {
             self.confirm(now, h, &mut c);
         }
-        if let Some(contact) = &req.contact {
-            c.dialog.remote_target = Some(contact.uri.raw.to_owned()); // target refresh §12.2.2
-        }
         let offer = match read_offer(req, body) {
             Ok(offer) => offer,
             Err(e) => {
@@ -412,12 +409,6 @@ impl<G: IdGen> Endpoint<G> {
         let Some((h, mut c)) = self.take_in_dialog(now, from, &mut key, req, headers) else {
             return;
         };
-        if req.method == Method::Update {
-            // UPDATE is a target refresh request (RFC 3311 §5.2), like a re-INVITE.
-            if let Some(contact) = &req.contact {
-                c.dialog.remote_target = Some(contact.uri.raw.to_owned());
-            }
-        }
         let offer = if req.method == Method::Update { read_offer(req, body) } else { Ok(None) };
         let offer = match offer {
             Ok(o) => o,
@@ -428,9 +419,7 @@ impl<G: IdGen> Endpoint<G> {
         };
         // A session refresh (RFC 4028 §9): its 2xx carries the session interval.
         let timer = match req.session_expires.filter(|_| req.supports_timer) {
-            Some((se, _)) if req.method == Method::Update => {
-                format!("Session-Expires: {se};refresher=uac\r\nRequire: timer\r\n")
-            }
+            Some((se, _)) if req.method == Method::Update => super::send::session_timer(se),
             _ => String::new(),
         };
         let ok = match offer {

@@ -8,7 +8,13 @@ use crate::call::{Call, CallState};
 use crate::config::IdGen;
 use crate::error::{DropReason, RequestError};
 use crate::event::{CallHandle, EndReason, Event, Transmit};
-use crate::message::{self, ALLOW, MAGIC_COOKIE, Request, SUPPORTED};
+use crate::message::{self, ALLOW, MAGIC_COOKIE, Method, Request, SUPPORTED};
+
+/// The session timer of a 2xx (RFC 4028 §9): the caller refreshes; we only answer its
+/// re-INVITEs and UPDATEs.
+pub(super) fn session_timer(session_expires: u32) -> String {
+    format!("Session-Expires: {session_expires};refresher=uac\r\nRequire: timer\r\n")
+}
 
 /// `Retry-After` (seconds) of the `503` a draining endpoint answers.
 const DRAIN_RETRY_AFTER_S: u32 = 5;
@@ -79,8 +85,7 @@ impl<G: IdGen> Endpoint<G> {
             host_port(addr)
         );
         if let Some(se) = session_expires {
-            // RFC 4028 §9: the caller refreshes; we only answer its re-INVITEs/UPDATEs.
-            extra.push_str(&format!("Session-Expires: {se};refresher=uac\r\nRequire: timer\r\n"));
+            extra.push_str(&session_timer(se));
         }
         extra
     }
@@ -273,6 +278,13 @@ impl<G: IdGen> Endpoint<G> {
             }
             Some((h, mut c)) => {
                 c.dialog.remote_seq = req.cseq;
+                // re-INVITE and UPDATE are target refresh requests (RFC 3261 §12.2.2, RFC 3311
+                // §5.2): their Contact is where our next request goes.
+                if matches!(req.method, Method::Invite | Method::Update) {
+                    if let Some(contact) = &req.contact {
+                        c.dialog.remote_target = Some(contact.uri.raw.to_owned());
+                    }
+                }
                 return Some((h, c));
             }
         };
