@@ -86,6 +86,9 @@ const CANCEL_SUBMIT_PAUSE: Duration = Duration::from_micros(100);
 /// media messages, then the connection's queue fills and its frames are dropped and counted.
 const STREAM_SEND_BUFFER: usize = 16 * 1024;
 
+/// A media message for Twilio: about 60 bytes of JSON around 216 of base64.
+const STREAM_MESSAGE_BYTES: usize = 320;
+
 /// How long a stopping shard lets its media streams send their close frames.
 const STREAM_CLOSE_PAUSE: Duration = Duration::from_millis(200);
 
@@ -267,7 +270,6 @@ pub(crate) async fn run(params: ShardParams) {
             nudge: nudge.clone(),
             closed_agents: Vec::new(),
             next_stream: 0,
-            stream_message: String::with_capacity(384),
         })
     });
     let receiver = sip_recv.map(|recv| {
@@ -498,8 +500,6 @@ struct Core {
     /// from inside their own task.
     closed_agents: Vec<AgentLeg>,
     next_stream: u64,
-    /// Reused to build each media message for Twilio.
-    stream_message: String,
 }
 
 impl Core {
@@ -1307,8 +1307,11 @@ impl Core {
                 // A Twilio stream: one media message per 20 ms frame, in real time (Twilio
                 // buffers what it is sent ahead; precall never runs ahead of the clock).
                 if let Some(frame) = call.flow.poll_frame(now) {
-                    twilio::media_message(&leg.stream_sid, frame.payload, &mut self.stream_message);
-                    if leg.outbox.push(self.stream_message.clone()) {
+                    // Written straight into the message the outbox keeps: one allocation, no
+                    // copy.
+                    let mut msg = String::with_capacity(STREAM_MESSAGE_BYTES);
+                    twilio::media_message(&leg.stream_sid, frame.payload, &mut msg);
+                    if leg.outbox.push(msg) {
                         streamed += 1;
                     } else {
                         self.stats.stream_dropped();
