@@ -56,6 +56,12 @@ pub const VARS: &[Var] = &[
                others get 403 (unset: any source, logged loudly at start)",
     },
     Var {
+        name: "SIP_FORCE_RPORT",
+        default: "false",
+        help: "answer SIP at the request's source port even when its Via has no rport (for \
+               phones behind NAT; default: the Via sent-by port, RFC 3261 18.2.2)",
+    },
+    Var {
         name: "SHARDS",
         default: "one per core",
         help: "number of engine shards (glommio executors)",
@@ -334,6 +340,8 @@ pub struct Config {
     pub sip_advertised_ip: Option<IpAddr>,
     /// `SIP_TRUSTED_CIDRS`; empty: any source.
     pub sip_trusted: Vec<precall_engine::Cidr>,
+    /// `SIP_FORCE_RPORT`.
+    pub sip_force_rport: bool,
     /// Engine shards.
     pub shards: usize,
     /// Pin shards to cores.
@@ -629,6 +637,7 @@ impl Config {
             sip_addr,
             sip_advertised_ip,
             sip_trusted,
+            sip_force_rport: r.bool("SIP_FORCE_RPORT")?,
             shards,
             pin_cores: r.bool("SHARD_PIN_CORES")?,
             rtp_ports: rtp_min..=rtp_max,

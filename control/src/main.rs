@@ -440,6 +440,7 @@ fn serve(cfg: Config) -> Result<(), String> {
             rtp_ports: cfg.rtp_ports.clone(),
             advertised_ip: cfg.sip_advertised_ip,
             sip_trusted: cfg.sip_trusted.clone(),
+            sip_force_rport: cfg.sip_force_rport,
             rtp_timeout: cfg.rtp_timeout,
             rtp_strict_source: cfg.rtp_strict_source,
             // The controller's deadline, then at most the same again to make the clips ready,

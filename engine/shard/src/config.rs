@@ -37,6 +37,8 @@ pub struct EngineConfig {
     pub advertised_ip: Option<IpAddr>,
     /// `SIP_TRUSTED_CIDRS`: the only SIP sources served (others get `403`); empty: any.
     pub sip_trusted: Vec<precall_sip::Cidr>,
+    /// `SIP_FORCE_RPORT`: answer SIP at the request's source port even without `rport`.
+    pub sip_force_rport: bool,
     /// `RTP_TIMEOUT_MS`: no RTP from the caller for this long ends the call with BYE.
     pub rtp_timeout: Duration,
     /// `RTP_STRICT_SOURCE`: take a call's RTP only from the SDP `c=` address or the INVITE's
@@ -137,6 +139,7 @@ impl Default for EngineConfig {
             io_memory_bytes: Self::DEFAULT_IO_MEMORY_BYTES,
             advertised_ip: None,
             sip_trusted: Vec::new(),
+            sip_force_rport: false,
             rtp_timeout: Duration::from_secs(30),
             rtp_strict_source: true,
             plan_timeout: Duration::from_secs(15),

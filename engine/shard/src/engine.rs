@@ -69,6 +69,7 @@ impl Engine {
         let settings = CallSettings {
             advertised_ip: cfg.advertised_ip,
             sip_trusted: cfg.sip_trusted.clone(),
+            sip_force_rport: cfg.sip_force_rport,
             flow: FlowConfig {
                 rtp_timeout: cfg.rtp_timeout,
                 plan_timeout: cfg.plan_timeout,

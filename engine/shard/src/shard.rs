@@ -141,6 +141,8 @@ pub(crate) struct CallSettings {
     pub(crate) advertised_ip: Option<IpAddr>,
     /// `SIP_TRUSTED_CIDRS`.
     pub(crate) sip_trusted: Vec<precall_sip::Cidr>,
+    /// `SIP_FORCE_RPORT`.
+    pub(crate) sip_force_rport: bool,
     /// Every call flow's settings.
     pub(crate) flow: FlowConfig,
     /// For `wss://` agents.
@@ -249,6 +251,7 @@ pub(crate) async fn run(params: ShardParams) {
     let mut sip_cfg = SipConfig::new(sip_local);
     sip_cfg.advertised_ip = settings.advertised_ip;
     sip_cfg.trusted = settings.sip_trusted.clone();
+    sip_cfg.force_rport = settings.sip_force_rport;
     let core = Rc::new_cyclic(|this| {
         RefCell::new(Core {
             index,
@@ -1244,6 +1247,7 @@ impl Core {
             EndReason::AckTimeout => "ack_timeout",
             EndReason::LocalBye => "completed",
             EndReason::Rejected => "rejected",
+            EndReason::SessionExpired => "session_expired",
         });
         let call_id = call.flow.call_id().clone();
         tracing::debug!(shard = self.index, call_id = %call_id, reason, "call ended");

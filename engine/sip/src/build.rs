@@ -154,7 +154,8 @@ fn top_via_with_received(via: &str, source: SocketAddr) -> String {
     out
 }
 
-/// An in-dialog request we originate (RFC 3261 §12.2.1.1): today only BYE.
+/// An in-dialog request we originate (RFC 3261 §12.2.1.1): BYE, a refreshing UPDATE or
+/// re-INVITE, the ACK of that re-INVITE.
 #[derive(Debug)]
 pub(crate) struct RequestSpec<'a> {
     pub method: &'a str,
@@ -168,6 +169,10 @@ pub(crate) struct RequestSpec<'a> {
     pub call_id: &'a str,
     pub cseq: u32,
     pub user_agent: &'a str,
+    /// Extra header lines, each ending in CRLF.
+    pub extra: &'a str,
+    /// `(content type, body)`.
+    pub body: Option<(&'a str, &'a [u8])>,
 }
 
 pub(crate) fn request(spec: &RequestSpec<'_>) -> Vec<u8> {
@@ -185,10 +190,11 @@ pub(crate) fn request(spec: &RequestSpec<'_>) -> Vec<u8> {
         "From: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {} {}\r\n",
         spec.from, spec.to, spec.call_id, spec.cseq, spec.method
     );
+    out.push_str(spec.extra);
     if !spec.user_agent.is_empty() {
         let _ = write!(out, "User-Agent: {}\r\n", spec.user_agent);
     }
-    finish(out, None)
+    finish(out, spec.body)
 }
 
 /// `host:port` with IPv6 brackets.

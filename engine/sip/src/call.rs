@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::dialog::Dialog;
 use crate::sdp::{MediaParams, SdpOffer};
+use crate::session_timer::{Refresher, SessionTimer};
 use crate::timers::TimerValues;
 use crate::transaction::TxnId;
 
@@ -65,10 +66,26 @@ pub(crate) struct Call {
     pub invite_head: String,
     pub invite_txn: TxnId,
     pub invite_source: SocketAddr,
+    /// Where responses to the INVITE go (RFC 3261 §18.2.2; see `Endpoint::reply_addr`).
+    pub invite_reply: SocketAddr,
+    /// CSeq number of the INVITE (a merged copy has the same, §8.2.2.2).
+    pub invite_cseq: u32,
     pub offer: Option<SdpOffer>,
-    /// `Session-Expires` to echo with `refresher=uac` (RFC 4028 §9), when the caller supports it.
-    pub session_expires: Option<u32>,
+    /// What the INVITE's `Session-Expires` negotiated (RFC 4028 §9); the timer starts with
+    /// our 2xx.
+    pub negotiated: Option<(u32, Refresher)>,
+    /// The running session timer.
+    pub session: Option<SessionTimer>,
+    /// Largest `Min-SE` a `422` to our refresh asked for.
+    pub min_se: u32,
+    /// The caller's Allow lists UPDATE: we refresh with UPDATE, else with re-INVITE.
+    pub allows_update: bool,
+    /// Our re-INVITE (a refresh carrying our SDP as an offer) is in flight: an offer of the
+    /// caller's meanwhile gets `491` (RFC 3261 §14.2, RFC 3311 §5.2).
+    pub offer_in_flight: bool,
     pub retransmit: Option<Retransmit2xx>,
+    /// The SDP we last sent, repeated unchanged by a refreshing re-INVITE (RFC 4028 §7.4).
+    pub local_sdp: String,
     /// Our RTP address as announced in SDP, and the `o=` numbers.
     pub local_rtp: Option<SocketAddr>,
     pub session_id: u64,
@@ -82,6 +99,17 @@ pub(crate) struct Call {
 
 impl Call {
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.retransmit.as_ref().map(|r| r.next_at.min(r.give_up_at))
+        let retransmit = self.retransmit.as_ref().map(|r| r.next_at.min(r.give_up_at));
+        // The session timer runs once the dialog is confirmed; while our refresh is in flight
+        // only the expiry counts (its transaction's own timers decide before that).
+        let session = self
+            .session
+            .as_ref()
+            .filter(|_| self.state == CallState::Confirmed)
+            .map(|s| if s.in_flight { s.expires_at } else { s.act_at.min(s.expires_at) });
+        match (retransmit, session) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }

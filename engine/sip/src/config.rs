@@ -33,6 +33,11 @@ pub struct SipConfig {
     pub untrusted_window: Duration,
     /// See [`SipConfig::untrusted_limit`].
     pub untrusted_ban: Duration,
+    /// `SIP_FORCE_RPORT`: answer every request at its source port, as if its top Via had
+    /// `rport` (Kamailio's `force_rport()`, Asterisk's `force_rport`). Off by default: RFC 3261
+    /// §18.2.2 sends a response to the Via's sent-by port unless the sender asked for `rport`.
+    /// Turn it on for phones behind NAT that neither send `rport` nor listen where they send.
+    pub force_rport: bool,
 }
 
 /// An IP network, `addr/prefix` (a bare address is a /32 or /128).
@@ -105,6 +110,7 @@ impl SipConfig {
             untrusted_limit: 10,
             untrusted_window: Duration::from_secs(2),
             untrusted_ban: Duration::from_secs(30),
+            force_rport: false,
         }
     }
 

@@ -98,6 +98,14 @@ pub enum RequestError {
     /// Same Call-ID and From tag as a call we have, but another transaction (RFC 3261 §8.2.2.2).
     #[error("Loop Detected")]
     MergedRequest,
+    /// A new INVITE with the Call-ID of a live call that is not a merged copy of its INVITE:
+    /// `500` + `Retry-After` (calls are routed and recorded by Call-ID).
+    #[error("Call-ID In Use")]
+    CallIdInUse,
+    /// An offer while one of ours is outstanding, or while ours in a 2xx awaits its answer
+    /// (RFC 3261 §14.2, RFC 3311 §5.2): `491`.
+    #[error("Request Pending")]
+    RequestPending,
     /// The source is not in `SIP_TRUSTED_CIDRS`.
     #[error("Forbidden")]
     Forbidden,
@@ -124,6 +132,8 @@ impl RequestError {
             Self::NoSuchCallOrTransaction => 481,
             Self::CSeqOutOfOrder => 500,
             Self::MergedRequest => 482,
+            Self::CallIdInUse => 500,
+            Self::RequestPending => 491,
             Self::Unavailable => 503,
             Self::Forbidden => 403,
             Self::Framing(_)

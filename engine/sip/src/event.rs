@@ -29,6 +29,9 @@ pub enum EndReason {
     LocalBye,
     /// We answered the INVITE with a final non-2xx.
     Rejected,
+    /// The RFC 4028 session timer ran out: the caller's refresh never came, or ours timed out
+    /// or was answered `408`/`481`. We sent BYE.
+    SessionExpired,
 }
 
 /// Application-visible happenings, drained with [`crate::Endpoint::poll_event`].

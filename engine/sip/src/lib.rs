@@ -16,8 +16,9 @@
 //!    drained the same way).
 //! 4. Arm the shard's single SIP timer at [`Endpoint::poll_timeout`] (none when `None`).
 //!
-//! All RFC 3261 timers (E, F, G, H, I, J, K, RFC 6026's L and the §13.3.1.4 2xx
-//! retransmission; the table is in `src/timers.rs`) live in one queue; the endpoint has no task per
+//! All RFC 3261 timers (A, B, D, E, F, G, H, I, J, K, RFC 6026's L and the §13.3.1.4 2xx
+//! retransmission) and the RFC 4028 session timers (the table is in `src/timers.rs`) live in
+//! one queue; the endpoint has no task per
 //! transaction. Tags, branches and SDP session ids come from the injected [`IdGen`], so tests
 //! are byte-for-byte deterministic.
 //!
@@ -30,13 +31,17 @@
 //!   reason phrase, 416, 420, 415, 406, 483, 501/405 with Allow, 505). rsip rejects tel: URIs,
 //!   IPv6 hosts, escaped user parts and unknown methods, so syntax is ours; rsip's typed URI
 //!   turns stored targets into socket addresses where it parses them.
-//! * `transaction/*`: INVITE and non-INVITE server transactions, the BYE client transaction.
+//! * `transaction/*`: INVITE and non-INVITE server transactions, the non-INVITE client
+//!   transaction (BYE, refreshing UPDATE) and the INVITE client transaction (refreshing
+//!   re-INVITE).
 //! * `dialog`, `call`: UAS dialogs (route set, remote target, CSeq) and per-call state.
+//! * `session_timer`: RFC 4028 negotiation, who refreshes, when we refresh or give up.
 //! * `sdp`: SDP parsing and RFC 3264 offer/answer for G.711 with RFC 4733 events.
 //! * `endpoint`: dispatch, the application API, the timer queue.
 //!
-//! Responses go to the source address of the request (symmetric, as RFC 3581 `rport`
-//! describes; carriers behind NAT expect it) with `received`/`rport` filled in the top Via.
+//! Responses go where RFC 3261 §18.2.2 says: the request's source IP (`received`) and the top
+//! Via's sent-by port (5060 when absent), or the source port when the Via has `rport` (RFC
+//! 3581) or [`SipConfig::force_rport`] is set; `received`/`rport` are filled in the top Via.
 #![forbid(unsafe_code)]
 
 mod body;
@@ -49,6 +54,7 @@ mod error;
 mod event;
 mod message;
 mod sdp;
+mod session_timer;
 mod timers;
 mod transaction;
 mod uri;

@@ -47,7 +47,7 @@ impl Method {
 
 /// What we answer in Allow (RFC 3261 §20.5).
 pub(crate) const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO";
-/// Option tags we implement (RFC 4028 session timers, as the refreshee only).
+/// Option tags we implement (RFC 4028 session timers, either side refreshing).
 pub(crate) const SUPPORTED: &str = "timer";
 /// Smallest Session-Expires we accept (RFC 4028 §4: Min-SE default 90 s).
 pub(crate) const MIN_SE: u32 = 90;
@@ -334,6 +334,10 @@ pub(crate) fn parse_request<'h>(
             return Err(RequestError::NotAcceptable);
         }
     }
+    let supports_timer = list(headers, "Supported", Some("k"))
+        .iter()
+        .chain(list(headers, "Require", None).iter())
+        .any(|t| t.eq_ignore_ascii_case("timer"));
     let session_expires = match single(headers, "Session-Expires", Some("x"))? {
         None => None,
         Some(v) => {
@@ -342,16 +346,16 @@ pub(crate) fn parse_request<'h>(
                 .trim()
                 .parse()
                 .map_err(|_| RequestError::MalformedHeader("Session-Expires"))?;
-            if method == Method::Invite && delta < MIN_SE {
+            // RFC 4028 §9: a refresh below our minimum gets 422 + Min-SE, but only from a
+            // caller that supports the extension (it can retry); for one that does not, a
+            // proxy put the header in, and the interval is raised instead (errata 1687).
+            let refresh = matches!(method, Method::Invite | Method::Update);
+            if refresh && delta < MIN_SE && supports_timer {
                 return Err(RequestError::SessionIntervalTooSmall);
             }
             Some((delta, uri::param(params, "refresher").flatten()))
         }
     };
-    let supports_timer = list(headers, "Supported", Some("k"))
-        .iter()
-        .chain(list(headers, "Require", None).iter())
-        .any(|t| t.eq_ignore_ascii_case("timer"));
 
     Ok(Request {
         method,

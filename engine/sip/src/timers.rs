@@ -1,11 +1,14 @@
-//! The RFC 3261 timers a UAS (plus its BYE client transactions) runs over UDP, and the one
-//! queue that yields the endpoint's next deadline.
+//! The RFC 3261 timers a UAS (plus its BYE and refresh client transactions) runs over UDP, and
+//! the one queue that yields the endpoint's next deadline.
 //!
 //! | Timer | RFC 3261 | Initial value | Meaning |
 //! |---|---|---|---|
-//! | E | §17.1.2.2 | T1, doubling to T2 (T2 once a provisional arrived) | retransmit our BYE |
-//! | F | §17.1.2.2 | 64*T1 | our BYE timed out |
-//! | K | §17.1.2.2 | T4 | absorb retransmitted responses to our BYE |
+//! | A | §17.1.1.2 | T1, doubling | retransmit our refreshing re-INVITE |
+//! | B | §17.1.1.2 | 64*T1 | our re-INVITE timed out (also bounds Proceeding) |
+//! | D | §17.1.1.2 | 32 s (64*T1 after a 2xx, RFC 6026) | resend our ACK to repeated finals |
+//! | E | §17.1.2.2 | T1, doubling to T2 (T2 once a provisional arrived) | retransmit our BYE or UPDATE |
+//! | F | §17.1.2.2 | 64*T1 | our BYE or UPDATE timed out |
+//! | K | §17.1.2.2 | T4 | absorb retransmitted responses to our BYE or UPDATE |
 //! | G | §17.2.1 | T1, doubling to T2 | retransmit a non-2xx final response to INVITE |
 //! | H | §17.2.1 | 64*T1 | give up waiting for the ACK of that response |
 //! | I | §17.2.1 | T4 | absorb retransmitted ACKs |
@@ -13,8 +16,10 @@
 //! | L | RFC 6026 §8.7 | 64*T1 | absorb retransmitted INVITEs after a 2xx |
 //! | 2xx | §13.3.1.4 | T1, doubling to T2 | retransmit our 2xx until its ACK |
 //! | 2xx give-up | §13.3.1.4 | 64*T1 | no ACK: send BYE, end the call |
+//! | refresh | RFC 4028 §10 | half the session interval | we refresh the session |
+//! | expiry | RFC 4028 §10 | interval − min(32 s, interval/3) | the caller's refresh is overdue: BYE |
 //!
-//! Timers A–D belong to INVITE client transactions, which precall never starts.
+//! Timer C (proxies) does not apply.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

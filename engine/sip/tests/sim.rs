@@ -926,3 +926,303 @@ fn the_2xx_to_a_session_refreshing_update_carries_the_session_interval() {
     sim.send(&in_dialog("UPDATE", "c-se", "z9hG4bKse2", &tag, 3, ""));
     assert_eq!(header(&sim.take_inbox()[0], "Session-Expires"), None);
 }
+
+// ----- RFC 4028 session timers -----
+
+/// The UAC's answer to a request the endpoint sent: Via, From, To, Call-ID and CSeq copied.
+fn answer_to(req: &[u8], code: u16, extra: &str, sdp: &str) -> String {
+    let h = |name: &str| header(req, name).unwrap().to_owned();
+    let ct = if sdp.is_empty() { "" } else { "Content-Type: application/sdp\r\n" };
+    format!(
+        "SIP/2.0 {code} Answer\r\nVia: {}\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {}\r\n\
+         {extra}{ct}Content-Length: {}\r\n\r\n{sdp}",
+        h("Via"),
+        h("From"),
+        h("To"),
+        h("Call-ID"),
+        h("CSeq"),
+        sdp.len()
+    )
+}
+
+/// INVITE with the given session-timer and Allow lines, accepted and ACKed at t=0; returns the
+/// call, our To tag and the 200.
+fn timed_call(
+    sim: &mut Sim,
+    call_id: &str,
+    lines: &str,
+) -> (precall_sip::CallHandle, String, Vec<u8>) {
+    let inv = invite(call_id, "z9hG4bKinv1", OFFER)
+        .replace("CSeq: 1 INVITE\r\n", &format!("CSeq: 1 INVITE\r\n{lines}"));
+    sim.send(&inv);
+    let call = match sim.take_events().as_slice() {
+        [Event::IncomingCall { call, .. }] => *call,
+        other => panic!("{other:?}"),
+    };
+    sim.ep.accept(sim.now, call, rtp()).unwrap();
+    sim.drain();
+    let ok = sim.take_inbox().into_iter().find(|p| is_200_invite(p)).expect("200");
+    let tag = to_tag(&ok);
+    sim.send(&in_dialog("ACK", call_id, "z9hG4bKack1", &tag, 1, ""));
+    sim.take_events();
+    (call, tag, ok)
+}
+
+fn is_update(p: &[u8]) -> bool {
+    p.starts_with(b"UPDATE ")
+}
+
+fn is_reinvite(p: &[u8]) -> bool {
+    p.starts_with(b"INVITE ")
+}
+
+fn ended(sim: &mut Sim) -> Vec<(u128, EndReason)> {
+    sim.events
+        .iter()
+        .filter_map(|(t, e)| match e {
+            Event::CallEnded { reason, .. } => Some((t.as_millis(), *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+const ALLOW_ALL: &str = "Allow: INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE\r\n";
+
+#[test]
+fn asked_to_refresh_we_send_update_at_half_the_interval_and_end_the_call_when_it_goes_unanswered() {
+    let mut sim = Sim::new();
+    let lines = format!("Supported: timer\r\nSession-Expires: 90;refresher=uas\r\n{ALLOW_ALL}");
+    let (_call, _tag, ok) = timed_call(&mut sim, "st1", &lines);
+    assert_eq!(header(&ok, "Session-Expires"), Some("90;refresher=uas"), "the caller's choice");
+    assert_eq!(header(&ok, "Require"), None, "Require: timer only when the caller refreshes");
+
+    sim.run_until(Duration::from_millis(44_999));
+    assert!(sim.sent_times(is_update).is_empty());
+    sim.run_until(Duration::from_secs(45));
+    let update = sim.take_inbox().pop().expect("a refresh at 45 s");
+    assert!(is_update(&update), "{}", String::from_utf8_lossy(&update));
+    assert_eq!(header(&update, "Session-Expires"), Some("90;refresher=uac"), "uac = us, here");
+    assert_eq!(header(&update, "CSeq"), Some("1 UPDATE"));
+    assert!(header(&update, "Contact").is_some(), "UPDATE is a target refresh (RFC 3311 §5.1)");
+    assert_eq!(body(&update), "");
+    sim.send(&answer_to(
+        &update,
+        200,
+        "Session-Expires: 90;refresher=uac\r\nRequire: timer\r\n",
+        "",
+    ));
+
+    // The next one half an interval after that answer; it is never answered: Timer E resends,
+    // Timer F gives up after 32 s, and the session is over.
+    sim.run_until(Duration::from_secs(200));
+    let updates = sim.sent_times(is_update);
+    assert_eq!(updates[1], 90_000, "{updates:?}");
+    assert_eq!(updates.last(), Some(&121_500), "Timer E at T2 until Timer F: {updates:?}");
+    assert_eq!(sim.sent_times(is_bye)[0], 122_000);
+    assert_eq!(ended(&mut sim), vec![(122_000, EndReason::SessionExpired)]);
+    assert_eq!(sim.ep.calls(), 0);
+}
+
+#[test]
+fn a_caller_that_refreshes_keeps_the_call_and_one_that_stops_gets_bye_before_expiry() {
+    let mut sim = Sim::new();
+    let lines = format!("Supported: timer\r\nSession-Expires: 90;refresher=uac\r\n{ALLOW_ALL}");
+    let (_call, tag, ok) = timed_call(&mut sim, "st2", &lines);
+    assert_eq!(header(&ok, "Session-Expires"), Some("90;refresher=uac"));
+    assert_eq!(header(&ok, "Require"), Some("timer"));
+    // Refreshes at 40 s and 80 s (UPDATE, then re-INVITE): the call goes on.
+    sim.run_until(Duration::from_secs(40));
+    let refresh = in_dialog("UPDATE", "st2", "z9hG4bKr1", &tag, 2, "").replace(
+        "Max-Forwards: 70\r\n",
+        "Max-Forwards: 70\r\nSupported: timer\r\nSession-Expires: 90;refresher=uac\r\n",
+    );
+    sim.send(&refresh);
+    assert_eq!(header(&sim.take_inbox()[0], "Session-Expires"), Some("90;refresher=uac"));
+    sim.run_until(Duration::from_secs(80));
+    let reinvite = in_dialog("INVITE", "st2", "z9hG4bKr2", &tag, 3, OFFER).replace(
+        "Max-Forwards: 70\r\n",
+        "Max-Forwards: 70\r\nSupported: timer\r\nSession-Expires: 90;refresher=uac\r\n",
+    );
+    sim.send(&reinvite);
+    sim.send(&in_dialog("ACK", "st2", "z9hG4bKack2", &tag, 3, ""));
+    sim.run_until(Duration::from_secs(139));
+    assert!(sim.sent_times(is_bye).is_empty(), "refreshed in time");
+    // The last refresh was at 80 s; 90 s later it expires, and the BYE goes 30 s before that
+    // (RFC 4028 §10: min(32 s, interval/3)).
+    sim.run_until(Duration::from_secs(200));
+    assert_eq!(sim.sent_times(is_bye)[0], 140_000);
+    assert_eq!(ended(&mut sim), vec![(140_000, EndReason::SessionExpired)]);
+    assert!(sim.sent_times(is_update).is_empty() && sim.sent_times(is_reinvite).is_empty());
+}
+
+#[test]
+fn a_caller_without_update_gets_a_reinvite_with_our_sdp_unchanged_and_acks_it() {
+    let mut sim = Sim::new();
+    // A proxy put Session-Expires in; the caller itself does not support timers: we refresh,
+    // and since its Allow has no UPDATE, with re-INVITE.
+    let lines = "Session-Expires: 120\r\nAllow: INVITE, ACK, BYE, CANCEL\r\n";
+    let (_call, _tag, ok) = timed_call(&mut sim, "st3", lines);
+    assert_eq!(header(&ok, "Session-Expires"), Some("120;refresher=uas"));
+    assert_eq!(header(&ok, "Require"), None);
+    sim.run_until(Duration::from_secs(60));
+    let reinvite = sim.take_inbox().pop().expect("refresh at 60 s");
+    assert!(is_reinvite(&reinvite), "{}", String::from_utf8_lossy(&reinvite));
+    assert_eq!(body(&reinvite), body(&ok), "the same SDP, same o= version (RFC 4028 §7.4)");
+    assert_eq!(header(&reinvite, "CSeq"), Some("1 INVITE"));
+    // Timer A resends it until the caller answers.
+    sim.run_until(Duration::from_millis(61_500));
+    assert_eq!(sim.sent_times(is_reinvite), vec![60_000, 60_500, 61_500]);
+    let answer = OFFER.replace("o=carrier 1 1", "o=carrier 1 2");
+    sim.send(&answer_to(
+        &reinvite,
+        200,
+        "Contact: <sip:+15557654321@198.51.100.20:5060>\r\n",
+        &answer,
+    ));
+    let ack = sim.take_inbox().pop().expect("ACK");
+    assert!(ack.starts_with(b"ACK sip:+15557654321@198.51.100.20:5060 SIP/2.0\r\n"));
+    assert_eq!(header(&ack, "CSeq"), Some("1 ACK"));
+    assert_ne!(
+        header(&ack, "Via"),
+        header(&reinvite, "Via"),
+        "the ACK of a 2xx is a new transaction"
+    );
+    // A repeated 200 gets the same ACK again, and the timer restarts from the answer.
+    sim.send(&answer_to(&reinvite, 200, "", &answer));
+    assert_eq!(sim.take_inbox(), vec![ack]);
+    sim.run_until(Duration::from_secs(122));
+    assert_eq!(sim.sent_times(is_reinvite).last(), Some(&122_000));
+    assert!(sim.sent_times(is_bye).is_empty());
+}
+
+#[test]
+fn refresh_answers_422_405_491_and_481() {
+    let mut sim = Sim::new();
+    let lines = format!("Supported: timer\r\nSession-Expires: 90;refresher=uas\r\n{ALLOW_ALL}");
+    let (_call, tag, _) = timed_call(&mut sim, "st4", &lines);
+    sim.run_until(Duration::from_secs(45));
+    let update = sim.take_inbox().pop().unwrap();
+    // 422: at once again, with the interval and Min-SE asked for.
+    sim.send(&answer_to(&update, 422, "Min-SE: 300\r\n", ""));
+    let again = sim.take_inbox().pop().expect("retried at once");
+    assert_eq!(header(&again, "Session-Expires"), Some("300;refresher=uac"));
+    assert_eq!(header(&again, "Min-SE"), Some("300"));
+    // 405: UPDATE is not taken after all: a re-INVITE, at once.
+    sim.send(&answer_to(&again, 405, "", ""));
+    let reinvite = sim.take_inbox().into_iter().find(|p| is_reinvite(p)).expect("re-INVITE");
+    // Meanwhile the caller's own offer crosses ours: 491 (RFC 3261 §14.2).
+    sim.send(&in_dialog("INVITE", "st4", "z9hG4bKx1", &tag, 2, OFFER));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(491));
+    // Ours gets 491 too: ACKed, and retried within 2 s.
+    sim.send(&answer_to(&reinvite, 491, "", ""));
+    let ack = sim.take_inbox().pop().unwrap();
+    assert!(ack.starts_with(b"ACK "));
+    assert_eq!(header(&ack, "Via"), header(&reinvite, "Via"), "a non-2xx ACK: same branch");
+    sim.run_until(Duration::from_secs(47));
+    let mut retried: Vec<String> = sim
+        .take_inbox()
+        .iter()
+        .filter(|p| is_reinvite(p))
+        .map(|p| header(p, "CSeq").unwrap().to_owned())
+        .collect();
+    retried.dedup();
+    assert_eq!(retried, vec!["4 INVITE"], "UPDATE 1, UPDATE 2 (422), INVITE 3 (405), INVITE 4");
+    let last =
+        sim.wire.iter().rev().find(|(_, t)| is_reinvite(&t.payload)).unwrap().1.payload.clone();
+    // 481: the dialog is gone at the caller: BYE and the session is over.
+    sim.send(&answer_to(&last, 481, "", ""));
+    assert_eq!(sim.sent_times(is_bye).len(), 1);
+    assert!(matches!(ended(&mut sim).as_slice(), [(_, EndReason::SessionExpired)]));
+}
+
+#[test]
+fn an_update_offer_while_our_offer_is_outstanding_gets_491() {
+    let mut sim = Sim::new();
+    let lines =
+        "Supported: timer\r\nSession-Expires: 90;refresher=uas\r\nAllow: INVITE, ACK, BYE\r\n";
+    let (_call, tag, _) = timed_call(&mut sim, "st5", lines);
+    sim.run_until(Duration::from_secs(45));
+    assert_eq!(sim.sent_times(is_reinvite), vec![45_000]);
+    sim.take_inbox();
+    sim.send(&in_dialog("UPDATE", "st5", "z9hG4bKu1", &tag, 2, OFFER));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(491));
+    // Without an offer an UPDATE is fine meanwhile.
+    sim.send(&in_dialog("UPDATE", "st5", "z9hG4bKu2", &tag, 3, ""));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(200));
+}
+
+#[test]
+fn only_a_merged_invite_gets_482() {
+    let mut sim = Sim::new();
+    sim.send(&invite("m1", "z9hG4bKa", OFFER));
+    sim.take_inbox();
+    // The same INVITE by another path: same From tag, Call-ID and CSeq, another branch.
+    sim.send(&invite("m1", "z9hG4bKb", OFFER));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(482));
+    // A new INVITE reusing a live call's Call-ID is no merge: 500 with Retry-After.
+    sim.send(&invite("m1", "z9hG4bKc", OFFER).replace("CSeq: 1 INVITE", "CSeq: 2 INVITE"));
+    let inbox = sim.take_inbox();
+    assert_eq!(status(&inbox[0]), Some(500));
+    assert!(header(&inbox[0], "Retry-After").is_some());
+    assert_eq!(sim.ep.calls(), 1);
+}
+
+#[test]
+fn responses_go_to_the_via_port_unless_rport_asks_for_the_source_port() {
+    let mut sim = Sim::new();
+    // Sent from port 5060, Via says 5070 and no rport: §18.2.2 answers at 5070.
+    sim.send(
+        &invite("v1", "z9hG4bKv1", OFFER)
+            .replace("198.51.100.20:5060;branch", "198.51.100.20:5070;branch"),
+    );
+    let dests: Vec<SocketAddr> = sim.wire.iter().map(|(_, t)| t.dest).collect();
+    assert_eq!(dests, vec!["198.51.100.20:5070".parse().unwrap()]);
+    let trying = sim.take_inbox().pop().unwrap();
+    assert_eq!(
+        header(&trying, "Via"),
+        Some("SIP/2.0/UDP 198.51.100.20:5070;branch=z9hG4bKv1;received=198.51.100.20")
+    );
+    // With rport: the source port, filled in.
+    sim.wire.clear();
+    sim.send(
+        &invite("v2", "z9hG4bKv2", OFFER)
+            .replace("198.51.100.20:5060;branch", "198.51.100.20:5070;rport;branch"),
+    );
+    assert_eq!(sim.wire[0].1.dest, UAC.parse::<SocketAddr>().unwrap());
+    // No port in sent-by: 5060. force_rport: always the source.
+    let mut cfg = config();
+    cfg.force_rport = true;
+    let mut forced = Sim::new();
+    forced.ep = Endpoint::new(cfg, CounterIds::default());
+    forced.uac = "198.51.100.20:40000".parse().unwrap();
+    forced.send(
+        &invite("v3", "z9hG4bKv3", OFFER)
+            .replace("198.51.100.20:5060;branch", "198.51.100.20;branch"),
+    );
+    assert_eq!(forced.wire[0].1.dest, "198.51.100.20:40000".parse::<SocketAddr>().unwrap());
+    let mut plain = Sim::new();
+    plain.uac = "198.51.100.20:40000".parse().unwrap();
+    plain.send(
+        &invite("v4", "z9hG4bKv4", OFFER)
+            .replace("198.51.100.20:5060;branch", "198.51.100.20;branch"),
+    );
+    assert_eq!(plain.wire[0].1.dest, "198.51.100.20:5060".parse::<SocketAddr>().unwrap());
+}
+
+#[test]
+fn a_short_interval_gets_422_only_from_a_caller_that_can_retry() {
+    let mut sim = Sim::new();
+    // A proxy's 60 s for a caller without the extension: raised to Min-SE, we refresh.
+    let (_call, tag, ok) = timed_call(&mut sim, "st6", "Session-Expires: 60\r\n");
+    assert_eq!(header(&ok, "Session-Expires"), Some("90;refresher=uas"));
+    // A refreshing UPDATE below the minimum from a caller that supports timers: 422.
+    let short = in_dialog("UPDATE", "st6", "z9hG4bKs1", &tag, 2, "").replace(
+        "Max-Forwards: 70\r\n",
+        "Max-Forwards: 70\r\nSupported: timer\r\nSession-Expires: 60\r\n",
+    );
+    sim.send(&short);
+    let inbox = sim.take_inbox();
+    assert_eq!(status(&inbox[0]), Some(422));
+    assert_eq!(header(&inbox[0], "Min-SE"), Some("90"));
+    assert_eq!(sim.ep.calls(), 1, "a refused refresh leaves the session as it was");
+}

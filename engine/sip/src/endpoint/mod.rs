@@ -23,7 +23,9 @@ use crate::error::{AcceptError, DropReason, RequestError};
 use crate::event::{CallHandle, EndReason, Event, Transmit};
 use crate::message::{self, StartLine, StartLineError};
 use crate::sdp::{self, LocalMedia, MediaParams};
+use crate::session_timer::SessionTimer;
 use crate::timers::{TimerQueue, TimerValues};
+use crate::transaction::client_invite::ClientInvite;
 use crate::transaction::client_non_invite::ClientNonInvite;
 use crate::transaction::server_invite::ServerInvite;
 use crate::transaction::server_non_invite::ServerNonInvite;
@@ -75,6 +77,8 @@ pub struct Endpoint<G: IdGen> {
     servers: HashMap<TxnId, ServerEntry>,
     server_index: HashMap<ServerKey, TxnId>,
     clients: HashMap<TxnId, ClientNonInvite>,
+    /// Our refreshing re-INVITEs; their ids share `Owner::Client` and `client_index`.
+    invite_clients: HashMap<TxnId, ClientInvite>,
     client_index: HashMap<String, TxnId>,
     timers: TimerQueue<Owner>,
     transmits: VecDeque<Transmit>,
@@ -110,6 +114,7 @@ impl<G: IdGen> Endpoint<G> {
             servers: HashMap::new(),
             server_index: HashMap::new(),
             clients: HashMap::new(),
+            invite_clients: HashMap::new(),
             client_index: HashMap::new(),
             timers: TimerQueue::new(),
             transmits: VecDeque::new(),
@@ -205,7 +210,7 @@ impl<G: IdGen> Endpoint<G> {
         let trusted = crate::config::is_trusted(&self.cfg.trusted, from.ip());
         match message::parse_start_line(head.start_line) {
             Ok(StartLine::Response { .. }) if !trusted => self.dropped(DropReason::Untrusted),
-            Ok(StartLine::Response { code }) => self.on_response(now, code, &head.headers),
+            Ok(StartLine::Response { code }) => self.on_response(now, code, &head.headers, rest),
             Ok(StartLine::Request { .. }) if !trusted && !self.pike_allows(now, from.ip()) => {
                 self.dropped(DropReason::RateLimited)
             }
@@ -282,12 +287,13 @@ impl<G: IdGen> Endpoint<G> {
                 (sdp::offer(&local), placeholder_media())
             }
         };
+        c.session = c.negotiated.map(|(interval, who)| SessionTimer::start(now, interval, who));
         let head = wire::parse_head(&c.invite_head);
         let mut extra = String::new();
         for rr in message::list(&head.headers, "Record-Route", None) {
             extra.push_str(&format!("Record-Route: {rr}\r\n"));
         }
-        extra.push_str(&self.dialog_headers(self.signalling_addr(&c), c.session_expires));
+        extra.push_str(&self.dialog_headers(self.signalling_addr(&c), c.session.as_ref()));
         let payload = build::response(
             &head.headers,
             c.invite_source,
@@ -300,6 +306,7 @@ impl<G: IdGen> Endpoint<G> {
                 server: &self.cfg.user_agent,
             },
         );
+        c.local_sdp = sdp_text;
         if let Some(ServerEntry { txn: ServerTxn::Invite(txn), .. }) =
             self.servers.get_mut(&c.invite_txn)
         {
@@ -309,13 +316,13 @@ impl<G: IdGen> Endpoint<G> {
         c.retransmit = Some(Retransmit2xx::start(
             now,
             &self.t,
-            c.invite_source,
+            c.invite_reply,
             c.dialog.remote_seq,
             payload.clone(),
         ));
         c.state = CallState::Answered;
         c.media = Some(media);
-        self.send(c.invite_source, payload);
+        self.send(c.invite_reply, payload);
         self.calls.insert(call, c);
         self.arm(Owner::Call(call));
         Ok(media)

@@ -13,6 +13,7 @@ use crate::event::{CallHandle, EndReason, Event};
 use crate::message::{self, ALLOW, Method, Request, SUPPORTED};
 use crate::sdp::SessionDescription;
 use crate::sdp::{self, LocalMedia};
+use crate::session_timer::{self, SessionTimer};
 use crate::transaction::server_invite::ServerInvite;
 use crate::transaction::{ServerKey, TxnId};
 use crate::uri;
@@ -110,9 +111,16 @@ impl<G: IdGen> Endpoint<G> {
         head_text: &str,
         body: &[u8],
     ) {
-        if self.calls_by_id.contains_key(req.call_id) {
-            // Same Call-ID, new transaction: a merged or looped request (§8.2.2.2).
-            return self.answer_error(now, from, key, false, headers, &RequestError::MergedRequest);
+        if let Some(c) = self.calls_by_id.get(req.call_id).and_then(|h| self.calls.get(h)) {
+            // §8.2.2.2: the same From tag, Call-ID and CSeq as a transaction of ours, but another
+            // transaction: the request was merged (it forked and both copies reached us), 482.
+            // Anything else with a live call's Call-ID cannot start a call of its own (calls are
+            // routed and recorded by Call-ID): 500 with Retry-After, as §14.2 answers an INVITE
+            // that overlaps another.
+            let merged =
+                c.dialog.remote_tag == req.from.tag().unwrap_or("") && c.invite_cseq == req.cseq;
+            let err = if merged { RequestError::MergedRequest } else { RequestError::CallIdInUse };
+            return self.answer_error(now, from, key, false, headers, &err);
         }
         if self.draining {
             return self.answer_error(now, from, key, false, headers, &RequestError::Unavailable);
@@ -143,24 +151,33 @@ impl<G: IdGen> Endpoint<G> {
                 server: &self.cfg.user_agent,
             },
         );
-        self.send(from, trying.clone());
-        let txn = ServerInvite::proceeding(Some(handle), from, trying);
+        let reply = self.reply_addr(headers, from);
+        self.send(reply, trying.clone());
+        let txn = ServerInvite::proceeding(Some(handle), reply, trying);
         if let Some(k) = &key {
             self.server_index.insert(k.clone(), txn_id);
         }
         self.servers.insert(txn_id, ServerEntry { key, txn: ServerTxn::Invite(txn) });
 
-        let session_expires =
-            req.session_expires.filter(|_| req.supports_timer).map(|(delta, _)| delta);
+        let allows_update = message::list(headers, "Allow", None)
+            .iter()
+            .any(|m| m.trim().eq_ignore_ascii_case("UPDATE"));
         let call = Call {
             state: CallState::Ringing,
             dialog: Dialog::from_invite(req, req.from_raw, req.to_raw, from),
             invite_head: head_text.to_owned(),
             invite_txn: txn_id,
             invite_source: from,
+            invite_reply: reply,
+            invite_cseq: req.cseq,
             offer: offer.clone(),
-            session_expires,
+            negotiated: session_timer::negotiate(req.session_expires, req.supports_timer),
+            session: None,
+            min_se: message::MIN_SE,
+            allows_update,
+            offer_in_flight: false,
             retransmit: None,
+            local_sdp: String::new(),
             local_rtp: None,
             session_id: 0,
             session_version: 0,
@@ -193,6 +210,19 @@ impl<G: IdGen> Endpoint<G> {
         let Some((h, mut c)) = self.take_in_dialog(now, from, &mut key, req, headers) else {
             return;
         };
+        if c.offer_in_flight || (c.awaiting_answer && c.retransmit.is_some()) {
+            // Our re-INVITE is in flight, or our offer in a 2xx waits for its ACK: the offers
+            // cross (RFC 3261 §14.2); the caller retries after a random pause.
+            self.calls.insert(h, c);
+            return self.answer_error(
+                now,
+                from,
+                key,
+                false,
+                headers,
+                &RequestError::RequestPending,
+            );
+        }
         // The caller re-INVITEs inside the dialog, so it has our 2xx: stop resending it and
         // count the dialog as confirmed even if that ACK was lost.
         if c.retransmit.take().is_some() {
@@ -225,8 +255,8 @@ impl<G: IdGen> Endpoint<G> {
             }
         };
         c.session_version += 1;
-        let se = req.session_expires.filter(|_| req.supports_timer).map(|(d, _)| d);
-        let extra = self.dialog_headers(self.signalling_addr(&c), se);
+        refresh_session(now, &mut c, req);
+        let extra = self.dialog_headers(self.signalling_addr(&c), c.session.as_ref());
         let payload = build::response(
             headers,
             from,
@@ -239,16 +269,18 @@ impl<G: IdGen> Endpoint<G> {
                 server: &self.cfg.user_agent,
             },
         );
+        c.local_sdp = sdp_text;
         let txn_id = TxnId(self.fresh_id());
-        let mut txn = ServerInvite::proceeding(Some(h), from, Vec::new());
+        let reply = self.reply_addr(headers, from);
+        let mut txn = ServerInvite::proceeding(Some(h), reply, Vec::new());
         txn.accepted(now, &self.t, payload.clone());
         if let Some(k) = &key {
             self.server_index.insert(k.clone(), txn_id);
         }
         self.servers.insert(txn_id, ServerEntry { key, txn: ServerTxn::Invite(txn) });
         self.arm(Owner::Server(txn_id));
-        c.retransmit = Some(Retransmit2xx::start(now, &self.t, from, req.cseq, payload.clone()));
-        self.send(from, payload);
+        c.retransmit = Some(Retransmit2xx::start(now, &self.t, reply, req.cseq, payload.clone()));
+        self.send(reply, payload);
         if let Some(media) = media {
             c.media = Some(media);
             self.events.push_back(Event::MediaChanged { call: h, media });
@@ -278,6 +310,8 @@ impl<G: IdGen> Endpoint<G> {
         }
         // Otherwise a retransmitted ACK: absorbed.
         self.calls.insert(h, c);
+        // Confirmed: the session timer counts from now on.
+        self.arm(Owner::Call(h));
     }
 
     pub(super) fn on_cancel(
@@ -326,7 +360,7 @@ impl<G: IdGen> Endpoint<G> {
                 server: &self.cfg.user_agent,
             },
         );
-        self.send_final(now, from, key, ok);
+        self.send_final(now, headers, from, key, ok);
         if let Some((h, mut c)) = ringing {
             if c.state == CallState::Ringing {
                 c.dialog.local_tag = Some(tag);
@@ -357,7 +391,7 @@ impl<G: IdGen> Endpoint<G> {
             );
         };
         let ok = self.plain_ok(headers, from, "");
-        self.send_final(now, from, key, ok);
+        self.send_final(now, headers, from, key, ok);
         self.end(h, c, EndReason::RemoteBye);
     }
 
@@ -394,7 +428,7 @@ impl<G: IdGen> Endpoint<G> {
         let extra =
             format!("Allow: {ALLOW}\r\nAccept: application/sdp\r\nSupported: {SUPPORTED}\r\n");
         let ok = self.plain_ok(headers, from, &extra);
-        self.send_final(now, from, key, ok);
+        self.send_final(now, headers, from, key, ok);
     }
 
     pub(super) fn on_update_info(
@@ -417,10 +451,24 @@ impl<G: IdGen> Endpoint<G> {
                 return self.answer_error(now, from, key, false, headers, &e);
             }
         };
-        // A session refresh (RFC 4028 §9): its 2xx carries the session interval.
-        let timer = match req.session_expires.filter(|_| req.supports_timer) {
-            Some((se, _)) if req.method == Method::Update => super::send::session_timer(se),
-            _ => String::new(),
+        if offer.is_some() && (c.offer_in_flight || (c.awaiting_answer && c.retransmit.is_some())) {
+            // RFC 3311 §5.2: an UPDATE offer while ours is outstanding.
+            self.calls.insert(h, c);
+            return self.answer_error(
+                now,
+                from,
+                key,
+                false,
+                headers,
+                &RequestError::RequestPending,
+            );
+        }
+        // An UPDATE is a session refresh (RFC 4028 §9): its 2xx carries the session interval.
+        let timer = if req.method == Method::Update {
+            refresh_session(now, &mut c, req);
+            c.session.as_ref().map(SessionTimer::response_headers).unwrap_or_default()
+        } else {
+            String::new()
         };
         let ok = match offer {
             None => self.plain_ok(headers, from, &timer),
@@ -434,6 +482,7 @@ impl<G: IdGen> Endpoint<G> {
                 match sdp::answer(&offer, &local) {
                     Ok((text, media)) => {
                         c.session_version += 1;
+                        c.local_sdp.clone_from(&text);
                         c.media = Some(media);
                         self.events.push_back(Event::MediaChanged { call: h, media });
                         let contact = format!(
@@ -462,6 +511,21 @@ impl<G: IdGen> Endpoint<G> {
             }
         };
         self.calls.insert(h, c);
-        self.send_final(now, from, key, ok);
+        self.arm(Owner::Call(h));
+        self.send_final(now, headers, from, key, ok);
     }
+}
+
+/// A re-INVITE or UPDATE of the caller's refreshes the session (RFC 4028 §9, §10): its
+/// `Session-Expires` negotiates interval and refresher anew. Without the header the timer
+/// goes on at its interval when the caller supports the extension (§9 lets the UAS put the
+/// header in its 2xx), and stops when it does not.
+fn refresh_session(now: Instant, c: &mut Call, req: &Request<'_>) {
+    c.session = match session_timer::negotiate(req.session_expires, req.supports_timer) {
+        Some((interval, who)) => Some(SessionTimer::start(now, interval, who)),
+        None if req.supports_timer => {
+            c.session.as_ref().map(|s| SessionTimer::start(now, s.interval, s.refresher))
+        }
+        None => None,
+    };
 }

@@ -10,14 +10,11 @@ use crate::error::{DropReason, RequestError};
 use crate::event::{CallHandle, EndReason, Event, Transmit};
 use crate::message::{self, ALLOW, MAGIC_COOKIE, Method, Request, SUPPORTED};
 
-/// The session timer of a 2xx (RFC 4028 §9): the caller refreshes; we only answer its
-/// re-INVITEs and UPDATEs.
-pub(super) fn session_timer(session_expires: u32) -> String {
-    format!("Session-Expires: {session_expires};refresher=uac\r\nRequire: timer\r\n")
-}
-
 /// `Retry-After` (seconds) of the `503` a draining endpoint answers.
 const DRAIN_RETRY_AFTER_S: u32 = 5;
+use crate::session_timer::SessionTimer;
+use crate::transaction::Purpose;
+use crate::transaction::client_invite::ClientInvite;
 use crate::transaction::client_non_invite::ClientNonInvite;
 use crate::transaction::server_invite::ServerInvite;
 use crate::transaction::server_non_invite::ServerNonInvite;
@@ -28,6 +25,24 @@ use crate::wire::{self, HeaderLine};
 use super::*;
 
 impl<G: IdGen> Endpoint<G> {
+    /// Where a response to a request from `source` goes (RFC 3261 §18.2.2 over UDP): the
+    /// source IP (the `received` we add), at the top Via's sent-by port (5060 when absent), or
+    /// at the source port when the Via has `rport` (RFC 3581 §4) or `force_rport` is set.
+    pub(super) fn reply_addr(&self, headers: &[HeaderLine<'_>], source: SocketAddr) -> SocketAddr {
+        if self.cfg.force_rport {
+            return source;
+        }
+        let via =
+            message::list(headers, "Via", Some("v")).first().and_then(|v| message::parse_via(v));
+        match via {
+            Some(via) if !via.rport => {
+                let port = uri::split_host_port(via.sent_by).ok().and_then(|(_, p)| p);
+                SocketAddr::new(source.ip(), port.unwrap_or(5060))
+            }
+            _ => source,
+        }
+    }
+
     pub(super) fn fresh_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -48,7 +63,10 @@ impl<G: IdGen> Endpoint<G> {
                 ServerTxn::Invite(t) => t.next_deadline(),
                 ServerTxn::NonInvite(t) => t.next_deadline(),
             }),
-            Owner::Client(id) => self.clients.get(&id).and_then(ClientNonInvite::next_deadline),
+            Owner::Client(id) => match self.clients.get(&id) {
+                Some(txn) => txn.next_deadline(),
+                None => self.invite_clients.get(&id).and_then(ClientInvite::next_deadline),
+            },
         };
         if let Some(at) = next {
             self.timers.schedule(at, owner);
@@ -78,14 +96,15 @@ impl<G: IdGen> Endpoint<G> {
         }
     }
 
-    /// Contact, Allow, Supported and the session timer of our 2xx to an INVITE.
-    pub(super) fn dialog_headers(&self, addr: SocketAddr, session_expires: Option<u32>) -> String {
+    /// Contact, Allow, Supported and the session timer of our 2xx to an INVITE, or of a
+    /// refresh we send (`Supported` then comes with the timer's headers).
+    pub(super) fn dialog_headers(&self, addr: SocketAddr, timer: Option<&SessionTimer>) -> String {
         let mut extra = format!(
             "Contact: <sip:{}>\r\nAllow: {ALLOW}\r\nSupported: {SUPPORTED}\r\n",
             host_port(addr)
         );
-        if let Some(se) = session_expires {
-            extra.push_str(&session_timer(se));
+        if let Some(timer) = timer {
+            extra.push_str(&timer.response_headers());
         }
         extra
     }
@@ -122,10 +141,12 @@ impl<G: IdGen> Endpoint<G> {
     pub(super) fn send_final(
         &mut self,
         now: Instant,
-        dest: SocketAddr,
+        headers: &[HeaderLine<'_>],
+        from: SocketAddr,
         key: Option<ServerKey>,
         payload: Vec<u8>,
     ) {
+        let dest = self.reply_addr(headers, from);
         self.send(dest, payload.clone());
         let Some(key) = key else { return };
         if self.server_index.contains_key(&key) {
@@ -164,7 +185,9 @@ impl<G: IdGen> Endpoint<G> {
                 "Accept: application/sdp\r\n".to_owned()
             }
             RequestError::SessionIntervalTooSmall => format!("Min-SE: {}\r\n", message::MIN_SE),
-            RequestError::Unavailable => format!("Retry-After: {DRAIN_RETRY_AFTER_S}\r\n"),
+            RequestError::Unavailable | RequestError::CallIdInUse => {
+                format!("Retry-After: {DRAIN_RETRY_AFTER_S}\r\n")
+            }
             _ => String::new(),
         };
         let reason = err.to_string();
@@ -181,7 +204,7 @@ impl<G: IdGen> Endpoint<G> {
                 server: &self.cfg.user_agent,
             },
         );
-        self.send_final(now, from, key, payload);
+        self.send_final(now, headers, from, key, payload);
     }
 
     /// A final non-2xx to the call's INVITE, with our To tag.
@@ -213,19 +236,32 @@ impl<G: IdGen> Endpoint<G> {
             txn.final_non2xx(now, &self.t, payload.clone());
         }
         self.arm(Owner::Server(c.invite_txn));
-        self.send(c.invite_source, payload);
+        self.send(c.invite_reply, payload);
     }
 
-    pub(super) fn send_bye(&mut self, now: Instant, h: CallHandle, c: &mut Call, ends_call: bool) {
+    /// One of our in-dialog requests (§12.2.1.1): its branch, destination and bytes. `branch`
+    /// reuses a transaction's (the ACK of a non-2xx, §17.1.1.3); `None` makes a fresh one.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn dialog_request(
+        &mut self,
+        c: &mut Call,
+        method: &str,
+        cseq: u32,
+        branch: Option<String>,
+        extra: &str,
+        body: Option<(&str, &[u8])>,
+    ) -> (String, SocketAddr, Vec<u8>) {
         let tag = self.local_tag(c);
-        c.dialog.local_seq += 1;
         let (request_uri, routes, dest) = c.dialog.request_target();
-        let mut branch = self.ids.branch();
-        if !branch.starts_with(MAGIC_COOKIE) {
-            branch.insert_str(0, MAGIC_COOKIE);
-        }
+        let branch = branch.unwrap_or_else(|| {
+            let mut b = self.ids.branch();
+            if !b.starts_with(MAGIC_COOKIE) {
+                b.insert_str(0, MAGIC_COOKIE);
+            }
+            b
+        });
         let payload = build::request(&build::RequestSpec {
-            method: "BYE",
+            method,
             request_uri: &request_uri,
             routes: &routes,
             sent_by: &host_port(self.signalling_addr(c)),
@@ -233,15 +269,61 @@ impl<G: IdGen> Endpoint<G> {
             from: &format!("{};tag={tag}", c.dialog.local_uri),
             to: &c.dialog.remote_uri,
             call_id: &c.dialog.call_id,
-            cseq: c.dialog.local_seq,
+            cseq,
             user_agent: &self.cfg.user_agent,
+            extra,
+            body,
         });
+        (branch, dest, payload)
+    }
+
+    pub(super) fn send_bye(&mut self, now: Instant, h: CallHandle, c: &mut Call, ends_call: bool) {
+        c.dialog.local_seq += 1;
+        let cseq = c.dialog.local_seq;
+        let (branch, dest, payload) = self.dialog_request(c, "BYE", cseq, None, "", None);
         let id = TxnId(self.fresh_id());
-        let txn = ClientNonInvite::start(now, &self.t, h, ends_call, dest, payload.clone());
+        let purpose = Purpose::Bye { ends_call };
+        let txn = ClientNonInvite::start(now, &self.t, h, purpose, dest, payload.clone());
         self.clients.insert(id, txn);
         self.client_index.insert(branch, id);
         self.arm(Owner::Client(id));
         self.send(dest, payload);
+    }
+
+    /// Refreshes the session (RFC 4028 §7.4): UPDATE without a body when the caller allows it,
+    /// else a re-INVITE offering our last SDP unchanged (same `o=` version).
+    pub(super) fn send_refresh(&mut self, now: Instant, h: CallHandle, c: &mut Call) {
+        let Some(interval) = c.session.as_ref().map(|s| s.interval) else { return };
+        c.dialog.local_seq += 1;
+        let cseq = c.dialog.local_seq;
+        let mut extra =
+            format!("Contact: <sip:{}>\r\nAllow: {ALLOW}\r\n", host_port(self.signalling_addr(c)));
+        extra.push_str(&crate::session_timer::request_headers(interval, c.min_se));
+        let id = TxnId(self.fresh_id());
+        if c.allows_update {
+            let (branch, dest, payload) =
+                self.dialog_request(c, "UPDATE", cseq, None, &extra, None);
+            let txn =
+                ClientNonInvite::start(now, &self.t, h, Purpose::Refresh, dest, payload.clone());
+            self.clients.insert(id, txn);
+            self.client_index.insert(branch, id);
+            self.send(dest, payload);
+        } else {
+            let sdp = std::mem::take(&mut c.local_sdp);
+            let body = Some(("application/sdp", sdp.as_bytes()));
+            let (branch, dest, payload) =
+                self.dialog_request(c, "INVITE", cseq, None, &extra, body);
+            c.local_sdp = sdp;
+            c.offer_in_flight = true;
+            let txn = ClientInvite::start(now, &self.t, h, cseq, dest, payload.clone());
+            self.invite_clients.insert(id, txn);
+            self.client_index.insert(branch, id);
+            self.send(dest, payload);
+        }
+        if let Some(s) = c.session.as_mut() {
+            s.in_flight = true;
+        }
+        self.arm(Owner::Client(id));
     }
 
     /// ACK (or a later in-dialog INVITE) for our 2xx to the initial INVITE.

@@ -1,4 +1,4 @@
-//! Non-INVITE client transaction (RFC 3261 §17.1.2), used for our BYE.
+//! Non-INVITE client transaction (RFC 3261 §17.1.2), used for our BYE and refreshing UPDATE.
 //!
 //! ```text
 //!  Trying --1xx--> Proceeding --final--> Completed --Timer K--> Terminated
@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::TimerEffect;
+use super::{Purpose, TimerEffect};
 use crate::call::CallHandle;
 use crate::timers::TimerValues;
 
@@ -33,9 +33,7 @@ pub(crate) enum ResponseEffect {
 #[derive(Debug)]
 pub(crate) struct ClientNonInvite {
     pub call: CallHandle,
-    /// Whether the end of this transaction ends the call (hang-up) or it was sent after the
-    /// call already ended (2xx give-up).
-    pub ends_call: bool,
+    pub purpose: Purpose,
     pub dest: SocketAddr,
     request: Vec<u8>,
     f_at: Instant,
@@ -47,13 +45,13 @@ impl ClientNonInvite {
         now: Instant,
         t: &TimerValues,
         call: CallHandle,
-        ends_call: bool,
+        purpose: Purpose,
         dest: SocketAddr,
         request: Vec<u8>,
     ) -> Self {
         Self {
             call,
-            ends_call,
+            purpose,
             dest,
             request,
             f_at: now + t.t1x64(),

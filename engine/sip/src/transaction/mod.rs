@@ -1,5 +1,6 @@
-//! Transactions (RFC 3261 §17): what a UAS and its BYE client need over UDP.
+//! Transactions (RFC 3261 §17): what a UAS, its BYE and its session refreshes need over UDP.
 
+pub(crate) mod client_invite;
 pub(crate) mod client_non_invite;
 pub(crate) mod server_invite;
 pub(crate) mod server_non_invite;
@@ -28,4 +29,14 @@ pub(crate) enum TimerEffect {
     TimedOut,
     /// Timers I, J, K, L: the transaction is over.
     Terminated,
+}
+
+/// Why we sent a non-INVITE request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// A BYE. `ends_call`: its outcome ends the call (a hang-up); false when the call already
+    /// ended (the 2xx give-up, an expired session).
+    Bye { ends_call: bool },
+    /// An UPDATE refreshing the session (RFC 4028 §7.4).
+    Refresh,
 }
