@@ -124,6 +124,15 @@ impl App {
                 s.shard, s.agent_legs
             ));
         }
+        out.push_str(
+            "# HELP precall_end_reports_pending Call-end reports waiting for room in the control plane's queue (retried, never dropped).\n# TYPE precall_end_reports_pending gauge\n",
+        );
+        for s in &shards {
+            out.push_str(&format!(
+                "precall_end_reports_pending{{shard=\"{}\"}} {}\n",
+                s.shard, s.end_reports_pending
+            ));
+        }
         let name = "precall_bridge_latency_seconds";
         out.push_str(&format!("# HELP {name} Agent bridge delays at the engine's clock: caller RTP in to the agent message out (to_agent), agent audio in to its first RTP frame out (to_caller), clone ready to the agent's first frame at the caller (first_audio).\n# TYPE {name} histogram\n"));
         type Histogram = fn(&ShardState) -> &precall_engine::LatencySnapshot;
@@ -159,7 +168,7 @@ impl App {
             ));
             out.push_str(&format!("{name}_count{{direction=\"{direction}\"}} {cumulative}\n"));
         }
-        let counters: [ShardCounter; 16] = [
+        let counters: [ShardCounter; 17] = [
             (
                 "precall_twilio_streams_refused_total",
                 "Media stream connections refused before the upgrade (path, method, signature) or closed before a valid start.",
@@ -182,6 +191,11 @@ impl App {
                 "precall_twilio_stream_frames_dropped_total",
                 "Frames for Twilio dropped because a stream's send queue was full (a slow socket).",
                 |s| s.stream_frames_dropped,
+            ),
+            (
+                "precall_calls_refused_full_total",
+                "New calls refused 503 because their shard held SHARD_MAX_CALLS already.",
+                |s| s.calls_refused_full,
             ),
             (
                 "precall_sip_datagrams_forwarded_total",

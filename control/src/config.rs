@@ -68,6 +68,12 @@ pub const VARS: &[Var] = &[
     },
     Var { name: "SHARD_PIN_CORES", default: "true", help: "pin shard i to core i" },
     Var {
+        name: "SHARD_MAX_CALLS",
+        default: "4096",
+        help: "calls one shard holds at most (SIP and Twilio streams); past it new INVITEs get \
+               503 + Retry-After before any record is made",
+    },
+    Var {
         name: "RTP_PORT_MIN",
         default: "16384",
         help: "lowest RTP port; each shard owns a slice of the range",
@@ -346,6 +352,8 @@ pub struct Config {
     pub shards: usize,
     /// Pin shards to cores.
     pub pin_cores: bool,
+    /// `SHARD_MAX_CALLS`.
+    pub shard_max_calls: usize,
     /// RTP port range.
     pub rtp_ports: std::ops::RangeInclusive<u16>,
     /// Caller RTP silence that ends a call.
@@ -640,6 +648,18 @@ impl Config {
             sip_force_rport: r.bool("SIP_FORCE_RPORT")?,
             shards,
             pin_cores: r.bool("SHARD_PIN_CORES")?,
+            shard_max_calls: match r
+                .parse::<usize>("SHARD_MAX_CALLS", "a number of calls, 1 or more")?
+            {
+                0 => {
+                    return Err(ConfigError::Invalid {
+                        var: "SHARD_MAX_CALLS",
+                        value: "0".to_owned(),
+                        expected: "a number of calls, 1 or more",
+                    });
+                }
+                n => n,
+            },
             rtp_ports: rtp_min..=rtp_max,
             rtp_timeout: r.millis("RTP_TIMEOUT_MS")?,
             rtp_strict_source: r.bool("RTP_STRICT_SOURCE")?,

@@ -441,6 +441,7 @@ fn serve(cfg: Config) -> Result<(), String> {
             advertised_ip: cfg.sip_advertised_ip,
             sip_trusted: cfg.sip_trusted.clone(),
             sip_force_rport: cfg.sip_force_rport,
+            max_calls_per_shard: cfg.shard_max_calls,
             rtp_timeout: cfg.rtp_timeout,
             rtp_strict_source: cfg.rtp_strict_source,
             // The controller's deadline, then at most the same again to make the clips ready,

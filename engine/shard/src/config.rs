@@ -39,6 +39,10 @@ pub struct EngineConfig {
     pub sip_trusted: Vec<precall_sip::Cidr>,
     /// `SIP_FORCE_RPORT`: answer SIP at the request's source port even without `rport`.
     pub sip_force_rport: bool,
+    /// `SHARD_MAX_CALLS`: calls one shard holds at most (SIP and Twilio streams together);
+    /// past it a new INVITE gets `503` + `Retry-After` before any record is made, and a new
+    /// stream is closed (Twilio goes on in the poll flow).
+    pub max_calls_per_shard: usize,
     /// `RTP_TIMEOUT_MS`: no RTP from the caller for this long ends the call with BYE.
     pub rtp_timeout: Duration,
     /// `RTP_STRICT_SOURCE`: take a call's RTP only from the SDP `c=` address or the INVITE's
@@ -140,6 +144,7 @@ impl Default for EngineConfig {
             advertised_ip: None,
             sip_trusted: Vec::new(),
             sip_force_rport: false,
+            max_calls_per_shard: 4096,
             rtp_timeout: Duration::from_secs(30),
             rtp_strict_source: true,
             plan_timeout: Duration::from_secs(15),

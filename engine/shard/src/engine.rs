@@ -80,6 +80,7 @@ impl Engine {
             },
             agent_tls: Some(Arc::new(agent_tls)),
             strict_rtp_source: cfg.rtp_strict_source,
+            max_calls: cfg.max_calls_per_shard,
         };
         let mut spawn = |engine: &mut Engine,
                          index: usize,

@@ -94,6 +94,11 @@ pub struct ShardHealth {
     pub stream_messages_malformed: u64,
     /// Frames for Twilio dropped because the stream's send queue was full (a slow socket).
     pub stream_frames_dropped: u64,
+    /// New calls refused `503` because the shard holds `SHARD_MAX_CALLS` already.
+    pub calls_refused_full: u64,
+    /// Call-end reports waiting for room in the control plane's queue (retried in order,
+    /// never dropped).
+    pub end_reports_pending: u64,
     /// Media frames sent to Twilio.
     pub stream_frames_out: u64,
     /// Media frames received from Twilio.
@@ -128,6 +133,8 @@ pub(crate) struct ShardStats {
     stream_frames_dropped: AtomicU64,
     stream_frames_out: AtomicU64,
     stream_frames_in: AtomicU64,
+    calls_refused_full: AtomicU64,
+    end_reports_pending: AtomicU64,
 }
 
 impl ShardStats {
@@ -213,6 +220,14 @@ impl ShardStats {
         self.stream_frames_in.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn call_refused_full(&self) {
+        self.calls_refused_full.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_end_reports_pending(&self, pending: usize) {
+        self.end_reports_pending.store(pending as u64, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self, shard: usize) -> ShardHealth {
         ShardHealth {
             shard,
@@ -240,6 +255,8 @@ impl ShardStats {
             stream_frames_dropped: self.stream_frames_dropped.load(Ordering::Relaxed),
             stream_frames_out: self.stream_frames_out.load(Ordering::Relaxed),
             stream_frames_in: self.stream_frames_in.load(Ordering::Relaxed),
+            calls_refused_full: self.calls_refused_full.load(Ordering::Relaxed),
+            end_reports_pending: self.end_reports_pending.load(Ordering::Relaxed),
         }
     }
 }

@@ -1,10 +1,18 @@
-//! A shard's inbox: a bounded crossbeam queue plus a doorbell (an `AtomicWaker`) that wakes the
+//! A shard's inbox: two crossbeam queues plus a doorbell (an `AtomicWaker`) that wakes the
 //! shard's task from any thread. glommio's own channels panic when used from a thread that is
 //! not a glommio executor, so the control plane reaches shards through this.
 //!
-//! The sender never blocks: a full queue is [`SendError::Overloaded`]. The receiving side is a
-//! future that registers the shard task's waker and then looks at the queue; registering first
-//! means a message sent between the look and the registration still rings the bell.
+//! Two lanes, so that a SIP flood can never push out the control plane's answers:
+//! * **control** (plans, releases, rechecks, drain, stop): unbounded, read first. Every message
+//!   on it answers a request the shard itself made (a plan or status check per call at a time,
+//!   a release per stream) or is a rare command, so its length is bounded by the shard's calls
+//!   (`SHARD_MAX_CALLS`), not by anything a peer sends; a reply is never dropped.
+//! * **sip** (datagrams other shards received for a Call-ID this shard owns): bounded; a full
+//!   lane is [`SendError::Overloaded`] and the datagram is dropped (the sender retransmits).
+//!
+//! The sender never blocks. The receiving side is a future that registers the shard task's
+//! waker and then looks at the queues; registering first means a message sent between the look
+//! and the registration still rings the bell.
 
 use std::{
     net::SocketAddr,
@@ -26,7 +34,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 
 use crate::SendError;
 
-/// How many messages may wait in one shard's inbox.
+/// How many forwarded SIP datagrams may wait in one shard's inbox.
 pub(crate) const INBOX_CAPACITY: usize = 1024;
 
 /// A message for one shard.
@@ -90,27 +98,36 @@ struct Doorbell {
 /// The sending half, held by the engine (and later by anything that answers a shard).
 #[derive(Debug, Clone)]
 pub(crate) struct InboxSender {
-    tx: Sender<ShardMsg>,
+    control: Sender<ShardMsg>,
+    sip: Sender<ShardMsg>,
     doorbell: Arc<Doorbell>,
 }
 
 /// The receiving half, owned by the shard.
 #[derive(Debug)]
 pub(crate) struct Inbox {
-    rx: Receiver<ShardMsg>,
+    control: Receiver<ShardMsg>,
+    sip: Receiver<ShardMsg>,
     doorbell: Arc<Doorbell>,
 }
 
-pub(crate) fn inbox(capacity: usize) -> (InboxSender, Inbox) {
-    let (tx, rx) = crossbeam_channel::bounded(capacity);
+/// An inbox whose SIP lane holds `sip_capacity` datagrams.
+pub(crate) fn inbox(sip_capacity: usize) -> (InboxSender, Inbox) {
+    let (control_tx, control_rx) = crossbeam_channel::unbounded();
+    let (sip_tx, sip_rx) = crossbeam_channel::bounded(sip_capacity);
     let doorbell = Arc::new(Doorbell::default());
-    (InboxSender { tx, doorbell: doorbell.clone() }, Inbox { rx, doorbell })
+    (
+        InboxSender { control: control_tx, sip: sip_tx, doorbell: doorbell.clone() },
+        Inbox { control: control_rx, sip: sip_rx, doorbell },
+    )
 }
 
 impl InboxSender {
-    /// Queues `msg` and rings the doorbell; never blocks.
+    /// Queues `msg` on its lane and rings the doorbell; never blocks. Only a forwarded
+    /// datagram can be refused as [`SendError::Overloaded`].
     pub(crate) fn send(&self, msg: ShardMsg) -> Result<(), SendError> {
-        match self.tx.try_send(msg) {
+        let lane = if matches!(msg, ShardMsg::Sip(_)) { &self.sip } else { &self.control };
+        match lane.try_send(msg) {
             Ok(()) => {
                 self.doorbell.waker.wake();
                 Ok(())
@@ -142,7 +159,13 @@ impl Inbox {
         if self.doorbell.stop.load(Ordering::Acquire) {
             return Poll::Ready(ShardMsg::Stop);
         }
-        match self.rx.try_recv() {
+        // The control plane's answers first: they move calls on; datagrams can wait.
+        match self.control.try_recv() {
+            Ok(msg) => return Poll::Ready(msg),
+            Err(TryRecvError::Disconnected) => return Poll::Ready(ShardMsg::Stop),
+            Err(TryRecvError::Empty) => {}
+        }
+        match self.sip.try_recv() {
             Ok(msg) => Poll::Ready(msg),
             Err(TryRecvError::Empty) => Poll::Pending,
             Err(TryRecvError::Disconnected) => Poll::Ready(ShardMsg::Stop),
@@ -176,13 +199,27 @@ mod tests {
         fut.as_mut().poll(&mut Context::from_waker(waker))
     }
 
+    fn datagram() -> ShardMsg {
+        ShardMsg::Sip(ForwardedDatagram {
+            from: "127.0.0.1:5060".parse().unwrap(),
+            data: Box::new([]),
+        })
+    }
+
     #[test]
-    fn full_queue_is_overloaded_not_blocking() {
-        let (tx, _rx) = inbox(INBOX_CAPACITY);
+    fn a_full_sip_lane_is_overloaded_and_the_control_lane_still_delivers_first() {
+        let (tx, rx) = inbox(INBOX_CAPACITY);
         for _ in 0..INBOX_CAPACITY {
-            tx.send(ShardMsg::Stop).unwrap();
+            tx.send(datagram()).unwrap();
         }
-        assert_eq!(tx.send(ShardMsg::Stop), Err(SendError::Overloaded));
+        assert_eq!(tx.send(datagram()), Err(SendError::Overloaded));
+        // A flood of forwarded datagrams cannot push out the control plane's answers.
+        tx.send(ShardMsg::Drain).unwrap();
+        tx.send(ShardMsg::Drain).unwrap();
+        let waker = Waker::from(Arc::new(CountingWaker::default()));
+        assert!(matches!(poll_once(&rx, &waker), Poll::Ready(ShardMsg::Drain)));
+        assert!(matches!(poll_once(&rx, &waker), Poll::Ready(ShardMsg::Drain)));
+        assert!(matches!(poll_once(&rx, &waker), Poll::Ready(ShardMsg::Sip(_))));
     }
 
     #[test]
@@ -232,11 +269,11 @@ mod tests {
         let counter = Arc::new(CountingWaker::default());
         let waker = Waker::from(counter.clone());
         assert!(poll_once(&rx, &waker).is_pending());
-        tx.send(ShardMsg::PanicForTest).unwrap();
-        assert_eq!(tx.send(ShardMsg::PanicForTest), Err(SendError::Overloaded));
+        tx.send(datagram()).unwrap();
+        assert_eq!(tx.send(datagram()), Err(SendError::Overloaded));
         tx.request_stop();
         assert_eq!(counter.0.load(Ordering::SeqCst), 1, "one registration, one wake");
-        // The stop is read before the queued message.
+        // The stop is read before the queued datagram.
         assert!(matches!(poll_once(&rx, &waker), Poll::Ready(ShardMsg::Stop)));
     }
 

@@ -28,7 +28,7 @@
 use std::{
     cell::{Cell, RefCell},
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap},
+    collections::{BinaryHeap, HashMap, VecDeque},
     future::poll_fn,
     io::IoSlice,
     net::{IpAddr, SocketAddr},
@@ -71,6 +71,14 @@ use crate::{
 /// Largest UDP payload (65,535 minus the 8-byte UDP header, rounded up): a SIP datagram never
 /// needs more, so one buffer of this size, allocated once per shard, is never truncating.
 const MAX_DATAGRAM: usize = 64 * 1024;
+
+/// A receive task hands the thread to the loop (and the other tasks) after this many datagrams
+/// in a row: glommio's `recv_from` returns at once while data waits, so without it a flood on
+/// one socket would keep the media clock from sending (RTP pacing) until the flood paused.
+const RECV_BURST: u32 = 16;
+
+/// A call-end report the control plane's queue had no room for is tried again this much later.
+const REPORT_RETRY: Duration = Duration::from_millis(20);
 
 /// RTP receive buffer per call: only the header is read, a longer datagram is truncated.
 const RTP_RECV_BUFFER: usize = 2048;
@@ -149,6 +157,8 @@ pub(crate) struct CallSettings {
     pub(crate) agent_tls: Option<Arc<rustls::ClientConfig>>,
     /// Strict RTP's source rule (`RTP_STRICT_SOURCE`): latch only the SDP or INVITE address.
     pub(crate) strict_rtp_source: bool,
+    /// `SHARD_MAX_CALLS`: past it new calls get `503` (SIP) or a closed stream (Twilio).
+    pub(crate) max_calls: usize,
 }
 
 /// Everything a shard needs, moved onto its thread.
@@ -273,6 +283,8 @@ pub(crate) async fn run(params: ShardParams) {
             nudge: nudge.clone(),
             closed_agents: Vec::new(),
             next_stream: 0,
+            unreported: VecDeque::new(),
+            report_retry_at: None,
         })
     });
     let receiver = sip_recv.map(|recv| {
@@ -409,7 +421,13 @@ async fn receive_sip(
     let stats = core.borrow().stats.clone();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut failures: u64 = 0;
+    let mut burst = 0;
     loop {
+        burst += 1;
+        if burst == RECV_BURST {
+            burst = 0;
+            futures_lite::future::yield_now().await;
+        }
         match socket.recv_from(&mut buf).await {
             Ok((len, from)) => {
                 failures = 0;
@@ -455,7 +473,13 @@ async fn receive_rtp(
     nudge: Rc<Nudge>,
 ) {
     let mut buf = [0u8; RTP_RECV_BUFFER];
+    let mut burst = 0;
     loop {
+        burst += 1;
+        if burst == RECV_BURST {
+            burst = 0;
+            futures_lite::future::yield_now().await;
+        }
         match socket.recv_from(&mut buf).await {
             Ok((len, from)) => {
                 let Some(core) = core.upgrade() else { return };
@@ -503,6 +527,10 @@ struct Core {
     /// from inside their own task.
     closed_agents: Vec<AgentLeg>,
     next_stream: u64,
+    /// Call-end reports the control plane's queue refused (full), in order; retried at
+    /// `report_retry_at` until taken. Never dropped: the record would stay `holding` forever.
+    unreported: VecDeque<(CallId, String)>,
+    report_retry_at: Option<Instant>,
 }
 
 impl Core {
@@ -516,6 +544,7 @@ impl Core {
             self.endpoint.poll_timeout(),
             self.clock.poll_timeout(),
             self.timers.peek().map(|Reverse((at, _))| *at),
+            self.report_retry_at,
         ]
         .into_iter()
         .flatten()
@@ -569,6 +598,9 @@ impl Core {
     /// Runs every SIP timer, media frame and call timer that is due.
     fn on_tick(&mut self, now: Instant) {
         self.closed_agents.clear();
+        if self.report_retry_at.is_some_and(|at| at <= now) {
+            self.retry_reports(now);
+        }
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);
         }
@@ -635,7 +667,7 @@ impl Core {
                 }
                 self.after_flow(now, call);
             }
-            Event::CallEnded { call, reason } => self.on_ended(call, reason),
+            Event::CallEnded { call, reason } => self.on_ended(now, call, reason),
             Event::Dropped { reason } => {
                 tracing::debug!(shard = self.index, %reason, "SIP datagram dropped");
                 self.stats.datagram_dropped();
@@ -657,6 +689,12 @@ impl Core {
         // Refuse what cannot be answered before the controller records a call for it.
         if offer.is_some_and(|o| !o.has_g711_audio()) {
             self.endpoint.reject(now, handle, 488, "Not Acceptable Here");
+            return;
+        }
+        if self.calls.len() >= self.settings.max_calls {
+            // Full: `503` + Retry-After, no record, no control-plane work.
+            self.stats.call_refused_full();
+            self.endpoint.reject(now, handle, 503, "Service Unavailable");
             return;
         }
         let call_id = CallId::from(call_id);
@@ -710,7 +748,7 @@ impl Core {
             // The call ended while the controller was thinking (CANCEL, BYE): record the end
             // again, in case the first report overtook the inbound request.
             if p.kind == PlanKind::Inbound && matches!(p.call, CallKey::Sip(_)) {
-                let _ = self.control.call_ended(p.call_id, "canceled".to_owned());
+                self.report_end(now, p.call_id, "canceled".to_owned());
             }
             return;
         };
@@ -1141,6 +1179,13 @@ impl Core {
         if self.calls.contains_key(&key) {
             return;
         }
+        if self.calls.len() >= self.settings.max_calls {
+            // Full: the stream closes and Twilio runs the TwiML after `</Connect>` (the poll
+            // flow, on any node behind the webhook URL).
+            self.stats.call_refused_full();
+            outbox.close();
+            return;
+        }
         let call_id = CallId::from(info.call_id.clone());
         let start = StreamStart {
             call_id: call_id.clone(),
@@ -1191,9 +1236,7 @@ impl Core {
         let call_id = call.flow.call_id().clone();
         if stopped && !ended_by_us {
             tracing::debug!(shard = self.index, call_id = %call_id, "media stream stopped by Twilio");
-            if let Err(e) = self.control.call_ended(call_id, "caller_hangup".to_owned()) {
-                tracing::warn!(shard = self.index, error = %e, "could not record the end of a call");
-            }
+            self.report_end(Instant::now(), call_id, "caller_hangup".to_owned());
         } else if !ended_by_us {
             tracing::info!(shard = self.index, call_id = %call_id, "media stream broke; Twilio falls back to polling");
             let detail = "the stream closed without Twilio's stop".to_owned();
@@ -1239,7 +1282,43 @@ impl Core {
         Some(call)
     }
 
-    fn on_ended(&mut self, handle: CallHandle, reason: EndReason) {
+    /// Records the end of a call with the control plane. A full queue keeps the report (and
+    /// every later one, to keep their order) for [`Self::retry_reports`].
+    fn report_end(&mut self, now: Instant, call_id: CallId, reason: String) {
+        if self.unreported.is_empty() {
+            match self.control.call_ended(call_id.clone(), reason.clone()) {
+                Ok(()) => return,
+                Err(precall_api::ControlError::Overloaded) => {}
+                Err(e) => {
+                    // Stopped: the process is going away; nothing can take it any more.
+                    tracing::warn!(shard = self.index, call_id = %call_id, error = %e, "could not record the end of a call");
+                    return;
+                }
+            }
+        }
+        self.unreported.push_back((call_id, reason));
+        self.report_retry_at.get_or_insert(now + REPORT_RETRY);
+        self.stats.set_end_reports_pending(self.unreported.len());
+    }
+
+    /// Hands the kept call-end reports over, oldest first, until the queue is full again.
+    fn retry_reports(&mut self, now: Instant) {
+        self.report_retry_at = None;
+        while let Some((call_id, reason)) = self.unreported.front().cloned() {
+            match self.control.call_ended(call_id, reason) {
+                Err(precall_api::ControlError::Overloaded) => {
+                    self.report_retry_at = Some(now + REPORT_RETRY);
+                    break;
+                }
+                Ok(()) | Err(_) => {
+                    self.unreported.pop_front();
+                }
+            }
+        }
+        self.stats.set_end_reports_pending(self.unreported.len());
+    }
+
+    fn on_ended(&mut self, now: Instant, handle: CallHandle, reason: EndReason) {
         let Some(call) = self.remove_call(CallKey::Sip(handle)) else { return };
         let reason = call.flow.end_reason().unwrap_or(match reason {
             EndReason::RemoteBye => "caller_hangup",
@@ -1251,9 +1330,7 @@ impl Core {
         });
         let call_id = call.flow.call_id().clone();
         tracing::debug!(shard = self.index, call_id = %call_id, reason, "call ended");
-        if let Err(e) = self.control.call_ended(call_id, reason.to_owned()) {
-            tracing::warn!(shard = self.index, error = %e, "could not record the end of a call");
-        }
+        self.report_end(now, call_id, reason.to_owned());
     }
 
     /// On shutdown: one BYE (or final response) per live SIP call, sent now, and the end
@@ -1284,10 +1361,12 @@ impl Core {
                 }
                 _ => {
                     let call_id = call.flow.call_id().clone();
-                    let _ = self.control.call_ended(call_id, "shutdown".to_owned());
+                    self.unreported.push_back((call_id, "shutdown".to_owned()));
                 }
             }
         }
+        // Whatever the control plane's queue takes now is recorded; it is going away too.
+        self.retry_reports(now);
         self.stats.set_active_calls(0);
         self.stats.set_agent_legs(0);
         self.stats.set_streams(0);

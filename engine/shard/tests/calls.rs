@@ -31,6 +31,8 @@ struct FakeControl {
     inbound: Mutex<Vec<CallContext>>,
     polls: Mutex<u32>,
     ended: Mutex<Vec<(String, String)>>,
+    /// The next this many call-end reports are refused as `Overloaded` (a full queue).
+    refuse_ends: Mutex<u32>,
 }
 
 impl std::fmt::Debug for FakeControl {
@@ -110,6 +112,11 @@ impl ShardControl for FakeControl {
     }
 
     fn call_ended(&self, call_id: CallId, reason: String) -> Result<(), ControlError> {
+        let mut refuse = self.refuse_ends.lock().unwrap();
+        if *refuse > 0 {
+            *refuse -= 1;
+            return Err(ControlError::Overloaded);
+        }
         self.ended.lock().unwrap().push((call_id.as_str().to_owned(), reason));
         Ok(())
     }
@@ -412,4 +419,67 @@ fn shutdown_says_bye_to_live_calls() {
     });
     let ended = control.ended.lock().unwrap().clone();
     assert_eq!(ended, [("still-talking@carrier.example".to_owned(), "shutdown".to_owned())]);
+}
+
+#[test]
+fn a_full_shard_answers_503_before_any_record_is_made() {
+    let control = Arc::new(FakeControl::default());
+    let cfg = EngineConfig {
+        shards: 1,
+        pin_cores: false,
+        sip: Some("127.0.0.1:0".parse().unwrap()),
+        rtp_ports: 40000..=40999,
+        max_calls_per_shard: 2,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(cfg, control.clone()).unwrap();
+    let mut uac = Uac::new(engine.sip_addr().unwrap());
+    let first = uac.invite("full-1@carrier.example", 30500);
+    uac.ack(&first);
+    let second = uac.invite("full-2@carrier.example", 30502);
+    uac.ack(&second);
+    uac.send_invite("full-3@carrier.example", 30504);
+    let refused = uac.recv_until("503 to the third INVITE", |m| {
+        header(m, "Call-ID") == Some("full-3@carrier.example")
+            && status(m).is_some_and(|s| s >= 200)
+    });
+    assert_eq!(status(&refused), Some(503));
+    assert_eq!(header(&refused, "Retry-After"), Some("5"));
+    assert_eq!(control.inbound.lock().unwrap().len(), 2, "no record for the refused call");
+    assert_eq!(engine.health()[0].calls_refused_full, 1);
+    // A call that ends makes room again.
+    assert_eq!(status(&uac.bye(&first)), Some(200));
+    eventually("the slot freed", || engine.health()[0].active_calls == 1);
+    let again = uac.invite("full-4@carrier.example", 30506);
+    uac.ack(&again);
+    assert_eq!(control.inbound.lock().unwrap().len(), 3);
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn call_end_reports_refused_by_a_full_queue_are_retried_in_order() {
+    let control = Arc::new(FakeControl::default());
+    let engine = start(1, control.clone());
+    let mut uac = Uac::new(engine.sip_addr().unwrap());
+    let a = uac.invite("end-a@carrier.example", 30600);
+    uac.ack(&a);
+    let b = uac.invite("end-b@carrier.example", 30602);
+    uac.ack(&b);
+    // The control plane's queue is full for the next 5 reports.
+    *control.refuse_ends.lock().unwrap() = 5;
+    assert_eq!(status(&uac.bye(&a)), Some(200));
+    assert_eq!(status(&uac.bye(&b)), Some(200));
+    await_end(&control, "end-b@carrier.example", "caller_hangup");
+    let ended = control.ended.lock().unwrap().clone();
+    assert_eq!(
+        ended,
+        vec![
+            ("end-a@carrier.example".to_owned(), "caller_hangup".to_owned()),
+            ("end-b@carrier.example".to_owned(), "caller_hangup".to_owned()),
+        ],
+        "both recorded, once each, in order"
+    );
+    assert_eq!(*control.refuse_ends.lock().unwrap(), 0, "every refusal was retried");
+    eventually("no report pending", || engine.health()[0].end_reports_pending == 0);
+    engine.shutdown().unwrap();
 }

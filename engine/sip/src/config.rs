@@ -38,6 +38,10 @@ pub struct SipConfig {
     /// §18.2.2 sends a response to the Via's sent-by port unless the sender asked for `rport`.
     /// Turn it on for phones behind NAT that neither send `rport` nor listen where they send.
     pub force_rport: bool,
+    /// Server transactions kept at most (each absorbs retransmissions for up to 64*T1). Past
+    /// it a new INVITE gets `503` and other requests are answered without keeping state, so a
+    /// flood cannot grow the endpoint's memory without bound.
+    pub max_transactions: usize,
 }
 
 /// An IP network, `addr/prefix` (a bare address is a /32 or /128).
@@ -111,6 +115,7 @@ impl SipConfig {
             untrusted_window: Duration::from_secs(2),
             untrusted_ban: Duration::from_secs(30),
             force_rport: false,
+            max_transactions: 250_000,
         }
     }
 

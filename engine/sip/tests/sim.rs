@@ -1226,3 +1226,34 @@ fn a_short_interval_gets_422_only_from_a_caller_that_can_retry() {
     assert_eq!(header(&inbox[0], "Min-SE"), Some("90"));
     assert_eq!(sim.ep.calls(), 1, "a refused refresh leaves the session as it was");
 }
+
+#[test]
+fn past_its_transaction_limit_the_endpoint_keeps_no_more_state() {
+    let mut cfg = config();
+    cfg.max_transactions = 3;
+    let mut sim = Sim::new();
+    sim.ep = Endpoint::new(cfg, CounterIds::default());
+    let options = |n: u32| {
+        format!(
+            "OPTIONS sip:192.0.2.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5060;branch=z9hG4bKo{n}\r\n\
+             From: <sip:probe@carrier.example>;tag=p{n}\r\nTo: <sip:192.0.2.10>\r\nCall-ID: o{n}\r\n\
+             CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    for n in 0..5 {
+        sim.send(&options(n));
+    }
+    // Every probe is answered; only three transactions absorb retransmissions.
+    assert_eq!(sim.take_inbox().iter().filter(|p| status(p) == Some(200)).count(), 5);
+    sim.send(&options(0));
+    assert_eq!(sim.take_inbox().len(), 1, "a kept transaction resends its answer");
+    // A new call needs a transaction: 503 while full, and no call.
+    sim.send(&invite("t1", "z9hG4bKt1", OFFER));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(503));
+    assert_eq!(sim.ep.calls(), 0);
+    // Timer J frees them (64*T1), and calls are taken again.
+    sim.run_until(Duration::from_secs(33));
+    sim.send(&invite("t2", "z9hG4bKt2", OFFER));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(100));
+    assert_eq!(sim.ep.calls(), 1);
+}

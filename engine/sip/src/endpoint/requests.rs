@@ -122,7 +122,7 @@ impl<G: IdGen> Endpoint<G> {
             let err = if merged { RequestError::MergedRequest } else { RequestError::CallIdInUse };
             return self.answer_error(now, from, key, false, headers, &err);
         }
-        if self.draining {
+        if self.draining || self.servers.len() >= self.cfg.max_transactions {
             return self.answer_error(now, from, key, false, headers, &RequestError::Unavailable);
         }
         let offer = match read_offer(req, body) {

@@ -149,7 +149,7 @@ impl<G: IdGen> Endpoint<G> {
         let dest = self.reply_addr(headers, from);
         self.send(dest, payload.clone());
         let Some(key) = key else { return };
-        if self.server_index.contains_key(&key) {
+        if self.server_index.contains_key(&key) || self.servers.len() >= self.cfg.max_transactions {
             return;
         }
         let txn = if key.method == "INVITE" {
