@@ -56,6 +56,13 @@ pub const VARS: &[Var] = &[
                others get 403 (unset: any source, logged loudly at start)",
     },
     Var {
+        name: "SIP_DIGEST_USERS",
+        default: "-",
+        help: "comma-separated user:password pairs; an INVITE from outside SIP_TRUSTED_CIDRS (from \
+               anyone, with no list) must answer a digest challenge (RFC 8760: SHA-256, MD5)",
+    },
+    Var { name: "SIP_DIGEST_REALM", default: "precall", help: "realm of the digest challenge" },
+    Var {
         name: "SIP_FORCE_RPORT",
         default: "false",
         help: "answer SIP at the request's source port even when its Via has no rport (for \
@@ -348,6 +355,8 @@ pub struct Config {
     pub sip_trusted: Vec<precall_engine::Cidr>,
     /// `SIP_FORCE_RPORT`.
     pub sip_force_rport: bool,
+    /// `SIP_DIGEST_USERS` and `SIP_DIGEST_REALM`.
+    pub sip_digest: Option<precall_engine::DigestConfig>,
     /// Engine shards.
     pub shards: usize,
     /// Pin shards to cores.
@@ -534,6 +543,26 @@ impl Config {
                 })
                 .collect::<Result<Vec<_>, _>>()?,
         };
+        let sip_digest = match r.raw("SIP_DIGEST_USERS") {
+            None => None,
+            Some(list) => {
+                let users = list
+                    .split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|pair| match pair.trim().split_once(':') {
+                        Some((user, password)) if !user.is_empty() && !password.is_empty() => {
+                            Ok((user.to_owned(), password.to_owned()))
+                        }
+                        _ => Err(ConfigError::Invalid {
+                            var: "SIP_DIGEST_USERS",
+                            value: "(not shown: it holds passwords)".to_owned(),
+                            expected: "comma-separated user:password pairs",
+                        }),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Some(precall_engine::DigestConfig { realm: r.string("SIP_DIGEST_REALM"), users })
+            }
+        };
         let shards = match r.raw("SHARDS") {
             None => std::thread::available_parallelism().map_or(1, usize::from),
             Some(value) => match value.parse::<usize>() {
@@ -646,6 +675,7 @@ impl Config {
             sip_advertised_ip,
             sip_trusted,
             sip_force_rport: r.bool("SIP_FORCE_RPORT")?,
+            sip_digest,
             shards,
             pin_cores: r.bool("SHARD_PIN_CORES")?,
             shard_max_calls: match r

@@ -412,14 +412,26 @@ fn serve(cfg: Config) -> Result<(), String> {
         )?);
     if cfg.sip_addr.is_some() {
         warm_clips(&side, &audio, &cfg);
-        if cfg.sip_trusted.is_empty() {
-            tracing::warn!(
+        let users = cfg.sip_digest.as_ref().map_or(0, |d| d.users.len());
+        match (cfg.sip_trusted.is_empty(), users) {
+            (true, 0) => tracing::warn!(
                 "SIP_TRUSTED_CIDRS is not set: precall answers SIP from ANY address. Anyone who \
                  can reach the SIP port can place calls (and start voice clones). List your \
-                 carriers' signalling networks in SIP_TRUSTED_CIDRS."
-            );
-        } else {
-            tracing::info!(networks = cfg.sip_trusted.len(), "SIP only from SIP_TRUSTED_CIDRS");
+                 carriers' signalling networks in SIP_TRUSTED_CIDRS, or set SIP_DIGEST_USERS."
+            ),
+            (true, users) => tracing::warn!(
+                users,
+                "SIP_TRUSTED_CIDRS is not set: every INVITE must answer a digest challenge \
+                 (SIP_DIGEST_USERS); list your carriers in SIP_TRUSTED_CIDRS to spare them"
+            ),
+            (false, 0) => {
+                tracing::info!(networks = cfg.sip_trusted.len(), "SIP only from SIP_TRUSTED_CIDRS")
+            }
+            (false, users) => tracing::info!(
+                networks = cfg.sip_trusted.len(),
+                users,
+                "SIP from SIP_TRUSTED_CIDRS, and from elsewhere with digest credentials"
+            ),
         }
     }
     let bridge = SipBridge::new(
@@ -441,6 +453,7 @@ fn serve(cfg: Config) -> Result<(), String> {
             advertised_ip: cfg.sip_advertised_ip,
             sip_trusted: cfg.sip_trusted.clone(),
             sip_force_rport: cfg.sip_force_rport,
+            sip_digest: cfg.sip_digest.clone(),
             max_calls_per_shard: cfg.shard_max_calls,
             rtp_timeout: cfg.rtp_timeout,
             rtp_strict_source: cfg.rtp_strict_source,

@@ -39,6 +39,9 @@ pub struct EngineConfig {
     pub sip_trusted: Vec<precall_sip::Cidr>,
     /// `SIP_FORCE_RPORT`: answer SIP at the request's source port even without `rport`.
     pub sip_force_rport: bool,
+    /// `SIP_DIGEST_USERS`/`SIP_DIGEST_REALM`: INVITEs from outside `sip_trusted` (from anyone,
+    /// with no list) must authenticate (RFC 8760); `None`: no digest authentication.
+    pub sip_digest: Option<precall_sip::DigestConfig>,
     /// `SHARD_MAX_CALLS`: calls one shard holds at most (SIP and Twilio streams together);
     /// past it a new INVITE gets `503` + `Retry-After` before any record is made, and a new
     /// stream is closed (Twilio goes on in the poll flow).
@@ -144,6 +147,7 @@ impl Default for EngineConfig {
             advertised_ip: None,
             sip_trusted: Vec::new(),
             sip_force_rport: false,
+            sip_digest: None,
             max_calls_per_shard: 4096,
             rtp_timeout: Duration::from_secs(30),
             rtp_strict_source: true,

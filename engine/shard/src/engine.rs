@@ -70,6 +70,7 @@ impl Engine {
             advertised_ip: cfg.advertised_ip,
             sip_trusted: cfg.sip_trusted.clone(),
             sip_force_rport: cfg.sip_force_rport,
+            sip_digest: cfg.sip_digest.clone(),
             flow: FlowConfig {
                 rtp_timeout: cfg.rtp_timeout,
                 plan_timeout: cfg.plan_timeout,

@@ -151,6 +151,8 @@ pub(crate) struct CallSettings {
     pub(crate) sip_trusted: Vec<precall_sip::Cidr>,
     /// `SIP_FORCE_RPORT`.
     pub(crate) sip_force_rport: bool,
+    /// `SIP_DIGEST_USERS`.
+    pub(crate) sip_digest: Option<precall_sip::DigestConfig>,
     /// Every call flow's settings.
     pub(crate) flow: FlowConfig,
     /// For `wss://` agents.
@@ -262,6 +264,7 @@ pub(crate) async fn run(params: ShardParams) {
     sip_cfg.advertised_ip = settings.advertised_ip;
     sip_cfg.trusted = settings.sip_trusted.clone();
     sip_cfg.force_rport = settings.sip_force_rport;
+    sip_cfg.digest = settings.sip_digest.clone();
     let core = Rc::new_cyclic(|this| {
         RefCell::new(Core {
             index,

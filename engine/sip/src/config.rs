@@ -42,6 +42,10 @@ pub struct SipConfig {
     /// it a new INVITE gets `503` and other requests are answered without keeping state, so a
     /// flood cannot grow the endpoint's memory without bound.
     pub max_transactions: usize,
+    /// `SIP_DIGEST_USERS`: callers outside [`SipConfig::trusted`] (or anyone, with no list)
+    /// must answer a digest challenge (RFC 8760) before an INVITE is served; `None`: no
+    /// authentication.
+    pub digest: Option<crate::auth::DigestConfig>,
 }
 
 /// An IP network, `addr/prefix` (a bare address is a /32 or /128).
@@ -116,6 +120,7 @@ impl SipConfig {
             untrusted_ban: Duration::from_secs(30),
             force_rport: false,
             max_transactions: 250_000,
+            digest: None,
         }
     }
 

@@ -106,9 +106,12 @@ pub enum RequestError {
     /// (RFC 3261 §14.2, RFC 3311 §5.2): `491`.
     #[error("Request Pending")]
     RequestPending,
-    /// The source is not in `SIP_TRUSTED_CIDRS`.
+    /// The source is not in `SIP_TRUSTED_CIDRS`, or its digest credentials are wrong.
     #[error("Forbidden")]
     Forbidden,
+    /// A digest challenge (RFC 8760): `401` with these `WWW-Authenticate` lines.
+    #[error("Unauthorized")]
+    Unauthorized(String),
     /// The endpoint is draining: no new calls, OPTIONS says so (`503` + `Retry-After`), so a
     /// dispatcher takes the node out and callers retry elsewhere.
     #[error("Service Unavailable")]
@@ -136,6 +139,7 @@ impl RequestError {
             Self::RequestPending => 491,
             Self::Unavailable => 503,
             Self::Forbidden => 403,
+            Self::Unauthorized(_) => 401,
             Self::Framing(_)
             | Self::BadHeaderLine
             | Self::BadRequestLine

@@ -44,6 +44,7 @@
 //! 3581) or [`SipConfig::force_rport`] is set; `received`/`rport` are filled in the top Via.
 #![forbid(unsafe_code)]
 
+mod auth;
 mod body;
 mod build;
 mod call;
@@ -60,6 +61,7 @@ mod transaction;
 mod uri;
 mod wire;
 
+pub use auth::DigestConfig;
 pub use config::{Cidr, IdGen, SipConfig};
 pub use endpoint::Endpoint;
 pub use error::{AcceptError, DropReason, FramingError, RequestError};

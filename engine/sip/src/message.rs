@@ -129,6 +129,12 @@ pub(crate) fn list<'h>(
         .collect()
 }
 
+/// Every line of a header field whose values hold commas of their own (`Authorization`:
+/// RFC 3261 §7.3.1 lets such fields repeat but not be joined), one value per line.
+pub(crate) fn list_whole<'h>(headers: &[HeaderLine<'h>], full: &str) -> Vec<&'h str> {
+    headers.iter().filter(|h| named(h, full, None)).map(|h| h.value).collect()
+}
+
 /// The one value of a single-valued header field.
 pub(crate) fn single<'h>(
     headers: &[HeaderLine<'h>],

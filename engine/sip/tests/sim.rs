@@ -1257,3 +1257,153 @@ fn past_its_transaction_limit_the_endpoint_keeps_no_more_state() {
     assert_eq!(status(&sim.take_inbox()[0]), Some(100));
     assert_eq!(sim.ep.calls(), 1);
 }
+
+// ----- digest authentication (RFC 8760) -----
+
+fn digest_hex(alg: &str, s: &str) -> String {
+    use sha2::Digest as _;
+    let bytes: Vec<u8> = match alg {
+        "SHA-256" => sha2::Sha256::digest(s.as_bytes()).to_vec(),
+        _ => <md5::Md5 as md5::Digest>::digest(s.as_bytes()).to_vec(),
+    };
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The caller's answer to a challenge, as RFC 7616 §3.4.1 computes it with `qop=auth`.
+fn authorization(challenge: &str, alg: &str, user: &str, password: &str, uri: &str) -> String {
+    let param = |name: &str| {
+        let at = challenge.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+        challenge[at..].split('"').next().unwrap().to_owned()
+    };
+    let (realm, nonce) = (param("realm"), param("nonce"));
+    let ha1 = digest_hex(alg, &format!("{user}:{realm}:{password}"));
+    let ha2 = digest_hex(alg, &format!("INVITE:{uri}"));
+    let response = digest_hex(alg, &format!("{ha1}:{nonce}:00000001:c0ffee:auth:{ha2}"));
+    format!(
+        "Authorization: Digest username=\"{user}\", realm=\"{realm}\", nonce=\"{nonce}\", \
+         uri=\"{uri}\", response=\"{response}\", algorithm={alg}, cnonce=\"c0ffee\", qop=auth, nc=00000001\r\n"
+    )
+}
+
+fn digest_sim() -> Sim {
+    let mut cfg = config();
+    cfg.trusted = vec!["198.51.100.0/24".parse().unwrap()];
+    cfg.digest = Some(precall_sip::DigestConfig {
+        realm: "precall".to_owned(),
+        users: vec![("pbx1".to_owned(), "s3cret".to_owned())],
+    });
+    let mut sim = Sim { ep: Endpoint::new(cfg, CounterIds::default()), ..Sim::new() };
+    sim.uac = "203.0.113.50:5060".parse().unwrap();
+    sim
+}
+
+const RURI: &str = "sip:+15550001111@192.0.2.10:5060";
+
+#[test]
+fn an_unlisted_caller_is_challenged_and_served_once_it_answers_with_sha256_or_md5() {
+    let mut sim = digest_sim();
+    sim.send(&invite("d1", "z9hG4bKd1", OFFER));
+    let inbox = sim.take_inbox();
+    assert_eq!(status(&inbox[0]), Some(401));
+    let text = String::from_utf8_lossy(&inbox[0]).into_owned();
+    let challenges: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("WWW-Authenticate:")).collect();
+    assert_eq!(challenges.len(), 2, "{text}");
+    assert!(challenges[0].contains("algorithm=SHA-256") && challenges[1].contains("algorithm=MD5"));
+    assert!(challenges[0].contains("realm=\"precall\"") && challenges[0].contains("qop=\"auth\""));
+    assert!(sim.take_events().is_empty(), "no call before the credentials");
+    // The caller ACKs the 401 and retries with CSeq 2 and its credentials.
+    let retry = |branch: &str, cseq: u32, auth: &str| {
+        invite("d1", branch, OFFER)
+            .replace("CSeq: 1 INVITE\r\n", &format!("CSeq: {cseq} INVITE\r\n{auth}"))
+    };
+    sim.send(&retry(
+        "z9hG4bKd2",
+        2,
+        &authorization(challenges[0], "SHA-256", "pbx1", "s3cret", RURI),
+    ));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(100));
+    assert!(matches!(sim.take_events().as_slice(), [Event::IncomingCall { .. }]));
+    // MD5, for the many PBXs that have only that.
+    sim.send(&invite("d2", "z9hG4bKd3", OFFER));
+    let text = String::from_utf8_lossy(&sim.take_inbox()[0]).into_owned();
+    let md5 = text.lines().find(|l| l.contains("algorithm=MD5")).unwrap().to_owned();
+    let auth = authorization(&md5, "MD5", "pbx1", "s3cret", RURI);
+    sim.send(
+        &invite("d2", "z9hG4bKd4", OFFER)
+            .replace("CSeq: 1 INVITE\r\n", &format!("CSeq: 2 INVITE\r\n{auth}")),
+    );
+    assert_eq!(status(&sim.take_inbox()[0]), Some(100));
+    assert_eq!(sim.ep.calls(), 2);
+}
+
+#[test]
+fn wrong_credentials_get_403_stale_nonces_a_new_challenge_and_listed_trunks_none() {
+    let mut sim = digest_sim();
+    sim.send(&invite("w1", "z9hG4bKw1", OFFER));
+    let text = String::from_utf8_lossy(&sim.take_inbox()[0]).into_owned();
+    let challenge = text.lines().find(|l| l.contains("SHA-256")).unwrap().to_owned();
+    let with = |branch: &str, auth: &str| {
+        invite("w1", branch, OFFER)
+            .replace("CSeq: 1 INVITE\r\n", &format!("CSeq: 2 INVITE\r\n{auth}"))
+    };
+    let wrong = authorization(&challenge, "SHA-256", "pbx1", "guess", RURI);
+    sim.send(&with("z9hG4bKw2", &wrong));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(403));
+    let stranger = authorization(&challenge, "SHA-256", "nobody", "s3cret", RURI);
+    sim.send(&with("z9hG4bKw3", &stranger));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(403));
+    let other_uri = authorization(&challenge, "SHA-256", "pbx1", "s3cret", "sip:+1999@192.0.2.10");
+    sim.send(&with("z9hG4bKw4", &other_uri));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(403), "the digest must cover this request's URI");
+    // A minute later the nonce is stale: a fresh challenge that says so, no 403.
+    sim.now += Duration::from_secs(61);
+    let late = authorization(&challenge, "SHA-256", "pbx1", "s3cret", RURI);
+    sim.send(&with("z9hG4bKw5", &late));
+    let inbox = sim.take_inbox();
+    assert_eq!(status(&inbox[0]), Some(401));
+    assert!(String::from_utf8_lossy(&inbox[0]).contains("stale=true"));
+    assert_eq!(sim.ep.calls(), 0);
+    // A nonce issued to another address is worthless here.
+    sim.uac = "203.0.113.51:5060".parse().unwrap();
+    let fresh = {
+        sim.send(&invite("w2", "z9hG4bKw6", OFFER));
+        let t = String::from_utf8_lossy(&sim.take_inbox()[0]).into_owned();
+        t.lines().find(|l| l.contains("SHA-256")).unwrap().to_owned()
+    };
+    sim.uac = "203.0.113.52:5060".parse().unwrap();
+    let borrowed = authorization(&fresh, "SHA-256", "pbx1", "s3cret", RURI);
+    sim.send(
+        &invite("w3", "z9hG4bKw7", OFFER)
+            .replace("CSeq: 1 INVITE\r\n", &format!("CSeq: 1 INVITE\r\n{borrowed}")),
+    );
+    assert_eq!(status(&sim.take_inbox()[0]), Some(401));
+    // The listed trunk is never challenged.
+    sim.uac = UAC.parse().unwrap();
+    sim.send(&invite("w4", "z9hG4bKw8", OFFER));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(100));
+}
+
+#[test]
+fn a_password_guesser_is_ignored_after_a_few_refusals() {
+    let mut sim = digest_sim();
+    sim.send(&invite("g0", "z9hG4bKg0", OFFER));
+    let text = String::from_utf8_lossy(&sim.take_inbox()[0]).into_owned();
+    let challenge = text.lines().find(|l| l.contains("SHA-256")).unwrap().to_owned();
+    for i in 1..=20 {
+        let auth = authorization(&challenge, "SHA-256", "pbx1", &format!("guess{i}"), RURI);
+        sim.send(
+            &invite("g0", &format!("z9hG4bKg{i}"), OFFER)
+                .replace("CSeq: 1 INVITE\r\n", &format!("CSeq: {} INVITE\r\n{auth}", i + 1)),
+        );
+    }
+    let statuses: Vec<Option<u16>> = sim.take_inbox().iter().map(|p| status(p)).collect();
+    assert_eq!(statuses, vec![Some(403); 10], "10 refusals, then silence");
+    // Even the right password is ignored while the ban lasts.
+    let right = authorization(&challenge, "SHA-256", "pbx1", "s3cret", RURI);
+    sim.send(
+        &invite("g0", "z9hG4bKgok", OFFER)
+            .replace("CSeq: 1 INVITE\r\n", &format!("CSeq: 30 INVITE\r\n{right}")),
+    );
+    assert!(sim.take_inbox().is_empty());
+}

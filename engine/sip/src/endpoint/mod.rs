@@ -87,6 +87,8 @@ pub struct Endpoint<G: IdGen> {
     draining: bool,
     /// Untrusted sources' request counts (see [`SipConfig::untrusted_limit`]).
     pike: HashMap<std::net::IpAddr, Pike>,
+    /// Digest challenges' nonces (with [`SipConfig::digest`]).
+    nonces: crate::auth::Nonces,
 }
 
 /// One untrusted source's requests in the current window, and its ban.
@@ -102,8 +104,16 @@ const PIKE_SOURCES: usize = 10_000;
 
 impl<G: IdGen> Endpoint<G> {
     /// A new endpoint with no calls.
-    pub fn new(cfg: SipConfig, ids: G) -> Self {
+    pub fn new(cfg: SipConfig, mut ids: G) -> Self {
         let t = TimerValues { t1: cfg.t1, t2: cfg.t2, t4: cfg.t4 };
+        // The nonce key, drawn only when digest users are set (so the other ids stay as they
+        // were for a deployment without them).
+        let mut secret = [0u8; 32];
+        if cfg.digest.is_some() {
+            for chunk in secret.chunks_mut(8) {
+                chunk.copy_from_slice(&ids.session_id().to_le_bytes());
+            }
+        }
         Self {
             cfg,
             t,
@@ -121,40 +131,65 @@ impl<G: IdGen> Endpoint<G> {
             events: VecDeque::new(),
             draining: false,
             pike: HashMap::new(),
+            nonces: crate::auth::Nonces::new(secret),
         }
     }
 
-    /// Whether an untrusted source may have its request answered now (pike-style limit).
-    fn pike_allows(&mut self, now: Instant, ip: std::net::IpAddr) -> bool {
+    /// Whether an untrusted source is ignored for now (pike-style; see [`Self::pike_count`]).
+    fn pike_banned(&mut self, now: Instant, ip: std::net::IpAddr) -> bool {
+        match self.pike.get_mut(&ip) {
+            Some(p) => match p.banned_until {
+                Some(until) if now < until => true,
+                Some(_) => {
+                    *p = Pike { window_start: now, count: 0, banned_until: None };
+                    false
+                }
+                None => false,
+            },
+            // A full table ignores new sources until idle ones can be forgotten.
+            None => self.pike.len() >= PIKE_SOURCES && !self.pike_make_room(now),
+        }
+    }
+
+    /// Counts one refusal (`403`) sent to an untrusted source; past
+    /// [`SipConfig::untrusted_limit`] per window it is banned (ignored) for a while, so a scan,
+    /// a flood or a password guesser cannot use precall as a reflector or an oracle.
+    fn pike_count(&mut self, now: Instant, ip: std::net::IpAddr) {
         let (window, ban, limit) =
             (self.cfg.untrusted_window, self.cfg.untrusted_ban, self.cfg.untrusted_limit);
-        if self.pike.len() >= PIKE_SOURCES && !self.pike.contains_key(&ip) {
-            self.pike.retain(|_, p| {
-                p.banned_until.is_some_and(|b| b > now)
-                    || now.duration_since(p.window_start) < window
-            });
-            if self.pike.len() >= PIKE_SOURCES {
-                return false;
-            }
+        if self.pike.len() >= PIKE_SOURCES
+            && !self.pike.contains_key(&ip)
+            && !self.pike_make_room(now)
+        {
+            return;
         }
         let p =
             self.pike.entry(ip).or_insert(Pike { window_start: now, count: 0, banned_until: None });
-        if let Some(until) = p.banned_until {
-            if now < until {
-                return false;
-            }
-            *p = Pike { window_start: now, count: 0, banned_until: None };
-        }
         if now.duration_since(p.window_start) >= window {
             p.window_start = now;
             p.count = 0;
         }
         p.count += 1;
-        if p.count > limit {
+        if p.count >= limit {
             p.banned_until = Some(now + ban);
-            return false;
         }
-        true
+    }
+
+    /// Forgets the sources that are neither banned nor in their window; whether room was made.
+    fn pike_make_room(&mut self, now: Instant) -> bool {
+        let window = self.cfg.untrusted_window;
+        self.pike.retain(|_, p| {
+            p.banned_until.is_some_and(|b| b > now) || now.duration_since(p.window_start) < window
+        });
+        self.pike.len() < PIKE_SOURCES
+    }
+
+    /// Whether an INVITE from `ip` must answer a digest challenge first: digest users are set
+    /// and `ip` is not in a trusted list.
+    pub(super) fn must_authenticate(&self, ip: std::net::IpAddr) -> bool {
+        let listed =
+            !self.cfg.trusted.is_empty() && self.cfg.trusted.iter().any(|c| c.contains(ip));
+        self.cfg.digest.is_some() && !listed
     }
 
     /// Draining: new INVITEs and out-of-dialog OPTIONS are answered `503` with `Retry-After`
@@ -208,14 +243,19 @@ impl<G: IdGen> Endpoint<G> {
         let head_text = wire::normalize_head(head_bytes);
         let head = wire::parse_head(&head_text);
         let trusted = crate::config::is_trusted(&self.cfg.trusted, from.ip());
+        // With digest users, an unlisted source is served once its INVITE authenticates.
+        let digest = self.cfg.digest.is_some();
         match message::parse_start_line(head.start_line) {
-            Ok(StartLine::Response { .. }) if !trusted => self.dropped(DropReason::Untrusted),
+            Ok(StartLine::Response { .. }) if !trusted && !digest => {
+                self.dropped(DropReason::Untrusted)
+            }
             Ok(StartLine::Response { code }) => self.on_response(now, code, &head.headers, rest),
-            Ok(StartLine::Request { .. }) if !trusted && !self.pike_allows(now, from.ip()) => {
+            Ok(StartLine::Request { .. }) if !trusted && self.pike_banned(now, from.ip()) => {
                 self.dropped(DropReason::RateLimited)
             }
-            Ok(StartLine::Request { method, .. }) if !trusted => {
+            Ok(StartLine::Request { method, .. }) if !trusted && !digest => {
                 // Trunk access control: a clear answer, and nothing else happens.
+                self.pike_count(now, from.ip());
                 let key = server_key(method, &head.headers);
                 self.answer_error(
                     now,

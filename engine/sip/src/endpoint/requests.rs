@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use crate::auth;
 use crate::body;
 use crate::build::{self, ResponseSpec, host_port, reason_phrase};
 use crate::call::{Call, CallState, Retransmit2xx};
@@ -125,6 +126,9 @@ impl<G: IdGen> Endpoint<G> {
         if self.draining || self.servers.len() >= self.cfg.max_transactions {
             return self.answer_error(now, from, key, false, headers, &RequestError::Unavailable);
         }
+        if let Some(err) = self.authenticate(now, from, req, headers) {
+            return self.answer_error(now, from, key, false, headers, &err);
+        }
         let offer = match read_offer(req, body) {
             Ok(offer) => offer,
             Err(e) => return self.answer_error(now, from, key, false, headers, &e),
@@ -196,6 +200,41 @@ impl<G: IdGen> Endpoint<G> {
             source: from,
             offer,
         });
+    }
+
+    /// RFC 8760 digest authentication of a new call from an address outside the trusted list:
+    /// `None` when it may go on, else the `401` challenge or the `403` to answer. Refusals count
+    /// against the source's pike limit; challenges do not (every call gets one).
+    fn authenticate(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        req: &Request<'_>,
+        headers: &[HeaderLine<'_>],
+    ) -> Option<RequestError> {
+        if !self.must_authenticate(from.ip()) {
+            return None;
+        }
+        let digest = self.cfg.digest.as_ref()?;
+        let authorizations = message::list_whole(headers, "Authorization");
+        let verdict =
+            self.nonces.verify(now, from.ip(), digest, "INVITE", req.uri.raw, &authorizations);
+        match verdict {
+            auth::Verdict::Accepted => None,
+            auth::Verdict::Challenge { stale } => {
+                let realm = digest.realm.clone();
+                Some(RequestError::Unauthorized(self.nonces.challenge(
+                    now,
+                    from.ip(),
+                    &realm,
+                    stale,
+                )))
+            }
+            auth::Verdict::Refused => {
+                self.pike_count(now, from.ip());
+                Some(RequestError::Forbidden)
+            }
+        }
     }
 
     pub(super) fn on_reinvite(

@@ -185,6 +185,7 @@ impl<G: IdGen> Endpoint<G> {
                 "Accept: application/sdp\r\n".to_owned()
             }
             RequestError::SessionIntervalTooSmall => format!("Min-SE: {}\r\n", message::MIN_SE),
+            RequestError::Unauthorized(challenge) => challenge.clone(),
             RequestError::Unavailable | RequestError::CallIdInUse => {
                 format!("Retry-After: {DRAIN_RETRY_AFTER_S}\r\n")
             }
