@@ -161,22 +161,22 @@ impl Nonces {
         Self { secret, epoch: None }
     }
 
-    fn mac(&self, issued: u64, ip: IpAddr) -> String {
-        let mut mac =
-            <Hmac<Sha256> as Mac>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+    /// `None` only if the HMAC refused the key, which HMAC never does (any length is a key).
+    fn mac(&self, issued: u64, ip: IpAddr) -> Option<String> {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.secret).ok()?;
         mac.update(&issued.to_be_bytes());
         match ip {
             IpAddr::V4(v4) => mac.update(&v4.octets()),
             IpAddr::V6(v6) => mac.update(&v6.octets()),
         }
-        hex(&mac.finalize().into_bytes()[..16])
+        Some(hex(&mac.finalize().into_bytes()[..16]))
     }
 
     /// A nonce for a challenge sent to `ip` now.
     pub fn issue(&mut self, now: Instant, ip: IpAddr) -> String {
         let epoch = *self.epoch.get_or_insert(now);
         let issued = now.saturating_duration_since(epoch).as_secs();
-        format!("{issued:x}.{}", self.mac(issued, ip))
+        format!("{issued:x}.{}", self.mac(issued, ip).unwrap_or_default())
     }
 
     /// `Some(true)`: ours and fresh; `Some(false)`: ours but past its lifetime; `None`: not
@@ -184,7 +184,8 @@ impl Nonces {
     fn check(&self, now: Instant, ip: IpAddr, nonce: &str) -> Option<bool> {
         let (issued, mac) = nonce.split_once('.')?;
         let issued = u64::from_str_radix(issued, 16).ok()?;
-        if !constant_time_eq(mac.as_bytes(), self.mac(issued, ip).as_bytes()) {
+        let expected = self.mac(issued, ip)?;
+        if mac.is_empty() || !constant_time_eq(mac.as_bytes(), expected.as_bytes()) {
             return None;
         }
         let age = now.saturating_duration_since(self.epoch?).as_secs().checked_sub(issued)?;

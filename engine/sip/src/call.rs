@@ -98,6 +98,12 @@ pub(crate) struct Call {
 }
 
 impl Call {
+    /// An offer of ours is unanswered: our re-INVITE is in flight, or our offer in a 2xx waits
+    /// for its ACK. A new offer of the caller's now crosses it (RFC 3261 §14.2, RFC 3311 §5.2).
+    pub fn offer_outstanding(&self) -> bool {
+        self.offer_in_flight || (self.awaiting_answer && self.retransmit.is_some())
+    }
+
     pub fn next_deadline(&self) -> Option<Instant> {
         let retransmit = self.retransmit.as_ref().map(|r| r.next_at.min(r.give_up_at));
         // The session timer runs once the dialog is confirmed; while our refresh is in flight

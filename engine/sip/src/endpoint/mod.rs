@@ -188,7 +188,7 @@ impl<G: IdGen> Endpoint<G> {
     /// and `ip` is not in a trusted list.
     pub(super) fn must_authenticate(&self, ip: std::net::IpAddr) -> bool {
         let listed =
-            !self.cfg.trusted.is_empty() && self.cfg.trusted.iter().any(|c| c.contains(ip));
+            !self.cfg.trusted.is_empty() && crate::config::is_trusted(&self.cfg.trusted, ip);
         self.cfg.digest.is_some() && !listed
     }
 

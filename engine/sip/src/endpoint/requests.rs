@@ -249,9 +249,8 @@ impl<G: IdGen> Endpoint<G> {
         let Some((h, mut c)) = self.take_in_dialog(now, from, &mut key, req, headers) else {
             return;
         };
-        if c.offer_in_flight || (c.awaiting_answer && c.retransmit.is_some()) {
-            // Our re-INVITE is in flight, or our offer in a 2xx waits for its ACK: the offers
-            // cross (RFC 3261 §14.2); the caller retries after a random pause.
+        if c.offer_outstanding() {
+            // The offers cross (RFC 3261 §14.2); the caller retries after a random pause.
             self.calls.insert(h, c);
             return self.answer_error(
                 now,
@@ -490,7 +489,7 @@ impl<G: IdGen> Endpoint<G> {
                 return self.answer_error(now, from, key, false, headers, &e);
             }
         };
-        if offer.is_some() && (c.offer_in_flight || (c.awaiting_answer && c.retransmit.is_some())) {
+        if offer.is_some() && c.offer_outstanding() {
             // RFC 3311 §5.2: an UPDATE offer while ours is outstanding.
             self.calls.insert(h, c);
             return self.answer_error(

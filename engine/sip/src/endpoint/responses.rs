@@ -291,8 +291,9 @@ impl<G: IdGen> Endpoint<G> {
                 }
                 Some(effect) => {
                     let (call, purpose) = (txn.call, txn.purpose);
-                    self.clients.remove(&id);
-                    self.client_index.retain(|_, v| *v != id);
+                    if let Some(txn) = self.clients.remove(&id) {
+                        self.client_index.remove(&txn.branch);
+                    }
                     if effect == TimerEffect::TimedOut {
                         match purpose {
                             Purpose::Bye { ends_call: true } => {
@@ -326,8 +327,9 @@ impl<G: IdGen> Endpoint<G> {
                 }
                 Some(effect) => {
                     let call = txn.call;
-                    self.invite_clients.remove(&id);
-                    self.client_index.retain(|_, v| *v != id);
+                    if let Some(txn) = self.invite_clients.remove(&id) {
+                        self.client_index.remove(&txn.branch);
+                    }
                     if effect == TimerEffect::TimedOut {
                         if let Some(c) = self.calls.get_mut(&call) {
                             c.offer_in_flight = false;

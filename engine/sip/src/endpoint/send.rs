@@ -284,7 +284,8 @@ impl<G: IdGen> Endpoint<G> {
         let (branch, dest, payload) = self.dialog_request(c, "BYE", cseq, None, "", None);
         let id = TxnId(self.fresh_id());
         let purpose = Purpose::Bye { ends_call };
-        let txn = ClientNonInvite::start(now, &self.t, h, purpose, dest, payload.clone());
+        let txn =
+            ClientNonInvite::start(now, &self.t, h, purpose, branch.clone(), dest, payload.clone());
         self.clients.insert(id, txn);
         self.client_index.insert(branch, id);
         self.arm(Owner::Client(id));
@@ -304,8 +305,15 @@ impl<G: IdGen> Endpoint<G> {
         if c.allows_update {
             let (branch, dest, payload) =
                 self.dialog_request(c, "UPDATE", cseq, None, &extra, None);
-            let txn =
-                ClientNonInvite::start(now, &self.t, h, Purpose::Refresh, dest, payload.clone());
+            let txn = ClientNonInvite::start(
+                now,
+                &self.t,
+                h,
+                Purpose::Refresh,
+                branch.clone(),
+                dest,
+                payload.clone(),
+            );
             self.clients.insert(id, txn);
             self.client_index.insert(branch, id);
             self.send(dest, payload);
@@ -316,7 +324,8 @@ impl<G: IdGen> Endpoint<G> {
                 self.dialog_request(c, "INVITE", cseq, None, &extra, body);
             c.local_sdp = sdp;
             c.offer_in_flight = true;
-            let txn = ClientInvite::start(now, &self.t, h, cseq, dest, payload.clone());
+            let txn =
+                ClientInvite::start(now, &self.t, h, branch.clone(), cseq, dest, payload.clone());
             self.invite_clients.insert(id, txn);
             self.client_index.insert(branch, id);
             self.send(dest, payload);

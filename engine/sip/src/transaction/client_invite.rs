@@ -45,6 +45,8 @@ pub(crate) enum InviteResponse {
 #[derive(Debug)]
 pub(crate) struct ClientInvite {
     pub call: CallHandle,
+    /// Our Via branch: the key of `Endpoint::client_index`.
+    pub branch: String,
     pub dest: SocketAddr,
     pub cseq: u32,
     request: Vec<u8>,
@@ -58,12 +60,14 @@ impl ClientInvite {
         now: Instant,
         t: &TimerValues,
         call: CallHandle,
+        branch: String,
         cseq: u32,
         dest: SocketAddr,
         request: Vec<u8>,
     ) -> Self {
         Self {
             call,
+            branch,
             dest,
             cseq,
             request,
@@ -151,6 +155,7 @@ mod tests {
             t0,
             &t(),
             CallHandle(1),
+            "z9hG4bKx".to_owned(),
             2,
             "192.0.2.1:5060".parse().unwrap(),
             vec![1],
@@ -176,6 +181,7 @@ mod tests {
             t0,
             &t(),
             CallHandle(1),
+            "z9hG4bKx".to_owned(),
             2,
             "192.0.2.1:5060".parse().unwrap(),
             vec![1],

@@ -34,6 +34,8 @@ pub(crate) enum ResponseEffect {
 pub(crate) struct ClientNonInvite {
     pub call: CallHandle,
     pub purpose: Purpose,
+    /// Our Via branch: the key of `Endpoint::client_index`.
+    pub branch: String,
     pub dest: SocketAddr,
     request: Vec<u8>,
     f_at: Instant,
@@ -46,12 +48,14 @@ impl ClientNonInvite {
         t: &TimerValues,
         call: CallHandle,
         purpose: Purpose,
+        branch: String,
         dest: SocketAddr,
         request: Vec<u8>,
     ) -> Self {
         Self {
             call,
             purpose,
+            branch,
             dest,
             request,
             f_at: now + t.t1x64(),
