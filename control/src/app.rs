@@ -168,7 +168,16 @@ impl App {
             ));
             out.push_str(&format!("{name}_count{{direction=\"{direction}\"}} {cumulative}\n"));
         }
-        let counters: [ShardCounter; 17] = [
+        out.push_str(
+            "# HELP precall_shard_overload Why the shard refuses new calls now: 0 it admits, 1 its media clock runs late (ADMIT_CLOCK_LATE_MS), 2 its inbox is deep (ADMIT_INBOX_DEPTH).\n# TYPE precall_shard_overload gauge\n",
+        );
+        for s in &shards {
+            out.push_str(&format!(
+                "precall_shard_overload{{shard=\"{}\"}} {}\n",
+                s.shard, s.overload
+            ));
+        }
+        let counters: [ShardCounter; 18] = [
             (
                 "precall_twilio_streams_refused_total",
                 "Media stream connections refused before the upgrade (path, method, signature) or closed before a valid start.",
@@ -191,6 +200,11 @@ impl App {
                 "precall_twilio_stream_frames_dropped_total",
                 "Frames for Twilio dropped because a stream's send queue was full (a slow socket).",
                 |s| s.stream_frames_dropped,
+            ),
+            (
+                "precall_calls_refused_overload_total",
+                "New INVITEs refused 503 by overload admission (media clock late or inbox deep), before any record.",
+                |s| s.calls_refused_overload,
             ),
             (
                 "precall_calls_refused_full_total",

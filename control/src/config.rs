@@ -81,6 +81,19 @@ pub const VARS: &[Var] = &[
                503 + Retry-After before any record is made",
     },
     Var {
+        name: "ADMIT_CLOCK_LATE_MS",
+        default: "10",
+        help: "overload admission: a shard whose media clock wakes later than this on more than \
+               1 % of its ticks in a second answers new INVITEs and OPTIONS 503 + Retry-After \
+               until it keeps time again (0: off)",
+    },
+    Var {
+        name: "ADMIT_INBOX_DEPTH",
+        default: "512",
+        help: "overload admission: a shard with more SIP datagrams than this waiting in its \
+               inbox refuses new calls the same way (0: off; the inbox holds 1024)",
+    },
+    Var {
         name: "RTP_PORT_MIN",
         default: "16384",
         help: "lowest RTP port; each shard owns a slice of the range",
@@ -363,6 +376,10 @@ pub struct Config {
     pub pin_cores: bool,
     /// `SHARD_MAX_CALLS`.
     pub shard_max_calls: usize,
+    /// `ADMIT_CLOCK_LATE_MS` (zero: off).
+    pub admit_clock_late: Duration,
+    /// `ADMIT_INBOX_DEPTH` (zero: off).
+    pub admit_inbox_depth: usize,
     /// RTP port range.
     pub rtp_ports: std::ops::RangeInclusive<u16>,
     /// Caller RTP silence that ends a call.
@@ -690,6 +707,9 @@ impl Config {
                 }
                 n => n,
             },
+            admit_clock_late: r.millis("ADMIT_CLOCK_LATE_MS")?,
+            admit_inbox_depth: r
+                .parse::<usize>("ADMIT_INBOX_DEPTH", "a number of datagrams (0: off)")?,
             rtp_ports: rtp_min..=rtp_max,
             rtp_timeout: r.millis("RTP_TIMEOUT_MS")?,
             rtp_strict_source: r.bool("RTP_STRICT_SOURCE")?,

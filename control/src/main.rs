@@ -455,6 +455,8 @@ fn serve(cfg: Config) -> Result<(), String> {
             sip_force_rport: cfg.sip_force_rport,
             sip_digest: cfg.sip_digest.clone(),
             max_calls_per_shard: cfg.shard_max_calls,
+            admit_clock_late: cfg.admit_clock_late,
+            admit_inbox_depth: cfg.admit_inbox_depth,
             rtp_timeout: cfg.rtp_timeout,
             rtp_strict_source: cfg.rtp_strict_source,
             // The controller's deadline, then at most the same again to make the clips ready,

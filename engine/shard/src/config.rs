@@ -46,6 +46,13 @@ pub struct EngineConfig {
     /// past it a new INVITE gets `503` + `Retry-After` before any record is made, and a new
     /// stream is closed (Twilio goes on in the poll flow).
     pub max_calls_per_shard: usize,
+    /// `ADMIT_CLOCK_LATE_MS`: a shard whose media clock wakes later than this on more than 1 %
+    /// of its ticks in a second refuses new calls (`503` + `Retry-After`, OPTIONS too) until
+    /// it keeps time again. Zero turns this reading off.
+    pub admit_clock_late: Duration,
+    /// `ADMIT_INBOX_DEPTH`: a shard with more SIP datagrams than this waiting in its inbox
+    /// refuses new calls the same way. Zero turns this reading off.
+    pub admit_inbox_depth: usize,
     /// `RTP_TIMEOUT_MS`: no RTP from the caller for this long ends the call with BYE.
     pub rtp_timeout: Duration,
     /// `RTP_STRICT_SOURCE`: take a call's RTP only from the SDP `c=` address or the INVITE's
@@ -149,6 +156,8 @@ impl Default for EngineConfig {
             sip_force_rport: false,
             sip_digest: None,
             max_calls_per_shard: 4096,
+            admit_clock_late: Duration::from_millis(10),
+            admit_inbox_depth: 512,
             rtp_timeout: Duration::from_secs(30),
             rtp_strict_source: true,
             plan_timeout: Duration::from_secs(15),

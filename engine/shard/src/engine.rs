@@ -82,6 +82,10 @@ impl Engine {
             agent_tls: Some(Arc::new(agent_tls)),
             strict_rtp_source: cfg.rtp_strict_source,
             max_calls: cfg.max_calls_per_shard,
+            admission: crate::admission::Limits {
+                max_clock_late: cfg.admit_clock_late,
+                max_inbox_depth: cfg.admit_inbox_depth,
+            },
         };
         let mut spawn = |engine: &mut Engine,
                          index: usize,

@@ -96,6 +96,12 @@ pub struct ShardHealth {
     pub stream_frames_dropped: u64,
     /// New calls refused `503` because the shard holds `SHARD_MAX_CALLS` already.
     pub calls_refused_full: u64,
+    /// New calls refused `503` by overload admission (the media clock ran late, or the SIP
+    /// lane of the inbox was deep), before any record.
+    pub calls_refused_overload: u64,
+    /// Why the shard refuses new calls now: 0 it admits, 1 the media clock runs late, 2 the
+    /// inbox is deep, 3 it holds `SHARD_MAX_CALLS`.
+    pub overload: u64,
     /// Call-end reports waiting for room in the control plane's queue (retried in order,
     /// never dropped).
     pub end_reports_pending: u64,
@@ -134,6 +140,8 @@ pub(crate) struct ShardStats {
     stream_frames_out: AtomicU64,
     stream_frames_in: AtomicU64,
     calls_refused_full: AtomicU64,
+    calls_refused_overload: AtomicU64,
+    overload: AtomicU64,
     end_reports_pending: AtomicU64,
 }
 
@@ -224,6 +232,14 @@ impl ShardStats {
         self.calls_refused_full.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn set_calls_refused_overload(&self, total: u64) {
+        self.calls_refused_overload.store(total, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_overload(&self, code: u64) {
+        self.overload.store(code, Ordering::Relaxed);
+    }
+
     pub(crate) fn set_end_reports_pending(&self, pending: usize) {
         self.end_reports_pending.store(pending as u64, Ordering::Relaxed);
     }
@@ -256,6 +272,8 @@ impl ShardStats {
             stream_frames_out: self.stream_frames_out.load(Ordering::Relaxed),
             stream_frames_in: self.stream_frames_in.load(Ordering::Relaxed),
             calls_refused_full: self.calls_refused_full.load(Ordering::Relaxed),
+            calls_refused_overload: self.calls_refused_overload.load(Ordering::Relaxed),
+            overload: self.overload.load(Ordering::Relaxed),
             end_reports_pending: self.end_reports_pending.load(Ordering::Relaxed),
         }
     }

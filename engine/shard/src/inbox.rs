@@ -151,6 +151,11 @@ impl Inbox {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
+    /// Datagrams waiting on the SIP lane (overload admission reads it).
+    pub(crate) fn sip_depth(&self) -> usize {
+        self.sip.len()
+    }
+
     /// Polls for the next message, registering `cx`'s waker with the doorbell. Nothing is
     /// lost when the caller stops polling: the message stays queued.
     pub(crate) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<ShardMsg> {

@@ -45,6 +45,7 @@
 //! [`Engine::health`].
 #![deny(unsafe_code)]
 
+mod admission;
 mod agent_leg;
 mod call;
 mod config;

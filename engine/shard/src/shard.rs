@@ -57,6 +57,7 @@ use socket2::Socket;
 
 use crate::{
     EngineError, MediaStreamsConfig, SendError, ShardMsg,
+    admission::{self, Admission, Overload},
     agent_leg::{self, AgentInput, Outbox},
     call::{AgentLeg, Call, CallKey, CallMedia, PortPool, RtpLatch, RtpSource, StreamLeg},
     control::{PlanReply, ShardControl},
@@ -161,6 +162,8 @@ pub(crate) struct CallSettings {
     pub(crate) strict_rtp_source: bool,
     /// `SHARD_MAX_CALLS`: past it new calls get `503` (SIP) or a closed stream (Twilio).
     pub(crate) max_calls: usize,
+    /// `ADMIT_CLOCK_LATE_MS` and `ADMIT_INBOX_DEPTH`: overload admission's limits.
+    pub(crate) admission: admission::Limits,
 }
 
 /// Everything a shard needs, moved onto its thread.
@@ -265,6 +268,7 @@ pub(crate) async fn run(params: ShardParams) {
     sip_cfg.trusted = settings.sip_trusted.clone();
     sip_cfg.force_rport = settings.sip_force_rport;
     sip_cfg.digest = settings.sip_digest.clone();
+    let settings_admission = settings.admission;
     let core = Rc::new_cyclic(|this| {
         RefCell::new(Core {
             index,
@@ -288,6 +292,9 @@ pub(crate) async fn run(params: ShardParams) {
             next_stream: 0,
             unreported: VecDeque::new(),
             report_retry_at: None,
+            admission: Admission::new(settings_admission),
+            inbox_depth: 0,
+            overload: None,
         })
     });
     let receiver = sip_recv.map(|recv| {
@@ -406,7 +413,11 @@ async fn serve(inbox: &Inbox, core: &Rc<RefCell<Core>>, nudge: &Nudge) {
             Some(ShardMsg::Stop) => return,
             #[cfg(test)]
             Some(ShardMsg::PanicForTest) => panic!("shard panics as asked"),
-            Some(other) => core.borrow_mut().on_message(Instant::now(), other),
+            Some(other) => {
+                let mut core = core.borrow_mut();
+                core.inbox_depth = inbox.sip_depth();
+                core.on_message(Instant::now(), other);
+            }
             None => {}
         }
         core.borrow_mut().on_tick(Instant::now());
@@ -534,6 +545,12 @@ struct Core {
     /// `report_retry_at` until taken. Never dropped: the record would stay `holding` forever.
     unreported: VecDeque<(CallId, String)>,
     report_retry_at: Option<Instant>,
+    /// Overload admission, fed by the media clock and the inbox.
+    admission: Admission,
+    /// Datagrams waiting on the SIP lane of this shard's inbox, as last seen by the loop.
+    inbox_depth: usize,
+    /// Why new calls are refused now (what the endpoint was last told).
+    overload: Option<Overload>,
 }
 
 impl Core {
@@ -555,8 +572,31 @@ impl Core {
     }
 
     fn on_sip(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.admit(now);
         self.endpoint.handle_datagram(now, from, datagram);
+        self.stats.set_calls_refused_overload(self.endpoint.overload_refusals());
         self.drain(now);
+    }
+
+    /// Tells the endpoint whether new calls and probes are refused now (overload admission),
+    /// logging each change once.
+    fn admit(&mut self, now: Instant) {
+        let overload = self.admission.check(now, self.inbox_depth);
+        if overload != self.overload {
+            match overload {
+                Some(why) => tracing::warn!(
+                    shard = self.index,
+                    reason = why.label(),
+                    calls = self.calls.len(),
+                    inbox = self.inbox_depth,
+                    "overloaded: new calls get 503 until the shard has headroom again"
+                ),
+                None => tracing::info!(shard = self.index, "headroom again: admitting new calls"),
+            }
+            self.overload = overload;
+            self.endpoint.set_overloaded(overload.is_some());
+            self.stats.set_overload(Overload::code(overload));
+        }
     }
 
     fn on_message(&mut self, now: Instant, msg: ShardMsg) {
@@ -1378,9 +1418,11 @@ impl Core {
 
     /// Sends one frame for every stream the media clock says is due.
     fn send_media(&mut self, now: Instant) {
-        if self.clock.poll_timeout().is_none_or(|t| t > now) {
+        let Some(due_at) = self.clock.poll_timeout().filter(|t| *t <= now) else {
             return;
-        }
+        };
+        // How late this wake-up is for its frames: the media clock's own headroom reading.
+        self.admission.on_clock_tick(now, due_at);
         let mut due = std::mem::take(&mut self.due);
         self.clock.poll_due(now, &mut due);
         let mut sent = 0;

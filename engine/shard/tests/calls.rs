@@ -483,3 +483,66 @@ fn call_end_reports_refused_by_a_full_queue_are_retried_in_order() {
     eventually("no report pending", || engine.health()[0].end_reports_pending == 0);
     engine.shutdown().unwrap();
 }
+
+/// An out-of-dialog OPTIONS, as Kamailio's dispatcher probes a node; returns the status.
+fn probe(uac: &mut Uac, n: u32) -> u16 {
+    let branch = uac.next_branch();
+    let (port, server) = (uac.port(), uac.server);
+    let call_id = format!("probe-{n}@dispatcher.example");
+    uac.send(&format!(
+        "OPTIONS sip:{server} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch};rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:dispatcher@127.0.0.1>;tag=p{n}\r\nTo: <sip:{server}>\r\n\
+         Call-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    ));
+    let answer = uac.recv_until("an answer to OPTIONS", |m| header(m, "Call-ID") == Some(&call_id));
+    status(&answer).unwrap()
+}
+
+#[test]
+fn a_shard_whose_media_clock_runs_late_refuses_new_calls_and_probes_until_it_keeps_time() {
+    let control = Arc::new(FakeControl::default());
+    let cfg = EngineConfig {
+        shards: 1,
+        pin_cores: false,
+        sip: Some("127.0.0.1:0".parse().unwrap()),
+        rtp_ports: 41000..=41999,
+        // No wake-up of a real clock is within a nanosecond of its instant: as soon as the
+        // media clock ticks for a call, the shard measures itself as running late.
+        admit_clock_late: Duration::from_nanos(1),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(cfg, control.clone()).unwrap();
+    let mut uac = Uac::new(engine.sip_addr().unwrap());
+    assert_eq!(probe(&mut uac, 0), 200, "an idle shard admits");
+    let up = uac.invite("late-1@carrier.example", 30700);
+    uac.ack(&up);
+    // The call's hold audio makes the clock tick; the shard then sheds: probes get 503...
+    let mut n = 0;
+    eventually("the shard to shed load", || {
+        n += 1;
+        probe(&mut uac, n) == 503
+    });
+    assert_eq!(engine.health()[0].overload, 1, "the reason: the media clock");
+    // ...and so does a new call, before any record is made.
+    uac.send_invite("late-2@carrier.example", 30702);
+    let refused = uac.recv_until("a final answer to the second INVITE", |m| {
+        header(m, "Call-ID") == Some("late-2@carrier.example")
+            && status(m).is_some_and(|s| s >= 200)
+    });
+    assert_eq!(status(&refused), Some(503));
+    assert!(header(&refused, "Retry-After").is_some());
+    assert_eq!(control.inbound.lock().unwrap().len(), 1, "no record for the refused call");
+    assert_eq!(engine.health()[0].calls_refused_overload, 1);
+    // The call that was up is not touched by the overload: its BYE is answered.
+    assert_eq!(status(&uac.bye(&up)), Some(200));
+    // With no call left the clock stops; once a window has passed, the shard admits again.
+    eventually("the shard to admit again", || {
+        n += 1;
+        probe(&mut uac, n) == 200
+    });
+    assert_eq!(engine.health()[0].overload, 0);
+    let again = uac.invite("late-3@carrier.example", 30704);
+    uac.ack(&again);
+    assert_eq!(control.inbound.lock().unwrap().len(), 2);
+    engine.shutdown().unwrap();
+}

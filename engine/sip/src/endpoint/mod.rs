@@ -85,6 +85,10 @@ pub struct Endpoint<G: IdGen> {
     events: VecDeque<Event>,
     /// New calls and out-of-dialog OPTIONS get `503` + `Retry-After` (a graceful stop).
     draining: bool,
+    /// The same answers while the application says it has no headroom (overload admission).
+    overloaded: bool,
+    /// New INVITEs refused because of `overloaded`.
+    overload_refusals: u64,
     /// Untrusted sources' request counts (see [`SipConfig::untrusted_limit`]).
     pike: HashMap<std::net::IpAddr, Pike>,
     /// Digest challenges' nonces (with [`SipConfig::digest`]).
@@ -130,6 +134,8 @@ impl<G: IdGen> Endpoint<G> {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             draining: false,
+            overloaded: false,
+            overload_refusals: 0,
             pike: HashMap::new(),
             nonces: crate::auth::Nonces::new(secret),
         }
@@ -196,6 +202,22 @@ impl<G: IdGen> Endpoint<G> {
     /// (so a dispatcher probing with OPTIONS takes this node out); calls already up go on.
     pub fn set_draining(&mut self, draining: bool) {
         self.draining = draining;
+    }
+
+    /// Overloaded: the same `503` answers as draining, for as long as the application says so
+    /// (it measures its own headroom); unlike a drain it is undone as soon as it is cleared.
+    pub fn set_overloaded(&mut self, overloaded: bool) {
+        self.overloaded = overloaded;
+    }
+
+    /// New INVITEs answered `503` because the endpoint was overloaded, since it was made.
+    pub fn overload_refusals(&self) -> u64 {
+        self.overload_refusals
+    }
+
+    /// Whether new calls and out-of-dialog probes are refused now (draining or overloaded).
+    fn refusing(&self) -> bool {
+        self.draining || self.overloaded
     }
 
     /// Live calls: ringing, answered, confirmed or hanging up.

@@ -123,7 +123,10 @@ impl<G: IdGen> Endpoint<G> {
             let err = if merged { RequestError::MergedRequest } else { RequestError::CallIdInUse };
             return self.answer_error(now, from, key, false, headers, &err);
         }
-        if self.draining || self.servers.len() >= self.cfg.max_transactions {
+        if self.refusing() || self.servers.len() >= self.cfg.max_transactions {
+            if self.overloaded && !self.draining {
+                self.overload_refusals += 1;
+            }
             return self.answer_error(now, from, key, false, headers, &RequestError::Unavailable);
         }
         if let Some(err) = self.authenticate(now, from, req, headers) {
@@ -458,7 +461,7 @@ impl<G: IdGen> Endpoint<G> {
                 }
             }
         }
-        if self.draining && req.to.tag().is_none() {
+        if self.refusing() && req.to.tag().is_none() {
             // The probe of a dispatcher (Kamailio's ds_ping): take this node out.
             return self.answer_error(now, from, key, false, headers, &RequestError::Unavailable);
         }
