@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the tests need, installed when missing (PostgreSQL, SIPp, tshark, openssl, python3-venv:
+# What the tests need, installed when missing (PostgreSQL, SIPp, tshark, Kamailio, openssl, python3-venv:
 # Debian packages; Twilio's Python helper library into target/twilio-venv). Sourced by
 # tests/run.sh and tests/coverage.sh.
 
@@ -10,6 +10,7 @@ have_pg() {
 have_pg || need+=(postgresql)
 command -v sipp >/dev/null || need+=(sip-tester)
 command -v tshark >/dev/null || need+=(tshark)
+command -v kamailio >/dev/null || need+=(kamailio)
 command -v openssl >/dev/null || need+=(openssl)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # precall's test command (the README's, and what .ci/run calls).
-# Installs what the tests need when it is missing (PostgreSQL, SIPp, tshark, openssl: Debian packages),
+# Installs what the tests need when it is missing (PostgreSQL, SIPp, tshark, Kamailio, openssl: Debian packages),
 # checks formatting and lints, then runs every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
