@@ -7,12 +7,13 @@ use std::net::TcpStream;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use support::precall::{BIN, Precall};
+use support::precall::{BIN, Precall, keep_coverage_env};
 use support::{free_tcp_port, pg::PgServer};
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.env_clear().args(args).current_dir(std::env::temp_dir());
+    keep_coverage_env(&mut cmd);
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -63,6 +63,12 @@ pub const VARS: &[Var] = &[
     },
     Var { name: "SIP_DIGEST_REALM", default: "precall", help: "realm of the digest challenge" },
     Var {
+        name: "SIP_DIGEST_ALGORITHMS",
+        default: "SHA-256,MD5",
+        help: "digest algorithms challenged, in order of preference (RFC 8760); MD5 alone for \
+               clients that give up when the first challenge is SHA-256 (SIPp 3.6)",
+    },
+    Var {
         name: "SIP_FORCE_RPORT",
         default: "false",
         help: "answer SIP at the request's source port even when its Via has no rport (for \
@@ -577,7 +583,33 @@ impl Config {
                         }),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                Some(precall_engine::DigestConfig { realm: r.string("SIP_DIGEST_REALM"), users })
+                let algorithms = r
+                    .string("SIP_DIGEST_ALGORITHMS")
+                    .split(',')
+                    .map(|name| {
+                        precall_engine::DigestAlgorithm::from_name(name).ok_or_else(|| {
+                            ConfigError::Invalid {
+                                var: "SIP_DIGEST_ALGORITHMS",
+                                value: name.trim().to_owned(),
+                                expected: "SHA-256 and/or MD5, comma-separated",
+                            }
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let repeated =
+                    algorithms.iter().enumerate().any(|(i, a)| algorithms[..i].contains(a));
+                if algorithms.is_empty() || repeated {
+                    return Err(ConfigError::Invalid {
+                        var: "SIP_DIGEST_ALGORITHMS",
+                        value: r.string("SIP_DIGEST_ALGORITHMS"),
+                        expected: "SHA-256 and/or MD5, each once",
+                    });
+                }
+                Some(precall_engine::DigestConfig {
+                    realm: r.string("SIP_DIGEST_REALM"),
+                    users,
+                    algorithms,
+                })
             }
         };
         let shards = match r.raw("SHARDS") {
@@ -813,6 +845,23 @@ mod tests {
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::from_map(&pairs.iter().copied().collect())
+    }
+
+    #[test]
+    fn digest_algorithms_are_named_in_order_and_checked() {
+        use precall_engine::DigestAlgorithm::{Md5, Sha256};
+        let users = ("SIP_DIGEST_USERS", "pbx:pw");
+        let algorithms = |c: Config| c.sip_digest.unwrap().algorithms;
+        assert_eq!(algorithms(cfg(&[users]).unwrap()), [Sha256, Md5]);
+        assert_eq!(algorithms(cfg(&[users, ("SIP_DIGEST_ALGORITHMS", "md5")]).unwrap()), [Md5]);
+        assert_eq!(
+            algorithms(cfg(&[users, ("SIP_DIGEST_ALGORITHMS", "MD5, SHA-256")]).unwrap()),
+            [Md5, Sha256]
+        );
+        for bad in ["SHA-512", "MD5,MD5", "MD5,,SHA-256"] {
+            let err = cfg(&[users, ("SIP_DIGEST_ALGORITHMS", bad)]).unwrap_err();
+            assert!(err.to_string().contains("SIP_DIGEST_ALGORITHMS"), "{bad}: {err}");
+        }
     }
 
     #[test]

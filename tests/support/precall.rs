@@ -9,6 +9,14 @@ use super::{free_tcp_port, free_udp_port, wait_for};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_precall");
 
+/// The environment a test's `precall` keeps although the test clears the rest: where an
+/// instrumented build (`tests/coverage.sh`) writes its coverage profile.
+pub fn keep_coverage_env(cmd: &mut Command) {
+    if let Some(file) = std::env::var_os("LLVM_PROFILE_FILE") {
+        cmd.env("LLVM_PROFILE_FILE", file);
+    }
+}
+
 /// A running `precall`, stopped with SIGTERM when dropped.
 pub struct Precall {
     child: Option<Child>,
@@ -48,6 +56,7 @@ impl Precall {
             .current_dir(std::env::temp_dir())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        keep_coverage_env(&mut cmd);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -94,10 +103,21 @@ impl Precall {
 }
 
 impl Drop for Precall {
+    /// A graceful stop first (so an instrumented build writes its profile), a kill if it
+    /// takes more than a few seconds (a test that failed may leave calls up).
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            // SAFETY: the pid is our own child's, not yet reaped.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
+            while c.try_wait().ok().flatten().is_none() {
+                if std::time::Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return;
+                }
+                std::thread::park_timeout(Duration::from_millis(20));
+            }
         }
     }
 }

@@ -69,5 +69,5 @@ pub use error::{EngineError, SendError};
 pub use health::{LATENCY_BUCKETS_US, LatencySnapshot, ShardHealth};
 pub use inbox::{ForwardedDatagram, PlanDelivery, ShardMsg, StreamRelease};
 pub use precall_call::FlowConfig;
-pub use precall_sip::{Cidr, DigestConfig};
+pub use precall_sip::{Cidr, DigestAlgorithm, DigestConfig};
 pub use routing::{rtp_port_slice, shard_for_call_id};

@@ -29,23 +29,50 @@ pub struct DigestConfig {
     pub realm: String,
     /// User names and their passwords.
     pub users: Vec<(String, String)>,
+    /// The algorithms challenged, in order of preference (`SIP_DIGEST_ALGORITHMS`, default
+    /// SHA-256 then MD5, RFC 8760 §2.4); credentials in another one are challenged again.
+    pub algorithms: Vec<DigestAlgorithm>,
 }
 
 impl std::fmt::Debug for DigestConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let users: Vec<&str> = self.users.iter().map(|(u, _)| u.as_str()).collect();
-        f.debug_struct("DigestConfig").field("realm", &self.realm).field("users", &users).finish()
+        f.debug_struct("DigestConfig")
+            .field("realm", &self.realm)
+            .field("users", &users)
+            .field("algorithms", &self.algorithms)
+            .finish()
     }
 }
 
 /// A digest algorithm of RFC 8760.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Algorithm {
+pub enum DigestAlgorithm {
+    /// `SHA-256`.
     Sha256,
+    /// `MD5` (RFC 2617; what older PBXs and SIPp 3.6 answer).
     Md5,
 }
 
-impl Algorithm {
+pub(crate) use DigestAlgorithm as Algorithm;
+
+impl DigestAlgorithm {
+    /// Both, SHA-256 first: the default.
+    pub const ALL: [Self; 2] = [Self::Sha256, Self::Md5];
+
+    /// The name in `algorithm=` and in `SIP_DIGEST_ALGORITHMS`, as RFC 8760 spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sha256 => "SHA-256",
+            Self::Md5 => "MD5",
+        }
+    }
+
+    /// The algorithm a name stands for (any case).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.name().eq_ignore_ascii_case(name.trim()))
+    }
+
     fn parse(name: Option<&str>) -> Option<Self> {
         match name {
             // RFC 3261 §22.4 / RFC 2617: no algorithm parameter means MD5.
@@ -215,7 +242,7 @@ impl Nonces {
             Some(false) => return Verdict::Challenge { stale: true },
             Some(true) => {}
         }
-        let Some(alg) = Algorithm::parse(c.algorithm) else {
+        let Some(alg) = Algorithm::parse(c.algorithm).filter(|a| cfg.algorithms.contains(a)) else {
             return Verdict::Challenge { stale: false };
         };
         // The digest covers the URI the caller names; it must be this request's.
@@ -234,12 +261,20 @@ impl Nonces {
         }
     }
 
-    /// The `WWW-Authenticate` lines of a `401`: SHA-256 first, then MD5 (RFC 8760 §2.4).
-    pub fn challenge(&mut self, now: Instant, ip: IpAddr, realm: &str, stale: bool) -> String {
+    /// The `WWW-Authenticate` lines of a `401`, one per algorithm in order of preference
+    /// (RFC 8760 §2.4: SHA-256 before MD5).
+    pub fn challenge(
+        &mut self,
+        now: Instant,
+        ip: IpAddr,
+        cfg: &DigestConfig,
+        stale: bool,
+    ) -> String {
         let nonce = self.issue(now, ip);
         let stale = if stale { ", stale=true" } else { "" };
+        let realm = &cfg.realm;
         let mut out = String::new();
-        for alg in ["SHA-256", "MD5"] {
+        for alg in cfg.algorithms.iter().map(|a| a.name()) {
             let _ = write!(
                 out,
                 "WWW-Authenticate: Digest realm=\"{realm}\", nonce=\"{nonce}\", algorithm={alg}, qop=\"auth\"{stale}\r\n"
@@ -283,7 +318,11 @@ mod tests {
 
     #[test]
     fn the_configuration_never_prints_a_password() {
-        let cfg = DigestConfig { realm: "r".into(), users: vec![("pbx".into(), "hunter2".into())] };
+        let cfg = DigestConfig {
+            realm: "r".into(),
+            users: vec![("pbx".into(), "hunter2".into())],
+            algorithms: DigestAlgorithm::ALL.to_vec(),
+        };
         let shown = format!("{cfg:?}");
         assert!(shown.contains("pbx") && !shown.contains("hunter2"), "{shown}");
     }
@@ -321,5 +360,48 @@ mod tests {
         assert_eq!(other.check(t0, ip, &nonce), None, "another secret");
         assert_eq!(n.check(t0, ip, "0.0000"), None);
         assert_eq!(n.check(t0, ip, "garbage"), None);
+    }
+
+    #[test]
+    fn only_the_configured_algorithms_are_challenged_and_accepted() {
+        let t0 = Instant::now();
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let md5_only = DigestConfig {
+            realm: "precall".into(),
+            users: vec![("pbx".into(), "hunter2".into())],
+            algorithms: vec![DigestAlgorithm::Md5],
+        };
+        let mut n = Nonces::new([7; 32]);
+        let challenge = n.challenge(t0, ip, &md5_only, false);
+        assert_eq!(challenge.matches("WWW-Authenticate:").count(), 1, "{challenge}");
+        assert!(challenge.contains("algorithm=MD5"), "{challenge}");
+        // Right credentials in SHA-256, which this configuration does not offer: challenged
+        // again, never accepted.
+        let nonce = n.issue(t0, ip);
+        let mut c = Credentials {
+            username: "pbx",
+            realm: "precall",
+            nonce: &nonce,
+            uri: "sip:+1@h",
+            response: "",
+            algorithm: Some("SHA-256"),
+            cnonce: None,
+            qop: None,
+            nc: None,
+        };
+        let sha = expected_response(DigestAlgorithm::Sha256, &c, "INVITE", "hunter2").unwrap();
+        let header = |alg: &str, response: &str| {
+            format!(
+                "Digest username=\"pbx\", realm=\"precall\", nonce=\"{nonce}\", \
+                 uri=\"sip:+1@h\", response=\"{response}\", algorithm={alg}"
+            )
+        };
+        let verdict = |h: &str| n.verify(t0, ip, &md5_only, "INVITE", "sip:+1@h", &[h]);
+        assert_eq!(verdict(&header("SHA-256", &sha)), Verdict::Challenge { stale: false });
+        c.algorithm = Some("MD5");
+        let md5 = expected_response(DigestAlgorithm::Md5, &c, "INVITE", "hunter2").unwrap();
+        assert_eq!(verdict(&header("MD5", &md5)), Verdict::Accepted);
+        assert_eq!(DigestAlgorithm::from_name(" sha-256"), Some(DigestAlgorithm::Sha256));
+        assert_eq!(DigestAlgorithm::from_name("SHA-512"), None);
     }
 }

@@ -61,7 +61,7 @@ mod transaction;
 mod uri;
 mod wire;
 
-pub use auth::DigestConfig;
+pub use auth::{DigestAlgorithm, DigestConfig};
 pub use config::{Cidr, IdGen, SipConfig};
 pub use endpoint::Endpoint;
 pub use error::{AcceptError, DropReason, FramingError, RequestError};

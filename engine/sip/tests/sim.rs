@@ -1291,6 +1291,7 @@ fn digest_sim() -> Sim {
     cfg.digest = Some(precall_sip::DigestConfig {
         realm: "precall".to_owned(),
         users: vec![("pbx1".to_owned(), "s3cret".to_owned())],
+        algorithms: precall_sip::DigestAlgorithm::ALL.to_vec(),
     });
     let mut sim = Sim { ep: Endpoint::new(cfg, CounterIds::default()), ..Sim::new() };
     sim.uac = "203.0.113.50:5060".parse().unwrap();

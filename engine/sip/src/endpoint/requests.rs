@@ -225,13 +225,8 @@ impl<G: IdGen> Endpoint<G> {
         match verdict {
             auth::Verdict::Accepted => None,
             auth::Verdict::Challenge { stale } => {
-                let realm = digest.realm.clone();
-                Some(RequestError::Unauthorized(self.nonces.challenge(
-                    now,
-                    from.ip(),
-                    &realm,
-                    stale,
-                )))
+                let challenge = self.nonces.challenge(now, from.ip(), digest, stale);
+                Some(RequestError::Unauthorized(challenge))
             }
             auth::Verdict::Refused => {
                 self.pike_count(now, from.ip());
