@@ -73,6 +73,17 @@ pub use request::Request;
 pub use response::{Response, reason_phrase};
 pub use server::{Server, ServerHandle};
 
+/// Parses a request head exactly as the server does, for fuzzing and tools: `Ok(Some((head
+/// bytes, body bytes)))` once the head is complete and within `limits`, `Ok(None)` while it
+/// may still become valid, `Err(status)` with the status it is answered with (400, 413, 431).
+pub fn parse_request_head(buf: &[u8], limits: &Limits) -> Result<Option<(usize, usize)>, u16> {
+    match request::parse_head(buf, limits) {
+        Ok(Some(head)) => Ok(Some((head.len, head.content_length))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e.status()),
+    }
+}
+
 /// Hard limits applied to every connection. All of them have safe defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
