@@ -10,6 +10,10 @@ With --flood-pps N a second sender aims N out-of-dialog OPTIONS per second (each
 Call-ID, so they spread over the shards) at the SIP port for as long as SIPp runs: the pacing
 figures then say whether a SIP flood delays the media clock.
 
+With --accept-503 a call that precall refuses with 503 (overload admission, drain) is ACKed and
+counted as refused instead of failed: "calls with RTP" are then the admitted ones, and SIPp's
+exit status says whether any admitted call failed.
+
 Prints one summary line per figure; docs/PERFORMANCE.md quotes them. Needs sipp on PATH.
 """
 import argparse, collections, multiprocessing, os, socket, struct, subprocess, sys, tempfile, time
@@ -22,11 +26,38 @@ ap.add_argument("--rate", type=int, default=20)
 ap.add_argument("--limit", type=int, default=200)
 ap.add_argument("--hold-ms", type=int, default=10000)
 ap.add_argument("--flood-pps", type=int, default=0, help="OPTIONS per second during the run")
+ap.add_argument("--accept-503", action="store_true", help="a 503 ends the call as refused, not failed")
 a = ap.parse_args()
 
 here = os.path.dirname(os.path.abspath(__file__))
 scenario = open(os.path.join(here, "uac_hold.xml")).read()
 scenario = scenario.replace('<pause milliseconds="3000"/>', f'<pause milliseconds="{a.hold_ms}"/>')
+if a.accept_503:
+    # 503 -> ACK (same Via, so the same transaction) -> end; the admitted calls skip that part.
+    refused = """
+  <label id="refused"/>
+  <send>
+    <![CDATA[
+
+      ACK sip:+18005551212@[remote_ip]:[remote_port] SIP/2.0
+      [last_Via:]
+      From: "SIPp" <sip:+12345678901@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      [last_To:]
+      Call-ID: [call_id]
+      CSeq: 1 ACK
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <label id="done"/>
+"""
+    scenario = scenario.replace('<recv response="200" rtd="true" rrs="true">',
+                                '<recv response="503" optional="true" next="refused">\n  </recv>\n\n'
+                                '  <recv response="200" rtd="true" rrs="true">', 1)
+    scenario = scenario.replace('<recv response="200" crlf="true">', '<recv response="200" crlf="true" next="done">', 1)
+    scenario = scenario.replace('  <ResponseTimeRepartition', refused + '\n  <ResponseTimeRepartition', 1)
+    assert scenario.count('id="refused"') == 1 and 'next="done"' in scenario
 tmp = tempfile.NamedTemporaryFile("w", suffix=".xml", delete=False)
 tmp.write(scenario)
 tmp.close()
@@ -122,6 +153,8 @@ print(f"sipp exit status {rc} ({'no failed call' if rc == 0 else 'FAILED CALLS'}
 print(f"calls with RTP {len(streams)} of {a.calls}; packets {total}; lost (sequence gaps) {gaps}")
 print(f"inter-arrival deviation from 20 ms: p50 {pct(0.5):.2f} ms, p99 {pct(0.99):.2f} ms, "
       f"p99.9 {pct(0.999):.2f} ms, max {deviation[-1] if deviation else 0:.2f} ms")
+if a.accept_503:
+    print(f"calls without RTP (refused with 503): {a.calls - len(streams)}")
 print(f"packets/s at the receiver {total / elapsed:.0f} over {elapsed:.1f} s")
 if a.flood_pps:
     print(f"flood: {flood_sent.value} OPTIONS sent ({flood_sent.value / elapsed:.0f}/s), "

@@ -704,8 +704,7 @@ impl Core {
                     m.codec = media_codec(media.codec);
                     m.telephone_event = media.telephone_event;
                     m.sending = can_send(media.direction, media.remote_rtp);
-                    c.flow
-                        .handle_caller_hold(now, !caller_sends(media.direction, media.remote_rtp));
+                    c.flow.handle_caller_hold(now, caller_holds(media.direction, media.remote_rtp));
                     c.flow.handle_media_changed(m.codec);
                 }
                 self.after_flow(now, call);
@@ -1055,7 +1054,7 @@ impl Core {
             slot,
         });
         call.flow.handle_answered(now, codec);
-        call.flow.handle_caller_hold(now, !caller_sends(params.direction, params.remote_rtp));
+        call.flow.handle_caller_hold(now, caller_holds(params.direction, params.remote_rtp));
     }
 
     /// One caller RTP datagram (the receive task calls this between its awaits). Returns
@@ -1513,8 +1512,12 @@ fn can_send(direction: Direction, remote: SocketAddr) -> bool {
 
 /// Whether the caller will send RTP, by our negotiated `direction` and its address: not when
 /// it holds the call (its `recvonly` or `inactive`, or the old `c=0.0.0.0`).
-fn caller_sends(direction: Direction, remote: SocketAddr) -> bool {
-    matches!(direction, Direction::SendRecv | Direction::RecvOnly) && !remote.ip().is_unspecified()
+/// Whether the caller has put the call on hold or said it sends nothing, from our side of the
+/// negotiated direction: `sendonly` (hold, RFC 3264 §8.4; music on hold, if any, is not
+/// audio to wait for), `recvonly` or `inactive` from the caller, or the old `c=0.0.0.0`.
+/// The RTP timeout is suspended meanwhile.
+fn caller_holds(direction: Direction, remote: SocketAddr) -> bool {
+    direction != Direction::SendRecv || remote.ip().is_unspecified()
 }
 
 fn media_codec(codec: precall_sip::Codec) -> Codec {

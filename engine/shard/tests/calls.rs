@@ -19,7 +19,7 @@ use precall_media::{Codec, EncodedClip, RtpPacket};
 
 mod support;
 
-use support::{Uac, eventually, header, sdp_port, status};
+use support::{Dialog, Uac, eventually, header, sdp_port, status};
 
 /// A control plane in memory: plans every call as "hold", or parks the inbound replies.
 #[derive(Default)]
@@ -544,5 +544,89 @@ fn a_shard_whose_media_clock_runs_late_refuses_new_calls_and_probes_until_it_kee
     let again = uac.invite("late-3@carrier.example", 30704);
     uac.ack(&again);
     assert_eq!(control.inbound.lock().unwrap().len(), 2);
+    engine.shutdown().unwrap();
+}
+
+/// A re-INVITE in `d` with the caller's media `direction` (`sendonly` puts precall on hold);
+/// returns the 200 OK once acknowledged.
+fn reinvite(uac: &mut Uac, d: &Dialog, cseq: u32, rtp_port: u16, direction: &str) -> String {
+    let branch = uac.next_branch();
+    let port = uac.port();
+    let sdp = format!(
+        "v=0\r\no=carrier 1 {cseq} IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+         m=audio {rtp_port} RTP/AVP 8 101\r\na=rtpmap:8 PCMA/8000\r\n\
+         a=rtpmap:101 telephone-event/8000\r\na={direction}\r\n"
+    );
+    uac.send(&format!(
+        "INVITE {} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch};rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:+12345678901@127.0.0.1>;tag={}\r\n\
+         To: <sip:+18005551212@{}>;tag={}\r\nCall-ID: {}\r\nCSeq: {cseq} INVITE\r\n\
+         Contact: <sip:caller@127.0.0.1:{port}>\r\nContent-Type: application/sdp\r\n\
+         Content-Length: {}\r\n\r\n{sdp}",
+        d.target,
+        d.from_tag,
+        uac.server,
+        d.to_tag,
+        d.call_id,
+        sdp.len()
+    ));
+    let want = format!("{cseq} INVITE");
+    let ok = uac.recv_until("200 OK to the re-INVITE", |m| {
+        status(m) == Some(200) && header(m, "CSeq") == Some(want.as_str())
+    });
+    let branch = uac.next_branch();
+    uac.send(&format!(
+        "ACK {} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch={branch}\r\nMax-Forwards: 70\r\n\
+         From: <sip:+12345678901@127.0.0.1>;tag={}\r\nTo: <sip:+18005551212@{}>;tag={}\r\n\
+         Call-ID: {}\r\nCSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n",
+        d.target, d.from_tag, uac.server, d.to_tag, d.call_id
+    ));
+    ok
+}
+
+#[test]
+fn a_caller_on_hold_is_not_timed_out_and_audio_resumes_with_marker_and_time_advanced() {
+    let control = Arc::new(FakeControl::default());
+    // A caller silent for 800 ms is hung up, unless the caller put the call on hold.
+    let engine = start_with(1, control.clone(), Duration::from_millis(800));
+    let mut uac = Uac::new(engine.sip_addr().unwrap());
+    let rtp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let rtp_port = rtp.local_addr().unwrap().port();
+    let d = uac.invite("on-hold@carrier.example", rtp_port);
+    let our_rtp = sdp_port(&d.answer_sdp);
+    uac.ack(&d);
+    let mut heard = collect_rtp(&rtp, Duration::from_millis(200));
+    for seq in 0..3u8 {
+        rtp.send_to(&rtp_packet(seq, 0x4242), ("127.0.0.1", our_rtp)).unwrap();
+    }
+    // The caller puts precall on hold (a=sendonly): precall answers recvonly and stops sending.
+    let ok = reinvite(&mut uac, &d, 2, rtp_port, "sendonly");
+    assert!(ok.contains("a=recvonly"), "{ok}");
+    heard.extend(collect_rtp(&rtp, Duration::from_millis(100)));
+    let last =
+        RtpPacket::new_checked(heard.last().expect("audio before the hold").1.clone()).unwrap();
+    // Silent for 2.4 s, three times the RTP timeout: on hold, that is not a dead caller.
+    let held = collect_rtp(&rtp, Duration::from_millis(2400));
+    assert!(held.is_empty(), "{} packets sent to a caller who put us on hold", held.len());
+    assert!(control.ended.lock().unwrap().is_empty(), "a held call was ended");
+    // Taken off hold: audio again, the first packet with the marker (a new talkspurt), the
+    // timestamp advanced over the pause (RFC 3550 §5.1), the sequence without a gap.
+    let ok = reinvite(&mut uac, &d, 3, rtp_port, "sendrecv");
+    assert!(ok.contains("a=sendrecv"), "{ok}");
+    let after = collect_rtp(&rtp, Duration::from_millis(300));
+    assert!(
+        !after.is_empty(),
+        "no audio after the hold; ended {:?}, health {:?}",
+        control.ended.lock().unwrap(),
+        engine.health()
+    );
+    let first =
+        RtpPacket::new_checked(after.first().expect("audio after the hold").1.clone()).unwrap();
+    assert!(first.marker(), "no marker after the pause");
+    assert_eq!(first.sequence().0, last.sequence().0.wrapping_add(1), "sequence gap");
+    let advanced = first.timestamp().0.wrapping_sub(last.timestamp().0);
+    assert!(advanced >= 2400 * 8, "timestamp advanced only {advanced} over 2.4 s");
+    assert_eq!(status(&uac.bye(&d)), Some(200));
+    await_end(&control, "on-hold@carrier.example", "caller_hangup");
     engine.shutdown().unwrap();
 }
