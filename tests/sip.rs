@@ -28,23 +28,11 @@ struct Received {
     silent: bool,
 }
 
-#[test]
-fn sipp_places_50_calls_that_hear_greeting_and_hold_over_rtp() {
-    let sipp_found = Command::new("sipp").arg("-v").stdout(Stdio::null()).status().is_ok();
-    assert!(sipp_found, "sipp is not installed: `bash tests/run.sh` installs sip-tester");
-
-    let sip_port = free_udp_port();
-    let precall = Precall::start(&[
-        ("SIP_PORT", sip_port.to_string()),
-        ("RTP_PORT_MIN", "42000".to_owned()),
-        ("RTP_PORT_MAX", "42999".to_owned()),
-        ("STATUS_POLL_INTERVAL_MS", "500".to_owned()),
-        // Every call holds for its whole length: the clone is still being made.
-        ("SIMULATED_CLONE_DELAY_MS", "600000".to_owned()),
-    ]);
-
-    // The caller's media address in every offer: RTP for all 50 calls lands here, told apart
-    // by SSRC.
+/// Binds the callers' media socket and starts a thread that keeps every RTP packet arriving
+/// there, by SSRC, until `done` is set and the socket is quiet. Returns the port, the flag and
+/// the thread.
+#[allow(clippy::type_complexity)]
+fn capture_rtp() -> (u16, Arc<AtomicBool>, std::thread::JoinHandle<HashMap<u32, Vec<Received>>>) {
     let media = UdpSocket::bind("127.0.0.1:0").unwrap();
     let media_port = media.local_addr().unwrap().port();
     media.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
@@ -75,6 +63,51 @@ fn sipp_places_50_calls_that_hear_greeting_and_hold_over_rtp() {
             streams
         })
     };
+    (media_port, done, capture)
+}
+
+/// One call's RTP as the caller heard it: 50 packets/s for at least `min_span`, sequence +1,
+/// timestamp +160 (a frame skipped by a late wake-up advances it: allowed on 1 % of packets),
+/// PCMA, mostly not silence.
+fn check_stream(ssrc: u32, packets: &[Received], min_span: Duration) {
+    let span = packets.last().unwrap().at - packets[0].at;
+    let rate = (packets.len() - 1) as f64 / span.as_secs_f64();
+    assert!((42.0..=55.0).contains(&rate), "SSRC {ssrc:#x}: {rate:.1} packets/s");
+    assert!(span >= min_span, "SSRC {ssrc:#x}: only {span:?} of audio");
+    let mut late_steps = 0;
+    for w in packets.windows(2) {
+        assert_eq!(w[1].seq, w[0].seq.wrapping_add(1), "SSRC {ssrc:#x}: sequence gap");
+        // +160 per packet; a frame the shard skipped because it woke 20 ms late advances
+        // the timestamp over it (RFC 3550 §5.1): allowed, rarely, on a loaded machine.
+        let step = w[1].ts.wrapping_sub(w[0].ts);
+        assert!(step >= 160 && step % 160 == 0, "SSRC {ssrc:#x}: timestamp step {step}");
+        late_steps += usize::from(step != 160);
+    }
+    assert!(late_steps * 100 <= packets.len(), "SSRC {ssrc:#x}: {late_steps} skipped frames");
+    // PCMA was offered first.
+    assert!(packets.iter().all(|p| p.pt == 8), "SSRC {ssrc:#x}: payload type");
+    let silent = packets.iter().filter(|p| p.silent).count();
+    assert!(silent * 5 < packets.len(), "SSRC {ssrc:#x}: {silent} silent packets");
+}
+
+#[test]
+fn sipp_places_50_calls_that_hear_greeting_and_hold_over_rtp() {
+    let sipp_found = Command::new("sipp").arg("-v").stdout(Stdio::null()).status().is_ok();
+    assert!(sipp_found, "sipp is not installed: `bash tests/run.sh` installs sip-tester");
+
+    let sip_port = free_udp_port();
+    let precall = Precall::start(&[
+        ("SIP_PORT", sip_port.to_string()),
+        ("RTP_PORT_MIN", "42000".to_owned()),
+        ("RTP_PORT_MAX", "42999".to_owned()),
+        ("STATUS_POLL_INTERVAL_MS", "500".to_owned()),
+        // Every call holds for its whole length: the clone is still being made.
+        ("SIMULATED_CLONE_DELAY_MS", "600000".to_owned()),
+    ]);
+
+    // The caller's media address in every offer: RTP for all 50 calls lands here, told apart
+    // by SSRC.
+    let (media_port, done, capture) = capture_rtp();
 
     let out = Command::new("sipp")
         .arg(format!("127.0.0.1:{sip_port}"))
@@ -98,24 +131,7 @@ fn sipp_places_50_calls_that_hear_greeting_and_hold_over_rtp() {
 
     assert_eq!(streams.len(), 50, "one RTP stream per call");
     for (ssrc, packets) in &streams {
-        let span = packets.last().unwrap().at - packets[0].at;
-        let rate = (packets.len() - 1) as f64 / span.as_secs_f64();
-        assert!((42.0..=55.0).contains(&rate), "SSRC {ssrc:#x}: {rate:.1} packets/s");
-        assert!(span >= Duration::from_millis(2500), "SSRC {ssrc:#x}: only {span:?} of audio");
-        let mut late_steps = 0;
-        for w in packets.windows(2) {
-            assert_eq!(w[1].seq, w[0].seq.wrapping_add(1), "SSRC {ssrc:#x}: sequence gap");
-            // +160 per packet; a frame the shard skipped because it woke 20 ms late advances
-            // the timestamp over it (RFC 3550 §5.1): allowed, rarely, on a loaded machine.
-            let step = w[1].ts.wrapping_sub(w[0].ts);
-            assert!(step >= 160 && step % 160 == 0, "SSRC {ssrc:#x}: timestamp step {step}");
-            late_steps += usize::from(step != 160);
-        }
-        assert!(late_steps * 100 <= packets.len(), "SSRC {ssrc:#x}: {late_steps} skipped frames");
-        // PCMA was offered first.
-        assert!(packets.iter().all(|p| p.pt == 8), "SSRC {ssrc:#x}: payload type");
-        let silent = packets.iter().filter(|p| p.silent).count();
-        assert!(silent * 5 < packets.len(), "SSRC {ssrc:#x}: {silent} silent packets");
+        check_stream(*ssrc, packets, Duration::from_millis(2500));
     }
 
     // Every call's end was recorded and no call is left on a shard.
@@ -308,5 +324,92 @@ fn sipp_authenticates_with_a_digest_and_a_wrong_password_gets_403_and_no_call() 
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     assert_eq!((ended(&precall), active), (5, 0), "a call was made without the password");
+    assert!(precall.stop().success());
+}
+
+const ACCEPT_503: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/sipp/accept_503.xml");
+
+/// `uac_hold.xml` with `hold_ms` of hold, where a `503` ends the call as refused (ACKed), not
+/// failed: the splice `rtp_load.py --accept-503` makes, from `accept_503.xml`.
+fn scenario_accepting_503(hold_ms: u32) -> String {
+    let refused = std::fs::read_to_string(ACCEPT_503).unwrap();
+    let refused = refused.split_once("-->").unwrap().1;
+    let s = std::fs::read_to_string(SCENARIO)
+        .unwrap()
+        .replace(
+            r#"<pause milliseconds="3000"/>"#,
+            &format!(r#"<pause milliseconds="{hold_ms}"/>"#),
+        )
+        .replacen(
+            r#"<recv response="200" rtd="true" rrs="true">"#,
+            "<recv response=\"503\" optional=\"true\" next=\"refused\">\n  </recv>\n\n  \
+             <recv response=\"200\" rtd=\"true\" rrs=\"true\">",
+            1,
+        )
+        .replacen(
+            r#"<recv response="200" crlf="true">"#,
+            r#"<recv response="200" crlf="true" next="done">"#,
+            1,
+        )
+        .replacen(
+            "  <ResponseTimeRepartition",
+            &format!("{refused}\n  <ResponseTimeRepartition"),
+            1,
+        );
+    assert_eq!(s.matches(r#"id="refused""#).count(), 1);
+    s
+}
+
+#[test]
+fn sipp_at_twice_the_capacity_gets_503_for_the_excess_and_the_admitted_calls_keep_pacing() {
+    let sip_port = free_udp_port();
+    // Capacity: 15 calls per shard, 30 for the node (the default 2 shards of the harness).
+    let precall = Precall::start(&[
+        ("SIP_PORT", sip_port.to_string()),
+        ("SHARD_MAX_CALLS", "15".to_owned()),
+        ("RTP_PORT_MIN", "43000".to_owned()),
+        ("RTP_PORT_MAX", "43999".to_owned()),
+        ("SIMULATED_CLONE_DELAY_MS", "600000".to_owned()),
+    ]);
+    let path = std::env::temp_dir().join(format!("precall-503-{}.xml", std::process::id()));
+    std::fs::write(&path, scenario_accepting_503(4000)).unwrap();
+    let (media_port, done, capture) = capture_rtp();
+    // 80 calls in one second, each up for 4 s: more than twice what the node holds, all at
+    // once (80 rather than 60, so that each shard surely sees 15 of them: a hash of 80 random
+    // Call-IDs gives a shard fewer than 15 with odds under 1 in 10^7).
+    let out = Command::new("sipp")
+        .arg(format!("127.0.0.1:{sip_port}"))
+        .arg("-sf")
+        .arg(&path)
+        .args(["-i", "127.0.0.1", "-p", &free_udp_port().to_string()])
+        .args(["-set", "rtp_ip", "127.0.0.1", "-set", "rtp_port", &media_port.to_string()])
+        .args(["-m", "80", "-r", "80", "-l", "80", "-timeout", "60s", "-timeout_error"])
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run sipp");
+    done.store(true, Ordering::Release);
+    let streams = capture.join().unwrap();
+    let _ = std::fs::remove_file(&path);
+    // No admitted call failed (a refused one ends as refused).
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "an admitted call failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, metrics) = precall.get("/metrics");
+    let refused: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("precall_calls_refused_full_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    // Each shard took its 15 and refused the rest before any record.
+    assert_eq!((streams.len(), refused), (30, 50), "admitted and refused calls");
+    for (ssrc, packets) in &streams {
+        check_stream(*ssrc, packets, Duration::from_millis(3500));
+    }
     assert!(precall.stop().success());
 }

@@ -34,24 +34,7 @@ scenario = open(os.path.join(here, "uac_hold.xml")).read()
 scenario = scenario.replace('<pause milliseconds="3000"/>', f'<pause milliseconds="{a.hold_ms}"/>')
 if a.accept_503:
     # 503 -> ACK (same Via, so the same transaction) -> end; the admitted calls skip that part.
-    refused = """
-  <label id="refused"/>
-  <send>
-    <![CDATA[
-
-      ACK sip:+18005551212@[remote_ip]:[remote_port] SIP/2.0
-      [last_Via:]
-      From: "SIPp" <sip:+12345678901@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      [last_To:]
-      Call-ID: [call_id]
-      CSeq: 1 ACK
-      Max-Forwards: 70
-      Content-Length: 0
-
-    ]]>
-  </send>
-  <label id="done"/>
-"""
+    refused = open(os.path.join(here, "accept_503.xml")).read().split("-->", 1)[1]
     scenario = scenario.replace('<recv response="200" rtd="true" rrs="true">',
                                 '<recv response="503" optional="true" next="refused">\n  </recv>\n\n'
                                 '  <recv response="200" rtd="true" rrs="true">', 1)
