@@ -445,6 +445,40 @@ fn reinvite_hold_and_unhold() {
 }
 
 #[test]
+fn options_out_of_a_dialog_are_answered_statelessly_with_the_same_tag_each_time() {
+    let mut cfg = config();
+    // With room for one transaction only: 100 probes must not need any.
+    cfg.max_transactions = 1;
+    let mut sim = Sim::new();
+    sim.ep = Endpoint::new(cfg, CounterIds::default());
+    let probe = |n: u32| {
+        format!(
+            "OPTIONS sip:192.0.2.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5060;branch=z9hG4bKp{n}\r\n\
+             From: <sip:probe@carrier.example>;tag=p{n}\r\nTo: <sip:192.0.2.10>\r\nCall-ID: p{n}\r\n\
+             CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let to_tag =
+        |answer: &[u8]| header(answer, "To").unwrap().split(";tag=").nth(1).unwrap().to_owned();
+    sim.send(&probe(0));
+    let first = sim.take_inbox();
+    sim.send(&probe(0));
+    let again = sim.take_inbox();
+    assert_eq!((status(&first[0]), status(&again[0])), (Some(200), Some(200)));
+    assert_eq!(to_tag(&first[0]), to_tag(&again[0]), "a retransmission gets the same answer");
+    sim.send(&probe(1));
+    assert_ne!(to_tag(&sim.take_inbox()[0]), to_tag(&first[0]), "another probe, another tag");
+    for n in 2..100 {
+        sim.send(&probe(n));
+    }
+    assert_eq!(sim.take_inbox().iter().filter(|a| status(a) == Some(200)).count(), 98);
+    // No transaction was kept: the one slot is free for a call.
+    sim.send(&invite("after-probes", "z9hG4bKap", OFFER));
+    assert_eq!(status(&sim.take_inbox()[0]), Some(100));
+    assert_eq!(sim.ep.calls(), 1);
+}
+
+#[test]
 fn options_in_and_out_of_dialog() {
     let mut sim = Sim::new();
     sim.send(
@@ -461,6 +495,7 @@ fn options_in_and_out_of_dialog() {
     sim.take_inbox();
     sim.send(&in_dialog("OPTIONS", "c10", "z9hG4bKo2", &tag, 2, ""));
     assert_eq!(status(&sim.take_inbox()[0]), Some(200));
+    assert_eq!(sim.ep.calls(), 1);
     sim.send(&in_dialog("INFO", "c10", "z9hG4bKi1", &tag, 3, ""));
     assert_eq!(status(&sim.take_inbox()[0]), Some(200));
     sim.send(&in_dialog("UPDATE", "c10", "z9hG4bKu1", &tag, 4, ""));
@@ -1233,19 +1268,24 @@ fn past_its_transaction_limit_the_endpoint_keeps_no_more_state() {
     cfg.max_transactions = 3;
     let mut sim = Sim::new();
     sim.ep = Endpoint::new(cfg, CounterIds::default());
-    let options = |n: u32| {
+    // Requests precall refuses (a MESSAGE out of any dialog) keep a transaction each.
+    let message = |n: u32| {
         format!(
-            "OPTIONS sip:192.0.2.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5060;branch=z9hG4bKo{n}\r\n\
-             From: <sip:probe@carrier.example>;tag=p{n}\r\nTo: <sip:192.0.2.10>\r\nCall-ID: o{n}\r\n\
-             CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+            "MESSAGE sip:192.0.2.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5060;branch=z9hG4bKm{n}\r\n\
+             From: <sip:im@carrier.example>;tag=p{n}\r\nTo: <sip:192.0.2.10>\r\nCall-ID: m{n}\r\n\
+             CSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
         )
     };
     for n in 0..5 {
-        sim.send(&options(n));
+        sim.send(&message(n));
     }
-    // Every probe is answered; only three transactions absorb retransmissions.
-    assert_eq!(sim.take_inbox().iter().filter(|p| status(p) == Some(200)).count(), 5);
-    sim.send(&options(0));
+    // Every request is answered; only three transactions absorb retransmissions.
+    let answers = sim.take_inbox();
+    assert_eq!(answers.len(), 5);
+    let refusal = status(&answers[0]).unwrap();
+    assert!(matches!(refusal, 405 | 501), "{refusal}");
+    assert!(answers.iter().all(|a| status(a) == Some(refusal)));
+    sim.send(&message(0));
     assert_eq!(sim.take_inbox().len(), 1, "a kept transaction resends its answer");
     // A new call needs a transaction: 503 while full, and no call.
     sim.send(&invite("t1", "z9hG4bKt1", OFFER));

@@ -456,14 +456,24 @@ impl<G: IdGen> Endpoint<G> {
                 }
             }
         }
-        if self.refusing() && req.to.tag().is_none() {
+        // Out of a dialog, OPTIONS is answered statelessly (RFC 3261 §8.2.7): a retransmission
+        // gets the same answer again, To tag included, and a probe or a flood of them keeps no
+        // transaction for 32 s.
+        let out_of_dialog = req.to.tag().is_none();
+        let key = if out_of_dialog { None } else { key };
+        if self.refusing() && out_of_dialog {
             // The probe of a dispatcher (Kamailio's ds_ping): take this node out.
             return self.answer_error(now, from, key, false, headers, &RequestError::Unavailable);
         }
         // Carriers probe trunks with OPTIONS (RFC 3261 §11.2).
         let extra =
             format!("Allow: {ALLOW}\r\nAccept: application/sdp\r\nSupported: {SUPPORTED}\r\n");
-        let ok = self.plain_ok(headers, from, &extra);
+        let ok = if out_of_dialog {
+            let tag = stateless_tag(headers);
+            self.ok_with_tag(headers, from, Some(&tag), &extra)
+        } else {
+            self.plain_ok(headers, from, &extra)
+        };
         self.send_final(now, headers, from, key, ok);
     }
 
@@ -564,4 +574,16 @@ fn refresh_session(now: Instant, c: &mut Call, req: &Request<'_>) {
         }
         None => None,
     };
+}
+
+/// The To tag of a stateless answer: the same for every retransmission of one request (RFC 3261
+/// §8.2.7), from its Call-ID, From tag, CSeq and top Via branch.
+fn stateless_tag(headers: &[HeaderLine<'_>]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (name, compact) in [("Call-ID", Some("i")), ("From", Some("f")), ("CSeq", None)] {
+        message::single(headers, name, compact).ok().flatten().hash(&mut h);
+    }
+    message::list(headers, "Via", Some("v")).first().hash(&mut h);
+    format!("sl{:016x}", h.finish())
 }

@@ -122,13 +122,24 @@ impl<G: IdGen> Endpoint<G> {
             .and_then(|n| n.tag())
             .is_some();
         let tag = if has_tag { None } else { Some(self.ids.tag()) };
+        self.ok_with_tag(headers, from, tag.as_deref(), extra)
+    }
+
+    /// `200 OK` adding `to_tag` (none when the request's To has one).
+    pub(super) fn ok_with_tag(
+        &self,
+        headers: &[HeaderLine<'_>],
+        from: SocketAddr,
+        to_tag: Option<&str>,
+        extra: &str,
+    ) -> Vec<u8> {
         build::response(
             headers,
             from,
             &ResponseSpec {
                 code: 200,
                 reason: "OK",
-                to_tag: tag.as_deref(),
+                to_tag,
                 extra,
                 body: None,
                 server: &self.cfg.user_agent,
@@ -136,8 +147,6 @@ impl<G: IdGen> Endpoint<G> {
         )
     }
 
-    /// Sends a final response and keeps a server transaction that resends it to
-    /// retransmissions (§17.2.1 Timer G/H for INVITE, §17.2.2 Timer J otherwise).
     pub(super) fn send_final(
         &mut self,
         now: Instant,
