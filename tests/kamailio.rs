@@ -10,6 +10,7 @@
 mod support;
 
 use std::net::UdpSocket;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -20,7 +21,8 @@ use support::{free_udp_port, wait_for};
 const SCENARIO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/sipp/uac_hold.xml");
 const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/kamailio/kamailio.cfg");
 
-/// A running `kamailio`, killed (by its pid) when dropped.
+/// A running `kamailio` in a process group of its own (it forks its workers), the whole group
+/// killed when dropped.
 struct Kamailio {
     child: Child,
     log: PathBuf,
@@ -53,6 +55,7 @@ impl Kamailio {
         std::fs::write(&cfg, config).unwrap();
         let log = dir.join("kamailio.log");
         let child = Command::new("kamailio")
+            .process_group(0)
             // In the foreground, logging to stderr, with its runtime files in our folder.
             .args(["-DD", "-E", "-m", "64", "-M", "8", "-f"])
             .arg(&cfg)
@@ -74,7 +77,8 @@ impl Kamailio {
 
 impl Drop for Kamailio {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SAFETY: the group is our own child's (process_group(0): its pid is the group id).
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }

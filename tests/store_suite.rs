@@ -57,45 +57,53 @@ async fn calls_are_recorded_once<S: Store>(s: &S) {
 async fn status_rules<S: Store>(s: &S) {
     let id = CallId::new("CA-status");
     s.insert_call(&record("CA-status", 1_000)).await.unwrap();
-    let c = s.set_call_status(&id, CallStatus::Connected, Timestamp(2_000), None).await.unwrap();
+    let set = |status, at, reason| s.set_call_status(&id, status, Timestamp(at), reason);
+    let c = set(CallStatus::Connected, 2_000, None).await.unwrap().unwrap();
+    assert!(c.changed, "holding -> connected");
     assert_eq!(
-        c.as_ref().map(|c| (c.status, c.connected_at)),
-        Some((CallStatus::Connected, Some(Timestamp(2_000))))
+        (c.record.status, c.record.connected_at),
+        (CallStatus::Connected, Some(Timestamp(2_000)))
     );
-    let c = s
-        .set_call_status(&id, CallStatus::Connected, Timestamp(3_000), None)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(c.connected_at, Some(Timestamp(2_000)), "connected_at is set once");
-    let c = s
-        .set_call_status(&id, CallStatus::Failed, Timestamp(4_000), Some("clone_timeout"))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(c.failure.as_deref(), Some("clone_timeout"));
-    let c = s
-        .set_call_status(&id, CallStatus::Failed, Timestamp(4_500), Some("other"))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(c.failure.as_deref(), Some("clone_timeout"), "the first failure is kept");
-    let c = s
-        .set_call_status(&id, CallStatus::Ended, Timestamp(5_000), Some("caller_hangup"))
-        .await
-        .unwrap()
-        .unwrap();
+    let c = set(CallStatus::Connected, 3_000, None).await.unwrap().unwrap();
+    assert!(!c.changed, "connected -> connected is no transition");
+    assert_eq!(c.record.connected_at, Some(Timestamp(2_000)), "connected_at is set once");
+    // Illegal: a connected call cannot fail or go back to holding (another node's stale view).
+    for (status, reason) in
+        [(CallStatus::Failed, Some("clone_timeout")), (CallStatus::Holding, None)]
+    {
+        let c = set(status, 4_000, reason).await.unwrap().unwrap();
+        assert!(!c.changed, "connected -> {status}");
+        assert_eq!((c.record.status, c.record.failure.as_deref()), (CallStatus::Connected, None));
+    }
+    let c = set(CallStatus::Ended, 5_000, Some("caller_hangup")).await.unwrap().unwrap();
+    assert!(c.changed);
     assert_eq!(
-        (c.status, c.ended_at, c.end_reason.as_deref()),
+        (c.record.status, c.record.ended_at, c.record.end_reason.as_deref()),
         (CallStatus::Ended, Some(Timestamp(5_000)), Some("caller_hangup"))
     );
-    let c = s
-        .set_call_status(&id, CallStatus::Connected, Timestamp(6_000), None)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(c.status, CallStatus::Ended, "an ended call never changes");
-    assert_eq!(s.get_call(&id).await.unwrap().unwrap(), c, "what was returned is what is stored");
+    for status in [CallStatus::Connected, CallStatus::Ended, CallStatus::Failed] {
+        let c = set(status, 6_000, Some("late")).await.unwrap().unwrap();
+        assert!(!c.changed, "an ended call never changes ({status})");
+        assert_eq!(c.record.end_reason.as_deref(), Some("caller_hangup"), "the first end is kept");
+    }
+    assert_eq!(s.get_call(&id).await.unwrap().unwrap().ended_at, Some(Timestamp(5_000)));
+
+    // holding -> failed -> ended; the failure is kept, a second failure is no transition.
+    let id2 = CallId::new("CA-status-failed");
+    s.insert_call(&record("CA-status-failed", 1_000)).await.unwrap();
+    let set2 = |status, at, reason| s.set_call_status(&id2, status, Timestamp(at), reason);
+    assert!(set2(CallStatus::Failed, 2_000, Some("clone_timeout")).await.unwrap().unwrap().changed);
+    let again = set2(CallStatus::Failed, 2_500, Some("other")).await.unwrap().unwrap();
+    assert!(!again.changed);
+    assert_eq!(again.record.failure.as_deref(), Some("clone_timeout"), "the first failure is kept");
+    let connected = set2(CallStatus::Connected, 2_600, None).await.unwrap().unwrap();
+    assert!(!connected.changed, "a failed call never connects");
+    let ended = set2(CallStatus::Ended, 3_000, Some("completed")).await.unwrap().unwrap();
+    assert!(ended.changed);
+    assert_eq!(
+        (ended.record.failure.as_deref(), ended.record.end_reason.as_deref()),
+        (Some("clone_timeout"), Some("completed"))
+    );
     assert_eq!(
         s.set_call_status(&"CA-nope".into(), CallStatus::Ended, Timestamp(1), None).await.unwrap(),
         None
@@ -263,6 +271,22 @@ async fn concurrent_claims_create_one_job<S: Store>(s: &S) {
     assert_eq!(inserted, 1, "exactly one of 16 concurrent inserts records the call");
 }
 
+/// Two nodes racing on one call (a poll connecting it, a stream failing it, at once): exactly
+/// one transition is made, and the call ends up in the state of the request that made it.
+async fn racing_transitions_are_made_once<S: Store>(s: &S) {
+    let id = CallId::new("CA-race-status");
+    s.insert_call(&record("CA-race-status", 1_000)).await.unwrap();
+    let moves = (0..16).map(|i| {
+        let status = if i % 2 == 0 { CallStatus::Connected } else { CallStatus::Failed };
+        s.set_call_status(&id, status, Timestamp(2_000 + i), Some("race"))
+    });
+    let results: Vec<_> = join_all(moves).await.into_iter().map(|r| r.unwrap().unwrap()).collect();
+    let winners: Vec<_> = results.iter().filter(|r| r.changed).collect();
+    assert_eq!(winners.len(), 1, "exactly one of 16 racing transitions is made");
+    let stored = s.get_call(&id).await.unwrap().unwrap();
+    assert_eq!(stored, winners[0].record, "the winner's view is what is stored");
+}
+
 /// Runs futures concurrently on the current task (no spawning, so `&S` borrows are fine).
 async fn join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
     let mut futs: Vec<_> = futs.map(|f| Some(Box::pin(f))).collect();
@@ -295,6 +319,7 @@ async fn suite<S: Store>(s: &S) {
     profiles_by_id_and_number(s).await;
     clone_jobs_are_claimed_once(s).await;
     concurrent_claims_create_one_job(s).await;
+    racing_transitions_are_made_once(s).await;
     live_call_pushes_are_claimed_once(s).await;
 }
 

@@ -120,7 +120,11 @@ impl<S: Store> CallController<S> {
         let mut start_clone = None;
         let job = match (call.clone_job_id, &profile) {
             (Some(id), _) => self.store.get_clone_job(id).await?,
-            (None, Some(profile)) if !call.status.is_terminal() => {
+            // Only a call still waiting claims a clone: a retried webhook for a call that
+            // failed or connected meanwhile (another node) starts nothing.
+            (None, Some(profile))
+                if matches!(call.status, CallStatus::Ringing | CallStatus::Holding) =>
+            {
                 let (job, created) = self.claim(profile, now).await?;
                 self.store.attach_job(&call.call_id, job.id).await?;
                 call.clone_job_id = Some(job.id);
@@ -234,10 +238,10 @@ impl<S: Store> CallController<S> {
             .set_call_status(call_id, CallStatus::Failed, now, Some(reason))
             .await?
             .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
-        if after.status == CallStatus::Failed {
+        if after.changed {
             self.event(call_id, now, EventKind::Failed, reason).await?;
         }
-        Ok(after)
+        Ok(after.record)
     }
 
     /// The call is over (caller hung up, BYE, CANCEL, Twilio's status callback). Idempotent:
@@ -261,8 +265,12 @@ impl<S: Store> CallController<S> {
             .set_call_status(call_id, CallStatus::Ended, now, Some(reason))
             .await?
             .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
-        self.event(call_id, now, EventKind::Ended, reason).await?;
-        Ok(after)
+        // Only the request that ended the call records the end (another node's report of the
+        // same end finds it ended).
+        if after.changed {
+            self.event(call_id, now, EventKind::Ended, reason).await?;
+        }
+        Ok(after.record)
     }
 
     /// Keeps what a media leg reports on the call's history (agent and caller transcript,
@@ -319,8 +327,9 @@ impl<S: Store> CallController<S> {
         if let Some(t) = plan.transition {
             let updated =
                 self.store.set_call_status(call_id, t.status, now, t.reason.as_deref()).await?;
-            // A call that ended meanwhile keeps its end: record nothing then.
-            if updated.is_some_and(|rec| rec.status == t.status) {
+            // Only the request that made the transition records it: a call that ended
+            // meanwhile, or that another node connected first, gets no second event.
+            if updated.is_some_and(|u| u.changed) {
                 let kind = if t.status == CallStatus::Connected {
                     EventKind::Connected
                 } else {

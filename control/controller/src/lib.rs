@@ -26,4 +26,6 @@ pub use model::{
     CallEvent, CallRecord, CloneJob, CloneRequest, EventKind, JobOutcome, VoiceProfile,
     normalize_number,
 };
-pub use store::{InsertCall, MemoryStore, Store, StoreError, apply_status, job_serves};
+pub use store::{
+    InsertCall, MemoryStore, StatusChange, Store, StoreError, apply_status, job_serves,
+};

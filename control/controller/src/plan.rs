@@ -95,10 +95,9 @@ impl<'a> Planner<'a> {
             }
         }
 
+        // A ready clone connects even when the hold limit has just passed: the caller waited
+        // for exactly this. The limit ends only a hold that would go on.
         let held = now.since(call.started_at);
-        if held > self.cfg.max_hold {
-            return self.fail(ins, Some(HOLD_TIMEOUT.to_owned()));
-        }
         match job {
             Some(j) if j.status == CloneStatus::Completed => match self.websocket(j, profile) {
                 Some(ws) => {
@@ -117,6 +116,7 @@ impl<'a> Planner<'a> {
                 let reason = j.error.clone().unwrap_or_else(|| "clone failed".to_owned());
                 self.fail(ins, Some(reason))
             }
+            _ if held > self.cfg.max_hold => self.fail(ins, Some(HOLD_TIMEOUT.to_owned())),
             Some(j) if now.since(j.started_at) > self.cfg.clone_job_timeout => {
                 ins.clone_status = CloneStatus::Failed;
                 self.fail(ins, Some(CLONE_TIMEOUT.to_owned()))

@@ -67,17 +67,19 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Moves a call to `status` at `at`, with a reason (failure reason for
-    /// [`CallStatus::Failed`], end reason for [`CallStatus::Ended`]).
+    /// [`CallStatus::Failed`], end reason for [`CallStatus::Ended`]), if that is a legal
+    /// transition ([`CallStatus::can_become`]), applied conditionally in one step so that two
+    /// nodes racing on one call cannot both make it or undo each other's.
     ///
-    /// An ended call never changes again; `connected_at` and `ended_at` are set once. Returns the
-    /// record as it is afterwards, or `None` for an unknown call.
+    /// `connected_at` and `ended_at` are set once. Returns the record as it is afterwards and
+    /// whether this call made the change, or `None` for an unknown call.
     fn set_call_status(
         &self,
         call_id: &CallId,
         status: CallStatus,
         at: Timestamp,
         reason: Option<&str>,
-    ) -> impl Future<Output = Result<Option<CallRecord>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<StatusChange>, StoreError>> + Send;
 
     /// Appends to a call's history.
     fn append_event(
@@ -174,16 +176,27 @@ pub trait Store: Send + Sync + 'static {
     fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-/// Applies a status change to a record, with the rules of [`Store::set_call_status`].
-/// Shared by every store so that they cannot disagree.
+/// What [`Store::set_call_status`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusChange {
+    /// The call as it is afterwards.
+    pub record: CallRecord,
+    /// Whether this request made the transition (false: it was not legal from where the call
+    /// stood, e.g. another node got there first).
+    pub changed: bool,
+}
+
+/// Applies a status change to a record, with the rules of [`Store::set_call_status`]; returns
+/// whether it changed anything. The in-memory store's rule; PostgreSQL's conditional `UPDATE`
+/// says the same in SQL, and the store test suite holds both to it.
 pub fn apply_status(
     call: &mut CallRecord,
     status: CallStatus,
     at: Timestamp,
     reason: Option<&str>,
-) {
-    if call.status.is_terminal() {
-        return;
+) -> bool {
+    if !call.status.can_become(status) {
+        return false;
     }
     call.status = status;
     match status {
@@ -201,6 +214,7 @@ pub fn apply_status(
         }
         CallStatus::Ringing | CallStatus::Holding => {}
     }
+    true
 }
 
 /// Whether a job serves new calls for its sample set (see [`Store::claim_clone_job`]).
@@ -333,10 +347,10 @@ impl Store for MemoryStore {
         status: CallStatus,
         at: Timestamp,
         reason: Option<&str>,
-    ) -> impl Future<Output = Result<Option<CallRecord>, StoreError>> + Send {
+    ) -> impl Future<Output = Result<Option<StatusChange>, StoreError>> + Send {
         let out = self.lock().calls.get_mut(call_id).map(|call| {
-            apply_status(call, status, at, reason);
-            call.clone()
+            let changed = apply_status(call, status, at, reason);
+            StatusChange { record: call.clone(), changed }
         });
         ready(Ok(out))
     }

@@ -432,6 +432,48 @@ fn hold_timeout_is_recorded_as_the_failure() {
 }
 
 #[test]
+fn a_clone_ready_at_the_poll_after_the_hold_limit_still_connects() {
+    let ctl = controller();
+    let out = run(ctl.handle_inbound_call(&ctx("CA7", "+18005550100"), Timestamp(0))).unwrap();
+    let job = out.start_clone.unwrap();
+    // The clone finished just before the poll that comes after the limit (60 s).
+    run(ctl.clone_finished(job.job_id, &Ok(VoiceId::new("v-late")), Timestamp(59_900))).unwrap();
+    let ins = run(ctl.check_clone_status(&CallId::new("CA7"), Timestamp(60_500))).unwrap();
+    assert!(ins.error_message.is_none() && !ins.should_hangup, "{ins:?}");
+    assert_eq!(ins.websocket.unwrap().voice_id, VoiceId::new("v-late"));
+    let rec = run(ctl.store().get_call(&CallId::new("CA7"))).unwrap().unwrap();
+    assert_eq!(rec.status, CallStatus::Connected);
+    // A clone still running at that poll ends the hold, as before.
+    run(ctl.handle_inbound_call(&ctx("CA8", "+15550002"), Timestamp(0))).unwrap();
+    let ins = run(ctl.check_clone_status(&CallId::new("CA8"), Timestamp(60_500))).unwrap();
+    assert!(ins.should_hangup);
+    let rec = run(ctl.store().get_call(&CallId::new("CA8"))).unwrap().unwrap();
+    assert_eq!(rec.failure.as_deref(), Some("hold_timeout"));
+}
+
+#[test]
+fn a_retried_webhook_for_a_failed_call_starts_no_clone() {
+    let ctl = controller();
+    // Recorded and failed (by another node) before any job was attached.
+    let rec = precall_controller::CallRecord::inbound(
+        &ctx("CA5", "+15550003"),
+        precall_api::ProfileId::new("default"),
+        Timestamp(0),
+    );
+    run(ctl.store().insert_call(&rec)).unwrap();
+    run(ctl.store().set_call_status(
+        &CallId::new("CA5"),
+        CallStatus::Failed,
+        Timestamp(1),
+        Some("x"),
+    ))
+    .unwrap();
+    let again = run(ctl.handle_inbound_call(&ctx("CA5", "+15550003"), Timestamp(2))).unwrap();
+    assert!(again.start_clone.is_none(), "a failed call started a clone");
+    assert!(again.instructions.should_hangup);
+}
+
+#[test]
 fn unknown_calls_are_reported() {
     let ctl = controller();
     let err = run(ctl.check_clone_status(&CallId::new("nope"), Timestamp(0))).unwrap_err();

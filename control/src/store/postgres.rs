@@ -5,8 +5,10 @@
 //!   INVITE on any node records the call once;
 //! * `claim_clone_job` takes a transaction-scoped advisory lock on (profile, samples), so two
 //!   nodes never both create a job for one sample set;
-//! * `set_call_status` reads the row `FOR UPDATE` and applies the shared rule
-//!   ([`precall_controller::apply_status`]), so both stores follow one rule.
+//! * `set_call_status` is one conditional `UPDATE … WHERE status = ANY(legal predecessors)
+//!   RETURNING`: the call's state machine ([`precall_api::CallStatus::can_become`]) enforced in
+//!   the database, so two nodes can never flip a call back and forth, and the request that made
+//!   a transition knows it did.
 
 use std::time::{Duration, SystemTime};
 
@@ -17,8 +19,8 @@ use precall_api::{
     CallId, CallStatus, CloneStatus, JobId, ProfileId, Protocol, Timestamp, VoiceId,
 };
 use precall_controller::{
-    CallEvent, CallRecord, CloneJob, EventKind, InsertCall, JobOutcome, Store, StoreError,
-    VoiceProfile, apply_status,
+    CallEvent, CallRecord, CloneJob, EventKind, InsertCall, JobOutcome, StatusChange, Store,
+    StoreError, VoiceProfile,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
@@ -273,37 +275,42 @@ impl Store for PgStore {
         status: CallStatus,
         at: Timestamp,
         reason: Option<&str>,
-    ) -> Result<Option<CallRecord>, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(query)?;
-        let Some(row) = tx
+    ) -> Result<Option<StatusChange>, StoreError> {
+        // One conditional statement: the call moves only from a state that may become
+        // `status` (CallStatus::can_become), so two nodes racing on one call serialise on the
+        // row and the second finds nothing to change. The CASEs are apply_status's rules.
+        let from: Vec<&str> = status.predecessors().iter().map(|s| s.as_str()).collect();
+        let client = self.client().await?;
+        let updated = client
             .cached_query_opt(
-                &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1 FOR UPDATE"),
+                &format!(
+                    "UPDATE calls SET status = $2, \
+                     connected_at = CASE WHEN $2 = 'connected' THEN COALESCE(connected_at, $3) \
+                                    ELSE connected_at END, \
+                     ended_at = CASE WHEN $2 = 'ended' THEN COALESCE(ended_at, $3) \
+                                ELSE ended_at END, \
+                     failure = CASE WHEN $2 = 'failed' THEN COALESCE(failure, $4) \
+                               ELSE failure END, \
+                     end_reason = CASE WHEN $2 = 'ended' THEN $4 ELSE end_reason END \
+                     WHERE call_id = $1 AND status = ANY($5) RETURNING {CALL_COLUMNS}"
+                ),
+                &[&call_id.as_str(), &status.as_str(), &at.to_system(), &reason, &from],
+            )
+            .await
+            .map_err(query)?;
+        if let Some(row) = updated {
+            return Ok(Some(StatusChange { record: call_from_row(&row)?, changed: true }));
+        }
+        let current = client
+            .cached_query_opt(
+                &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1"),
                 &[&call_id.as_str()],
             )
             .await
-            .map_err(query)?
-        else {
-            return Ok(None);
-        };
-        let mut call = call_from_row(&row)?;
-        apply_status(&mut call, status, at, reason);
-        tx.cached_execute(
-            "UPDATE calls SET status = $2, connected_at = $3, ended_at = $4, failure = $5, \
-             end_reason = $6 WHERE call_id = $1",
-            &[
-                &call_id.as_str(),
-                &call.status.as_str(),
-                &call.connected_at.map(Timestamp::to_system),
-                &call.ended_at.map(Timestamp::to_system),
-                &call.failure,
-                &call.end_reason,
-            ],
-        )
-        .await
-        .map_err(query)?;
-        tx.commit().await.map_err(query)?;
-        Ok(Some(call))
+            .map_err(query)?;
+        current
+            .map(|row| Ok(StatusChange { record: call_from_row(&row)?, changed: false }))
+            .transpose()
     }
 
     async fn append_event(&self, event: &CallEvent) -> Result<(), StoreError> {

@@ -81,6 +81,31 @@ impl CallStatus {
     pub fn is_terminal(self) -> bool {
         self == CallStatus::Ended
     }
+
+    /// Whether `self → next` is a legal transition of a call's one state machine: ringing or
+    /// holding → connected, failed or ended (ringing → holding too), connected → ended,
+    /// failed → ended. Staying in the same state is not a transition. Every store applies this
+    /// rule, so two nodes can never flip a call back and forth.
+    pub fn can_become(self, next: CallStatus) -> bool {
+        use CallStatus::{Connected, Ended, Failed, Holding, Ringing};
+        matches!(
+            (self, next),
+            (Ringing, Holding | Connected | Failed | Ended)
+                | (Holding, Connected | Failed | Ended)
+                | (Connected | Failed, Ended)
+        )
+    }
+
+    /// The states a call can come to `self` from ([`CallStatus::can_become`]).
+    pub fn predecessors(self) -> &'static [CallStatus] {
+        use CallStatus::{Connected, Failed, Holding, Ringing};
+        match self {
+            CallStatus::Ringing => &[],
+            CallStatus::Holding => &[Ringing],
+            CallStatus::Connected | CallStatus::Failed => &[Ringing, Holding],
+            CallStatus::Ended => &[Ringing, Holding, Connected, Failed],
+        }
+    }
 }
 
 impl fmt::Display for CallStatus {
@@ -140,6 +165,36 @@ mod tests {
         }
         assert_eq!(Protocol::parse("h323"), None);
         assert_eq!(CallStatus::parse(""), None);
+    }
+
+    #[test]
+    fn the_state_machine_allows_only_its_transitions() {
+        use CallStatus::{Connected, Ended, Failed, Holding, Ringing};
+        let all = [Ringing, Holding, Connected, Failed, Ended];
+        let legal: Vec<(CallStatus, CallStatus)> = all
+            .iter()
+            .flat_map(|a| all.iter().map(move |b| (*a, *b)))
+            .filter(|(a, b)| a.can_become(*b))
+            .collect();
+        assert_eq!(
+            legal,
+            [
+                (Ringing, Holding),
+                (Ringing, Connected),
+                (Ringing, Failed),
+                (Ringing, Ended),
+                (Holding, Connected),
+                (Holding, Failed),
+                (Holding, Ended),
+                (Connected, Ended),
+                (Failed, Ended),
+            ]
+        );
+        // predecessors() is the same rule read backwards.
+        for b in all {
+            let from: Vec<CallStatus> = all.iter().copied().filter(|a| a.can_become(b)).collect();
+            assert_eq!(b.predecessors(), from.as_slice(), "{b}");
+        }
     }
 
     #[test]
