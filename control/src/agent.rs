@@ -62,7 +62,9 @@ struct SignedUrl {
 impl AgentResolver {
     /// A resolver for `endpoint`; HTTP requests (signed URLs) give up after `timeout`.
     pub fn new(endpoint: AgentEndpoint, timeout: Duration) -> Result<Self, String> {
+        // No redirects: the signed-URL request carries the API key (xi-api-key).
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout)
             .user_agent(concat!("precall/", env!("CARGO_PKG_VERSION")))

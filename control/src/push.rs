@@ -113,7 +113,9 @@ pub struct PushTarget<'a> {
 impl LivePush {
     /// A client over `cfg`.
     pub fn new(cfg: PushConfig) -> Result<Self, String> {
+        // No redirects: requests carry the Twilio API key's credentials.
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(cfg.timeout)
             .build()
             .map_err(|e| format!("Twilio REST client: {e}"))?;

@@ -289,8 +289,12 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
         ),
         ControlRequest::CallEnded { call_id, reason } => {
             let ended = ctl.call_ended(call_id, reason, now).await.map_err(control_error);
-            if let Ok(rec) = &ended {
-                service.metrics.call_ended(rec);
+            // Counted once: a repeated end report (a retried callback, a SIP end and a Twilio
+            // callback for one call) did not end the call again.
+            if let Ok(change) = &ended {
+                if change.changed {
+                    service.metrics.call_ended(&change.record);
+                }
             }
             ControlReply::Ended(ended.map(|_| ()))
         }
@@ -300,9 +304,9 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
         ControlRequest::StreamClosed { call_id, reason, failed } => {
             let closed =
                 ctl.stream_closed(call_id, reason, *failed, now).await.map_err(control_error);
-            if let Ok(rec) = &closed {
-                if rec.status == precall_api::CallStatus::Ended {
-                    service.metrics.call_ended(rec);
+            if let Ok(change) = &closed {
+                if change.changed && change.record.status == precall_api::CallStatus::Ended {
+                    service.metrics.call_ended(&change.record);
                 }
             }
             ControlReply::Ended(closed.map(|_| ()))

@@ -126,7 +126,9 @@ impl ElevenLabsProvider {
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https"))
             .ok_or(CloneError::InvalidConfig { reason: "api_base is not an http(s) URL" })?;
+        // No redirects: the API key goes with every request, and must never reach another host.
         let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(config.request_timeout)
             .connect_timeout(config.connect_timeout)
             .user_agent(concat!("precall/", env!("CARGO_PKG_VERSION")))

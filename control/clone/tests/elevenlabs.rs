@@ -290,6 +290,21 @@ async fn unexpected_status_is_final_with_detail() {
 }
 
 #[tokio::test]
+async fn a_redirect_is_not_followed_so_the_key_never_reaches_another_host() {
+    let dir = TempDir::new("redirect");
+    // The "other host": another fake that would take the key if the client followed.
+    let other = Fake::start(vec![Reply::json(200, OK_BODY)]).await;
+    let fake = Fake::start(vec![
+        Reply::text(302, "").with_header("Location", &format!("{}{ADD_VOICE}", other.base())),
+    ])
+    .await;
+    let err = clone_with(config(&fake), &one_sample(&dir)).await.unwrap_err();
+    assert!(matches!(err, CloneError::UnexpectedStatus { status: 302, .. }), "{err:?}");
+    assert_eq!(fake.api_requests().len(), 1);
+    assert!(other.requests().is_empty(), "the redirect was followed: the key left the API host");
+}
+
+#[tokio::test]
 async fn silent_server_is_a_timeout() {
     let dir = TempDir::new("timeout");
     let fake = Fake::start(vec![Reply::Hang]).await;

@@ -12,7 +12,7 @@ use crate::model::{
     normalize_number,
 };
 use crate::plan::{Plan, Planner};
-use crate::store::{InsertCall, Store, StoreError};
+use crate::store::{InsertCall, StatusChange, Store, StoreError};
 
 /// What the controller needs to know; built from the process configuration.
 #[derive(Clone, Debug)]
@@ -221,7 +221,7 @@ impl<S: Store> CallController<S> {
         reason: &str,
         failed: bool,
         now: Timestamp,
-    ) -> Result<CallRecord, ControllerError> {
+    ) -> Result<StatusChange, ControllerError> {
         if !failed {
             return self.call_ended(call_id, reason, now).await;
         }
@@ -231,7 +231,7 @@ impl<S: Store> CallController<S> {
             .await?
             .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
         if matches!(before.status, CallStatus::Failed | CallStatus::Ended) {
-            return Ok(before);
+            return Ok(StatusChange { record: before, changed: false });
         }
         let after = self
             .store
@@ -241,24 +241,25 @@ impl<S: Store> CallController<S> {
         if after.changed {
             self.event(call_id, now, EventKind::Failed, reason).await?;
         }
-        Ok(after.record)
+        Ok(after)
     }
 
     /// The call is over (caller hung up, BYE, CANCEL, Twilio's status callback). Idempotent:
-    /// the first end is kept. Returns the record afterwards.
+    /// the first end is kept. Returns the record afterwards, and whether this report ended it
+    /// (a repeated report, from a retried callback or another node, did not).
     pub async fn call_ended(
         &self,
         call_id: &CallId,
         reason: &str,
         now: Timestamp,
-    ) -> Result<CallRecord, ControllerError> {
+    ) -> Result<StatusChange, ControllerError> {
         let before = self
             .store
             .get_call(call_id)
             .await?
             .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
         if before.status.is_terminal() {
-            return Ok(before);
+            return Ok(StatusChange { record: before, changed: false });
         }
         let after = self
             .store
@@ -270,7 +271,7 @@ impl<S: Store> CallController<S> {
         if after.changed {
             self.event(call_id, now, EventKind::Ended, reason).await?;
         }
-        Ok(after.record)
+        Ok(after)
     }
 
     /// Keeps what a media leg reports on the call's history (agent and caller transcript,

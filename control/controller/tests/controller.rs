@@ -424,9 +424,13 @@ fn hold_timeout_is_recorded_as_the_failure() {
     assert_eq!(rec.status, CallStatus::Failed);
     assert_eq!(rec.failure.as_deref(), Some("hold_timeout"));
     let ended = run(ctl.call_ended(&CallId::new("CA1"), "completed", Timestamp(61_000))).unwrap();
+    assert!(ended.changed, "the first report ends the call");
+    let ended = ended.record;
     assert_eq!(ended.status, CallStatus::Ended);
     assert_eq!(ended.failure.as_deref(), Some("hold_timeout"), "the failure reason is kept");
     let again = run(ctl.call_ended(&CallId::new("CA1"), "other", Timestamp(70_000))).unwrap();
+    assert!(!again.changed, "a repeated report does not end it again");
+    let again = again.record;
     assert_eq!(again.end_reason.as_deref(), Some("completed"), "the first end is kept");
     assert_eq!(again.ended_at, Some(Timestamp(61_000)));
 }
