@@ -83,16 +83,6 @@ impl Drop for Kamailio {
     }
 }
 
-/// Sum of one metric's samples (all label sets) on a node.
-fn metric_sum(p: &Precall, name: &str) -> u64 {
-    let (_, metrics) = p.get("/metrics");
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// SIPp placing `calls` calls of `hold_ms` through the proxy at `rate` per second.
 fn sipp(proxy: u16, media: u16, calls: u32, rate: u32, hold_ms: u32, dir: &Path) -> Child {
     let scenario = std::fs::read_to_string(SCENARIO).unwrap().replace(
@@ -101,18 +91,8 @@ fn sipp(proxy: u16, media: u16, calls: u32, rate: u32, hold_ms: u32, dir: &Path)
     );
     let path = dir.join(format!("uac-{hold_ms}.xml"));
     std::fs::write(&path, scenario).unwrap();
-    let (calls, rate) = (calls.to_string(), rate.to_string());
-    Command::new("sipp")
-        .arg(format!("127.0.0.1:{proxy}"))
-        .arg("-sf")
-        .arg(&path)
-        .args(["-i", "127.0.0.1", "-p", &free_udp_port().to_string()])
-        .args(["-set", "rtp_ip", "127.0.0.1", "-set", "rtp_port", &media.to_string()])
-        .args(["-m", &calls, "-r", &rate, "-l", &calls, "-timeout", "60s", "-timeout_error"])
+    support::sipp(&format!("127.0.0.1:{proxy}"), &path, media, calls, rate, 60)
         .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("run sipp")
 }
@@ -161,8 +141,7 @@ fn kamailio_spreads_calls_and_a_drained_node_hands_new_calls_to_the_other() {
     let media_port = media.local_addr().unwrap().port();
     let first = sipp(proxy, media_port, 40, 20, 8000, &dir);
     let (on_a, on_b) = wait_for("40 calls up over the two nodes", Duration::from_secs(20), || {
-        let (on_a, on_b) =
-            (metric_sum(&a, "precall_active_calls"), metric_sum(&b, "precall_active_calls"));
+        let (on_a, on_b) = (a.metric("precall_active_calls"), b.metric("precall_active_calls"));
         (on_a + on_b == 40).then_some((on_a, on_b))
     });
     // A hash over 40 random Call-IDs: fewer than 5 on one side has odds under 1 in 10^6.
@@ -199,7 +178,7 @@ fn kamailio_spreads_calls_and_a_drained_node_hands_new_calls_to_the_other() {
     // b ended its own share of the first calls and every one of the second.
     let expected = on_b + 30;
     wait_for("b to record its calls", Duration::from_secs(10), || {
-        (metric_sum(&b, "precall_calls_total") == expected).then_some(())
+        (b.metric("precall_calls_total") == expected).then_some(())
     });
     assert!(b.stop().success());
     let _ = std::fs::remove_dir_all(&dir);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use precall_media::{Codec, RtpPacket};
 use support::precall::Precall;
-use support::{free_udp_port, wait_for};
+use support::{free_udp_port, sipp, wait_for};
 
 const SCENARIO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/sipp/uac_hold.xml");
 
@@ -109,17 +109,8 @@ fn sipp_places_50_calls_that_hear_greeting_and_hold_over_rtp() {
     // by SSRC.
     let (media_port, done, capture) = capture_rtp();
 
-    let out = Command::new("sipp")
-        .arg(format!("127.0.0.1:{sip_port}"))
-        .args(["-sf", SCENARIO, "-i", "127.0.0.1", "-p", &free_udp_port().to_string()])
-        .args(["-set", "rtp_ip", "127.0.0.1", "-set", "rtp_port", &media_port.to_string()])
-        .args(["-m", "50", "-r", "10", "-l", "50", "-timeout", "90s", "-timeout_error"])
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run sipp");
+    let target = format!("127.0.0.1:{sip_port}");
+    let out = sipp(&target, SCENARIO.as_ref(), media_port, 50, 10, 90).output().expect("run sipp");
     done.store(true, Ordering::Release);
     let streams = capture.join().unwrap();
     assert_eq!(
@@ -136,13 +127,7 @@ fn sipp_places_50_calls_that_hear_greeting_and_hold_over_rtp() {
 
     // Every call's end was recorded and no call is left on a shard.
     wait_for("the shards to drop every call", Duration::from_secs(10), || {
-        let (_, metrics) = precall.get("/metrics");
-        let active: u64 = metrics
-            .lines()
-            .filter(|l| l.starts_with("precall_active_calls{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum();
-        (active == 0).then_some(())
+        (precall.metric("precall_active_calls") == 0).then_some(())
     });
     assert!(precall.stop().success());
 }
@@ -164,29 +149,12 @@ fn sigterm_drains_new_calls_get_503_and_the_calls_up_finish() {
     let path = std::env::temp_dir().join(format!("precall-drain-{}.xml", std::process::id()));
     std::fs::write(&path, scenario).unwrap();
     let media = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let sipp = Command::new("sipp")
-        .arg(format!("127.0.0.1:{sip_port}"))
-        .arg("-sf")
-        .arg(&path)
-        .args(["-i", "127.0.0.1", "-p", &free_udp_port().to_string()])
-        .args(["-set", "rtp_ip", "127.0.0.1"])
-        .args(["-set", "rtp_port", &media.local_addr().unwrap().port().to_string()])
-        .args(["-m", "20", "-r", "20", "-l", "20", "-timeout", "60s", "-timeout_error"])
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run sipp");
-    let active = |p: &Precall| -> u64 {
-        let (_, metrics) = p.get("/metrics");
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("precall_active_calls{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
-    wait_for("20 calls up", Duration::from_secs(20), || (active(&precall) == 20).then_some(()));
+    let media_port = media.local_addr().unwrap().port();
+    let target = format!("127.0.0.1:{sip_port}");
+    let sipp = sipp(&target, &path, media_port, 20, 20, 60).spawn().expect("run sipp");
+    wait_for("20 calls up", Duration::from_secs(20), || {
+        (precall.metric("precall_active_calls") == 20).then_some(())
+    });
 
     precall.sigterm();
     wait_for("/health to say draining", Duration::from_secs(5), || {
@@ -248,13 +216,8 @@ fn sip_from_outside_the_trusted_networks_gets_403_and_no_call() {
     let answer = String::from_utf8_lossy(&buf[..n]);
     assert!(answer.starts_with("SIP/2.0 403 Forbidden"), "{answer}");
     // No call was recorded or held: nothing reached the control plane or the shards.
-    let (_, metrics) = precall.get("/metrics");
-    let calls: u64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("precall_calls_total{") || l.starts_with("precall_active_calls{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    assert_eq!(calls, 0, "{metrics}");
+    let calls = precall.metric("precall_calls_total") + precall.metric("precall_active_calls");
+    assert_eq!(calls, 0, "{}", precall.get("/metrics").1);
     assert!(precall.stop().success());
 }
 
@@ -264,21 +227,12 @@ const DIGEST_SCENARIO: &str =
 /// SIPp as an untrusted PBX authenticating with `password` (user `pbx1`): `calls` calls.
 fn sipp_digest(sip_port: u16, password: &str, calls: u32) -> std::process::Output {
     let media = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let calls = calls.to_string();
-    Command::new("sipp")
-        .arg(format!("127.0.0.1:{sip_port}"))
-        .args(["-sf", DIGEST_SCENARIO, "-i", "127.0.0.1", "-p", &free_udp_port().to_string()])
+    let target = format!("127.0.0.1:{sip_port}");
+    sipp(&target, DIGEST_SCENARIO.as_ref(), media.local_addr().unwrap().port(), calls, 10, 30)
         .args(["-au", "pbx1", "-ap", password])
         // The digest covers the Request-URI (RFC 3261 §22.4); SIPp's default is its remote
         // address, which precall refuses.
         .args(["-auth_uri", &format!("+18005551212@127.0.0.1:{sip_port}")])
-        .args(["-set", "rtp_ip", "127.0.0.1"])
-        .args(["-set", "rtp_port", &media.local_addr().unwrap().port().to_string()])
-        .args(["-m", &calls, "-r", "10", "-l", &calls, "-timeout", "30s", "-timeout_error"])
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
         .output()
         .expect("run sipp")
 }
@@ -297,14 +251,7 @@ fn sipp_authenticates_with_a_digest_and_a_wrong_password_gets_403_and_no_call() 
         ("RTP_PORT_MAX", "45999".to_owned()),
         ("SIMULATED_CLONE_DELAY_MS", "600000".to_owned()),
     ]);
-    let ended = |p: &Precall| -> u64 {
-        let (_, metrics) = p.get("/metrics");
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("precall_calls_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
+    let ended = |p: &Precall| p.metric("precall_calls_total");
     let out = sipp_digest(sip_port, "s3cret", 5);
     assert_eq!(
         out.status.code(),
@@ -317,12 +264,7 @@ fn sipp_authenticates_with_a_digest_and_a_wrong_password_gets_403_and_no_call() 
     // precall records none.
     let out = sipp_digest(sip_port, "wrong", 3);
     assert_ne!(out.status.code(), Some(0), "calls with a wrong password succeeded");
-    let (_, metrics) = precall.get("/metrics");
-    let active: u64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("precall_active_calls{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
+    let active = precall.metric("precall_active_calls");
     assert_eq!((ended(&precall), active), (5, 0), "a call was made without the password");
     assert!(precall.stop().success());
 }
@@ -377,19 +319,8 @@ fn sipp_at_twice_the_capacity_gets_503_for_the_excess_and_the_admitted_calls_kee
     // 80 calls in one second, each up for 4 s: more than twice what the node holds, all at
     // once (80 rather than 60, so that each shard surely sees 15 of them: a hash of 80 random
     // Call-IDs gives a shard fewer than 15 with odds under 1 in 10^7).
-    let out = Command::new("sipp")
-        .arg(format!("127.0.0.1:{sip_port}"))
-        .arg("-sf")
-        .arg(&path)
-        .args(["-i", "127.0.0.1", "-p", &free_udp_port().to_string()])
-        .args(["-set", "rtp_ip", "127.0.0.1", "-set", "rtp_port", &media_port.to_string()])
-        .args(["-m", "80", "-r", "80", "-l", "80", "-timeout", "60s", "-timeout_error"])
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run sipp");
+    let target = format!("127.0.0.1:{sip_port}");
+    let out = sipp(&target, &path, media_port, 80, 80, 60).output().expect("run sipp");
     done.store(true, Ordering::Release);
     let streams = capture.join().unwrap();
     let _ = std::fs::remove_file(&path);
@@ -400,12 +331,7 @@ fn sipp_at_twice_the_capacity_gets_503_for_the_excess_and_the_admitted_calls_kee
         "an admitted call failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (_, metrics) = precall.get("/metrics");
-    let refused: u64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("precall_calls_refused_full_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
+    let refused = precall.metric("precall_calls_refused_full_total");
     // Each shard took its 15 and refused the rest before any record.
     assert_eq!((streams.len(), refused), (30, 50), "admitted and refused calls");
     for (ssrc, packets) in &streams {

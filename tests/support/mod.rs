@@ -6,6 +6,8 @@ pub mod pg;
 pub mod precall;
 
 use std::net::{TcpListener, UdpSocket};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Ports the tests pick for their listeners: below Linux's ephemeral range (32768-60999 by
@@ -39,6 +41,34 @@ pub fn free_tcp_port() -> u16 {
 /// A loopback UDP port nobody is bound to right now (nor listens on TCP).
 pub fn free_udp_port() -> u16 {
     free_tcp_port()
+}
+
+/// The real SIPp placing `calls` calls at `rate` per second (all of them up at once at most)
+/// at `target` with `scenario`, from a free loopback port, every offer's media at
+/// `127.0.0.1:media_port`; stops by itself after `timeout_s` (a hung call fails). Output
+/// goes nowhere but stderr, which is piped for the failure message. Add arguments, then
+/// `.output()` or `.spawn()`.
+pub fn sipp(
+    target: &str,
+    scenario: &Path,
+    media_port: u16,
+    calls: u32,
+    rate: u32,
+    timeout_s: u32,
+) -> Command {
+    let mut cmd = Command::new("sipp");
+    cmd.arg(target)
+        .arg("-sf")
+        .arg(scenario)
+        .args(["-i", "127.0.0.1", "-p", &free_udp_port().to_string()])
+        .args(["-set", "rtp_ip", "127.0.0.1", "-set", "rtp_port", &media_port.to_string()])
+        .args(["-m", &calls.to_string(), "-r", &rate.to_string(), "-l", &calls.to_string()])
+        .args(["-timeout", &format!("{timeout_s}s"), "-timeout_error"])
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `deadline`.

@@ -77,6 +77,16 @@ impl Precall {
         http(self.http_port, "GET", path, "").expect("HTTP request")
     }
 
+    /// The sum of one metric's samples over all its label sets, from `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, metrics) = self.get("/metrics");
+        metrics
+            .lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Sends SIGTERM and returns at once (a graceful stop begins).
     pub fn sigterm(&self) {
         if let Some(child) = &self.child {
