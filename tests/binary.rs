@@ -58,6 +58,8 @@ fn serves_health_and_metrics_and_stops_on_sigterm() {
     assert_eq!(status, 200);
     assert!(metrics.contains("precall_calls_total{protocol=\"sip\",outcome=\"connected\"} 0"));
     assert!(metrics.contains("precall_active_calls{protocol=\"sip\",shard=\"1\"} 0"), "{metrics}");
+    // The scrape's own connection is open while it is answered.
+    assert!(p.metric_line("precall_http_connections").is_some_and(|n| n >= 1), "{metrics}");
     assert_eq!(p.get("/nope").0, 404);
     let clip =
         support::precall::request(p.http_port, "GET", "/audio/greeting.wav", &[], b"").unwrap();

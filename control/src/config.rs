@@ -29,6 +29,12 @@ pub const VARS: &[Var] = &[
     },
     Var { name: "HTTP_PORT", default: "8000", help: "port of the HTTP control plane" },
     Var {
+        name: "HTTP_MAX_CONNECTIONS",
+        default: "10000",
+        help: "HTTP connections open at once at most; one more gets 503 + Retry-After and is \
+               closed",
+    },
+    Var {
         name: "PUBLIC_BASE_URL",
         default: "http://127.0.0.1:HTTP_PORT",
         help: "the URL Twilio uses to reach precall (signatures, TwiML URLs)",
@@ -364,6 +370,8 @@ pub enum ProviderConfig {
 pub struct Config {
     /// HTTP control plane address.
     pub http_addr: SocketAddr,
+    /// `HTTP_MAX_CONNECTIONS`.
+    pub http_max_connections: usize,
     /// Base URL Twilio reaches us at, without trailing slash.
     pub public_base_url: String,
     /// SIP socket address, `None` when SIP is disabled.
@@ -720,6 +728,18 @@ impl Config {
         }
         Ok(Config {
             http_addr,
+            http_max_connections: match r
+                .parse::<usize>("HTTP_MAX_CONNECTIONS", "a number of connections, 1 or more")?
+            {
+                0 => {
+                    return Err(ConfigError::Invalid {
+                        var: "HTTP_MAX_CONNECTIONS",
+                        value: "0".to_owned(),
+                        expected: "a number of connections, 1 or more",
+                    });
+                }
+                n => n,
+            },
             sip_addr,
             sip_advertised_ip,
             sip_trusted,

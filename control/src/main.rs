@@ -515,8 +515,10 @@ fn serve(cfg: Config) -> Result<(), String> {
     let twilio = twilio.with_hold_segments(segments);
     let app = App::new(side.handle(), probe, Arc::clone(&metrics), store_kind, twilio);
     let draining = app.draining();
-    let http = Server::bind(cfg.http_addr, Limits::default(), Arc::new(app))
+    let limits = Limits { max_connections: cfg.http_max_connections, ..Limits::default() };
+    let http = Server::bind(cfg.http_addr, limits, Arc::new(app))
         .map_err(|e| format!("cannot listen for HTTP on {}: {e}", cfg.http_addr))?;
+    metrics.watch_http_connections(http.open_connections());
 
     tracing::info!(
         http = %http.local_addr(),

@@ -120,6 +120,8 @@ pub struct Metrics {
     webhooks: [Histogram; 3],
     errors: [AtomicU64; 6],
     pushes: [AtomicU64; 3],
+    /// The HTTP server's open connections (set once the server is bound).
+    http_connections: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 /// The results of a live-call push, in `precall_twilio_pushes_total`'s order.
@@ -139,6 +141,7 @@ impl Default for Metrics {
             ],
             errors: Default::default(),
             pushes: Default::default(),
+            http_connections: std::sync::OnceLock::new(),
         }
     }
 }
@@ -185,6 +188,11 @@ impl Metrics {
         self.webhooks[i].observe(took);
     }
 
+    /// Reads the HTTP server's open-connection count for `precall_http_connections`.
+    pub fn watch_http_connections(&self, open: std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let _ = self.http_connections.set(open);
+    }
+
     /// Counts an error.
     pub fn error(&self, kind: ErrorKind) {
         let i = ERROR_KINDS.iter().position(|(k, _)| *k == kind).unwrap_or(0);
@@ -226,6 +234,11 @@ impl Metrics {
         out.push_str("# TYPE precall_webhook_seconds histogram\n");
         for ((_, name), h) in ROUTES.iter().zip(&self.webhooks) {
             h.render(out, "precall_webhook_seconds", &format!("route=\"{name}\""));
+        }
+        if let Some(open) = self.http_connections.get() {
+            out.push_str("# HELP precall_http_connections HTTP connections open now (HTTP_MAX_CONNECTIONS caps them).\n");
+            out.push_str("# TYPE precall_http_connections gauge\n");
+            let _ = writeln!(out, "precall_http_connections {}", open.load(Ordering::Relaxed));
         }
         out.push_str("# HELP precall_errors_total Errors answered, by kind.\n");
         out.push_str("# TYPE precall_errors_total counter\n");

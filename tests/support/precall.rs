@@ -77,6 +77,12 @@ impl Precall {
         http(self.http_port, "GET", path, "").expect("HTTP request")
     }
 
+    /// The value of an unlabelled metric, from `/metrics`.
+    pub fn metric_line(&self, name: &str) -> Option<u64> {
+        let (_, metrics) = self.get("/metrics");
+        metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+    }
+
     /// The sum of one metric's samples over all its label sets, from `/metrics`.
     pub fn metric(&self, name: &str) -> u64 {
         let (_, metrics) = self.get("/metrics");

@@ -102,6 +102,10 @@ pub struct Limits {
     /// How long a keep-alive connection may sit idle between requests before it is closed
     /// silently. Default 60 s.
     pub idle_timeout: Duration,
+    /// Most connections open at once; one more is answered `503` with `Retry-After: 1` and
+    /// `Connection: close` and closed, without reading it (each open connection holds a
+    /// coroutine and its buffers). Default 10,000.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -112,6 +116,7 @@ impl Default for Limits {
             max_body_bytes: 64 * 1024,
             read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
         }
     }
 }

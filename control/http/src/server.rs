@@ -5,7 +5,7 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use may::coroutine::JoinHandle;
@@ -28,11 +28,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(1);
 const WAKE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// State shared by the accept loop, every connection and the [`ServerHandle`].
+/// Longest the accept loop spends writing a refusal past the connection cap.
+const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_millis(50);
+
 struct Shared {
     limits: Limits,
     handler: Arc<dyn Handler>,
     shutdown: AtomicBool,
     draining: AtomicBool,
+    /// Connections open now (served by a coroutine), for the cap and the gauge.
+    open: Arc<AtomicUsize>,
 }
 
 /// The HTTP server; see [`Server::bind`].
@@ -56,6 +61,7 @@ impl Server {
             handler,
             shutdown: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            open: Arc::new(AtomicUsize::new(0)),
         });
         let loop_shared = Arc::clone(&shared);
         let accept = spawn_coroutine(move || accept_loop(listener, loop_shared))?;
@@ -95,6 +101,11 @@ impl ServerHandle {
     /// `Connection: close`) or when they time out.
     pub fn shutdown(mut self) {
         self.stop();
+    }
+
+    /// Connections open now, shared: read it for a gauge (`precall_http_connections`).
+    pub fn open_connections(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.shared.open)
     }
 
     /// While draining, every new request is answered `503` with `Retry-After: 5` and
@@ -155,8 +166,16 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
         match accepted {
             Ok((stream, peer)) => {
-                let shared = Arc::clone(&shared);
-                if let Err(e) = spawn_coroutine(move || Conn::new(stream, peer, shared).run()) {
+                if shared.open.load(Ordering::Acquire) >= shared.limits.max_connections {
+                    refuse_connection(stream, peer, &shared);
+                    continue;
+                }
+                // Counted before the coroutine starts, released when its Conn is dropped.
+                shared.open.fetch_add(1, Ordering::AcqRel);
+                let conn_shared = Arc::clone(&shared);
+                if let Err(e) = spawn_coroutine(move || Conn::new(stream, peer, conn_shared).run())
+                {
+                    shared.open.fetch_sub(1, Ordering::AcqRel);
                     tracing::error!(%peer, "cannot spawn a coroutine for an http connection: {e}");
                 }
             }
@@ -174,6 +193,25 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
     }
     // `listener` is dropped here, closing the port.
+}
+
+/// Over the connection cap: a `503` written without waiting (it fits the socket's send buffer;
+/// a peer that does not read loses it), then closed. Logged once per burst.
+fn refuse_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+    static REFUSED: AtomicUsize = AtomicUsize::new(0);
+    if (REFUSED.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two() {
+        tracing::warn!(%peer, limit = shared.limits.max_connections, "http connection limit reached: 503");
+    }
+    // It fits the socket's send buffer: the write does not wait (a peer that does not read
+    // loses it at the timeout).
+    let _ = stream.set_write_timeout(Some(REFUSE_WRITE_TIMEOUT));
+    let body = "too many connections, retry\n";
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n\
+         Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes());
 }
 
 /// Why reading a request stopped without producing one.
@@ -201,6 +239,14 @@ struct Conn {
     end: usize,
     /// Reused for serializing responses.
     out: Vec<u8>,
+}
+
+impl Drop for Conn {
+    /// However the connection ends (closed, timed out, a panic in the handler), its slot under
+    /// the cap is freed.
+    fn drop(&mut self) {
+        self.shared.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Conn {

@@ -489,3 +489,38 @@ fn shutdown_stops_accepting_and_answers_the_request_in_flight_with_close() {
     assert_eq!(all[0].status, 200);
     assert_eq!(all[0].header("Connection"), Some("close"));
 }
+
+#[test]
+fn past_the_connection_cap_a_new_connection_gets_503_and_a_closed_one_frees_its_slot() {
+    let server = start(Limits { max_connections: 2, ..Limits::default() });
+    let open = server.open_connections();
+    // Two keep-alive connections, each served once and left open.
+    let mut held: Vec<(TcpStream, Vec<u8>)> = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect(&server);
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut pending = Vec::new();
+        assert_eq!(read_one(&mut s, &mut pending, false).status, 200);
+        held.push((s, pending));
+    }
+    assert_eq!(open.load(std::sync::atomic::Ordering::Acquire), 2);
+    // A third: 503 at once, without a request being read, and closed.
+    let mut third = connect(&server);
+    let answers = read_all(&mut third);
+    assert_eq!(answers.len(), 1);
+    assert_eq!(answers[0].status, 503);
+    assert_eq!(answers[0].header("Retry-After"), Some("1"));
+    // The held connections still work.
+    let (s, pending) = &mut held[0];
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(read_one(s, pending, false).status, 200);
+    // One closes: its slot is free again (the server sees the close at its next read).
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open.load(std::sync::atomic::Ordering::Acquire) != 1 {
+        assert!(Instant::now() < deadline, "the closed connection's slot was not freed");
+        thread::park_timeout(Duration::from_millis(10));
+    }
+    let resp = one_shot(&server, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(resp.status, 200);
+}
