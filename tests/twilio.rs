@@ -465,3 +465,60 @@ fn a_call_recorded_before_a_restart_is_still_there_after_it() {
     let a = n.voice("CA22222222222222222222222222222222");
     assert!(a.body.contains("<Connect>") && a.body.contains("<Play>"), "{}", a.body);
 }
+
+#[test]
+fn a_database_outage_is_not_heard_by_a_caller_on_hold() {
+    let mut pg = PgServer::start();
+    let env = [("DATABASE_URL", pg.url()), ("SIMULATED_CLONE_DELAY_MS", "600000".to_owned())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let n = node(&env);
+    assert_hold(&n.voice(SID), &n.base, SID, true);
+    assert_hold(&n.poll_target(&format!("/twilio/poll?call_id={SID}&hold=1")), &n.base, SID, false);
+    let store_errors = n.metric("precall_errors_total{kind=\"store\"}");
+
+    // The database goes away: the caller's polls keep holding, segment after segment.
+    pg.stop();
+    for segment in 2..5 {
+        let a = n.poll_target(&format!("/twilio/poll?call_id={SID}&hold={segment}"));
+        assert_hold(&a, &n.base, SID, false);
+        let next = format!("&amp;hold={}", segment + 1);
+        assert!(a.body.contains(&next), "the hold goes on from segment {segment}: {}", a.body);
+    }
+    assert!(n.metric("precall_errors_total{kind=\"store\"}") >= store_errors + 3);
+    assert_eq!(n.p.get("/health").0, 503, "/health says the store is down");
+
+    // Back: the next polls answer from the record again, and the call is still holding.
+    pg.restart();
+    wait_for("the store to answer again", Duration::from_secs(20), || {
+        (n.p.get("/health").0 == 200).then_some(())
+    });
+    let a = n.poll_target(&format!("/twilio/poll?call_id={SID}&hold=5"));
+    assert_hold(&a, &n.base, SID, false);
+    // A call placed now is recorded as usual.
+    assert_hold(
+        &n.voice("CA33333333333333333333333333333333"),
+        &n.base,
+        "CA33333333333333333333333333333333",
+        true,
+    );
+}
+
+#[test]
+fn a_database_outage_past_the_hold_limit_ends_the_hold() {
+    let mut pg = PgServer::start();
+    let env = [
+        ("DATABASE_URL", pg.url()),
+        ("SIMULATED_CLONE_DELAY_MS", "600000".to_owned()),
+        ("STATUS_POLL_INTERVAL_MS", "1000".to_owned()),
+        ("MAX_HOLD_MS", "3000".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let n = node(&env);
+    n.voice(SID);
+    pg.stop();
+    // Segment 2 is 2 s into the hold: still holding. Segment 3 is the limit: the error message.
+    assert_hold(&n.poll_target(&format!("/twilio/poll?call_id={SID}&hold=2")), &n.base, SID, false);
+    let a = n.poll_target(&format!("/twilio/poll?call_id={SID}&hold=3"));
+    assert_xml(&a);
+    assert!(a.body.contains("<Say>") && a.body.contains("<Hangup />"), "{}", a.body);
+}

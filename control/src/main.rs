@@ -505,6 +505,9 @@ fn serve(cfg: Config) -> Result<(), String> {
             error_message: cfg.error_message.clone(),
             stream_url: cfg.twilio_stream_url.clone(),
             hold_mode: cfg.twilio_hold_mode,
+            hold_audio_url: cfg.hold_audio_url.clone(),
+            poll_interval: cfg.status_poll_interval,
+            max_hold: cfg.max_hold,
         },
         Arc::clone(&metrics),
     );

@@ -260,6 +260,9 @@ fn stopped_reply(request: &ControlRequest) -> ControlReply {
 fn control_error(e: ControllerError) -> ControlError {
     match e {
         ControllerError::UnknownCall(id) => ControlError::UnknownCall(id),
+        ControllerError::Store(e @ precall_controller::StoreError::Unavailable(_)) => {
+            ControlError::StoreUnavailable(e.to_string())
+        }
         ControllerError::Store(e) => ControlError::Store(e.to_string()),
         ControllerError::Refused(why) => ControlError::Refused(why),
     }

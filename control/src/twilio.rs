@@ -5,7 +5,7 @@
 //! controller's instructions become TwiML through the one renderer in `precall-twilio`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use precall_api::{
     CallContext, CallId, CallInstructions, CallStatus, ControlError, ControlReply, ControlRequest,
@@ -61,6 +61,12 @@ pub struct TwilioConfig {
     pub stream_url: String,
     /// `TWILIO_HOLD_MODE`.
     pub hold_mode: HoldMode,
+    /// `HOLD_AUDIO_URL`: what a poll plays while the store cannot answer.
+    pub hold_audio_url: String,
+    /// `STATUS_POLL_INTERVAL_MS`: each poll's hold segment is this long.
+    pub poll_interval: Duration,
+    /// `MAX_HOLD_MS`: a poll holds through a store outage only this long into the call.
+    pub max_hold: Duration,
 }
 
 /// The Twilio routes.
@@ -312,7 +318,49 @@ impl Twilio {
         // Which hold segment this poll plays (see `hold_segments`); a missing or odd value
         // starts the clip again rather than failing the call.
         let segment = query.get("hold").and_then(|h| h.parse().ok()).unwrap_or(0);
+        let reply = match reply {
+            Err(ControlError::StoreUnavailable(e))
+            | Ok(ControlReply::Instructions(Err(ControlError::StoreUnavailable(e)))) => {
+                match self.hold_through_outage(&call_id, segment) {
+                    Some(ins) => {
+                        self.metrics.error(ErrorKind::Store);
+                        tracing::warn!(call_id = %call_id, error = %e, "store unavailable: the caller keeps holding");
+                        Ok(ControlReply::Instructions(Ok(ins)))
+                    }
+                    None => Err(ControlError::StoreUnavailable(e)),
+                }
+            }
+            other => other,
+        };
         self.instructions(&call_id, params, reply, false, segment)
+    }
+
+    /// A caller on hold does not hear a database outage: while the store cannot answer, a poll
+    /// keeps holding (the next hold segment, the next poll) as long as the call has not been on
+    /// hold for `MAX_HOLD_MS`, counted from the poll's segment number (one per
+    /// `STATUS_POLL_INTERVAL_MS`: Twilio's polls carry no other clock). The poll after the
+    /// store is back answers from the record as usual.
+    fn hold_through_outage(&self, call_id: &CallId, segment: u64) -> Option<CallInstructions> {
+        let held =
+            self.cfg.poll_interval.saturating_mul(u32::try_from(segment).unwrap_or(u32::MAX));
+        let remaining = self.cfg.max_hold.checked_sub(held).filter(|r| !r.is_zero())?;
+        Some(CallInstructions {
+            call_id: call_id.clone(),
+            clone_status: precall_api::CloneStatus::Processing,
+            greeting_audio: None,
+            hold_audio: Some(precall_api::AudioInstruction {
+                url: self.cfg.hold_audio_url.clone(),
+                loops: 0,
+            }),
+            status_poll: Some(precall_api::StatusPollInstruction {
+                call_id: call_id.clone(),
+                interval: self.cfg.poll_interval,
+                hold_remaining: remaining,
+            }),
+            websocket: None,
+            error_message: None,
+            should_hangup: false,
+        })
     }
 
     fn status(&self, params: &Params) -> Response {

@@ -73,6 +73,43 @@ fn command(bin: &Path, user: Option<(u32, u32)>) -> Command {
     cmd
 }
 
+/// Runs `postgres` on the data in `dir` at `port`; returns once it accepts connections, or
+/// the reason it exited.
+fn spawn(bin: &Path, user: Option<(u32, u32)>, dir: &Path, port: u16) -> Result<Child, String> {
+    let data = dir.join("data");
+    let mut cmd = command(&bin.join("postgres"), user);
+    cmd.args(["-D", data.to_str().unwrap(), "-p", &port.to_string()])
+        .args(["-k", dir.to_str().unwrap()])
+        .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+        .args(["-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+        .args(["-c", "max_connections=200"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log")).unwrap(),
+        ));
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only affects the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start postgres: {e}"));
+    let ready = wait_for("postgres to accept connections", Duration::from_secs(30), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(Err(status));
+        }
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| Ok(()))
+    });
+    match ready {
+        Ok(()) => Ok(child),
+        Err(status) => Err(format!(
+            "postgres exited with {status}: {}",
+            fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+        )),
+    }
+}
+
 impl PgServer {
     /// Starts a server; panics with a clear message if it cannot.
     pub fn start() -> Self {
@@ -106,43 +143,31 @@ impl PgServer {
         let mut last_err = String::new();
         for _ in 0..3 {
             let port = free_tcp_port();
-            let mut cmd = command(&bin.join("postgres"), user);
-            cmd.args(["-D", data.to_str().unwrap(), "-p", &port.to_string()])
-                .args(["-k", dir.to_str().unwrap()])
-                .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
-                .args(["-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
-                .args(["-c", "max_connections=200"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(fs::File::create(dir.join("server.log")).unwrap()));
-            // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only affects the child.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-            let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start postgres: {e}"));
-            let ready = wait_for("postgres to accept connections", Duration::from_secs(30), || {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Some(Err(status));
-                }
-                std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| Ok(()))
-            });
-            match ready {
-                Ok(()) => {
+            match spawn(&bin, user, &dir, port) {
+                Ok(child) => {
                     let server = Self { child, dir, port };
                     server.wait_accepting_queries(&bin);
                     return server;
                 }
-                Err(status) => {
-                    last_err = format!(
-                        "postgres exited with {status}: {}",
-                        fs::read_to_string(dir.join("server.log")).unwrap_or_default()
-                    );
-                }
+                Err(e) => last_err = e,
             }
         }
         panic!("could not start postgres: {last_err}");
+    }
+
+    /// Stops the server (fast shutdown: connections are cut), keeping its data.
+    pub fn stop(&mut self) {
+        // SAFETY: the pid is our own child's, still unreaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+
+    /// Starts the stopped server again on the same port with the same data.
+    pub fn restart(&mut self) {
+        let bin = bin_dir();
+        self.child = spawn(&bin, run_as(), &self.dir, self.port)
+            .unwrap_or_else(|e| panic!("could not restart postgres: {e}"));
+        self.wait_accepting_queries(&bin);
     }
 
     fn wait_accepting_queries(&self, bin: &Path) {
@@ -175,12 +200,10 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        // SIGINT = PostgreSQL's fast shutdown.
-        // SAFETY: the pid is our own child's, still unreaped.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGINT);
+        // SIGINT = PostgreSQL's fast shutdown (a no-op on a stopped, reaped server).
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
         }
-        let _ = self.child.wait();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -55,8 +55,13 @@ fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError 
     StoreError::Unavailable(Box::new(e))
 }
 
+/// A query's error: the database being away (the connection closed, or SQLSTATE class 08
+/// "connection exception" and 57 "operator intervention", which a server shutting down or
+/// restarting sends) is `Unavailable`, worth waiting out; anything else is the query's own.
 fn query(e: tokio_postgres::Error) -> StoreError {
-    if e.is_closed() {
+    let away = e.code().is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57"));
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || away || io {
         StoreError::Unavailable(Box::new(e))
     } else {
         StoreError::Query(Box::new(e))

@@ -84,6 +84,9 @@ pub enum ControlError {
     UnknownCall(CallId),
     /// The store failed; the text is for logs.
     Store(String),
+    /// The store cannot be reached now (connection refused or lost, pool exhausted, timed
+    /// out): unlike [`ControlError::Store`], worth waiting out (a caller on hold keeps holding).
+    StoreUnavailable(String),
     /// No answer within the request deadline.
     Timeout,
     /// The request queue is full: answer `503` and let the peer retry.
@@ -102,6 +105,7 @@ impl fmt::Display for ControlError {
         match self {
             ControlError::UnknownCall(id) => write!(f, "unknown call {id}"),
             ControlError::Store(e) => write!(f, "store error: {e}"),
+            ControlError::StoreUnavailable(e) => write!(f, "store unavailable: {e}"),
             ControlError::Timeout => f.write_str("the controller did not answer in time"),
             ControlError::Overloaded => f.write_str("the controller's queue is full"),
             ControlError::Stopped => f.write_str("the control plane is stopping"),
