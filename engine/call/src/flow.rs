@@ -1128,9 +1128,10 @@ fn frames_in(d: Duration) -> usize {
 #[must_use]
 pub fn refusal(e: &ControlError) -> (u16, &'static str) {
     match e {
-        ControlError::Overloaded | ControlError::Timeout | ControlError::Stopped => {
-            (503, "Service Unavailable")
-        }
+        ControlError::Overloaded
+        | ControlError::Timeout
+        | ControlError::Stopped
+        | ControlError::StoreUnavailable(_) => (503, "Service Unavailable"),
         _ => (500, "Server Internal Error"),
     }
 }

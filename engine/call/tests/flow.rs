@@ -685,6 +685,13 @@ fn control_plane_failures() {
     let mut h = Harness::new();
     h.input(|f, now| f.handle_plan(now, Err(ControlError::Overloaded)));
     assert!(h.has(&Action::Reject { code: 503, reason: "Service Unavailable" }));
+    // The database away: 503 too, so the carrier retries (elsewhere); a query error is a 500.
+    let mut h = Harness::new();
+    h.input(|f, now| f.handle_plan(now, Err(ControlError::StoreUnavailable("refused".into()))));
+    assert!(h.has(&Action::Reject { code: 503, reason: "Service Unavailable" }));
+    let mut h = Harness::new();
+    h.input(|f, now| f.handle_plan(now, Err(ControlError::Store("syntax".into()))));
+    assert!(h.has(&Action::Reject { code: 500, reason: "Server Internal Error" }));
     // The plan never comes.
     let mut h = Harness::new();
     h.run_for(Duration::from_secs(12));
