@@ -67,14 +67,17 @@ async fn status_rules<S: Store>(s: &S) {
     let c = set(CallStatus::Connected, 3_000, None).await.unwrap().unwrap();
     assert!(!c.changed, "connected -> connected is no transition");
     assert_eq!(c.record.connected_at, Some(Timestamp(2_000)), "connected_at is set once");
-    // Illegal: a connected call cannot fail or go back to holding (another node's stale view).
-    for (status, reason) in
-        [(CallStatus::Failed, Some("clone_timeout")), (CallStatus::Holding, None)]
-    {
-        let c = set(status, 4_000, reason).await.unwrap().unwrap();
-        assert!(!c.changed, "connected -> {status}");
-        assert_eq!((c.record.status, c.record.failure.as_deref()), (CallStatus::Connected, None));
-    }
+    // Illegal: a connected call never goes back to holding (another node's stale view).
+    let c = set(CallStatus::Holding, 3_500, None).await.unwrap().unwrap();
+    assert!(!c.changed, "connected -> holding");
+    assert_eq!(c.record.status, CallStatus::Connected);
+    // Its agent leg failing fails it (and a failed call never connects again).
+    let c = set(CallStatus::Failed, 4_000, Some("agent_error")).await.unwrap().unwrap();
+    assert!(c.changed, "connected -> failed");
+    assert_eq!(c.record.failure.as_deref(), Some("agent_error"));
+    let c = set(CallStatus::Connected, 4_500, None).await.unwrap().unwrap();
+    assert!(!c.changed, "failed -> connected");
+    assert_eq!(c.record.status, CallStatus::Failed);
     let c = set(CallStatus::Ended, 5_000, Some("caller_hangup")).await.unwrap().unwrap();
     assert!(c.changed);
     assert_eq!(

@@ -485,6 +485,10 @@ fn a_database_outage_is_not_heard_by_a_caller_on_hold() {
         assert!(a.body.contains(&next), "the hold goes on from segment {segment}: {}", a.body);
     }
     assert!(n.metric("precall_errors_total{kind=\"store\"}") >= store_errors + 3);
+    // A poll that does not come from a hold segment (the one after a stream) has nothing to
+    // bound a hold by: it ends the call as before.
+    let a = n.poll(SID);
+    assert!(a.body.contains("<Hangup />"), "{}", a.body);
     assert_eq!(n.p.get("/health").0, 503, "/health says the store is down");
 
     // Back: the next polls answer from the record again, and the call is still holding.

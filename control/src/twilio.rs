@@ -318,9 +318,15 @@ impl Twilio {
         // Which hold segment this poll plays (see `hold_segments`); a missing or odd value
         // starts the clip again rather than failing the call.
         let segment = query.get("hold").and_then(|h| h.parse().ok()).unwrap_or(0);
+        // Only a poll that comes from a hold segment (its URL numbers it) holds through an
+        // outage: the poll after a stream, or from a hold whose clip is not in segments, has
+        // no clock to bound the hold by.
+        let from_hold = query.get("hold").is_some();
         let reply = match reply {
             Err(ControlError::StoreUnavailable(e))
-            | Ok(ControlReply::Instructions(Err(ControlError::StoreUnavailable(e)))) => {
+            | Ok(ControlReply::Instructions(Err(ControlError::StoreUnavailable(e))))
+                if from_hold =>
+            {
                 match self.hold_through_outage(&call_id, segment) {
                     Some(ins) => {
                         self.metrics.error(ErrorKind::Store);

@@ -11,7 +11,7 @@ use crate::model::{
     CallEvent, CallRecord, CloneJob, CloneRequest, EventKind, JobOutcome, VoiceProfile,
     normalize_number,
 };
-use crate::plan::{Plan, Planner};
+use crate::plan::Planner;
 use crate::store::{InsertCall, StatusChange, Store, StoreError};
 
 /// What the controller needs to know; built from the process configuration.
@@ -142,8 +142,7 @@ impl<S: Store> CallController<S> {
             (None, _) => None,
         };
 
-        let plan = Planner::new(&self.cfg).plan(&call, job.as_ref(), profile.as_ref(), now, true);
-        let instructions = self.apply(&call.call_id, plan, now).await?;
+        let instructions = self.apply(&call, job.as_ref(), profile.as_ref(), now, true).await?;
         Ok(InboundOutcome { instructions, start_clone })
     }
 
@@ -164,8 +163,7 @@ impl<S: Store> CallController<S> {
             None => None,
         };
         let profile = self.store.get_profile(&call.profile_id).await?;
-        let plan = Planner::new(&self.cfg).plan(&call, job.as_ref(), profile.as_ref(), now, false);
-        self.apply(call_id, plan, now).await
+        self.apply(&call, job.as_ref(), profile.as_ref(), now, false).await
     }
 
     /// A Twilio media stream started for `start.call_id`: the call must be a known Twilio call
@@ -203,14 +201,7 @@ impl<S: Store> CallController<S> {
         let profile = self.store.get_profile(&call.profile_id).await?;
         let detail = if start.greeting { "greeting" } else { "" };
         self.event(&call.call_id, now, EventKind::StreamStarted, detail).await?;
-        let plan = Planner::new(&self.cfg).plan(
-            &call,
-            job.as_ref(),
-            profile.as_ref(),
-            now,
-            start.greeting,
-        );
-        self.apply(&call.call_id, plan, now).await
+        self.apply(&call, job.as_ref(), profile.as_ref(), now, start.greeting).await
     }
 
     /// A shard closed the call's media stream: a failure is recorded as the call's failure
@@ -319,27 +310,36 @@ impl<S: Store> CallController<S> {
         self.store.claim_clone_job(&profile.id, &profile.samples_hash(), now, stale_before).await
     }
 
+    /// Plans the call's next step and makes its transition. When another request moved the
+    /// call first (the transition was no longer legal: another node connected, failed or ended
+    /// it), the answer is planned again from where the call stands now, so the loser of a race
+    /// never acts on its stale view.
     async fn apply(
         &self,
-        call_id: &CallId,
-        plan: Plan,
+        call: &CallRecord,
+        job: Option<&CloneJob>,
+        profile: Option<&VoiceProfile>,
         now: Timestamp,
+        inbound: bool,
     ) -> Result<CallInstructions, ControllerError> {
-        if let Some(t) = plan.transition {
-            let updated =
-                self.store.set_call_status(call_id, t.status, now, t.reason.as_deref()).await?;
-            // Only the request that made the transition records it: a call that ended
-            // meanwhile, or that another node connected first, gets no second event.
-            if updated.is_some_and(|u| u.changed) {
+        let planner = Planner::new(&self.cfg);
+        let plan = planner.plan(call, job, profile, now, inbound);
+        let Some(t) = plan.transition else { return Ok(plan.instructions) };
+        let call_id = &call.call_id;
+        match self.store.set_call_status(call_id, t.status, now, t.reason.as_deref()).await? {
+            // Only the request that made the transition records it.
+            Some(u) if u.changed => {
                 let kind = if t.status == CallStatus::Connected {
                     EventKind::Connected
                 } else {
                     EventKind::Failed
                 };
                 self.event(call_id, now, kind, t.reason.as_deref().unwrap_or("")).await?;
+                Ok(plan.instructions)
             }
+            Some(u) => Ok(planner.plan(&u.record, job, profile, now, inbound).instructions),
+            None => Err(ControllerError::UnknownCall(call_id.clone())),
         }
-        Ok(plan.instructions)
     }
 
     async fn event(

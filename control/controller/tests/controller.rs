@@ -456,6 +456,27 @@ fn a_clone_ready_at_the_poll_after_the_hold_limit_still_connects() {
 }
 
 #[test]
+fn a_connected_call_whose_agent_leg_fails_hears_the_error_at_the_next_poll() {
+    let ctl = controller();
+    let out = run(ctl.handle_inbound_call(&ctx("CA6", "+18005550100"), Timestamp(0))).unwrap();
+    run(ctl.clone_finished(out.start_clone.unwrap().job_id, &Ok(VoiceId::new("v6")), Timestamp(5)))
+        .unwrap();
+    let ins = run(ctl.check_clone_status(&CallId::new("CA6"), Timestamp(10))).unwrap();
+    assert!(ins.websocket.is_some(), "connected");
+    let closed =
+        run(ctl.stream_closed(&CallId::new("CA6"), "agent_error", true, Timestamp(20))).unwrap();
+    assert!(closed.changed);
+    assert_eq!(
+        (closed.record.status, closed.record.failure.as_deref()),
+        (CallStatus::Failed, Some("agent_error"))
+    );
+    // Twilio follows the stream's <Redirect>: the error message and a hang-up, not the agent
+    // again.
+    let ins = run(ctl.check_clone_status(&CallId::new("CA6"), Timestamp(30))).unwrap();
+    assert!(ins.websocket.is_none() && ins.should_hangup && ins.error_message.is_some(), "{ins:?}");
+}
+
+#[test]
 fn a_retried_webhook_for_a_failed_call_starts_no_clone() {
     let ctl = controller();
     // Recorded and failed (by another node) before any job was attached.

@@ -27,10 +27,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(1);
 /// How long `shutdown` tries to connect to the listener to wake the accept loop.
 const WAKE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// State shared by the accept loop, every connection and the [`ServerHandle`].
 /// Longest the accept loop spends writing a refusal past the connection cap.
 const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_millis(50);
 
+/// State shared by the accept loop, every connection and the [`ServerHandle`].
 struct Shared {
     limits: Limits,
     handler: Arc<dyn Handler>,
@@ -196,7 +196,8 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// Over the connection cap: a `503` written without waiting (it fits the socket's send buffer;
-/// a peer that does not read loses it), then closed. Logged once per burst.
+/// a peer that does not read loses it), then closed. Logged at the first refusal and then at
+/// every power of two.
 fn refuse_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     static REFUSED: AtomicUsize = AtomicUsize::new(0);
     if (REFUSED.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two() {
@@ -212,6 +213,9 @@ fn refuse_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         body.len()
     );
     let _ = stream.write_all(answer.as_bytes());
+    // FIN after the answer, so a client that reads before it writes more sees the 503 (the
+    // close that follows may still reset a connection whose request was never read).
+    let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
 /// Why reading a request stopped without producing one.

@@ -56,10 +56,11 @@ fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError 
 }
 
 /// A query's error: the database being away (the connection closed, or SQLSTATE class 08
-/// "connection exception" and 57 "operator intervention", which a server shutting down or
-/// restarting sends) is `Unavailable`, worth waiting out; anything else is the query's own.
+/// "connection exception", 53 "insufficient resources" such as too many connections, and 57
+/// "operator intervention", which a server shutting down or restarting sends) is
+/// `Unavailable`, worth waiting out; anything else is the query's own.
 fn query(e: tokio_postgres::Error) -> StoreError {
-    let away = e.code().is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57"));
+    let away = e.code().is_some_and(|c| ["08", "53", "57"].iter().any(|k| c.code().starts_with(k)));
     let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
     if e.is_closed() || away || io {
         StoreError::Unavailable(Box::new(e))

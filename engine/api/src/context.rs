@@ -83,8 +83,9 @@ impl CallStatus {
     }
 
     /// Whether `self → next` is a legal transition of a call's one state machine: ringing or
-    /// holding → connected, failed or ended (ringing → holding too), connected → ended,
-    /// failed → ended. Staying in the same state is not a transition. Every store applies this
+    /// holding → connected, failed or ended (ringing → holding too), connected → failed (its
+    /// agent leg failed: the caller hears the error message) or ended, failed → ended. No state
+    /// is ever returned to, and staying in one is not a transition. Every store applies this
     /// rule, so two nodes can never flip a call back and forth.
     pub fn can_become(self, next: CallStatus) -> bool {
         use CallStatus::{Connected, Ended, Failed, Holding, Ringing};
@@ -92,7 +93,8 @@ impl CallStatus {
             (self, next),
             (Ringing, Holding | Connected | Failed | Ended)
                 | (Holding, Connected | Failed | Ended)
-                | (Connected | Failed, Ended)
+                | (Connected, Failed | Ended)
+                | (Failed, Ended)
         )
     }
 
@@ -102,7 +104,8 @@ impl CallStatus {
         match self {
             CallStatus::Ringing => &[],
             CallStatus::Holding => &[Ringing],
-            CallStatus::Connected | CallStatus::Failed => &[Ringing, Holding],
+            CallStatus::Connected => &[Ringing, Holding],
+            CallStatus::Failed => &[Ringing, Holding, Connected],
             CallStatus::Ended => &[Ringing, Holding, Connected, Failed],
         }
     }
@@ -186,6 +189,7 @@ mod tests {
                 (Holding, Connected),
                 (Holding, Failed),
                 (Holding, Ended),
+                (Connected, Failed),
                 (Connected, Ended),
                 (Failed, Ended),
             ]

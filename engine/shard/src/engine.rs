@@ -86,6 +86,7 @@ impl Engine {
                 max_clock_late: cfg.admit_clock_late,
                 max_inbox_depth: cfg.admit_inbox_depth,
             },
+            overloaded_shards: Arc::default(),
         };
         let mut spawn = |engine: &mut Engine,
                          index: usize,

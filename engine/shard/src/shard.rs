@@ -164,6 +164,8 @@ pub(crate) struct CallSettings {
     pub(crate) max_calls: usize,
     /// `ADMIT_CLOCK_LATE_MS` and `ADMIT_INBOX_DEPTH`: overload admission's limits.
     pub(crate) admission: admission::Limits,
+    /// Shards of the node shedding load now (shared by all): probes answer for the node.
+    pub(crate) overloaded_shards: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Everything a shard needs, moved onto its thread.
@@ -593,10 +595,18 @@ impl Core {
                 ),
                 None => tracing::info!(shard = self.index, "headroom again: admitting new calls"),
             }
+            let shared = &self.settings.overloaded_shards;
+            match (self.overload.is_some(), overload.is_some()) {
+                (false, true) => shared.fetch_add(1, std::sync::atomic::Ordering::AcqRel),
+                (true, false) => shared.fetch_sub(1, std::sync::atomic::Ordering::AcqRel),
+                _ => 0,
+            };
             self.overload = overload;
             self.endpoint.set_overloaded(overload.is_some());
             self.stats.set_overload(Overload::code(overload));
         }
+        let node = self.settings.overloaded_shards.load(std::sync::atomic::Ordering::Acquire) > 0;
+        self.endpoint.set_node_overloaded(node);
     }
 
     fn on_message(&mut self, now: Instant, msg: ShardMsg) {
@@ -641,6 +651,9 @@ impl Core {
     /// Runs every SIP timer, media frame and call timer that is due.
     fn on_tick(&mut self, now: Instant) {
         self.closed_agents.clear();
+        // Admission's state follows the clock even when no SIP arrives (the gauge, and the
+        // node-wide probe answer).
+        self.admit(now);
         if self.report_retry_at.is_some_and(|at| at <= now) {
             self.retry_reports(now);
         }

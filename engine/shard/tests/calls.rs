@@ -502,7 +502,9 @@ fn probe(uac: &mut Uac, n: u32) -> u16 {
 fn a_shard_whose_media_clock_runs_late_refuses_new_calls_and_probes_until_it_keeps_time() {
     let control = Arc::new(FakeControl::default());
     let cfg = EngineConfig {
-        shards: 1,
+        // Two shards: only the one with the call ticks, but probes (spread over both by their
+        // Call-IDs) must all speak for the node.
+        shards: 2,
         pin_cores: false,
         sip: Some("127.0.0.1:0".parse().unwrap()),
         rtp_ports: 41000..=41999,
@@ -522,17 +524,31 @@ fn a_shard_whose_media_clock_runs_late_refuses_new_calls_and_probes_until_it_kee
         n += 1;
         probe(&mut uac, n) == 503
     });
-    assert_eq!(engine.health()[0].overload, 1, "the reason: the media clock");
-    // ...and so does a new call, before any record is made.
-    uac.send_invite("late-2@carrier.example", 30702);
+    assert_eq!(
+        engine.health().iter().map(|h| h.overload).max(),
+        Some(1),
+        "the reason: the media clock"
+    );
+    // Every probe, whichever shard it reaches: the node is taken out as a whole.
+    for _ in 0..8 {
+        n += 1;
+        assert_eq!(probe(&mut uac, n), 503, "probe {n}");
+    }
+    // ...and so does a new call to the shedding shard, before any record is made (found by
+    // trying Call-IDs until one lands there: the other shard still takes calls).
+    let shedding = engine.health().iter().position(|h| h.overload == 1).unwrap();
+    let late2 = (0..)
+        .map(|i| format!("late-2-{i}@carrier.example"))
+        .find(|id| precall_engine::shard_for_call_id(id.as_bytes(), 2) == shedding)
+        .unwrap();
+    uac.send_invite(&late2, 30702);
     let refused = uac.recv_until("a final answer to the second INVITE", |m| {
-        header(m, "Call-ID") == Some("late-2@carrier.example")
-            && status(m).is_some_and(|s| s >= 200)
+        header(m, "Call-ID") == Some(late2.as_str()) && status(m).is_some_and(|s| s >= 200)
     });
     assert_eq!(status(&refused), Some(503));
     assert!(header(&refused, "Retry-After").is_some());
     assert_eq!(control.inbound.lock().unwrap().len(), 1, "no record for the refused call");
-    assert_eq!(engine.health()[0].calls_refused_overload, 1);
+    assert_eq!(engine.health().iter().map(|h| h.calls_refused_overload).sum::<u64>(), 1);
     // The call that was up is not touched by the overload: its BYE is answered.
     assert_eq!(status(&uac.bye(&up)), Some(200));
     // With no call left the clock stops; once a window has passed, the shard admits again.
@@ -540,7 +556,7 @@ fn a_shard_whose_media_clock_runs_late_refuses_new_calls_and_probes_until_it_kee
         n += 1;
         probe(&mut uac, n) == 200
     });
-    assert_eq!(engine.health()[0].overload, 0);
+    assert!(engine.health().iter().all(|h| h.overload == 0));
     let again = uac.invite("late-3@carrier.example", 30704);
     uac.ack(&again);
     assert_eq!(control.inbound.lock().unwrap().len(), 2);

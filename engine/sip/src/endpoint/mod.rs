@@ -87,6 +87,9 @@ pub struct Endpoint<G: IdGen> {
     draining: bool,
     /// The same answers while the application says it has no headroom (overload admission).
     overloaded: bool,
+    /// Out-of-dialog OPTIONS get `503` while any shard of the node is overloaded (a probe
+    /// reaches one shard at random; it must speak for the node).
+    node_overloaded: bool,
     /// New INVITEs refused because of `overloaded`.
     overload_refusals: u64,
     /// Untrusted sources' request counts (see [`SipConfig::untrusted_limit`]).
@@ -135,6 +138,7 @@ impl<G: IdGen> Endpoint<G> {
             events: VecDeque::new(),
             draining: false,
             overloaded: false,
+            node_overloaded: false,
             overload_refusals: 0,
             pike: HashMap::new(),
             nonces: crate::auth::Nonces::new(secret),
@@ -208,6 +212,12 @@ impl<G: IdGen> Endpoint<G> {
     /// (it measures its own headroom); unlike a drain it is undone as soon as it is cleared.
     pub fn set_overloaded(&mut self, overloaded: bool) {
         self.overloaded = overloaded;
+    }
+
+    /// Whether some shard of the node sheds load: probes (out-of-dialog OPTIONS) are then
+    /// answered `503` by every shard, so a dispatcher sees one state for the node.
+    pub fn set_node_overloaded(&mut self, overloaded: bool) {
+        self.node_overloaded = overloaded;
     }
 
     /// New INVITEs answered `503` because the endpoint was overloaded, since it was made.

@@ -461,7 +461,7 @@ impl<G: IdGen> Endpoint<G> {
         // transaction for 32 s.
         let out_of_dialog = req.to.tag().is_none();
         let key = if out_of_dialog { None } else { key };
-        if self.refusing() && out_of_dialog {
+        if (self.refusing() || self.node_overloaded) && out_of_dialog {
             // The probe of a dispatcher (Kamailio's ds_ping): take this node out.
             return self.answer_error(now, from, key, false, headers, &RequestError::Unavailable);
         }
