@@ -114,24 +114,26 @@ impl App {
                 s.shard, s.streams
             ));
         }
-        out.push_str(
-            "# HELP precall_agent_legs Agent WebSocket legs open (connecting or bridged).\n",
-        );
-        out.push_str("# TYPE precall_agent_legs gauge\n");
-        for s in &shards {
-            out.push_str(&format!(
-                "precall_agent_legs{{shard=\"{}\"}} {}\n",
-                s.shard, s.agent_legs
-            ));
-        }
-        out.push_str(
-            "# HELP precall_end_reports_pending Call-end reports waiting for room in the control plane's queue (retried, never dropped).\n# TYPE precall_end_reports_pending gauge\n",
-        );
-        for s in &shards {
-            out.push_str(&format!(
-                "precall_end_reports_pending{{shard=\"{}\"}} {}\n",
-                s.shard, s.end_reports_pending
-            ));
+        let gauges: [ShardCounter; 3] = [
+            ("precall_agent_legs", "Agent WebSocket legs open (connecting or bridged).", |s| {
+                s.agent_legs
+            }),
+            (
+                "precall_end_reports_pending",
+                "Call-end reports waiting for room in the control plane's queue (retried, never dropped).",
+                |s| s.end_reports_pending,
+            ),
+            (
+                "precall_shard_overload",
+                "Why the shard refuses new calls now: 0 it admits, 1 its media clock runs late (ADMIT_CLOCK_LATE_MS), 2 its inbox is deep (ADMIT_INBOX_DEPTH).",
+                |s| s.overload,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+            for s in &shards {
+                out.push_str(&format!("{name}{{shard=\"{}\"}} {}\n", s.shard, value(s)));
+            }
         }
         let name = "precall_bridge_latency_seconds";
         out.push_str(&format!("# HELP {name} Agent bridge delays at the engine's clock: caller RTP in to the agent message out (to_agent), agent audio in to its first RTP frame out (to_caller), clone ready to the agent's first frame at the caller (first_audio).\n# TYPE {name} histogram\n"));
@@ -167,15 +169,6 @@ impl App {
                 sum_us as f64 / 1e6
             ));
             out.push_str(&format!("{name}_count{{direction=\"{direction}\"}} {cumulative}\n"));
-        }
-        out.push_str(
-            "# HELP precall_shard_overload Why the shard refuses new calls now: 0 it admits, 1 its media clock runs late (ADMIT_CLOCK_LATE_MS), 2 its inbox is deep (ADMIT_INBOX_DEPTH).\n# TYPE precall_shard_overload gauge\n",
-        );
-        for s in &shards {
-            out.push_str(&format!(
-                "precall_shard_overload{{shard=\"{}\"}} {}\n",
-                s.shard, s.overload
-            ));
         }
         let counters: [ShardCounter; 18] = [
             (

@@ -494,6 +494,14 @@ impl Reader<'_> {
         value.parse().map_err(|_| ConfigError::Invalid { var, value, expected })
     }
 
+    /// A count that must be at least 1.
+    fn positive(&self, var: &'static str, expected: &'static str) -> Result<usize, ConfigError> {
+        match self.parse::<usize>(var, expected)? {
+            0 => Err(ConfigError::Invalid { var, value: "0".to_owned(), expected }),
+            n => Ok(n),
+        }
+    }
+
     fn bool(&self, var: &'static str) -> Result<bool, ConfigError> {
         let value = self.string(var);
         match value.to_ascii_lowercase().as_str() {
@@ -728,18 +736,8 @@ impl Config {
         }
         Ok(Config {
             http_addr,
-            http_max_connections: match r
-                .parse::<usize>("HTTP_MAX_CONNECTIONS", "a number of connections, 1 or more")?
-            {
-                0 => {
-                    return Err(ConfigError::Invalid {
-                        var: "HTTP_MAX_CONNECTIONS",
-                        value: "0".to_owned(),
-                        expected: "a number of connections, 1 or more",
-                    });
-                }
-                n => n,
-            },
+            http_max_connections: r
+                .positive("HTTP_MAX_CONNECTIONS", "a number of connections, 1 or more")?,
             sip_addr,
             sip_advertised_ip,
             sip_trusted,
@@ -747,18 +745,7 @@ impl Config {
             sip_digest,
             shards,
             pin_cores: r.bool("SHARD_PIN_CORES")?,
-            shard_max_calls: match r
-                .parse::<usize>("SHARD_MAX_CALLS", "a number of calls, 1 or more")?
-            {
-                0 => {
-                    return Err(ConfigError::Invalid {
-                        var: "SHARD_MAX_CALLS",
-                        value: "0".to_owned(),
-                        expected: "a number of calls, 1 or more",
-                    });
-                }
-                n => n,
-            },
+            shard_max_calls: r.positive("SHARD_MAX_CALLS", "a number of calls, 1 or more")?,
             admit_clock_late: r.millis("ADMIT_CLOCK_LATE_MS")?,
             admit_inbox_depth: r
                 .parse::<usize>("ADMIT_INBOX_DEPTH", "a number of datagrams (0: off)")?,
