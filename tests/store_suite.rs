@@ -274,20 +274,22 @@ async fn concurrent_claims_create_one_job<S: Store>(s: &S) {
     assert_eq!(inserted, 1, "exactly one of 16 concurrent inserts records the call");
 }
 
-/// Two nodes racing on one call (a poll connecting it, a stream failing it, at once): exactly
-/// one transition is made, and the call ends up in the state of the request that made it.
+/// Two nodes racing on one call (a poll and a stream start both connecting it, then two end
+/// reports, a BYE and a status callback): each transition is made exactly once, and the call
+/// ends up as the request that made it left it.
 async fn racing_transitions_are_made_once<S: Store>(s: &S) {
     let id = CallId::new("CA-race-status");
     s.insert_call(&record("CA-race-status", 1_000)).await.unwrap();
-    let moves = (0..16).map(|i| {
-        let status = if i % 2 == 0 { CallStatus::Connected } else { CallStatus::Failed };
-        s.set_call_status(&id, status, Timestamp(2_000 + i), Some("race"))
-    });
-    let results: Vec<_> = join_all(moves).await.into_iter().map(|r| r.unwrap().unwrap()).collect();
-    let winners: Vec<_> = results.iter().filter(|r| r.changed).collect();
-    assert_eq!(winners.len(), 1, "exactly one of 16 racing transitions is made");
-    let stored = s.get_call(&id).await.unwrap().unwrap();
-    assert_eq!(stored, winners[0].record, "the winner's view is what is stored");
+    for (status, at) in [(CallStatus::Connected, 2_000), (CallStatus::Ended, 3_000)] {
+        let moves =
+            (0..16).map(|i| s.set_call_status(&id, status, Timestamp(at + i), Some("race")));
+        let results: Vec<_> =
+            join_all(moves).await.into_iter().map(|r| r.unwrap().unwrap()).collect();
+        let winners: Vec<_> = results.iter().filter(|r| r.changed).collect();
+        assert_eq!(winners.len(), 1, "exactly one of 16 racing moves to {status} is made");
+        let stored = s.get_call(&id).await.unwrap().unwrap();
+        assert_eq!(stored, winners[0].record, "the winner's view is what is stored");
+    }
 }
 
 /// Runs futures concurrently on the current task (no spawning, so `&S` borrows are fine).
