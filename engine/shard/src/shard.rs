@@ -35,7 +35,10 @@ use std::{
     ops::RangeInclusive,
     pin::pin,
     rc::{Rc, Weak},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Poll, Waker},
     time::{Duration, Instant},
 };
@@ -165,7 +168,7 @@ pub(crate) struct CallSettings {
     /// `ADMIT_CLOCK_LATE_MS` and `ADMIT_INBOX_DEPTH`: overload admission's limits.
     pub(crate) admission: admission::Limits,
     /// Shards of the node shedding load now (shared by all): probes answer for the node.
-    pub(crate) overloaded_shards: Arc<std::sync::atomic::AtomicUsize>,
+    pub(crate) overloaded_shards: Arc<AtomicUsize>,
 }
 
 /// Everything a shard needs, moved onto its thread.
@@ -597,15 +600,15 @@ impl Core {
             }
             let shared = &self.settings.overloaded_shards;
             match (self.overload.is_some(), overload.is_some()) {
-                (false, true) => shared.fetch_add(1, std::sync::atomic::Ordering::AcqRel),
-                (true, false) => shared.fetch_sub(1, std::sync::atomic::Ordering::AcqRel),
+                (false, true) => shared.fetch_add(1, Ordering::AcqRel),
+                (true, false) => shared.fetch_sub(1, Ordering::AcqRel),
                 _ => 0,
             };
             self.overload = overload;
             self.endpoint.set_overloaded(overload.is_some());
             self.stats.set_overload(Overload::code(overload));
         }
-        let node = self.settings.overloaded_shards.load(std::sync::atomic::Ordering::Acquire) > 0;
+        let node = self.settings.overloaded_shards.load(Ordering::Acquire) > 0;
         self.endpoint.set_node_overloaded(node);
     }
 
@@ -1523,8 +1526,6 @@ fn can_send(direction: Direction, remote: SocketAddr) -> bool {
         && remote.port() != 0
 }
 
-/// Whether the caller will send RTP, by our negotiated `direction` and its address: not when
-/// it holds the call (its `recvonly` or `inactive`, or the old `c=0.0.0.0`).
 /// Whether the caller has put the call on hold or said it sends nothing, from our side of the
 /// negotiated direction: `sendonly` (hold, RFC 3264 §8.4; music on hold, if any, is not
 /// audio to wait for), `recvonly` or `inactive` from the caller, or the old `c=0.0.0.0`.

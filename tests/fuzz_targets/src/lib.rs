@@ -7,7 +7,7 @@
 //! which state what must hold for any input (lengths within the input, limits kept, what we send
 //! back is well-formed SIP).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use precall_sip::{DigestConfig, Endpoint, Event, IdGen, SipConfig};
@@ -46,9 +46,16 @@ impl IdGen for Counter {
     }
 }
 
+/// Our SIP address, the RTP address calls are answered with, and the datagrams' source.
+const LOCAL: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)), 5060);
+const LOCAL_RTP: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)), 30000);
+const PEER: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 5060);
+
 fn endpoint(digest: bool) -> Endpoint<Counter> {
-    let mut cfg = SipConfig::new("192.0.2.10:5060".parse().unwrap());
-    cfg.advertised_ip = Some("203.0.113.10".parse().unwrap());
+    let mut cfg = SipConfig::new(LOCAL);
+    cfg.advertised_ip = Some(Ipv4Addr::new(203, 0, 113, 10).into());
     if digest {
         cfg.digest = Some(DigestConfig {
             realm: "fuzz.invalid".to_owned(),
@@ -76,7 +83,7 @@ fn pump(ep: &mut Endpoint<Counter>, now: Instant) {
         while let Some(event) = ep.poll_event() {
             idle = false;
             if let Event::IncomingCall { call, .. } = event {
-                let _ = ep.accept(now, call, "192.0.2.10:30000".parse().unwrap());
+                let _ = ep.accept(now, call, LOCAL_RTP);
             }
         }
         if idle {
@@ -91,7 +98,7 @@ fn pump(ep: &mut Endpoint<Counter>, now: Instant) {
 /// timer runs out. Once with digest authentication configured, once without.
 pub fn sip_datagram(data: &[u8]) {
     let _ = precall_sip::peek_call_id(data);
-    let from: SocketAddr = "198.51.100.7:5060".parse().unwrap();
+    let from = PEER;
     for digest in [false, true] {
         let mut ep = endpoint(digest);
         let now = Instant::now();

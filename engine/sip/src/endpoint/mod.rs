@@ -225,7 +225,8 @@ impl<G: IdGen> Endpoint<G> {
         self.overload_refusals
     }
 
-    /// Whether new calls and out-of-dialog probes are refused now (draining or overloaded).
+    /// Whether new calls are refused now (draining, or this endpoint overloaded). Probes are
+    /// refused also while another shard of the node is (`node_overloaded`).
     fn refusing(&self) -> bool {
         self.draining || self.overloaded
     }
