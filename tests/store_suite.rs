@@ -10,7 +10,8 @@ use precall_api::{
     CallContext, CallId, CallStatus, CloneStatus, JobId, ProfileId, Protocol, Timestamp, VoiceId,
 };
 use precall_controller::{
-    CallEvent, CallRecord, EventKind, InsertCall, MemoryStore, Store, StoreError, VoiceProfile,
+    CallEvent, CallRecord, CloneJob, EventKind, InsertCall, JobFailure, Lease, MemoryStore, Store,
+    StoreError, VoiceProfile,
 };
 use support::pg::PgServer;
 
@@ -115,8 +116,10 @@ async fn status_rules<S: Store>(s: &S) {
 
 async fn jobs_attach_to_calls<S: Store>(s: &S) {
     s.insert_call(&record("CA-attach", 1_000)).await.unwrap();
-    let (job, _) =
-        s.claim_clone_job(&"attach".into(), "h", Timestamp(1_000), Timestamp(0)).await.unwrap();
+    let (job, _) = s
+        .claim_clone_job(&"attach".into(), "h", Timestamp(1_000), &lease("A", 2_000))
+        .await
+        .unwrap();
     s.attach_job(&"CA-attach".into(), job.id).await.unwrap();
     assert_eq!(s.get_call(&"CA-attach".into()).await.unwrap().unwrap().clone_job_id, Some(job.id));
     let err = s.attach_job(&"CA-nope".into(), job.id).await.unwrap_err();
@@ -125,7 +128,7 @@ async fn jobs_attach_to_calls<S: Store>(s: &S) {
 
 async fn live_call_pushes_are_claimed_once<S: Store>(s: &S) {
     let (job, _) =
-        s.claim_clone_job(&"push".into(), "h", Timestamp(1_000), Timestamp(0)).await.unwrap();
+        s.claim_clone_job(&"push".into(), "h", Timestamp(1_000), &lease("A", 2_000)).await.unwrap();
     let twilio = |id: &str| CallRecord { protocol: Protocol::Twilio, ..record(id, 1_000) };
     for id in ["CA-push-b", "CA-push-a", "CA-push-ended"] {
         s.insert_call(&twilio(id)).await.unwrap();
@@ -207,56 +210,175 @@ async fn pick<S: Store>(s: &S, number: &str, fallback: &str) -> Option<ProfileId
     s.select_profile(number, &ProfileId::new(fallback)).await.unwrap().map(|p| p.id)
 }
 
+fn lease(owner: &str, until: u64) -> Lease {
+    Lease { owner: owner.to_owned(), until: Timestamp(until) }
+}
+
 async fn clone_jobs_are_claimed_once<S: Store>(s: &S) {
     let p = "claim".into();
-    let (j1, created) = s.claim_clone_job(&p, "h1", Timestamp(1_000), Timestamp(0)).await.unwrap();
+    let (j1, created) =
+        s.claim_clone_job(&p, "h1", Timestamp(1_000), &lease("A", 11_000)).await.unwrap();
     assert!(created);
     assert_eq!((j1.status, j1.started_at), (CloneStatus::Processing, Timestamp(1_000)));
+    assert_eq!(
+        (j1.lease_owner.as_deref(), j1.lease_until, j1.attempt),
+        (Some("A"), Some(Timestamp(11_000)), 1)
+    );
     let (again, created) =
-        s.claim_clone_job(&p, "h1", Timestamp(2_000), Timestamp(0)).await.unwrap();
-    assert!(!created, "a processing job serves");
+        s.claim_clone_job(&p, "h1", Timestamp(2_000), &lease("B", 12_000)).await.unwrap();
+    assert!(!created, "a processing job under a live lease serves");
     assert_eq!(again, j1);
     let (other, created) =
-        s.claim_clone_job(&p, "h2", Timestamp(2_000), Timestamp(0)).await.unwrap();
+        s.claim_clone_job(&p, "h2", Timestamp(2_000), &lease("A", 12_000)).await.unwrap();
     assert!(created && other.id != j1.id, "changed samples need a new job");
 
-    let done = s.finish_clone_job(j1.id, &Ok(VoiceId::new("v1")), Timestamp(3_000)).await.unwrap();
+    let done =
+        s.finish_clone_job(j1.id, &Ok(VoiceId::new("v1")), Timestamp(3_000), None).await.unwrap();
     assert_eq!(
-        (done.status, done.voice_id.clone(), done.finished_at),
-        (CloneStatus::Completed, Some(VoiceId::new("v1")), Some(Timestamp(3_000)))
+        (done.status, done.voice_id.clone(), done.finished_at, done.lease_owner.clone()),
+        (CloneStatus::Completed, Some(VoiceId::new("v1")), Some(Timestamp(3_000)), None)
     );
-    let kept = s.finish_clone_job(j1.id, &Err("late".into()), Timestamp(4_000)).await.unwrap();
+    let late = Err(JobFailure::transient("late"));
+    let kept =
+        s.finish_clone_job(j1.id, &late, Timestamp(4_000), Some(Timestamp(9_000))).await.unwrap();
     assert_eq!(kept, done, "a finished job keeps its result");
     let (reused, created) =
-        s.claim_clone_job(&p, "h1", Timestamp(9_000_000), Timestamp(8_000_000)).await.unwrap();
+        s.claim_clone_job(&p, "h1", Timestamp(9_000_000), &lease("B", 9_010_000)).await.unwrap();
     assert!(!created, "a completed clone is reused however old");
     assert_eq!(reused.id, j1.id);
 
-    let failed = s
-        .finish_clone_job(other.id, &Err("422 bad sample".into()), Timestamp(5_000))
+    let bad = Err(JobFailure::permanent("422 bad sample"));
+    let failed =
+        s.finish_clone_job(other.id, &bad, Timestamp(5_000), Some(Timestamp(8_000))).await.unwrap();
+    assert_eq!(
+        (failed.status, failed.error.as_deref(), failed.permanent, failed.retry_at),
+        (CloneStatus::Failed, Some("422 bad sample"), true, Some(Timestamp(8_000)))
+    );
+    let (same, created) =
+        s.claim_clone_job(&p, "h2", Timestamp(7_999), &lease("A", 17_999)).await.unwrap();
+    assert!(!created, "a failed job serves its failure while it backs off");
+    assert_eq!(same.id, other.id);
+    let (retry, created) =
+        s.claim_clone_job(&p, "h2", Timestamp(8_000), &lease("A", 18_000)).await.unwrap();
+    assert!(created && retry.id != other.id, "after the backoff a new job is made");
+    assert_eq!(retry.attempt, 2, "the attempt after a failure counts on");
+    assert_eq!(s.get_clone_job(retry.id).await.unwrap(), Some(retry));
+    assert_eq!(s.get_clone_job(JobId(987_654)).await.unwrap(), None);
+    let err = s
+        .finish_clone_job(JobId(987_654), &Ok(VoiceId::new("v")), Timestamp(1), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Missing(_)), "{err:?}");
+}
+
+/// The jobs of `profile` among `jobs`.
+fn of(jobs: Vec<CloneJob>, profile: &str) -> Vec<CloneJob> {
+    jobs.into_iter().filter(|j| j.profile_id.as_str() == profile).collect()
+}
+
+async fn leases_lapse_and_are_taken_over_once<S: Store>(s: &S) {
+    let p = "lease".into();
+    let (job, _) = s.claim_clone_job(&p, "h", Timestamp(1_000), &lease("A", 2_000)).await.unwrap();
+    assert!(!s.renew_clone_lease(job.id, "B", Timestamp(5_000)).await.unwrap(), "B holds no lease");
+    assert!(s.renew_clone_lease(job.id, "A", Timestamp(3_000)).await.unwrap(), "A renews");
+    let (held, created) =
+        s.claim_clone_job(&p, "h", Timestamp(2_999), &lease("B", 12_999)).await.unwrap();
+    assert!(!created && held.lease_owner.as_deref() == Some("A"), "the renewed lease holds");
+    assert!(
+        of(
+            s.take_over_clone_jobs(Timestamp(2_999), &lease("B", 12_999), 100).await.unwrap(),
+            "lease"
+        )
+        .is_empty()
+    );
+
+    // A stops renewing (it died): at the lease's end the next claim takes the job over.
+    let (taken, created) =
+        s.claim_clone_job(&p, "h", Timestamp(3_000), &lease("B", 13_000)).await.unwrap();
+    assert!(created, "a lapsed lease is taken over");
+    assert_eq!(taken.id, job.id, "the same job (its calls keep waiting on it)");
+    assert_eq!(
+        (taken.lease_owner.as_deref(), taken.lease_until, taken.started_at),
+        (Some("B"), Some(Timestamp(13_000)), Timestamp(3_000))
+    );
+    assert!(!s.renew_clone_lease(job.id, "A", Timestamp(9_000)).await.unwrap(), "A lost it");
+
+    // B hands it back (shutdown): two nodes sweeping at once, exactly one takes it.
+    assert!(s.renew_clone_lease(job.id, "B", Timestamp(0)).await.unwrap());
+    let sweepers = [lease("C", 14_000), lease("D", 14_000)];
+    let sweeps = sweepers.iter().map(|l| s.take_over_clone_jobs(Timestamp(4_000), l, 100));
+    let swept: Vec<CloneJob> =
+        join_all(sweeps).await.into_iter().flat_map(|r| of(r.unwrap(), "lease")).collect();
+    assert_eq!(swept.len(), 1, "one sweep takes it: {swept:?}");
+    assert_eq!(swept[0].id, job.id);
+
+    // A (which lost its lease but finished anyway) and the taker both report: the first
+    // result wins.
+    let first =
+        s.finish_clone_job(job.id, &Ok(VoiceId::new("v-A")), Timestamp(5_000), None).await.unwrap();
+    let second =
+        s.finish_clone_job(job.id, &Ok(VoiceId::new("v-C")), Timestamp(6_000), None).await.unwrap();
+    assert_eq!(first.voice_id, Some(VoiceId::new("v-A")));
+    assert_eq!(second, first);
+    assert!(
+        !s.renew_clone_lease(job.id, &swept[0].lease_owner.clone().unwrap(), Timestamp(9_000))
+            .await
+            .unwrap(),
+        "a finished job has no lease"
+    );
+}
+
+async fn unused_voices_are_the_replaced_ones<S: Store>(s: &S) {
+    s.upsert_profile(&profile("voices", None)).await.unwrap();
+    let pv: ProfileId = "voices".into();
+    let unused = || async { of(s.unused_voices(1_000).await.unwrap(), "voices") };
+    let (a, _) = s.claim_clone_job(&pv, "ha", Timestamp(1_000), &lease("A", 9_000)).await.unwrap();
+    s.finish_clone_job(a.id, &Ok(VoiceId::new("va")), Timestamp(2_000), None).await.unwrap();
+    assert!(unused().await.is_empty(), "the profile's newest voice is in use");
+
+    // New samples: job b, with a call waiting on it.
+    let (b, _) = s.claim_clone_job(&pv, "hb", Timestamp(3_000), &lease("A", 9_000)).await.unwrap();
+    // A call still connected to voice a.
+    s.insert_call(&record("CA-on-va", 1_000)).await.unwrap();
+    s.attach_job(&"CA-on-va".into(), a.id).await.unwrap();
+    s.set_call_status(&"CA-on-va".into(), CallStatus::Connected, Timestamp(1_500), None)
         .await
         .unwrap();
+    s.finish_clone_job(b.id, &Ok(VoiceId::new("vb")), Timestamp(4_000), None).await.unwrap();
+    assert!(unused().await.is_empty(), "a voice with a call connected to it is in use");
+    s.set_call_status(&"CA-on-va".into(), CallStatus::Ended, Timestamp(5_000), Some("completed"))
+        .await
+        .unwrap();
+    let found = unused().await;
+    assert_eq!(found.iter().map(|j| j.id).collect::<Vec<_>>(), [a.id], "replaced and idle");
+    assert_eq!(found[0].voice_id, Some(VoiceId::new("va")));
+
+    s.voice_deleted(a.id, Timestamp(6_000)).await.unwrap();
+    assert!(unused().await.is_empty(), "a deleted voice is not offered again");
     assert_eq!(
-        (failed.status, failed.error.as_deref()),
-        (CloneStatus::Failed, Some("422 bad sample"))
+        s.get_clone_job(a.id).await.unwrap().unwrap().voice_deleted_at,
+        Some(Timestamp(6_000))
     );
-    let (retry, created) =
-        s.claim_clone_job(&p, "h2", Timestamp(6_000), Timestamp(0)).await.unwrap();
-    assert!(created && retry.id != other.id, "a failed job is retried");
-    // A processing job started before `stale_before` is presumed lost.
-    let (fresh, created) =
-        s.claim_clone_job(&p, "h2", Timestamp(7_000), Timestamp(6_001)).await.unwrap();
-    assert!(created && fresh.id != retry.id, "a stale job is replaced");
-    assert_eq!(s.get_clone_job(fresh.id).await.unwrap(), Some(fresh));
-    assert_eq!(s.get_clone_job(JobId(987_654)).await.unwrap(), None);
-    let err =
-        s.finish_clone_job(JobId(987_654), &Ok(VoiceId::new("v")), Timestamp(1)).await.unwrap_err();
-    assert!(matches!(err, StoreError::Missing(_)), "{err:?}");
+    // The old samples again: their voice is gone, so they are cloned anew.
+    let (again, created) =
+        s.claim_clone_job(&pv, "ha", Timestamp(7_000), &lease("A", 17_000)).await.unwrap();
+    assert!(created && again.id != a.id && again.attempt == 1);
+
+    // A profile that no longer exists uses no voice.
+    let gone: ProfileId = "no-such-profile".into();
+    let (g, _) = s.claim_clone_job(&gone, "h", Timestamp(1_000), &lease("A", 9_000)).await.unwrap();
+    s.finish_clone_job(g.id, &Ok(VoiceId::new("vg")), Timestamp(2_000), None).await.unwrap();
+    let orphans = of(s.unused_voices(1_000).await.unwrap(), "no-such-profile");
+    assert_eq!(orphans.iter().map(|j| j.id).collect::<Vec<_>>(), [g.id]);
 }
 
 async fn concurrent_claims_create_one_job<S: Store>(s: &S) {
     let p = "race".into();
-    let claims = (0..16).map(|i| s.claim_clone_job(&p, "h", Timestamp(100 + i), Timestamp(0)));
+    let leases: Vec<Lease> = (0..16).map(|i| lease(&format!("N{i}"), 10_000)).collect();
+    let claims = leases
+        .iter()
+        .enumerate()
+        .map(|(i, l)| s.claim_clone_job(&p, "h", Timestamp(100 + i as u64), l));
     let results = join_all(claims).await;
     let created = results.iter().filter(|r| r.as_ref().unwrap().1).count();
     assert_eq!(created, 1, "exactly one of 16 concurrent claims creates the job");
@@ -323,6 +445,8 @@ async fn suite<S: Store>(s: &S) {
     events_keep_order(s).await;
     profiles_by_id_and_number(s).await;
     clone_jobs_are_claimed_once(s).await;
+    leases_lapse_and_are_taken_over_once(s).await;
+    unused_voices_are_the_replaced_ones(s).await;
     concurrent_claims_create_one_job(s).await;
     racing_transitions_are_made_once(s).await;
     live_call_pushes_are_claimed_once(s).await;

@@ -80,6 +80,20 @@ impl App {
                 "ok": store.is_ok(),
                 "error": store.err().map(|e| e.to_string()),
             },
+            // Clone jobs on this node, and the profiles whose last clone failed (their new
+            // calls get the error message until retry_at): the reason to fix is here.
+            "clones": {
+                "running": self.metrics.clones_running(),
+                "backing_off": self.metrics.clone_backoffs(precall_api::Timestamp::now())
+                    .into_iter()
+                    .map(|(profile, b)| serde_json::json!({
+                        "profile": profile,
+                        "reason": b.reason,
+                        "permanent": b.permanent,
+                        "retry_in_ms": b.retry_at.0.saturating_sub(precall_api::Timestamp::now().0),
+                    }))
+                    .collect::<Vec<_>>(),
+            },
             "shards": shards.iter().map(|s| serde_json::json!({
                 "shard": s.shard, "alive": s.alive, "active_calls": s.active_calls,
             })).collect::<Vec<_>>(),

@@ -264,7 +264,38 @@ pub const VARS: &[Var] = &[
     Var {
         name: "CLONE_JOB_TIMEOUT_MS",
         default: "120000",
-        help: "a clone job still processing after this is presumed lost",
+        help: "a clone job's deadline: the provider's work is cut off after this (its request \
+               timeout is at most half of it) and the job fails, transiently",
+    },
+    Var {
+        name: "CLONE_LEASE_MS",
+        default: "10000",
+        help: "the node running a clone job renews a lease on it every third of this; a job \
+               whose lease lapses (its node died) is taken over by another node (at least 300)",
+    },
+    Var {
+        name: "CLONE_RETRY_MS",
+        default: "10000",
+        help: "after a transient clone failure (429, 5xx, timeout), new calls of the profile get \
+               the error message for this long, doubling per failed attempt, before one retries",
+    },
+    Var {
+        name: "CLONE_RETRY_PERMANENT_MS",
+        default: "900000",
+        help: "the same after a permanent failure (bad key, quota, full voice library, rejected \
+               samples); new samples retry at once",
+    },
+    Var {
+        name: "CLONE_DELETE_REPLACED",
+        default: "true",
+        help: "delete a voice at the provider once new samples (or a removed profile) left it \
+               unused and no call is on it; false keeps them (a full library still frees the \
+               oldest unused one)",
+    },
+    Var {
+        name: "NODE_ID",
+        default: "host:pid:random",
+        help: "this node's name on the clone job leases it holds (unique per process)",
     },
     Var {
         name: "SIMULATED_CLONE_DELAY_MS",
@@ -456,8 +487,18 @@ pub struct Config {
     pub status_poll_interval: Duration,
     /// Hold limit.
     pub max_hold: Duration,
-    /// Lost-job limit.
+    /// A clone job's deadline.
     pub clone_job_timeout: Duration,
+    /// `CLONE_LEASE_MS`.
+    pub clone_lease: Duration,
+    /// `CLONE_RETRY_MS`.
+    pub clone_retry: Duration,
+    /// `CLONE_RETRY_PERMANENT_MS`.
+    pub clone_retry_permanent: Duration,
+    /// `CLONE_DELETE_REPLACED`.
+    pub clone_delete_replaced: bool,
+    /// `NODE_ID`, or a name made at start.
+    pub node_id: String,
     /// Controller request deadline.
     pub control_request_timeout: Duration,
     /// `DRAIN_TIMEOUT_MS`.
@@ -726,6 +767,14 @@ impl Config {
             Ok(r.url(var, AUDIO_SCHEMES, "an http://, https:// or file:// URL")?
                 .unwrap_or_else(|| format!("{public_base_url}/audio/{file}")))
         };
+        let clone_lease = r.millis("CLONE_LEASE_MS")?;
+        if clone_lease < Duration::from_millis(300) {
+            return Err(ConfigError::Invalid {
+                var: "CLONE_LEASE_MS",
+                value: clone_lease.as_millis().to_string(),
+                expected: "at least 300 milliseconds",
+            });
+        }
         let status_poll_interval = r.millis("STATUS_POLL_INTERVAL_MS")?;
         if status_poll_interval < Duration::from_millis(100) {
             return Err(ConfigError::Invalid {
@@ -803,6 +852,11 @@ impl Config {
             status_poll_interval,
             max_hold: r.millis("MAX_HOLD_MS")?,
             clone_job_timeout: r.millis("CLONE_JOB_TIMEOUT_MS")?,
+            clone_lease,
+            clone_retry: r.millis("CLONE_RETRY_MS")?,
+            clone_retry_permanent: r.millis("CLONE_RETRY_PERMANENT_MS")?,
+            clone_delete_replaced: r.bool("CLONE_DELETE_REPLACED")?,
+            node_id: r.raw("NODE_ID").unwrap_or_else(default_node_id),
             control_request_timeout: r.millis("CONTROL_REQUEST_TIMEOUT_MS")?,
             drain_timeout: r.millis("DRAIN_TIMEOUT_MS")?,
             log_level: r.string("LOG_LEVEL"),
@@ -814,6 +868,20 @@ impl Config {
     pub fn from_map(map: &HashMap<&str, &str>) -> Result<Self, ConfigError> {
         Self::from_lookup(&|k| map.get(k).map(|v| (*v).to_owned()))
     }
+}
+
+/// A node name unique per process: host name, process id and a random part (a restarted
+/// process is a new node: its old leases lapse and are taken over like another node's).
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "precall".to_owned());
+    // std's hasher keys are random per process: enough to tell two processes of one pid apart.
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    format!("{host}:{}:{:08x}", std::process::id(), random as u32)
 }
 
 /// Hides a password in a URL for messages.

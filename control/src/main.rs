@@ -132,6 +132,10 @@ fn controller_config(cfg: &Config, agent_ws_url: &str) -> ControllerConfig {
         poll_interval: cfg.status_poll_interval,
         max_hold: cfg.max_hold,
         clone_job_timeout: cfg.clone_job_timeout,
+        clone_lease: cfg.clone_lease,
+        clone_retry: cfg.clone_retry,
+        clone_retry_permanent: cfg.clone_retry_permanent,
+        node_id: cfg.node_id.clone(),
         agent_ws_url: agent_ws_url.to_owned(),
         default_agent_id: if cfg.default_agent_id.is_empty() {
             "demo".to_owned()
@@ -145,9 +149,13 @@ fn controller_config(cfg: &Config, agent_ws_url: &str) -> ControllerConfig {
 fn provider(cfg: &Config) -> Result<AnyProvider, String> {
     Ok(match &cfg.provider {
         ProviderConfig::ElevenLabs { api_key, api_base } => {
+            let defaults = ElevenLabsConfig::new(api_key.clone());
             let el = ElevenLabsConfig {
                 api_base: api_base.clone(),
-                ..ElevenLabsConfig::new(api_key.clone())
+                // The provider's own deadline stays inside the job's: one request may take at
+                // most half of CLONE_JOB_TIMEOUT_MS (the job's deadline cuts off the rest).
+                request_timeout: defaults.request_timeout.min(cfg.clone_job_timeout / 2),
+                ..defaults
             };
             AnyProvider::from(ElevenLabsProvider::new(el).map_err(|e| format!("ElevenLabs: {e}"))?)
         }
@@ -198,14 +206,23 @@ struct SideSetup {
     request_timeout: Duration,
     push: Option<Arc<LivePush>>,
     recheck: Arc<Recheck>,
+    delete_replaced: bool,
 }
 
 fn start_side_runtime<S: Store>(
     store: impl std::future::Future<Output = Result<S, String>> + Send + 'static,
     setup: SideSetup,
 ) -> Result<SideRuntime, String> {
-    let SideSetup { controller, provider, profiles, metrics, request_timeout, push, recheck } =
-        setup;
+    let SideSetup {
+        controller,
+        provider,
+        profiles,
+        metrics,
+        request_timeout,
+        push,
+        recheck,
+        delete_replaced,
+    } = setup;
     SideRuntime::start(
         move || async move {
             let store = store.await?;
@@ -221,6 +238,8 @@ fn start_side_runtime<S: Store>(
                 metrics,
                 push,
                 recheck,
+                delete_replaced,
+                running: Default::default(),
             })
         },
         request_timeout,
@@ -376,6 +395,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         request_timeout: cfg.control_request_timeout,
         push: live_push(&cfg)?,
         recheck: Arc::clone(&recheck),
+        delete_replaced: cfg.clone_delete_replaced,
     };
     let (side, store_kind) = match &cfg.database_url {
         None => {
@@ -530,6 +550,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         twilio_stream_url = %cfg.twilio_stream_url,
         shards = engine.shard_count(),
         store = store_kind,
+        node = %cfg.node_id,
         "precall is ready"
     );
 

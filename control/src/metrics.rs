@@ -110,11 +110,48 @@ const ERROR_KINDS: [(ErrorKind, &str); 6] = [
 const OUTCOMES: [&str; 3] = ["connected", "failed", "abandoned"];
 const PROTOCOLS: [Protocol; 2] = [Protocol::Twilio, Protocol::Sip];
 
+/// Why this node deleted a voice at the provider, for `precall_voices_deleted_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VoiceDeletion {
+    /// New samples (or a removed profile) left it unused (`CLONE_DELETE_REPLACED`).
+    Replaced,
+    /// The voice library was full (`voice_limit_reached`): the oldest unused voice went.
+    Slot,
+    /// Another node's run of the same job was recorded first: this run's voice is a spare.
+    Duplicate,
+}
+
+const DELETIONS: [(VoiceDeletion, &str); 3] = [
+    (VoiceDeletion::Replaced, "replaced"),
+    (VoiceDeletion::Slot, "slot"),
+    (VoiceDeletion::Duplicate, "duplicate"),
+];
+
+/// A sample set whose last clone failed, as this node saw it: new calls of the profile get
+/// the error message until `retry_at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneBackoff {
+    /// The job's failure reason.
+    pub reason: String,
+    /// Whether it is permanent (bad key, quota, full voice library, rejected samples).
+    pub permanent: bool,
+    /// When the next call may try again.
+    pub retry_at: precall_api::Timestamp,
+}
+
 /// All process metrics.
 #[derive(Debug)]
 pub struct Metrics {
     calls_ended: [[AtomicU64; 3]; 2],
     clone_jobs: [AtomicU64; 2],
+    /// Failed clone jobs by kind: transient, permanent.
+    clone_failures: [AtomicU64; 2],
+    clone_running: AtomicU64,
+    clone_takeovers: AtomicU64,
+    clone_leases_lost: AtomicU64,
+    voices_deleted: [AtomicU64; 3],
+    /// Profiles whose clone is backing off after a failure, by profile id.
+    backoffs: std::sync::Mutex<std::collections::BTreeMap<String, CloneBackoff>>,
     clone_duration: Histogram,
     hold_time: Histogram,
     webhooks: [Histogram; 3],
@@ -132,6 +169,12 @@ impl Default for Metrics {
         Self {
             calls_ended: Default::default(),
             clone_jobs: Default::default(),
+            clone_failures: Default::default(),
+            clone_running: AtomicU64::new(0),
+            clone_takeovers: AtomicU64::new(0),
+            clone_leases_lost: AtomicU64::new(0),
+            voices_deleted: Default::default(),
+            backoffs: std::sync::Mutex::default(),
             clone_duration: Histogram::new(CLONE_BUCKETS),
             hold_time: Histogram::new(HOLD_BUCKETS),
             webhooks: [
@@ -176,10 +219,69 @@ impl Metrics {
         }
     }
 
-    /// Counts a finished clone job and its duration.
-    pub fn clone_finished(&self, ok: bool, took: Duration) {
-        self.clone_jobs[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+    /// Counts a finished clone job and its duration; `failed` tells whether (and how) it
+    /// failed.
+    pub fn clone_finished(&self, failed: Option<bool>, took: Duration) {
+        self.clone_jobs[usize::from(failed.is_some())].fetch_add(1, Ordering::Relaxed);
+        if let Some(permanent) = failed {
+            self.clone_failures[usize::from(permanent)].fetch_add(1, Ordering::Relaxed);
+        }
         self.clone_duration.observe(took);
+    }
+
+    /// A clone job started running on this node (`false`: it stopped).
+    pub fn clone_running(&self, started: bool) {
+        if started {
+            self.clone_running.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let _ = self
+                .clone_running
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
+        }
+    }
+
+    /// Clone jobs running on this node now.
+    pub fn clones_running(&self) -> u64 {
+        self.clone_running.load(Ordering::Relaxed)
+    }
+
+    /// This node took over a job whose node's lease lapsed.
+    pub fn clone_taken_over(&self) {
+        self.clone_takeovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// This node lost the lease of a job it ran (another node took it over).
+    pub fn clone_lease_lost(&self) {
+        self.clone_leases_lost.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// This node deleted a voice at the provider.
+    pub fn voice_deleted(&self, why: VoiceDeletion) {
+        let i = DELETIONS.iter().position(|(w, _)| *w == why).unwrap_or(0);
+        self.voices_deleted[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn lock_backoffs(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, CloneBackoff>> {
+        // Each change is one insert or remove: a poisoned map is still consistent.
+        self.backoffs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A profile's clone failed and backs off (`None`: it completed, the backoff is over).
+    pub fn clone_backoff(&self, profile: &str, backoff: Option<CloneBackoff>) {
+        let mut map = self.lock_backoffs();
+        match backoff {
+            Some(b) => map.insert(profile.to_owned(), b),
+            None => map.remove(profile),
+        };
+    }
+
+    /// The profiles backing off at `now`, by profile id (expired ones are dropped).
+    pub fn clone_backoffs(&self, now: precall_api::Timestamp) -> Vec<(String, CloneBackoff)> {
+        let mut map = self.lock_backoffs();
+        map.retain(|_, b| b.retry_at > now);
+        map.iter().map(|(p, b)| (p.clone(), b.clone())).collect()
     }
 
     /// Records how long a webhook took to answer.
@@ -218,6 +320,52 @@ impl Metrics {
             let n = self.clone_jobs[i].load(Ordering::Relaxed);
             let _ = writeln!(out, "precall_clone_jobs_total{{result=\"{result}\"}} {n}");
         }
+        out.push_str("# HELP precall_clone_failures_total Failed clone jobs this node ran, by kind (permanent: bad key, quota, full voice library, rejected samples; they back off for CLONE_RETRY_PERMANENT_MS).\n");
+        out.push_str("# TYPE precall_clone_failures_total counter\n");
+        for (i, kind) in ["transient", "permanent"].iter().enumerate() {
+            let n = self.clone_failures[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "precall_clone_failures_total{{kind=\"{kind}\"}} {n}");
+        }
+        let counters = [
+            (
+                "precall_clone_jobs_running",
+                "gauge",
+                "Clone jobs running on this node now (each under a lease it renews).",
+                &self.clone_running,
+            ),
+            (
+                "precall_clone_takeovers_total",
+                "counter",
+                "Clone jobs this node took over after their node's lease lapsed (it died or stopped).",
+                &self.clone_takeovers,
+            ),
+            (
+                "precall_clone_leases_lost_total",
+                "counter",
+                "Clone jobs this node stopped because another node took them over (its lease lapsed: the database was away too long).",
+                &self.clone_leases_lost,
+            ),
+        ];
+        for (name, kind, help, n) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", n.load(Ordering::Relaxed));
+        }
+        out.push_str("# HELP precall_voices_deleted_total Voices this node deleted at the provider, by why.\n");
+        out.push_str("# TYPE precall_voices_deleted_total counter\n");
+        for ((_, why), n) in DELETIONS.iter().zip(&self.voices_deleted) {
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "precall_voices_deleted_total{{why=\"{why}\"}} {n}");
+        }
+        out.push_str("# HELP precall_clone_backoff Profiles whose last clone failed and whose new calls get the error message until the backoff ends (1), by kind; the reason is in /health.\n");
+        out.push_str("# TYPE precall_clone_backoff gauge\n");
+        for (profile, b) in self.clone_backoffs(precall_api::Timestamp::now()) {
+            let kind = if b.permanent { "permanent" } else { "transient" };
+            let _ = writeln!(
+                out,
+                "precall_clone_backoff{{profile=\"{}\",kind=\"{kind}\"}} 1",
+                label_value(&profile)
+            );
+        }
         out.push_str("# HELP precall_twilio_pushes_total Live-call pushes to Twilio's REST API (poll hold mode), by result.\n");
         out.push_str("# TYPE precall_twilio_pushes_total counter\n");
         for (i, result) in PUSH_RESULTS.iter().enumerate() {
@@ -252,6 +400,11 @@ impl Metrics {
     }
 }
 
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,5 +422,33 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_sum 12.5\n"), "{out}");
         assert!(out.contains("x_count 3\n"), "{out}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(label_value("x\ny"), "x\\ny");
+    }
+
+    #[test]
+    fn backoffs_expire_and_clear() {
+        let m = Metrics::default();
+        let b = |until, permanent| CloneBackoff {
+            reason: "r".into(),
+            permanent,
+            retry_at: precall_api::Timestamp(until),
+        };
+        m.clone_backoff("a", Some(b(100, true)));
+        m.clone_backoff("b", Some(b(200, false)));
+        let names = |now| {
+            m.clone_backoffs(precall_api::Timestamp(now))
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(99), ["a", "b"]);
+        assert_eq!(names(100), ["b"], "a backoff ends at its retry_at");
+        m.clone_backoff("b", None);
+        assert!(names(0).is_empty(), "a completed clone clears it");
     }
 }

@@ -11,12 +11,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use precall_api::JobId;
 use precall_api::{ControlError, ControlPort, ControlReply, ControlRequest, ReplyFn, Timestamp};
-use precall_clone::{AnyProvider, CloneProvider};
-use precall_controller::{CallController, CloneRequest, ControllerError, Store};
+use precall_clone::{AnyProvider, CloneError, CloneProvider};
+use precall_controller::{
+    CallController, CloneJob, CloneRequest, ControllerError, JobFailure, JobOutcome, Store,
+};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::metrics::Metrics;
+use crate::metrics::{CloneBackoff, Metrics, VoiceDeletion};
 use crate::push::{LivePush, PushTarget};
 
 /// Requests waiting for the side runtime at most; past this, submitters get `Overloaded`.
@@ -81,6 +84,36 @@ pub struct Service<S> {
     /// Tells the engine's shards that these calls' clone job finished (set once the engine
     /// runs; see [`Recheck`]).
     pub recheck: Arc<Recheck>,
+    /// Delete a voice at the provider once new samples (or a removed profile) left it unused
+    /// and no call is on it (`CLONE_DELETE_REPLACED`).
+    pub delete_replaced: bool,
+    /// The clone jobs this node runs now.
+    pub running: RunningJobs,
+}
+
+/// The clone jobs this node runs now: one run per job on a node, and the list handed back at
+/// shutdown.
+#[derive(Debug, Default)]
+pub struct RunningJobs(std::sync::Mutex<std::collections::HashSet<JobId>>);
+
+impl RunningJobs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<JobId>> {
+        // Each change is one insert or remove: a poisoned set is still consistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `job` running here; `false` when it already is.
+    fn start(&self, job: JobId) -> bool {
+        self.lock().insert(job)
+    }
+
+    fn stop(&self, job: JobId) {
+        self.lock().remove(&job);
+    }
+
+    fn all(&self) -> Vec<JobId> {
+        self.lock().iter().copied().collect()
+    }
 }
 
 /// The way from a finished clone job to the shards holding its calls, set after the engine
@@ -189,7 +222,7 @@ impl SideRuntime {
     }
 
     /// Stops serving: requests still queued are answered `Stopped`; clone jobs in flight are
-    /// abandoned (their records stay `processing` until `CLONE_JOB_TIMEOUT_MS` passes).
+    /// handed back (their leases lapse at once, so another node's sweep takes them over).
     pub fn shutdown(mut self) {
         self.stop_now();
     }
@@ -218,6 +251,7 @@ async fn serve<S: Store>(
     mut stop: oneshot::Receiver<()>,
     request_timeout: Duration,
 ) {
+    let sweeper = tokio::spawn(sweep(Arc::clone(&service)));
     loop {
         let env = tokio::select! {
             _ = &mut stop => break,
@@ -231,9 +265,88 @@ async fn serve<S: Store>(
             (env.reply)(reply);
         });
     }
+    sweeper.abort();
     rx.close();
     while let Ok(env) = rx.try_recv() {
         (env.reply)(stopped_reply(&env.request));
+    }
+    hand_back(&service).await;
+}
+
+/// Longest the hand-back of running clone jobs may hold up a stop.
+const HAND_BACK_DEADLINE: Duration = Duration::from_secs(2);
+
+/// At shutdown: the leases of the jobs this node runs lapse now, so that another node (or this
+/// one, restarted) takes them over at its next sweep instead of a lease period later.
+async fn hand_back<S: Store>(service: &Arc<Service<S>>) {
+    let jobs = service.running.all();
+    if jobs.is_empty() {
+        return;
+    }
+    let release = async {
+        for job in &jobs {
+            match service.controller.release_lease(*job).await {
+                Ok(true) => tracing::info!(job = %job, "clone job handed back for another node"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(job = %job, error = %e, "cannot hand the clone job back; another node takes it over once its lease lapses")
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(HAND_BACK_DEADLINE, release).await.is_err() {
+        tracing::warn!(
+            jobs = jobs.len(),
+            "handing clone jobs back timed out; their leases lapse by themselves"
+        );
+    }
+}
+
+/// How many lapsed jobs one sweep takes over at most.
+const TAKE_OVER_BATCH: usize = 8;
+/// How often unused voices are looked for (`CLONE_DELETE_REPLACED`).
+const VOICE_SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How many unused voices one sweep deletes at most.
+const VOICE_SWEEP_BATCH: usize = 8;
+
+/// Every few hundred milliseconds: takes over clone jobs whose lease lapsed (their node died
+/// or stopped), so the calls waiting on them get their voice within seconds; every
+/// [`VOICE_SWEEP_EVERY`], deletes voices new samples left unused (when allowed).
+async fn sweep<S: Store>(service: Arc<Service<S>>) {
+    let every = (service.controller.config().clone_lease / 4)
+        .clamp(Duration::from_millis(100), Duration::from_secs(2));
+    let mut voices_swept: Option<std::time::Instant> = None;
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(every).await;
+        match service.controller.take_over_lapsed(Timestamp::now(), TAKE_OVER_BATCH).await {
+            Ok(jobs) => {
+                failing = false;
+                for job in jobs {
+                    tracing::info!(job = %job.job_id, profile = %job.profile.id, "clone job taken over: its node's lease lapsed");
+                    service.metrics.clone_taken_over();
+                    start_clone(Arc::clone(&service), job);
+                }
+            }
+            // The store is away: /health says so; one line, not one per sweep.
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "cannot sweep for lapsed clone jobs; retrying");
+            }
+            Err(_) => {}
+        }
+        if service.delete_replaced && voices_swept.is_none_or(|t| t.elapsed() >= VOICE_SWEEP_EVERY)
+        {
+            voices_swept = Some(std::time::Instant::now());
+            match service.controller.store().unused_voices(VOICE_SWEEP_BATCH).await {
+                Ok(jobs) => {
+                    for job in &jobs {
+                        delete_voice(&service, job, VoiceDeletion::Replaced).await;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot look for unused voices"),
+            }
+        }
     }
 }
 
@@ -323,36 +436,174 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
     }
 }
 
-/// Runs a clone job at the provider and records its result.
+/// Runs a clone job at the provider and records its result, unless this node runs it already.
 fn start_clone<S: Store>(service: Arc<Service<S>>, job: CloneRequest) {
+    if !service.running.start(job.job_id) {
+        return;
+    }
+    service.metrics.clone_running(true);
     tokio::spawn(async move {
-        let started = std::time::Instant::now();
-        tracing::info!(job = %job.job_id, profile = %job.profile.id, provider = service.provider.name(), "clone job started");
-        let outcome = service.provider.clone_voice(&job).await.map_err(|e| e.to_string());
-        service.metrics.clone_finished(outcome.is_ok(), started.elapsed());
-        match &outcome {
-            Ok(voice) => tracing::info!(job = %job.job_id, voice = %voice, "clone job completed"),
-            Err(e) => tracing::warn!(job = %job.job_id, error = %e, "clone job failed"),
+        run_clone(&service, &job).await;
+        service.running.stop(job.job_id);
+        service.metrics.clone_running(false);
+    });
+}
+
+/// One run of a clone job: the provider's work under the job's deadline, with the lease
+/// renewed meanwhile; stops (records nothing) when the lease is lost to another node.
+async fn run_clone<S: Store>(service: &Arc<Service<S>>, job: &CloneRequest) {
+    let cfg = service.controller.config();
+    let started = std::time::Instant::now();
+    tracing::info!(job = %job.job_id, profile = %job.profile.id, attempt = job.attempt, provider = service.provider.name(), "clone job started");
+    let deadline = cfg.clone_job_timeout;
+    let work = tokio::time::timeout(deadline, clone_with_room(service, job));
+    let outcome: JobOutcome = tokio::select! {
+        done = work => match done {
+            Ok(Ok(voice)) => Ok(voice),
+            Ok(Err(e)) => Err(JobFailure { reason: e.to_string(), permanent: e.is_permanent() }),
+            Err(_) => Err(JobFailure::transient(format!(
+                "the clone job's deadline passed (CLONE_JOB_TIMEOUT_MS={})",
+                deadline.as_millis()
+            ))),
+        },
+        () = hold_lease(service, job.job_id) => {
+            tracing::warn!(job = %job.job_id, "clone job lease lost: another node took the job over; this node stops working on it");
+            service.metrics.clone_lease_lost();
+            return;
         }
-        // The result must not be lost to a passing store error: retry a few times.
-        let mut delay = Duration::from_millis(200);
-        for attempt in 1..=5 {
-            match service.controller.clone_finished(job.job_id, &outcome, Timestamp::now()).await {
-                Ok(_) => {
-                    push_waiting(&service, job.job_id).await;
-                    return;
+    };
+    service.metrics.clone_finished(outcome.as_ref().err().map(|f| f.permanent), started.elapsed());
+    match &outcome {
+        Ok(voice) => tracing::info!(job = %job.job_id, voice = %voice, "clone job completed"),
+        Err(f) => {
+            tracing::warn!(job = %job.job_id, error = %f.reason, permanent = f.permanent, "clone job failed")
+        }
+    }
+    let Some(stored) = record_clone(service, job.job_id, &outcome).await else { return };
+    let profile = job.profile.id.as_str();
+    match (&stored.status, &stored.retry_at) {
+        (precall_api::CloneStatus::Failed, Some(retry_at)) => service.metrics.clone_backoff(
+            profile,
+            Some(CloneBackoff {
+                reason: stored.error.clone().unwrap_or_default(),
+                permanent: stored.permanent,
+                retry_at: *retry_at,
+            }),
+        ),
+        (precall_api::CloneStatus::Completed, _) => service.metrics.clone_backoff(profile, None),
+        _ => {}
+    }
+    // Another run of this job (a node that lost its lease, or took it over) was recorded
+    // first: its voice serves, this one is a spare taking a slot.
+    if let Ok(voice) = &outcome {
+        if stored.voice_id.as_ref() != Some(voice) {
+            let spare = CloneJob { voice_id: Some(voice.clone()), ..stored.clone() };
+            tracing::info!(job = %job.job_id, voice = %voice, "another run of the job was recorded first; deleting this run's voice");
+            delete_voice(service, &spare, VoiceDeletion::Duplicate).await;
+        }
+    }
+    push_waiting(service, job.job_id).await;
+}
+
+/// Records a clone result; retried until stored (a database outage must not lose it), or
+/// until the node stops (then the lease lapses and another node runs the job again).
+async fn record_clone<S: Store>(
+    service: &Arc<Service<S>>,
+    job: JobId,
+    outcome: &JobOutcome,
+) -> Option<CloneJob> {
+    let mut delay = Duration::from_millis(200);
+    for attempt in 1u32.. {
+        match service.controller.clone_finished(job, outcome, Timestamp::now()).await {
+            Ok(stored) => return Some(stored),
+            Err(precall_controller::ControllerError::Store(e))
+                if matches!(e, precall_controller::StoreError::Unavailable(_)) =>
+            {
+                if attempt == 1 {
+                    tracing::warn!(job = %job, error = %e, "recording the clone result failed: the store is away; retrying until it is back");
                 }
-                Err(e) if attempt < 5 => {
-                    tracing::warn!(job = %job.job_id, error = %e, attempt, "recording the clone result failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-                Err(e) => {
-                    tracing::error!(job = %job.job_id, error = %e, "could not record the clone result")
-                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(job = %job, error = %e, "could not record the clone result");
+                return None;
             }
         }
-    });
+    }
+    None
+}
+
+/// Renews this node's lease on `job` every third of its length; returns only when the lease
+/// is lost (another node holds it, or the job finished elsewhere). A store that is away does
+/// not lose it: no other node can take the job over through that store either.
+async fn hold_lease<S: Store>(service: &Arc<Service<S>>, job: JobId) {
+    let every = service.controller.config().clone_lease / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match service.controller.renew_lease(job, Timestamp::now()).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(job = %job, error = %e, "cannot renew the clone job's lease; retrying")
+            }
+        }
+    }
+}
+
+/// The provider's clone; when the voice library is full, frees the oldest voice precall made
+/// that nothing uses and tries once more.
+async fn clone_with_room<S: Store>(
+    service: &Arc<Service<S>>,
+    job: &CloneRequest,
+) -> Result<precall_api::VoiceId, CloneError> {
+    match service.provider.clone_voice(job).await {
+        Err(full @ CloneError::VoiceLimitReached { .. }) => {
+            let unused = match service.controller.store().unused_voices(1).await {
+                Ok(unused) => unused,
+                Err(e) => {
+                    tracing::warn!(job = %job.job_id, error = %e, "voice library full, and the store cannot say which voice is unused");
+                    return Err(full);
+                }
+            };
+            let Some(oldest) = unused.first() else {
+                tracing::warn!(job = %job.job_id, "voice library full and no voice of precall's is unused: delete voices at the provider or raise the plan's limit");
+                return Err(full);
+            };
+            if !delete_voice(service, oldest, VoiceDeletion::Slot).await {
+                return Err(full);
+            }
+            service.provider.clone_voice(job).await
+        }
+        other => other,
+    }
+}
+
+/// Deletes a job's voice at the provider and records it; `true` when it is gone.
+async fn delete_voice<S: Store>(
+    service: &Arc<Service<S>>,
+    job: &CloneJob,
+    why: VoiceDeletion,
+) -> bool {
+    let Some(voice) = &job.voice_id else { return false };
+    match service.provider.delete_voice(voice).await {
+        Ok(()) => {
+            tracing::info!(job = %job.id, profile = %job.profile_id, voice = %voice, why = ?why, "voice deleted at the provider");
+            service.metrics.voice_deleted(why);
+            if why != VoiceDeletion::Duplicate {
+                if let Err(e) =
+                    service.controller.store().voice_deleted(job.id, Timestamp::now()).await
+                {
+                    tracing::warn!(job = %job.id, error = %e, "voice deleted but not recorded; the next sweep deletes it again (a voice already gone is no error)");
+                }
+            }
+            true
+        }
+        Err(e) => {
+            tracing::warn!(job = %job.id, voice = %voice, error = %e, "cannot delete the voice at the provider");
+            false
+        }
+    }
 }
 
 /// Tells everyone holding a call on `job` that it finished: the engine's shards (SIP calls,

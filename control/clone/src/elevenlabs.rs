@@ -16,9 +16,9 @@ use reqwest::multipart::{Form, Part};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::CloneProvider;
 use crate::error::CloneError;
 use crate::sample::{Sample, fetch_sample, loggable_url};
+use crate::{CloneProvider, VoiceState};
 
 /// The public API.
 pub const DEFAULT_API_BASE: &str = "https://api.elevenlabs.io";
@@ -99,6 +99,8 @@ impl std::fmt::Debug for ElevenLabsConfig {
 pub struct ElevenLabsProvider {
     client: reqwest::Client,
     add_voice_url: reqwest::Url,
+    /// `{api_base}/v1/voices`, for one voice's URL (`DELETE`, `GET`).
+    voices_url: reqwest::Url,
     api_key: HeaderValue,
     max_attempts: u32,
     backoff_base: Duration,
@@ -126,6 +128,8 @@ impl ElevenLabsProvider {
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https"))
             .ok_or(CloneError::InvalidConfig { reason: "api_base is not an http(s) URL" })?;
+        let voices_url = reqwest::Url::parse(&format!("{base}/v1/voices"))
+            .map_err(|_| CloneError::InvalidConfig { reason: "api_base is not an http(s) URL" })?;
         // No redirects: the API key goes with every request, and must never reach another host.
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -137,6 +141,7 @@ impl ElevenLabsProvider {
         Ok(Self {
             client,
             add_voice_url,
+            voices_url,
             api_key,
             max_attempts: config.max_attempts,
             backoff_base: config.backoff_base,
@@ -210,7 +215,83 @@ impl ElevenLabsProvider {
     }
 }
 
+impl ElevenLabsProvider {
+    /// `{api_base}/v1/voices/{voice_id}`, the id percent-encoded as one path segment.
+    fn voice_url(&self, voice: &VoiceId) -> reqwest::Url {
+        let mut url = self.voices_url.clone();
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments.push(voice.as_str());
+        }
+        url
+    }
+
+    /// One request about one voice: its status and body (capped).
+    async fn voice_request(
+        &self,
+        method: reqwest::Method,
+        voice: &VoiceId,
+    ) -> Result<(u16, Vec<u8>), CloneError> {
+        let resp = self
+            .client
+            .request(method, self.voice_url(voice))
+            .header("xi-api-key", self.api_key.clone())
+            .send()
+            .await
+            .map_err(request_error)?;
+        let status = resp.status().as_u16();
+        let body = read_capped(resp, BODY_MAX_BYTES).await.map_err(request_error)?;
+        Ok((status, body))
+    }
+}
+
+/// Whether an answer about one voice says it does not exist (`404`, or `400` with
+/// `detail.status = "voice_not_found"`).
+fn voice_gone(status: u16, body: &[u8]) -> bool {
+    status == 404 || (status == 400 && error_status(body).as_deref() == Some("voice_not_found"))
+}
+
+/// The failure an unexpected answer about one voice stands for.
+fn voice_error(status: u16, body: &[u8]) -> CloneError {
+    match classify(status, body) {
+        Err(e) => e,
+        // A 2xx is never unexpected; classify answers Ok only for one.
+        Ok(_) => CloneError::UnexpectedStatus { status, detail: error_detail(body) },
+    }
+}
+
 impl CloneProvider for ElevenLabsProvider {
+    async fn delete_voice(&self, voice: &VoiceId) -> Result<(), CloneError> {
+        let (status, body) = self.voice_request(reqwest::Method::DELETE, voice).await?;
+        if (200..300).contains(&status) || voice_gone(status, &body) {
+            tracing::info!(voice = %voice, status, "elevenlabs voice deleted");
+            return Ok(());
+        }
+        Err(voice_error(status, &body))
+    }
+
+    async fn check_voice(&self, voice: &VoiceId) -> Result<VoiceState, CloneError> {
+        let (status, body) = self.voice_request(reqwest::Method::GET, voice).await?;
+        if voice_gone(status, &body) {
+            return Ok(VoiceState::Gone);
+        }
+        if !(200..300).contains(&status) {
+            return Err(voice_error(status, &body));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(|e| CloneError::BadResponse {
+            reason: format!("not the expected JSON: {e}"),
+        })?;
+        let unverified = v
+            .get("voice_verification")
+            .and_then(|vv| vv.get("requires_verification"))
+            .and_then(Value::as_bool)
+            == Some(true);
+        let blocked = v
+            .get("safety_control")
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.eq_ignore_ascii_case("NONE"));
+        Ok(if unverified || blocked { VoiceState::Unusable } else { VoiceState::Usable })
+    }
+
     async fn clone_voice(&self, req: &CloneRequest) -> Result<VoiceId, CloneError> {
         let samples = self.fetch_samples(req).await?;
         let total_bytes: usize = samples.iter().map(|s| s.bytes.len()).sum();
@@ -292,7 +373,13 @@ fn retry_delay(
 fn classify(status: u16, body: &[u8]) -> Result<VoiceId, CloneError> {
     match status {
         200..=299 => parse_voice(body),
+        401 if error_status(body).as_deref() == Some("quota_exceeded") => {
+            Err(CloneError::QuotaExceeded { detail: error_detail(body) })
+        }
         401 => Err(CloneError::Unauthorized),
+        400 if error_status(body).as_deref() == Some("voice_limit_reached") => {
+            Err(CloneError::VoiceLimitReached { detail: error_detail(body) })
+        }
         422 => Err(CloneError::Validation { detail: error_detail(body) }),
         429 => Err(CloneError::RateLimited),
         500..=599 => Err(CloneError::Server { status }),
@@ -320,6 +407,12 @@ fn parse_voice(body: &[u8]) -> Result<VoiceId, CloneError> {
         return Err(CloneError::RequiresVerification { voice_id });
     }
     Ok(voice_id)
+}
+
+/// The machine-readable cause of an error body: ElevenLabs' `{"detail": {"status": …}}`.
+fn error_status(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    v.get("detail")?.get("status")?.as_str().map(str::to_owned)
 }
 
 /// A short explanation from an error body: ElevenLabs' `{"detail": {"message": …}}`,
@@ -419,11 +512,25 @@ mod tests {
             Err(CloneError::BadResponse { .. })
         ));
         match classify(400, br#"{"detail":{"status":"voice_limit_reached","message":"Limit"}}"#) {
-            Err(CloneError::UnexpectedStatus { status: 400, detail }) => {
-                assert_eq!(detail, "Limit")
+            Err(e @ CloneError::VoiceLimitReached { .. }) => {
+                assert!(e.is_permanent());
+                assert!(e.to_string().ends_with(": Limit"), "{e}");
             }
             other => panic!("{other:?}"),
         }
+        match classify(401, br#"{"detail":{"status":"quota_exceeded","message":"Out"}}"#) {
+            Err(e @ CloneError::QuotaExceeded { .. }) => assert!(e.is_permanent()),
+            other => panic!("{other:?}"),
+        }
+        // Another 400 stays what it is (still permanent: the request is wrong).
+        match classify(400, br#"{"detail":{"status":"invalid_name","message":"Bad"}}"#) {
+            Err(e @ CloneError::UnexpectedStatus { status: 400, .. }) => assert!(e.is_permanent()),
+            other => panic!("{other:?}"),
+        }
+        assert!(!classify(429, b"").unwrap_err().is_permanent());
+        assert!(!classify(503, b"").unwrap_err().is_permanent());
+        assert!(classify(401, b"").unwrap_err().is_permanent());
+        assert!(classify(422, b"{}").unwrap_err().is_permanent());
     }
 
     #[test]
@@ -472,6 +579,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(p.add_voice_url.as_str(), "http://127.0.0.1:9/v1/voices/add");
+        assert_eq!(
+            p.voice_url(&VoiceId::new("ab/c d")).as_str(),
+            "http://127.0.0.1:9/v1/voices/ab%2Fc%20d"
+        );
         assert!(!format!("{p:?}").contains("secret-key"));
         assert!(!format!("{:?}", ElevenLabsConfig::new("secret-key")).contains("secret-key"));
     }

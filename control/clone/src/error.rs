@@ -20,6 +20,19 @@ pub enum CloneError {
     /// The provider rejected the API key (`401`).
     #[error("the clone provider rejected the API key (401)")]
     Unauthorized,
+    /// The account's quota is used up (`401` with `detail.status = "quota_exceeded"`).
+    #[error("the clone provider's quota is exceeded (401): {detail}")]
+    QuotaExceeded {
+        /// The provider's explanation.
+        detail: String,
+    },
+    /// The account's voice slots are full (`400` with `detail.status =
+    /// "voice_limit_reached"`): a slot must be freed (`DELETE /v1/voices/{id}`) first.
+    #[error("the clone provider's voice library is full (400 voice_limit_reached): {detail}")]
+    VoiceLimitReached {
+        /// The provider's explanation.
+        detail: String,
+    },
     /// The provider rejected the request's content (`422`), with its `detail`, truncated.
     #[error("the clone provider rejected the request (422): {detail}")]
     Validation {
@@ -81,10 +94,55 @@ impl CloneError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::RateLimited | Self::Server { .. })
     }
+
+    /// Whether the failure will recur on its own until somebody changes something (the API
+    /// key, the account's plan or voice library, the samples, the configuration): a bad key,
+    /// the quota, a full voice library, rejected samples, a voice that needs verification, an
+    /// unexpected `4xx`. Everything else (`429`, `5xx`, timeouts, connection failures, a
+    /// garbled answer) is transient: the same request may succeed later.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::NoSamples
+            | Self::Unauthorized
+            | Self::QuotaExceeded { .. }
+            | Self::VoiceLimitReached { .. }
+            | Self::Validation { .. }
+            | Self::RequiresVerification { .. }
+            | Self::InvalidConfig { .. } => true,
+            Self::UnexpectedStatus { status, .. } => {
+                (400..500).contains(status) && !matches!(status, 408 | 409 | 425 | 429)
+            }
+            Self::Sample { reason, .. } => reason.is_permanent(),
+            Self::RateLimited
+            | Self::Server { .. }
+            | Self::Timeout
+            | Self::Transport(_)
+            | Self::BadResponse { .. }
+            | Self::Simulated => false,
+        }
+    }
 }
 
 fn fmt_detail(detail: &str) -> String {
     if detail.is_empty() { String::new() } else { format!(": {detail}") }
+}
+
+impl SampleError {
+    /// Whether fetching the sample again is bound to fail the same way: a bad URL, a sample
+    /// over the limit, a missing or unreadable file, a `4xx` from its server. A `5xx`, `408`,
+    /// `429` or a failed connection may pass.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::UnsupportedScheme { .. } | Self::InvalidUrl { .. } | Self::TooLarge { .. } => {
+                true
+            }
+            Self::Io(_) => true,
+            Self::HttpStatus { status } => {
+                (400..500).contains(status) && !matches!(status, 408 | 425 | 429)
+            }
+            Self::Transport(_) => false,
+        }
+    }
 }
 
 /// Why one voice sample could not be fetched.

@@ -15,11 +15,15 @@
 //!    - retries only `429` and `5xx`, with doubling backoff (or `Retry-After` on `429`), up to
 //!      [`ElevenLabsConfig::max_attempts`] attempts; everything else is final at once;
 //!    - parses `{"voice_id": …, "requires_verification": …}`; a voice that needs verification
-//!      is a failure ([`CloneError::RequiresVerification`]).
+//!      is a failure ([`CloneError::RequiresVerification`]);
+//!    - `DELETE {api_base}/v1/voices/{voice_id}` frees a slot ([`CloneProvider::delete_voice`]:
+//!      a voice already gone is no error), `GET` the same URL says whether a voice still exists
+//!      and may speak ([`CloneProvider::check_voice`]).
 //! 2. [`SimulatedProvider`] waits its configured delay and answers a deterministic
 //!    `sim-<profile>-<job>` voice id or [`CloneError::Simulated`], for demos and tests.
 //!
-//! Errors are precise per cause ([`CloneError`], [`SampleError`]); the shell stores their
+//! Errors are precise per cause ([`CloneError`], [`SampleError`]), and say whether they are
+//! permanent ([`CloneError::is_permanent`]: the job backs off for long) or transient; the shell stores their
 //! `Display` text as the job's failure reason. Neither the API key nor sample URL query strings
 //! (which may carry signatures) appear in errors or logs.
 //!
@@ -50,15 +54,37 @@ pub trait CloneProvider: Send + Sync + 'static {
         req: &CloneRequest,
     ) -> impl Future<Output = Result<VoiceId, CloneError>> + Send;
 
+    /// Deletes a voice this node created (frees its slot in the account's voice library).
+    /// A voice already gone is no error.
+    fn delete_voice(&self, voice: &VoiceId) -> impl Future<Output = Result<(), CloneError>> + Send;
+
+    /// Whether a voice still exists and may be used.
+    fn check_voice(
+        &self,
+        voice: &VoiceId,
+    ) -> impl Future<Output = Result<VoiceState, CloneError>> + Send;
+
     /// Short provider name for logs and job records (`elevenlabs`, `simulated`).
     fn name(&self) -> &'static str;
+}
+
+/// What the provider says of a voice it made earlier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VoiceState {
+    /// It exists and may speak.
+    Usable,
+    /// It exists but may not be used (it needs verification, or the provider's safety control
+    /// holds it).
+    Unusable,
+    /// It is gone (deleted in the provider's dashboard, or by another tool).
+    Gone,
 }
 
 /// The provider the binary picked at start (static dispatch over the known providers).
 #[derive(Debug)]
 pub enum AnyProvider {
-    /// ElevenLabs Instant Voice Cloning.
-    ElevenLabs(ElevenLabsProvider),
+    /// ElevenLabs Instant Voice Cloning (boxed: its HTTP client is large).
+    ElevenLabs(Box<ElevenLabsProvider>),
     /// No provider: a fixed delay and a configured outcome.
     Simulated(SimulatedProvider),
 }
@@ -68,6 +94,20 @@ impl CloneProvider for AnyProvider {
         match self {
             Self::ElevenLabs(p) => p.clone_voice(req).await,
             Self::Simulated(p) => p.clone_voice(req).await,
+        }
+    }
+
+    async fn delete_voice(&self, voice: &VoiceId) -> Result<(), CloneError> {
+        match self {
+            Self::ElevenLabs(p) => p.delete_voice(voice).await,
+            Self::Simulated(p) => p.delete_voice(voice).await,
+        }
+    }
+
+    async fn check_voice(&self, voice: &VoiceId) -> Result<VoiceState, CloneError> {
+        match self {
+            Self::ElevenLabs(p) => p.check_voice(voice).await,
+            Self::Simulated(p) => p.check_voice(voice).await,
         }
     }
 
@@ -81,7 +121,7 @@ impl CloneProvider for AnyProvider {
 
 impl From<ElevenLabsProvider> for AnyProvider {
     fn from(p: ElevenLabsProvider) -> Self {
-        Self::ElevenLabs(p)
+        Self::ElevenLabs(Box::new(p))
     }
 }
 

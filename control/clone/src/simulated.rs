@@ -9,8 +9,8 @@ use std::time::Duration;
 use precall_api::VoiceId;
 use precall_controller::CloneRequest;
 
-use crate::CloneProvider;
 use crate::error::CloneError;
+use crate::{CloneProvider, VoiceState};
 
 /// What every simulated clone ends with (`SIMULATED_CLONE_OUTCOME`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -112,6 +112,15 @@ impl CloneProvider for SimulatedProvider {
                 Err(CloneError::Simulated)
             }
         }
+    }
+
+    async fn delete_voice(&self, voice: &VoiceId) -> Result<(), CloneError> {
+        tracing::info!(voice = %voice, "simulated voice deleted");
+        Ok(())
+    }
+
+    async fn check_voice(&self, _voice: &VoiceId) -> Result<VoiceState, CloneError> {
+        Ok(VoiceState::Usable)
     }
 
     fn name(&self) -> &'static str {

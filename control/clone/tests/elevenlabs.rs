@@ -10,6 +10,7 @@ use fake::{ADD_VOICE, Fake, Reply};
 use precall_api::{JobId, ProfileId, VoiceId};
 use precall_clone::{
     AnyProvider, CloneError, CloneProvider, ElevenLabsConfig, ElevenLabsProvider, SampleError,
+    VoiceState,
 };
 use precall_controller::{CloneRequest, VoiceProfile};
 
@@ -85,6 +86,7 @@ fn config(fake: &Fake) -> ElevenLabsConfig {
 fn request(urls: Vec<String>) -> CloneRequest {
     CloneRequest {
         job_id: JobId(42),
+        attempt: 1,
         profile: VoiceProfile {
             id: ProfileId::new("prof-1"),
             number: Some("+15550100".into()),
@@ -271,7 +273,7 @@ async fn garbage_or_voiceless_success_is_a_bad_response() {
 }
 
 #[tokio::test]
-async fn unexpected_status_is_final_with_detail() {
+async fn voice_limit_reached_is_final_and_permanent() {
     let dir = TempDir::new("400");
     let fake = Fake::start(vec![Reply::json(
         400,
@@ -279,10 +281,30 @@ async fn unexpected_status_is_final_with_detail() {
     )])
     .await;
     let err = clone_with(config(&fake), &one_sample(&dir)).await.unwrap_err();
+    assert!(err.is_permanent(), "{err:?}");
+    match err {
+        CloneError::VoiceLimitReached { detail } => {
+            assert!(detail.contains("maximum amount"), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fake.api_requests().len(), 1, "not retried");
+}
+
+#[tokio::test]
+async fn unexpected_status_is_final_with_detail() {
+    let dir = TempDir::new("403");
+    let fake = Fake::start(vec![Reply::json(
+        403,
+        r#"{"detail":{"status":"forbidden","message":"No access"}}"#,
+    )])
+    .await;
+    let err = clone_with(config(&fake), &one_sample(&dir)).await.unwrap_err();
+    assert!(err.is_permanent(), "{err:?}");
     match err {
         CloneError::UnexpectedStatus { status, detail } => {
-            assert_eq!(status, 400);
-            assert!(detail.contains("maximum amount"), "{detail}");
+            assert_eq!(status, 403);
+            assert!(detail.contains("No access"), "{detail}");
         }
         other => panic!("{other:?}"),
     }
@@ -413,4 +435,35 @@ async fn bad_sample_urls_are_sample_errors_without_api_calls() {
     assert!(matches!(err, CloneError::NoSamples), "{err:?}");
 
     assert!(fake.api_requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_full_library_frees_with_delete_and_voices_are_checked() {
+    let dir = TempDir::new("library");
+    let fake = Fake::library(1, &["old-voice"]).await;
+    let provider = AnyProvider::from(ElevenLabsProvider::new(config(&fake)).unwrap());
+    let req = one_sample(&dir);
+    let full = provider.clone_voice(&req).await.unwrap_err();
+    assert!(matches!(full, CloneError::VoiceLimitReached { .. }), "{full:?}");
+    assert_eq!(provider.check_voice(&VoiceId::new("old-voice")).await.unwrap(), VoiceState::Usable);
+
+    provider.delete_voice(&VoiceId::new("old-voice")).await.unwrap();
+    assert_eq!(fake.deletions(), ["old-voice"]);
+    let del = fake.requests().into_iter().find(|r| r.method == "DELETE").unwrap();
+    assert_eq!(del.header("xi-api-key"), Some(KEY), "deletes carry the key");
+    assert_eq!(provider.check_voice(&VoiceId::new("old-voice")).await.unwrap(), VoiceState::Gone);
+    // Deleting a voice already gone is no error (another node freed it first).
+    provider.delete_voice(&VoiceId::new("old-voice")).await.unwrap();
+
+    let voice = provider.clone_voice(&req).await.unwrap();
+    assert_eq!(fake.voices(), [voice.as_str()]);
+}
+
+#[tokio::test]
+async fn a_failed_delete_says_why() {
+    let fake = Fake::start(Vec::new()).await;
+    // No library: every voice request is answered 405; a bad key would be 401.
+    let provider = AnyProvider::from(ElevenLabsProvider::new(config(&fake)).unwrap());
+    let err = provider.delete_voice(&VoiceId::new("v")).await.unwrap_err();
+    assert!(matches!(err, CloneError::UnexpectedStatus { status: 405, .. }), "{err:?}");
 }

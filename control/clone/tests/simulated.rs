@@ -11,6 +11,7 @@ use precall_controller::{CloneRequest, VoiceProfile};
 fn request() -> CloneRequest {
     CloneRequest {
         job_id: JobId(7),
+        attempt: 1,
         profile: VoiceProfile {
             id: ProfileId::new("default"),
             number: None,

@@ -8,9 +8,10 @@ use precall_api::{
 };
 
 use crate::model::{
-    CallEvent, CallRecord, CloneJob, CloneRequest, EventKind, JobOutcome, VoiceProfile,
+    CallEvent, CallRecord, CloneJob, CloneRequest, EventKind, JobOutcome, Lease, VoiceProfile,
     normalize_number,
 };
+use crate::plan::NO_PROFILE;
 use crate::plan::Planner;
 use crate::store::{InsertCall, StatusChange, Store, StoreError};
 
@@ -29,8 +30,19 @@ pub struct ControllerConfig {
     pub poll_interval: Duration,
     /// Longest hold before the call is failed (`MAX_HOLD_MS`).
     pub max_hold: Duration,
-    /// A processing job older than this is presumed lost (`CLONE_JOB_TIMEOUT_MS`).
+    /// A clone job's deadline: its provider work is cut off after this, and a call waiting on
+    /// a run older than this fails (`CLONE_JOB_TIMEOUT_MS`).
     pub clone_job_timeout: Duration,
+    /// How long a node's lease on a job it runs lasts unless renewed (`CLONE_LEASE_MS`); a
+    /// job whose node died is taken over about this long after its last renewal.
+    pub clone_lease: Duration,
+    /// How long a transiently failed sample set waits before the next call retries it,
+    /// doubling per failed attempt up to `clone_retry_permanent` (`CLONE_RETRY_MS`).
+    pub clone_retry: Duration,
+    /// How long a permanently failed sample set waits (`CLONE_RETRY_PERMANENT_MS`).
+    pub clone_retry_permanent: Duration,
+    /// This node's name on the leases it holds (`NODE_ID`); unique per process.
+    pub node_id: String,
     /// The agent WebSocket endpoint, without `agent_id` (`AGENT_WS_URL`).
     pub agent_ws_url: String,
     /// The agent of profiles that name none (`ELEVENLABS_AGENT_ID`).
@@ -129,7 +141,11 @@ impl<S: Store> CallController<S> {
                 self.store.attach_job(&call.call_id, job.id).await?;
                 call.clone_job_id = Some(job.id);
                 let kind = if created {
-                    start_clone = Some(CloneRequest { job_id: job.id, profile: profile.clone() });
+                    start_clone = Some(CloneRequest {
+                        job_id: job.id,
+                        attempt: job.attempt,
+                        profile: profile.clone(),
+                    });
                     EventKind::CloneStarted
                 } else if job.status == CloneStatus::Completed {
                     EventKind::CloneReused
@@ -285,14 +301,71 @@ impl<S: Store> CallController<S> {
         Ok(self.event(call_id, now, kind, detail).await?)
     }
 
-    /// The provider finished a job this node started.
+    /// The provider finished a job this node ran. A failure backs off (see
+    /// [`ControllerConfig::clone_retry`]). Returns the job as stored afterwards: when another
+    /// node's result was recorded first, that one (the caller's voice, if any, is then unused).
     pub async fn clone_finished(
         &self,
         job: JobId,
         outcome: &JobOutcome,
         now: Timestamp,
     ) -> Result<CloneJob, ControllerError> {
-        Ok(self.store.finish_clone_job(job, outcome, now).await?)
+        let retry_at = match outcome {
+            Ok(_) => None,
+            Err(failure) => {
+                let attempt = self.store.get_clone_job(job).await?.map_or(1, |j| j.attempt);
+                Some(now.plus(self.backoff(attempt, failure.permanent)))
+            }
+        };
+        Ok(self.store.finish_clone_job(job, outcome, now, retry_at).await?)
+    }
+
+    /// How long a sample set whose attempt `attempt` failed waits before the next one.
+    pub fn backoff(&self, attempt: u32, permanent: bool) -> Duration {
+        let cap = self.cfg.clone_retry_permanent;
+        if permanent {
+            return cap;
+        }
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1).min(24)).unwrap_or(u32::MAX);
+        self.cfg.clone_retry.saturating_mul(factor).min(cap)
+    }
+
+    /// Renews this node's lease on a job it runs. `false`: the lease was lost (another node
+    /// took the job over, or it finished); the caller must stop working on it.
+    pub async fn renew_lease(&self, job: JobId, now: Timestamp) -> Result<bool, ControllerError> {
+        let until = now.plus(self.cfg.clone_lease);
+        Ok(self.store.renew_clone_lease(job, &self.cfg.node_id, until).await?)
+    }
+
+    /// Hands a job this node runs back (shutdown): its lease lapses at once, so the next sweep
+    /// of any node takes it over.
+    pub async fn release_lease(&self, job: JobId) -> Result<bool, ControllerError> {
+        Ok(self.store.renew_clone_lease(job, &self.cfg.node_id, Timestamp(0)).await?)
+    }
+
+    /// Takes over up to `limit` jobs whose lease lapsed (their node died or handed them back)
+    /// and answers what to run for them. A job whose profile is gone is failed at once.
+    pub async fn take_over_lapsed(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<CloneRequest>, ControllerError> {
+        let jobs = self.store.take_over_clone_jobs(now, &self.lease(now), limit).await?;
+        let mut run = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            match self.store.get_profile(&job.profile_id).await? {
+                // Only while the profile still has these samples: otherwise nobody new waits
+                // for them; the calls on the job still get the voice.
+                Some(profile) => {
+                    run.push(CloneRequest { job_id: job.id, attempt: job.attempt, profile })
+                }
+                None => {
+                    let failure = crate::model::JobFailure::permanent(NO_PROFILE);
+                    self.clone_finished(job.id, &Err(failure), now).await?;
+                }
+            }
+        }
+        Ok(run)
     }
 
     async fn profile_for(&self, recipient: &str) -> Result<Option<VoiceProfile>, StoreError> {
@@ -304,10 +377,14 @@ impl<S: Store> CallController<S> {
         profile: &VoiceProfile,
         now: Timestamp,
     ) -> Result<(CloneJob, bool), StoreError> {
-        let stale_before = Timestamp(now.0.saturating_sub(
-            u64::try_from(self.cfg.clone_job_timeout.as_millis()).unwrap_or(u64::MAX),
-        ));
-        self.store.claim_clone_job(&profile.id, &profile.samples_hash(), now, stale_before).await
+        self.store
+            .claim_clone_job(&profile.id, &profile.samples_hash(), now, &self.lease(now))
+            .await
+    }
+
+    /// A lease for this node from `now`.
+    fn lease(&self, now: Timestamp) -> Lease {
+        Lease { owner: self.cfg.node_id.clone(), until: now.plus(self.cfg.clone_lease) }
     }
 
     /// Plans the call's next step and makes its transition. When another request moved the

@@ -14,6 +14,15 @@
 //! Idempotency lives in the store's atomic operations: [`Store::insert_call`] records a call once
 //! per call id, and [`Store::claim_clone_job`] starts at most one job per voice profile and
 //! sample set, whichever node or request asks first.
+//!
+//! ## Clone jobs
+//! The node that runs a job holds a lease on it ([`Lease`], `CLONE_LEASE_MS`) and renews it
+//! while the provider works ([`CallController::renew_lease`]); a job whose lease lapses (its
+//! node died, stopped or lost the database) is taken over by the next claim or by any node's
+//! sweep ([`CallController::take_over_lapsed`]), so no job is ever orphaned and no running job
+//! is run twice. A failed job backs off ([`ControllerConfig::clone_retry`], doubling per
+//! failed attempt; [`ControllerConfig::clone_retry_permanent`] for a permanent failure): until
+//! then it serves its failure, so a broken profile is not retried by every new call.
 #![forbid(unsafe_code)]
 
 mod controller;
@@ -23,9 +32,10 @@ mod store;
 
 pub use controller::{CallController, ControllerConfig, ControllerError, InboundOutcome};
 pub use model::{
-    CallEvent, CallRecord, CloneJob, CloneRequest, EventKind, JobOutcome, VoiceProfile,
-    normalize_number,
+    CallEvent, CallRecord, CloneJob, CloneRequest, EventKind, JobFailure, JobOutcome, Lease,
+    VoiceProfile, normalize_number,
 };
 pub use store::{
-    InsertCall, MemoryStore, StatusChange, Store, StoreError, apply_status, job_serves,
+    ClaimDecision, InsertCall, MemoryStore, StatusChange, Store, StoreError, apply_finish,
+    apply_status, claim_decision,
 };

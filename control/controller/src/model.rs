@@ -95,14 +95,95 @@ pub struct CloneJob {
     pub voice_id: Option<VoiceId>,
     /// Why it failed, once failed.
     pub error: Option<String>,
-    /// When the job was started.
+    /// When the job's current run started (its creation, or the takeover of a lapsed lease).
     pub started_at: Timestamp,
     /// When it completed or failed.
     pub finished_at: Option<Timestamp>,
+    /// The node running it, while it is processing.
+    pub lease_owner: Option<String>,
+    /// Until when the running node's lease holds (it renews it while the provider works);
+    /// once it lapses, any node may take the job over. `None`: never leased (a job from before
+    /// leases), which counts as lapsed.
+    pub lease_until: Option<Timestamp>,
+    /// 1 for the first job of a sample set; one more for each job that follows a failed one
+    /// (the backoff doubles with it).
+    pub attempt: u32,
+    /// A failed job's failure will recur until somebody changes something (bad key, quota,
+    /// full voice library, rejected samples): it backs off for long.
+    pub permanent: bool,
+    /// A failed job serves its failure until then; the first call after it starts a new job.
+    pub retry_at: Option<Timestamp>,
+    /// When the job's voice was deleted at the provider (a voice replaced by new samples, or
+    /// freed for a slot).
+    pub voice_deleted_at: Option<Timestamp>,
+}
+
+impl CloneJob {
+    /// A new processing job, leased to `lease`'s node.
+    pub fn new(
+        id: JobId,
+        profile_id: ProfileId,
+        samples_hash: &str,
+        attempt: u32,
+        now: Timestamp,
+        lease: &Lease,
+    ) -> Self {
+        Self {
+            id,
+            profile_id,
+            samples_hash: samples_hash.to_owned(),
+            status: CloneStatus::Processing,
+            voice_id: None,
+            error: None,
+            started_at: now,
+            finished_at: None,
+            lease_owner: Some(lease.owner.clone()),
+            lease_until: Some(lease.until),
+            attempt,
+            permanent: false,
+            retry_at: None,
+            voice_deleted_at: None,
+        }
+    }
+
+    /// Whether its lease has lapsed at `now` (a processing job nobody runs any more).
+    pub fn lease_lapsed(&self, now: Timestamp) -> bool {
+        self.lease_until.is_none_or(|until| until <= now)
+    }
+}
+
+/// A node's hold on a job it runs: who, and until when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The node (`NODE_ID`).
+    pub owner: String,
+    /// When the lease lapses unless renewed.
+    pub until: Timestamp,
+}
+
+/// Why a clone job failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobFailure {
+    /// What the job records and the call's failure says.
+    pub reason: String,
+    /// See [`CloneJob::permanent`].
+    pub permanent: bool,
+}
+
+impl JobFailure {
+    /// A failure that may pass by itself.
+    pub fn transient(reason: impl Into<String>) -> Self {
+        Self { reason: reason.into(), permanent: false }
+    }
+
+    /// A failure that recurs until somebody changes something.
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        Self { reason: reason.into(), permanent: true }
+    }
 }
 
 /// How a clone job ended: the provider's voice, or why there is none.
-pub type JobOutcome = Result<VoiceId, String>;
+pub type JobOutcome = Result<VoiceId, JobFailure>;
 
 /// The voice (and agent) a dialed number gets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,6 +233,8 @@ impl VoiceProfile {
 pub struct CloneRequest {
     /// The job to report on with `clone_finished`.
     pub job_id: JobId,
+    /// The job's attempt ([`CloneJob::attempt`]).
+    pub attempt: u32,
     /// The profile to clone (name and samples).
     pub profile: VoiceProfile,
 }

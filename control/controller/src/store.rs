@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use precall_api::{CallId, CallStatus, CloneStatus, JobId, ProfileId, Timestamp};
 
-use crate::model::{CallEvent, CallRecord, CloneJob, JobOutcome, VoiceProfile};
+use crate::model::{CallEvent, CallRecord, CloneJob, JobOutcome, Lease, VoiceProfile};
 
 /// A store failed.
 #[derive(Debug, thiserror::Error)]
@@ -128,19 +128,39 @@ pub trait Store: Send + Sync + 'static {
         }
     }
 
-    /// Returns the job that serves `(profile, samples_hash)`, creating one if there is none.
-    ///
-    /// A serving job is a completed one, or a processing one started at or after
-    /// `stale_before` (an older processing job is presumed lost: its node died). The newest
-    /// serving job wins. The flag is `true` when this call created the job, and then only this
-    /// caller may start it at the provider.
+    /// Returns the job that serves `(profile, samples_hash)`, as [`claim_decision`] rules on
+    /// the sample set's newest job: a completed one (its voice not deleted), a processing one
+    /// whose lease holds, or a failed one still backing off serves; a processing one whose
+    /// lease lapsed is taken over (leased to `lease`, its run restarted at `now`); otherwise a
+    /// new job is created, leased to `lease`. The flag is `true` when this call created or
+    /// took over the job, and then only this caller may run it at the provider.
     fn claim_clone_job(
         &self,
         profile: &ProfileId,
         samples_hash: &str,
         now: Timestamp,
-        stale_before: Timestamp,
+        lease: &Lease,
     ) -> impl Future<Output = Result<(CloneJob, bool), StoreError>> + Send;
+
+    /// Renews (or, with an `until` in the past, hands back) the lease of a processing job
+    /// `owner` holds. `false` when it no longer holds it (another node took the job over, or
+    /// the job finished).
+    fn renew_clone_lease(
+        &self,
+        id: JobId,
+        owner: &str,
+        until: Timestamp,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Takes over up to `limit` processing jobs whose lease lapsed at `now` (their node died,
+    /// stopped, or lost the database): each is leased to `lease` and its run restarts at `now`.
+    /// Oldest first; two nodes sweeping at once never take the same job.
+    fn take_over_clone_jobs(
+        &self,
+        now: Timestamp,
+        lease: &Lease,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<CloneJob>, StoreError>> + Send;
 
     /// Reads a job.
     fn get_clone_job(
@@ -148,14 +168,31 @@ pub trait Store: Send + Sync + 'static {
         id: JobId,
     ) -> impl Future<Output = Result<Option<CloneJob>, StoreError>> + Send;
 
-    /// Completes or fails a processing job; a job that has already finished keeps its result.
+    /// Completes or fails a processing job (a failure backs off until `retry_at`); a job that
+    /// has already finished keeps its result (the first result wins, whichever node ran it).
     /// Returns the job as it is afterwards.
     fn finish_clone_job(
         &self,
         id: JobId,
         outcome: &JobOutcome,
         at: Timestamp,
+        retry_at: Option<Timestamp>,
     ) -> impl Future<Output = Result<CloneJob, StoreError>> + Send;
+
+    /// Completed jobs whose voice no profile uses any more, oldest first, at most `limit`: a
+    /// newer completed job of the same profile replaced it (or the profile is gone), its voice
+    /// is not deleted yet, and no call waiting on or connected to it remains.
+    fn unused_voices(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<CloneJob>, StoreError>> + Send;
+
+    /// Records that a job's voice was deleted at the provider.
+    fn voice_deleted(
+        &self,
+        id: JobId,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The calls still holding on `job`, with their protocol: a finished clone job tells their
     /// shards at once and pushes the Twilio ones on. Ordered by call id.
@@ -217,13 +254,69 @@ pub fn apply_status(
     true
 }
 
-/// Whether a job serves new calls for its sample set (see [`Store::claim_clone_job`]).
-pub fn job_serves(job: &CloneJob, stale_before: Timestamp) -> bool {
+/// What [`Store::claim_clone_job`] does, from the newest job of the sample set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimDecision {
+    /// The job serves the call (completed, running under a live lease, or failed and still
+    /// backing off).
+    Serve,
+    /// The job is processing but its lease lapsed: the claimant takes it over.
+    TakeOver,
+    /// A new job, with this attempt number.
+    Create {
+        /// See [`CloneJob::attempt`].
+        attempt: u32,
+    },
+}
+
+/// The rule of [`Store::claim_clone_job`], shared by both stores (PostgreSQL applies it under
+/// the sample set's advisory lock).
+pub fn claim_decision(newest: Option<&CloneJob>, now: Timestamp) -> ClaimDecision {
+    let Some(job) = newest else { return ClaimDecision::Create { attempt: 1 } };
     match job.status {
-        CloneStatus::Completed => true,
-        CloneStatus::Processing => job.started_at >= stale_before,
-        CloneStatus::Failed => false,
+        CloneStatus::Completed if job.voice_deleted_at.is_none() => ClaimDecision::Serve,
+        CloneStatus::Completed => ClaimDecision::Create { attempt: 1 },
+        CloneStatus::Processing if job.lease_lapsed(now) => ClaimDecision::TakeOver,
+        CloneStatus::Processing => ClaimDecision::Serve,
+        CloneStatus::Failed if job.retry_at.is_some_and(|t| t > now) => ClaimDecision::Serve,
+        CloneStatus::Failed => ClaimDecision::Create { attempt: job.attempt.saturating_add(1) },
     }
+}
+
+/// Applies a finished job's outcome to its record, when it is still processing; returns
+/// whether it did. The in-memory store's rule, as PostgreSQL's conditional `UPDATE`.
+pub fn apply_finish(
+    job: &mut CloneJob,
+    outcome: &JobOutcome,
+    at: Timestamp,
+    retry_at: Option<Timestamp>,
+) -> bool {
+    if job.status != CloneStatus::Processing {
+        return false;
+    }
+    match outcome {
+        Ok(voice) => {
+            job.status = CloneStatus::Completed;
+            job.voice_id = Some(voice.clone());
+        }
+        Err(failure) => {
+            job.status = CloneStatus::Failed;
+            job.error = Some(failure.reason.clone());
+            job.permanent = failure.permanent;
+            job.retry_at = retry_at;
+        }
+    }
+    job.finished_at = Some(at);
+    job.lease_owner = None;
+    job.lease_until = None;
+    true
+}
+
+/// Leases a processing job to `lease`'s node and restarts its run at `now`.
+fn take_over(job: &mut CloneJob, now: Timestamp, lease: &Lease) {
+    job.lease_owner = Some(lease.owner.clone());
+    job.lease_until = Some(lease.until);
+    job.started_at = now;
 }
 
 /// The embedded store: everything in one process's memory, gone at exit.
@@ -408,37 +501,66 @@ impl Store for MemoryStore {
         profile: &ProfileId,
         samples_hash: &str,
         now: Timestamp,
-        stale_before: Timestamp,
+        lease: &Lease,
     ) -> impl Future<Output = Result<(CloneJob, bool), StoreError>> + Send {
         let mut inner = self.lock();
-        let serving = inner
+        let newest = inner
             .jobs
             .iter()
-            .rev()
-            .find(|j| {
-                &j.profile_id == profile
-                    && j.samples_hash == samples_hash
-                    && job_serves(j, stale_before)
-            })
-            .cloned();
-        let out = match serving {
-            Some(job) => (job, false),
-            None => {
-                let job = CloneJob {
-                    id: JobId(i64::try_from(inner.jobs.len()).unwrap_or(i64::MAX - 1) + 1),
-                    profile_id: profile.clone(),
-                    samples_hash: samples_hash.to_owned(),
-                    status: CloneStatus::Processing,
-                    voice_id: None,
-                    error: None,
-                    started_at: now,
-                    finished_at: None,
-                };
+            .rposition(|j| &j.profile_id == profile && j.samples_hash == samples_hash);
+        let out = match claim_decision(newest.map(|i| &inner.jobs[i]), now) {
+            ClaimDecision::Serve => (newest.map(|i| inner.jobs[i].clone()), false),
+            ClaimDecision::TakeOver => (
+                newest.map(|i| {
+                    let job = &mut inner.jobs[i];
+                    take_over(job, now, lease);
+                    job.clone()
+                }),
+                true,
+            ),
+            ClaimDecision::Create { attempt } => {
+                let id = JobId(i64::try_from(inner.jobs.len()).unwrap_or(i64::MAX - 1) + 1);
+                let job = CloneJob::new(id, profile.clone(), samples_hash, attempt, now, lease);
                 inner.jobs.push(job.clone());
-                (job, true)
+                (Some(job), true)
             }
         };
-        ready(Ok(out))
+        let (job, run) = out;
+        ready(job.map(|j| (j, run)).ok_or_else(|| StoreError::Missing("clone job".to_owned())))
+    }
+
+    fn renew_clone_lease(
+        &self,
+        id: JobId,
+        owner: &str,
+        until: Timestamp,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let mut inner = self.lock();
+        let held = inner.jobs.iter_mut().find(|j| j.id == id).filter(|j| {
+            j.status == CloneStatus::Processing && j.lease_owner.as_deref() == Some(owner)
+        });
+        let renewed = held.map(|j| j.lease_until = Some(until)).is_some();
+        ready(Ok(renewed))
+    }
+
+    fn take_over_clone_jobs(
+        &self,
+        now: Timestamp,
+        lease: &Lease,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<CloneJob>, StoreError>> + Send {
+        let mut inner = self.lock();
+        let taken = inner
+            .jobs
+            .iter_mut()
+            .filter(|j| j.status == CloneStatus::Processing && j.lease_lapsed(now))
+            .take(limit)
+            .map(|j| {
+                take_over(j, now, lease);
+                j.clone()
+            })
+            .collect();
+        ready(Ok(taken))
     }
 
     fn get_clone_job(
@@ -453,28 +575,60 @@ impl Store for MemoryStore {
         id: JobId,
         outcome: &JobOutcome,
         at: Timestamp,
+        retry_at: Option<Timestamp>,
     ) -> impl Future<Output = Result<CloneJob, StoreError>> + Send {
         let mut inner = self.lock();
         let out = match inner.jobs.iter_mut().find(|j| j.id == id) {
             Some(job) => {
-                if job.status == CloneStatus::Processing {
-                    match outcome {
-                        Ok(voice) => {
-                            job.status = CloneStatus::Completed;
-                            job.voice_id = Some(voice.clone());
-                        }
-                        Err(reason) => {
-                            job.status = CloneStatus::Failed;
-                            job.error = Some(reason.clone());
-                        }
-                    }
-                    job.finished_at = Some(at);
-                }
+                apply_finish(job, outcome, at, retry_at);
                 Ok(job.clone())
             }
             None => Err(StoreError::Missing(format!("clone {id}"))),
         };
         ready(out)
+    }
+
+    fn unused_voices(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<CloneJob>, StoreError>> + Send {
+        let inner = self.lock();
+        let in_use: std::collections::HashSet<JobId> = inner
+            .calls
+            .values()
+            .filter(|c| !c.status.is_terminal())
+            .filter_map(|c| c.clone_job_id)
+            .collect();
+        let completed = |j: &&CloneJob| j.status == CloneStatus::Completed && j.voice_id.is_some();
+        let mut unused: Vec<CloneJob> = inner
+            .jobs
+            .iter()
+            .filter(completed)
+            .filter(|j| j.voice_deleted_at.is_none() && !in_use.contains(&j.id))
+            .filter(|j| {
+                !inner.profiles.contains_key(&j.profile_id)
+                    || inner
+                        .jobs
+                        .iter()
+                        .filter(completed)
+                        .any(|newer| newer.profile_id == j.profile_id && newer.id > j.id)
+            })
+            .cloned()
+            .collect();
+        unused.sort_by_key(|j| (j.finished_at, j.id));
+        unused.truncate(limit);
+        ready(Ok(unused))
+    }
+
+    fn voice_deleted(
+        &self,
+        id: JobId,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        if let Some(job) = self.lock().jobs.iter_mut().find(|j| j.id == id) {
+            job.voice_deleted_at.get_or_insert(at);
+        }
+        ready(Ok(()))
     }
 
     fn calls_waiting_on(

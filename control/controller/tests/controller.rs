@@ -13,8 +13,8 @@ use precall_api::{
     VoiceId,
 };
 use precall_controller::{
-    CallController, ControllerConfig, ControllerError, EventKind, InboundOutcome, MemoryStore,
-    Store, VoiceProfile,
+    CallController, ControllerConfig, ControllerError, EventKind, InboundOutcome, JobFailure,
+    MemoryStore, Store, VoiceProfile,
 };
 
 /// The in-memory store never waits, so one poll finishes every future.
@@ -35,6 +35,10 @@ fn config() -> ControllerConfig {
         poll_interval: Duration::from_millis(2_000),
         max_hold: Duration::from_millis(60_000),
         clone_job_timeout: Duration::from_millis(120_000),
+        clone_lease: Duration::from_millis(10_000),
+        clone_retry: Duration::from_millis(10_000),
+        clone_retry_permanent: Duration::from_millis(900_000),
+        node_id: "node-a".to_owned(),
         agent_ws_url: "wss://agents.test/v1/convai/conversation".into(),
         default_agent_id: "agent_default".into(),
         default_profile: ProfileId::new("default"),
@@ -87,6 +91,14 @@ enum Step {
         call: &'static str,
         ok: bool,
     },
+    /// Fail the job the named call waits on with a permanent failure.
+    CloneFailedPermanently {
+        call: &'static str,
+    },
+    /// Renew this node's lease on the job the named call waits on.
+    Renew {
+        call: &'static str,
+    },
     Check {
         call: &'static str,
     },
@@ -120,6 +132,11 @@ struct Harness {
 }
 
 impl Harness {
+    fn job_of(&self, call: &str) -> precall_api::JobId {
+        let rec = run(self.ctl.store().get_call(&CallId::new(call))).unwrap().unwrap();
+        rec.clone_job_id.expect("call attached to a job")
+    }
+
     fn step(&mut self, at_ms: u64, step: &Step) -> Expect {
         let now = Timestamp(1_000_000 + at_ms);
         match *step {
@@ -131,11 +148,23 @@ impl Harness {
                 classify(&instructions, Some(starts_job))
             }
             Step::CloneDone { call, ok } => {
-                let rec = run(self.ctl.store().get_call(&CallId::new(call))).unwrap().unwrap();
-                let job = rec.clone_job_id.expect("call attached to a job");
-                let outcome =
-                    if ok { Ok(VoiceId::new(format!("voice-{job}"))) } else { Err("bad".into()) };
+                let job = self.job_of(call);
+                let outcome = if ok {
+                    Ok(VoiceId::new(format!("voice-{job}")))
+                } else {
+                    Err(JobFailure::transient("the clone provider failed with 503"))
+                };
                 run(self.ctl.clone_finished(job, &outcome, now)).unwrap();
+                Expect::Ended
+            }
+            Step::CloneFailedPermanently { call } => {
+                let job = self.job_of(call);
+                let failure = JobFailure::permanent("the clone provider rejected the API key");
+                run(self.ctl.clone_finished(job, &Err(failure), now)).unwrap();
+                Expect::Ended
+            }
+            Step::Renew { call } => {
+                assert!(run(self.ctl.renew_lease(self.job_of(call), now)).unwrap(), "lease held");
                 Expect::Ended
             }
             Step::Check { call } => {
@@ -304,7 +333,7 @@ const CASES: &[(&str, Script)] = &[
         ],
     ),
     (
-        "a failed clone is retried by the next call",
+        "a failed clone backs off, doubling per failed attempt, then the next call retries it",
         &[
             (
                 0,
@@ -312,15 +341,44 @@ const CASES: &[(&str, Script)] = &[
                 Expect::GreetHold { starts_job: true },
             ),
             (3_000, Step::CloneDone { call: "CA1", ok: false }, Expect::Ended),
+            // clone_retry is 10 s: until 13 s the failure serves new calls.
+            (12_999, Step::Inbound { call: "CA2", to: "+15550001" }, Expect::ErrorHangup),
             (
-                10_000,
-                Step::Inbound { call: "CA2", to: "+15550001" },
+                13_000,
+                Step::Inbound { call: "CA3", to: "+15550001" },
+                Expect::GreetHold { starts_job: true },
+            ),
+            (14_000, Step::CloneDone { call: "CA3", ok: false }, Expect::Ended),
+            // Attempt 2 failed: 20 s.
+            (33_999, Step::Inbound { call: "CA4", to: "+15550001" }, Expect::ErrorHangup),
+            (
+                34_000,
+                Step::Inbound { call: "CA5", to: "+15550001" },
+                Expect::GreetHold { starts_job: true },
+            ),
+            (35_000, Step::CloneDone { call: "CA5", ok: true }, Expect::Ended),
+            (35_001, Step::Check { call: "CA5" }, Expect::Connect { greeting: false }),
+        ],
+    ),
+    (
+        "a permanent failure backs off for clone_retry_permanent",
+        &[
+            (
+                0,
+                Step::Inbound { call: "CA1", to: "+15550001" },
+                Expect::GreetHold { starts_job: true },
+            ),
+            (1_000, Step::CloneFailedPermanently { call: "CA1" }, Expect::Ended),
+            (900_999, Step::Inbound { call: "CA2", to: "+15550001" }, Expect::ErrorHangup),
+            (
+                901_000,
+                Step::Inbound { call: "CA3", to: "+15550001" },
                 Expect::GreetHold { starts_job: true },
             ),
         ],
     ),
     (
-        "a lost job (older than the clone timeout) is replaced",
+        "a job whose lease lapsed (its node died) is taken over by the next call",
         &[
             (
                 0,
@@ -328,9 +386,33 @@ const CASES: &[(&str, Script)] = &[
                 Expect::GreetHold { starts_job: true },
             ),
             (
-                120_001,
+                9_999,
                 Step::Inbound { call: "CA2", to: "+15550001" },
+                Expect::GreetHold { starts_job: false },
+            ),
+            (
+                10_000,
+                Step::Inbound { call: "CA3", to: "+15550001" },
                 Expect::GreetHold { starts_job: true },
+            ),
+            // The calls that waited on it wait on the same job, now run again.
+            (11_000, Step::CloneDone { call: "CA1", ok: true }, Expect::Ended),
+            (11_001, Step::Check { call: "CA2" }, Expect::Connect { greeting: false }),
+        ],
+    ),
+    (
+        "a renewed lease keeps the job its node's",
+        &[
+            (
+                0,
+                Step::Inbound { call: "CA1", to: "+15550001" },
+                Expect::GreetHold { starts_job: true },
+            ),
+            (6_000, Step::Renew { call: "CA1" }, Expect::Ended),
+            (
+                15_999,
+                Step::Inbound { call: "CA2", to: "+15550001" },
+                Expect::GreetHold { starts_job: false },
             ),
         ],
     ),

@@ -28,6 +28,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_live_call_push.sql",
         sql: include_str!("../../../migrations/0002_live_call_push.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_clone_leases.sql",
+        sql: include_str!("../../../migrations/0003_clone_leases.sql"),
+    },
 ];
 
 /// Arbitrary constant naming precall's migration lock.

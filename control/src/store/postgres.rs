@@ -19,8 +19,8 @@ use precall_api::{
     CallId, CallStatus, CloneStatus, JobId, ProfileId, Protocol, Timestamp, VoiceId,
 };
 use precall_controller::{
-    CallEvent, CallRecord, CloneJob, EventKind, InsertCall, JobOutcome, StatusChange, Store,
-    StoreError, VoiceProfile,
+    CallEvent, CallRecord, ClaimDecision, CloneJob, EventKind, InsertCall, JobOutcome, Lease,
+    StatusChange, Store, StoreError, VoiceProfile, claim_decision,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
@@ -109,13 +109,61 @@ impl PgStore {
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(pool_err)
     }
+
+    /// Inserts a new processing job leased to `lease`.
+    async fn create_job<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        profile: &ProfileId,
+        samples_hash: &str,
+        attempt: u32,
+        now: Timestamp,
+        lease: &Lease,
+    ) -> Result<CloneJob, StoreError> {
+        let row = client
+            .cached_query_one(
+                &format!(
+                    "INSERT INTO clone_jobs (profile_id, samples_hash, status, started_at, \
+                     lease_owner, lease_until, attempt) \
+                     VALUES ($1, $2, 'processing', $3, $4, $5, $6) RETURNING {JOB_COLUMNS}"
+                ),
+                &[
+                    &profile.as_str(),
+                    &samples_hash,
+                    &now.to_system(),
+                    &lease.owner,
+                    &lease.until.to_system(),
+                    &i32::try_from(attempt).unwrap_or(i32::MAX),
+                ],
+            )
+            .await
+            .map_err(query)?;
+        job_from_row(&row)
+    }
+
+    /// Reads a job that must exist, on `client` (inside a transaction, or not).
+    async fn job_in<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        id: JobId,
+    ) -> Result<CloneJob, StoreError> {
+        let row = client
+            .cached_query_opt(
+                &format!("SELECT {JOB_COLUMNS} FROM clone_jobs WHERE id = $1"),
+                &[&id.0],
+            )
+            .await
+            .map_err(query)?
+            .ok_or_else(|| StoreError::Missing(format!("clone {id}")))?;
+        job_from_row(&row)
+    }
 }
 
 const CALL_COLUMNS: &str = "call_id, session_id, protocol, caller_number, recipient_number, \
      profile_id, clone_job_id, status, started_at, connected_at, ended_at, failure, end_reason";
 
-const JOB_COLUMNS: &str =
-    "id, profile_id, samples_hash, status, voice_id, error, started_at, finished_at";
+const JOB_COLUMNS: &str = "id, profile_id, samples_hash, status, voice_id, error, started_at, \
+     finished_at, lease_owner, lease_until, attempt, permanent, retry_at, voice_deleted_at";
 
 const PROFILE_COLUMNS: &str =
     "id, number, name, sample_urls, agent_id, greeting_url, hold_url, first_message";
@@ -154,6 +202,12 @@ fn job_from_row(row: &Row) -> Result<CloneJob, StoreError> {
         error: row.get("error"),
         started_at: ts(row.get("started_at")),
         finished_at: row.get::<_, Option<SystemTime>>("finished_at").map(ts),
+        lease_owner: row.get("lease_owner"),
+        lease_until: row.get::<_, Option<SystemTime>>("lease_until").map(ts),
+        attempt: u32::try_from(row.get::<_, i32>("attempt")).unwrap_or(1),
+        permanent: row.get("permanent"),
+        retry_at: row.get::<_, Option<SystemTime>>("retry_at").map(ts),
+        voice_deleted_at: row.get::<_, Option<SystemTime>>("voice_deleted_at").map(ts),
     })
 }
 
@@ -449,48 +503,109 @@ impl Store for PgStore {
         profile: &ProfileId,
         samples_hash: &str,
         now: Timestamp,
-        stale_before: Timestamp,
+        lease: &Lease,
     ) -> Result<(CloneJob, bool), StoreError> {
-        let serving_sql = format!(
-            "SELECT {JOB_COLUMNS} FROM clone_jobs \
-             WHERE profile_id = $1 AND samples_hash = $2 \
-             AND (status = 'completed' OR (status = 'processing' AND started_at >= $3)) \
+        let newest_sql = format!(
+            "SELECT {JOB_COLUMNS} FROM clone_jobs WHERE profile_id = $1 AND samples_hash = $2 \
              ORDER BY id DESC LIMIT 1"
         );
-        let params: [&(dyn ToSql + Sync); 3] =
-            [&profile.as_str(), &samples_hash, &stale_before.to_system()];
+        let params: [&(dyn ToSql + Sync); 2] = [&profile.as_str(), &samples_hash];
         let mut client = self.client().await?;
         // Most calls find a serving job: read it without the lock, so that the calls of one
         // profile do not queue on the advisory lock (measured: they did, docs/PERFORMANCE.md).
-        if let Some(row) = client.cached_query_opt(&serving_sql, &params).await.map_err(query)? {
-            return Ok((job_from_row(&row)?, false));
+        let newest = client.cached_query_opt(&newest_sql, &params).await.map_err(query)?;
+        let newest = newest.as_ref().map(job_from_row).transpose()?;
+        if let (Some(job), ClaimDecision::Serve) = (&newest, claim_decision(newest.as_ref(), now)) {
+            return Ok((job.clone(), false));
         }
         let tx = client.transaction().await.map_err(query)?;
         let key = format!("{profile}/{samples_hash}");
         tx.cached_execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
             .await
             .map_err(query)?;
-        // Again under the lock: another node may have created it meanwhile.
-        let serving = tx.cached_query_opt(&serving_sql, &params).await.map_err(query)?;
-        let out = match serving {
-            Some(row) => (job_from_row(&row)?, false),
-            None => {
-                let row = tx
-                    .cached_query_one(
+        // Again under the lock: another node may have created or taken it meanwhile.
+        let newest = tx.cached_query_opt(&newest_sql, &params).await.map_err(query)?;
+        let newest = newest.as_ref().map(job_from_row).transpose()?;
+        let decision = claim_decision(newest.as_ref(), now);
+        let out = match (newest, decision) {
+            (Some(job), ClaimDecision::Serve) => (job, false),
+            (Some(job), ClaimDecision::TakeOver) => {
+                // Conditional: a sweep (not under this lock) may have taken it first.
+                let taken = tx
+                    .cached_query_opt(
                         &format!(
-                            "INSERT INTO clone_jobs (profile_id, samples_hash, status, \
-                             started_at) VALUES ($1, $2, 'processing', $3) \
+                            "UPDATE clone_jobs SET lease_owner = $2, lease_until = $3, \
+                             started_at = $4 WHERE id = $1 AND status = 'processing' \
+                             AND (lease_until IS NULL OR lease_until <= $4) \
                              RETURNING {JOB_COLUMNS}"
                         ),
-                        &[&profile.as_str(), &samples_hash, &now.to_system()],
+                        &[&job.id.0, &lease.owner, &lease.until.to_system(), &now.to_system()],
                     )
                     .await
                     .map_err(query)?;
-                (job_from_row(&row)?, true)
+                match taken {
+                    Some(row) => (job_from_row(&row)?, true),
+                    None => (self.job_in(&tx, job.id).await?, false),
+                }
             }
+            (_, ClaimDecision::Create { attempt }) => {
+                (self.create_job(&tx, profile, samples_hash, attempt, now, lease).await?, true)
+            }
+            // claim_decision answers Create when there is no job.
+            (None, _) => (self.create_job(&tx, profile, samples_hash, 1, now, lease).await?, true),
         };
         tx.commit().await.map_err(query)?;
         Ok(out)
+    }
+
+    async fn renew_clone_lease(
+        &self,
+        id: JobId,
+        owner: &str,
+        until: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .client()
+            .await?
+            .cached_execute(
+                "UPDATE clone_jobs SET lease_until = $3 \
+                 WHERE id = $1 AND status = 'processing' AND lease_owner = $2",
+                &[&id.0, &owner, &until.to_system()],
+            )
+            .await
+            .map_err(query)?;
+        Ok(n == 1)
+    }
+
+    async fn take_over_clone_jobs(
+        &self,
+        now: Timestamp,
+        lease: &Lease,
+        limit: usize,
+    ) -> Result<Vec<CloneJob>, StoreError> {
+        // SKIP LOCKED: two nodes sweeping at once split the lapsed jobs, never share one.
+        let rows = self
+            .client()
+            .await?
+            .cached_query(
+                &format!(
+                    "UPDATE clone_jobs SET lease_owner = $1, lease_until = $2, started_at = $3 \
+                     WHERE id IN (SELECT id FROM clone_jobs WHERE status = 'processing' \
+                     AND (lease_until IS NULL OR lease_until <= $3) ORDER BY id LIMIT $4 \
+                     FOR UPDATE SKIP LOCKED) RETURNING {JOB_COLUMNS}"
+                ),
+                &[
+                    &lease.owner,
+                    &lease.until.to_system(),
+                    &now.to_system(),
+                    &i64::try_from(limit).unwrap_or(i64::MAX),
+                ],
+            )
+            .await
+            .map_err(query)?;
+        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
+        jobs.sort_by_key(|j| j.id);
+        Ok(jobs)
     }
 
     async fn get_clone_job(&self, id: JobId) -> Result<Option<CloneJob>, StoreError> {
@@ -511,29 +626,69 @@ impl Store for PgStore {
         id: JobId,
         outcome: &JobOutcome,
         at: Timestamp,
+        retry_at: Option<Timestamp>,
     ) -> Result<CloneJob, StoreError> {
         let client = self.client().await?;
-        let (status, voice, error) = match outcome {
-            Ok(v) => (CloneStatus::Completed, Some(v.as_str()), None),
-            Err(e) => (CloneStatus::Failed, None, Some(e.as_str())),
+        let (status, voice, error, permanent) = match outcome {
+            Ok(v) => (CloneStatus::Completed, Some(v.as_str()), None, false),
+            Err(e) => (CloneStatus::Failed, None, Some(e.reason.as_str()), e.permanent),
         };
-        client
-            .cached_execute(
-                "UPDATE clone_jobs SET status = $2, voice_id = $3, error = $4, \
-                 finished_at = $5 WHERE id = $1 AND status = 'processing'",
-                &[&id.0, &status.as_str(), &voice, &error, &at.to_system()],
+        let retry_at = match outcome {
+            Ok(_) => None,
+            Err(_) => retry_at.map(Timestamp::to_system),
+        };
+        let updated = client
+            .cached_query_opt(
+                &format!(
+                    "UPDATE clone_jobs SET status = $2, voice_id = $3, error = $4, \
+                     finished_at = $5, permanent = $6, retry_at = $7, lease_owner = NULL, \
+                     lease_until = NULL WHERE id = $1 AND status = 'processing' \
+                     RETURNING {JOB_COLUMNS}"
+                ),
+                &[&id.0, &status.as_str(), &voice, &error, &at.to_system(), &permanent, &retry_at],
             )
             .await
             .map_err(query)?;
-        let row = client
-            .cached_query_opt(
-                &format!("SELECT {JOB_COLUMNS} FROM clone_jobs WHERE id = $1"),
-                &[&id.0],
+        match updated {
+            Some(row) => job_from_row(&row),
+            None => self.job_in(&client, id).await,
+        }
+    }
+
+    async fn unused_voices(&self, limit: usize) -> Result<Vec<CloneJob>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .cached_query(
+                &format!(
+                    "SELECT {JOB_COLUMNS} FROM clone_jobs j \
+                     WHERE j.status = 'completed' AND j.voice_id IS NOT NULL \
+                     AND j.voice_deleted_at IS NULL \
+                     AND (NOT EXISTS (SELECT 1 FROM voice_profiles p WHERE p.id = j.profile_id) \
+                          OR EXISTS (SELECT 1 FROM clone_jobs n WHERE n.profile_id = j.profile_id \
+                                     AND n.status = 'completed' AND n.id > j.id)) \
+                     AND NOT EXISTS (SELECT 1 FROM calls c WHERE c.clone_job_id = j.id \
+                                     AND c.status IN ('ringing', 'holding', 'connected')) \
+                     ORDER BY j.finished_at, j.id LIMIT $1"
+                ),
+                &[&i64::try_from(limit).unwrap_or(i64::MAX)],
             )
             .await
-            .map_err(query)?
-            .ok_or_else(|| StoreError::Missing(format!("clone {id}")))?;
-        job_from_row(&row)
+            .map_err(query)?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn voice_deleted(&self, id: JobId, at: Timestamp) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .cached_execute(
+                "UPDATE clone_jobs SET voice_deleted_at = COALESCE(voice_deleted_at, $2) \
+                 WHERE id = $1",
+                &[&id.0, &at.to_system()],
+            )
+            .await
+            .map_err(query)?;
+        Ok(())
     }
 
     async fn calls_waiting_on(&self, job: JobId) -> Result<Vec<(CallId, Protocol)>, StoreError> {

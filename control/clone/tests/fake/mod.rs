@@ -123,7 +123,22 @@ struct State {
     last_reply: Option<Reply>,
     files: HashMap<String, Served>,
     requests: Vec<Request>,
+    /// The account's voice library, when the fake keeps one ([`Fake::library`]).
+    library: Option<Library>,
 }
+
+/// A voice library with room for `limit` voices: add-voice creates `voice-<n>` while there is
+/// room and answers ElevenLabs' `400 voice_limit_reached` when full; `DELETE` and `GET
+/// /v1/voices/{id}` read and change it.
+#[derive(Default)]
+struct Library {
+    limit: usize,
+    voices: Vec<String>,
+    made: usize,
+}
+
+/// `/v1/voices/` — one voice's URL prefix.
+pub const VOICES: &str = "/v1/voices/";
 
 /// The running fake; it stops with the test's runtime.
 #[derive(Clone)]
@@ -148,6 +163,32 @@ impl Fake {
             }
         });
         Self { addr, state }
+    }
+
+    /// Listens like [`Fake::start`] with no scripted replies, keeping a voice library with
+    /// room for `limit` voices, holding `existing` already.
+    pub async fn library(limit: usize, existing: &[&str]) -> Self {
+        let fake = Self::start(Vec::new()).await;
+        fake.state.lock().unwrap().library = Some(Library {
+            limit,
+            voices: existing.iter().map(|v| (*v).to_owned()).collect(),
+            made: 0,
+        });
+        fake
+    }
+
+    /// The voices in the library now.
+    pub fn voices(&self) -> Vec<String> {
+        self.state.lock().unwrap().library.as_ref().map(|l| l.voices.clone()).unwrap_or_default()
+    }
+
+    /// The voice ids deleted with `DELETE /v1/voices/{id}`, in order (found or not).
+    pub fn deletions(&self) -> Vec<String> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == "DELETE")
+            .filter_map(|r| r.target.strip_prefix(VOICES).map(str::to_owned))
+            .collect()
     }
 
     /// `http://127.0.0.1:<port>` (no trailing slash), the `api_base` to configure.
@@ -195,7 +236,16 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<Mutex<State>>) {
         let reply = {
             let mut st = state.lock().unwrap();
             st.requests.push(request.clone());
-            if request.method == "POST" && request.target == ADD_VOICE {
+            let voice = request.target.strip_prefix(VOICES).filter(|v| *v != "add");
+            if let (Some(library), Some(voice)) = (st.library.as_mut(), voice) {
+                Answer::Reply(library.voice(&request.method, voice))
+            } else if request.method == "POST"
+                && request.target == ADD_VOICE
+                && st.replies.is_empty()
+                && st.library.is_some()
+            {
+                Answer::Reply(st.library.as_mut().map(Library::add).unwrap_or(Reply::Hang))
+            } else if request.method == "POST" && request.target == ADD_VOICE {
                 let next = st.replies.pop_front().or_else(|| st.last_reply.clone());
                 if let Some(r) = &next {
                     st.last_reply = Some(r.clone());
@@ -244,6 +294,48 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<Mutex<State>>) {
         }
         if close {
             return;
+        }
+    }
+}
+
+impl Library {
+    fn add(&mut self) -> Reply {
+        if self.voices.len() >= self.limit {
+            return Reply::json(
+                400,
+                r#"{"detail":{"status":"voice_limit_reached","message":"You have reached your maximum amount of custom voices"}}"#,
+            );
+        }
+        self.made += 1;
+        let id = format!("voice-{}", self.made);
+        self.voices.push(id.clone());
+        Reply::json(
+            200,
+            &format!(
+                r#"{{"voice_id":"{id}","requires_verification":false,"library_voice_match":null}}"#
+            ),
+        )
+    }
+
+    fn voice(&mut self, method: &str, id: &str) -> Reply {
+        let Some(at) = self.voices.iter().position(|v| v == id) else {
+            return Reply::json(
+                400,
+                r#"{"detail":{"status":"voice_not_found","message":"A voice with the voice_id was not found."}}"#,
+            );
+        };
+        match method {
+            "DELETE" => {
+                self.voices.remove(at);
+                Reply::json(200, r#"{"status":"ok"}"#)
+            }
+            "GET" => Reply::json(
+                200,
+                &format!(
+                    r#"{{"voice_id":"{id}","name":"v","category":"cloned","voice_verification":{{"requires_verification":false,"is_verified":false}},"safety_control":"NONE"}}"#
+                ),
+            ),
+            _ => Reply::text(405, "method not allowed"),
         }
     }
 }

@@ -1,0 +1,23 @@
+-- precall schema, version 3: clone job leases, backoff after failures, voice deletion.
+-- The node running a job holds a lease it renews (lease_owner, lease_until); a processing job
+-- whose lease lapsed (or that never had one: jobs from before this version) is taken over by
+-- the next claim or by any node's sweep. A failed job serves its failure until retry_at; its
+-- attempt number doubles the backoff. voice_deleted_at marks a voice deleted at the provider.
+
+ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS lease_owner TEXT;
+ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS lease_until TIMESTAMPTZ;
+ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS attempt INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS permanent BOOLEAN NOT NULL DEFAULT false;
+ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS retry_at TIMESTAMPTZ;
+ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS voice_deleted_at TIMESTAMPTZ;
+-- The sweep for lapsed leases reads only processing jobs.
+CREATE INDEX IF NOT EXISTS clone_jobs_processing ON clone_jobs (lease_until, id)
+    WHERE status = 'processing';
+-- The search for unused voices reads only completed jobs with a live voice.
+CREATE INDEX IF NOT EXISTS clone_jobs_live_voices ON clone_jobs (profile_id, id)
+    WHERE status = 'completed' AND voice_deleted_at IS NULL;
+-- Calls still on a job (waiting on it or connected to its voice): a voice with one is in use.
+-- It also serves the calls waiting on a finished job, so the narrower index of version 2 goes.
+CREATE INDEX IF NOT EXISTS calls_live_by_job ON calls (clone_job_id)
+    WHERE status IN ('ringing', 'holding', 'connected');
+DROP INDEX IF EXISTS calls_holding_by_job;
