@@ -10,6 +10,9 @@ ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS attempt INTEGER NOT NULL DEFAULT
 ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS permanent BOOLEAN NOT NULL DEFAULT false;
 ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS retry_at TIMESTAMPTZ;
 ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS voice_deleted_at TIMESTAMPTZ;
+-- A profile's current sample set (VoiceProfile::samples_hash, written at every upsert): only
+-- the newest completed job of that set speaks for the profile; older voices are unused.
+ALTER TABLE voice_profiles ADD COLUMN IF NOT EXISTS samples_hash TEXT;
 -- The sweep for lapsed leases reads only processing jobs.
 CREATE INDEX IF NOT EXISTS clone_jobs_processing ON clone_jobs (lease_until, id)
     WHERE status = 'processing';

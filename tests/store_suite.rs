@@ -329,15 +329,20 @@ async fn leases_lapse_and_are_taken_over_once<S: Store>(s: &S) {
 }
 
 async fn unused_voices_are_the_replaced_ones<S: Store>(s: &S) {
-    s.upsert_profile(&profile("voices", None)).await.unwrap();
+    let old = profile("voices", None);
+    let new = VoiceProfile { sample_urls: vec!["https://s/new.mp3".into()], ..old.clone() };
+    let (ha, hb) = (old.samples_hash(), new.samples_hash());
+    s.upsert_profile(&old).await.unwrap();
     let pv: ProfileId = "voices".into();
     let unused = || async { of(s.unused_voices(1_000).await.unwrap(), "voices") };
-    let (a, _) = s.claim_clone_job(&pv, "ha", Timestamp(1_000), &lease("A", 9_000)).await.unwrap();
+    let (a, _) = s.claim_clone_job(&pv, &ha, Timestamp(1_000), &lease("A", 9_000)).await.unwrap();
     s.finish_clone_job(a.id, &Ok(VoiceId::new("va")), Timestamp(2_000), None).await.unwrap();
-    assert!(unused().await.is_empty(), "the profile's newest voice is in use");
+    assert!(unused().await.is_empty(), "the voice of the profile's samples is in use");
 
-    // New samples: job b, with a call waiting on it.
-    let (b, _) = s.claim_clone_job(&pv, "hb", Timestamp(3_000), &lease("A", 9_000)).await.unwrap();
+    // New samples: job b. Until it completes, voice a is still the profile's newest, but it
+    // speaks for samples the profile no longer has: unused unless a call is on it.
+    s.upsert_profile(&new).await.unwrap();
+    let (b, _) = s.claim_clone_job(&pv, &hb, Timestamp(3_000), &lease("A", 9_000)).await.unwrap();
     // A call still connected to voice a.
     s.insert_call(&record("CA-on-va", 1_000)).await.unwrap();
     s.attach_job(&"CA-on-va".into(), a.id).await.unwrap();
@@ -359,9 +364,10 @@ async fn unused_voices_are_the_replaced_ones<S: Store>(s: &S) {
         s.get_clone_job(a.id).await.unwrap().unwrap().voice_deleted_at,
         Some(Timestamp(6_000))
     );
+    assert!(unused().await.is_empty(), "voice b speaks for the profile's samples");
     // The old samples again: their voice is gone, so they are cloned anew.
     let (again, created) =
-        s.claim_clone_job(&pv, "ha", Timestamp(7_000), &lease("A", 17_000)).await.unwrap();
+        s.claim_clone_job(&pv, &ha, Timestamp(7_000), &lease("A", 17_000)).await.unwrap();
     assert!(created && again.id != a.id && again.attempt == 1);
 
     // A profile that no longer exists uses no voice.

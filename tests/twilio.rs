@@ -526,3 +526,293 @@ fn a_database_outage_past_the_hold_limit_ends_the_hold() {
     assert_xml(&a);
     assert!(a.body.contains("<Say>") && a.body.contains("<Hangup />"), "{}", a.body);
 }
+
+// ---- Clone jobs: leases, takeover, failures and voice slots (issue 13, points 2 and 4) ----
+
+#[path = "../control/clone/tests/fake/mod.rs"]
+mod fake_elevenlabs;
+
+use fake_elevenlabs::{Fake, Reply};
+
+/// The lease columns of the one clone job in `pg`: (owner, lease_until − started_at in ms).
+fn lease_of_the_job(rt: &tokio::runtime::Runtime, url: &str) -> Option<(String, i64)> {
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.ok()?;
+        tokio::spawn(conn);
+        let row = client
+            .query_opt(
+                "SELECT lease_owner, (EXTRACT(EPOCH FROM lease_until - started_at) * 1000)::bigint \
+                 FROM clone_jobs WHERE status = 'processing' ORDER BY id LIMIT 1",
+                &[],
+            )
+            .await
+            .ok()??;
+        Some((row.get::<_, Option<String>>(0)?, row.get::<_, Option<i64>>(1)?))
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+}
+
+#[test]
+fn a_node_killed_mid_clone_hands_its_job_to_another_node() {
+    let pg = PgServer::start();
+    let url = pg.url();
+    let shared = [("DATABASE_URL", url.as_str()), ("CLONE_LEASE_MS", "1000")];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut env = shared.to_vec();
+        env.extend_from_slice(extra);
+        env
+    };
+    // Node A clones slowly (it will die mid-clone); node B quickly.
+    let a = node(&with(&[("SIMULATED_CLONE_DELAY_MS", "600000"), ("NODE_ID", "node-a")]));
+    let b = node(&with(&[("SIMULATED_CLONE_DELAY_MS", "200"), ("NODE_ID", "node-b")]));
+    assert_hold(&a.voice(SID), &a.base, SID, true);
+
+    // While A lives it renews its lease (by then its first lease has long lapsed) and B,
+    // sweeping every 250 ms, never runs the job: a slow clone is not run twice.
+    let rt = runtime();
+    wait_for("node A to renew its lease a few times", Duration::from_secs(20), || {
+        lease_of_the_job(&rt, &url).filter(|(_, ms)| *ms > 3_000)
+    });
+    assert_eq!(lease_of_the_job(&rt, &url).map(|(owner, _)| owner).as_deref(), Some("node-a"));
+    assert_eq!(b.p.metric_line("precall_clone_takeovers_total"), Some(0));
+    assert_hold(&b.poll(SID), &b.base, SID, false);
+
+    // A crashes: B takes the job over within about a lease and the caller (whose polls now
+    // reach B, as Kamailio or a load balancer would send them) connects to the voice.
+    let status = a.p.kill();
+    assert!(!status.success());
+    let connected =
+        wait_for("node B to take the job over and connect", Duration::from_secs(20), || {
+            Some(b.poll(SID)).filter(|x| x.body.contains("<Connect>"))
+        });
+    assert!(connected.body.contains("value=\"sim-default-1\""), "the same job: {}", connected.body);
+    assert_eq!(b.p.metric_line("precall_clone_takeovers_total"), Some(1));
+    assert_eq!(b.metric("precall_clone_jobs_total{result=\"completed\"}"), 1);
+}
+
+#[test]
+fn a_stopping_node_hands_its_clone_job_back_at_once() {
+    let pg = PgServer::start();
+    let url = pg.url();
+    // A long lease: B takes the job over only because A hands it back when it stops.
+    let shared = [("DATABASE_URL", url.as_str()), ("CLONE_LEASE_MS", "600000")];
+    let mut env_a = shared.to_vec();
+    env_a.push(("SIMULATED_CLONE_DELAY_MS", "600000"));
+    let mut env_b = shared.to_vec();
+    env_b.push(("SIMULATED_CLONE_DELAY_MS", "200"));
+    let a = node(&env_a);
+    let b = node(&env_b);
+    a.voice(SID);
+    assert!(a.p.stop().success());
+    // B's sweep runs every 2 s with this lease; the job completes right after.
+    let connected = wait_for("node B to run the handed-back job", Duration::from_secs(20), || {
+        Some(b.poll(SID)).filter(|x| x.body.contains("<Connect>"))
+    });
+    assert_xml(&connected);
+    assert_eq!(b.p.metric_line("precall_clone_takeovers_total"), Some(1));
+}
+
+/// A sample file in a fresh temporary directory, as a `file://` URL.
+fn sample_file(tag: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("precall-samples-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{tag}.wav"));
+    let tone: Vec<i16> = (0..8_000).map(|i| ((i % 40) * 500 - 10_000) as i16).collect();
+    std::fs::write(&path, support::wav_pcm16(&tone)).unwrap();
+    format!("file://{}", path.display())
+}
+
+/// A node cloning with ElevenLabs at `fake`, the default profile's samples at `samples`.
+fn elevenlabs_node(fake: &Fake, samples: &str, extra: &[(&str, &str)]) -> Node {
+    let base = fake.base();
+    let mut env = vec![
+        ("ELEVENLABS_API_KEY", "test-xi-key"),
+        ("ELEVENLABS_API_BASE", base.as_str()),
+        ("ELEVENLABS_AGENT_ID", "agent_e2e"),
+        ("VOICE_SAMPLE_URLS", samples),
+    ];
+    env.extend_from_slice(extra);
+    node(&env)
+}
+
+fn end_call(n: &Node, sid: &str) {
+    let mut status = call_params(sid);
+    status[6].1 = "completed".into();
+    assert_eq!(n.signed("/twilio/status", &status).status, 200);
+}
+
+fn poll_until_connected(n: &Node, sid: &str) -> Answer {
+    wait_for("the clone to complete", Duration::from_secs(20), || {
+        Some(n.poll(sid)).filter(|a| a.body.contains("<Connect>"))
+    })
+}
+
+const SID2: &str = "CA2222222222222222222222222222222a";
+const SID3: &str = "CA3333333333333333333333333333333a";
+const SID4: &str = "CA4444444444444444444444444444444a";
+
+#[test]
+fn a_full_voice_library_frees_the_oldest_unused_voice_then_backs_off_when_none_is_free() {
+    let pg = PgServer::start();
+    let url = pg.url();
+    let rt = runtime();
+    // Room for one voice at the provider.
+    let fake = rt.block_on(Fake::library(1, &[]));
+    let keep = [("DATABASE_URL", url.as_str()), ("CLONE_DELETE_REPLACED", "false")];
+
+    // First samples: voice-1; the call ends.
+    let n = elevenlabs_node(&fake, &sample_file("a"), &keep);
+    n.voice(SID);
+    let a = poll_until_connected(&n, SID);
+    assert!(a.body.contains("value=\"voice-1\""), "{}", a.body);
+    end_call(&n, SID);
+    drop(n);
+
+    // New samples: the library is full (400 voice_limit_reached); voice-1 is unused now (no
+    // call on it, the profile's samples are others), so it is deleted and the clone retried.
+    let n = elevenlabs_node(&fake, &sample_file("b"), &keep);
+    n.voice(SID2);
+    let a = poll_until_connected(&n, SID2);
+    assert!(a.body.contains("value=\"voice-2\""), "{}", a.body);
+    assert_eq!(fake.deletions(), ["voice-1"]);
+    assert_eq!(fake.voices(), ["voice-2"]);
+    assert_eq!(n.metric("precall_voices_deleted_total{why=\"slot\"}"), 1);
+    drop(n);
+
+    // Third samples while the caller on voice-2 still talks: nothing is free. The clone fails
+    // permanently; the caller hears the error; /health and /metrics say why; the next call
+    // gets the error at once without asking the provider again.
+    let n = elevenlabs_node(&fake, &sample_file("c"), &keep);
+    n.voice(SID3);
+    let a = wait_for("the clone to fail", Duration::from_secs(20), || {
+        Some(n.poll(SID3)).filter(|a| a.body.contains("<Hangup />"))
+    });
+    assert!(a.body.contains("<Say>"), "the error message: {}", a.body);
+    let (status, health) = n.p.get("/health");
+    assert_eq!(status, 200, "a failing profile does not take the node out: {health}");
+    assert!(
+        health.contains("voice_limit_reached") && health.contains("\"permanent\":true"),
+        "{health}"
+    );
+    assert_eq!(n.metric("precall_clone_failures_total{kind=\"permanent\"}"), 1);
+    assert_eq!(n.p.metric("precall_clone_backoff"), 1);
+    let adds = fake.api_requests().len();
+    let a = n.voice(SID4);
+    assert!(a.body.contains("<Say>") && a.body.contains("<Hangup />"), "{}", a.body);
+    assert_eq!(fake.api_requests().len(), adds, "a permanent failure is not retried per call");
+    assert_eq!(fake.voices(), ["voice-2"], "the voice in use is kept");
+}
+
+#[test]
+fn a_voice_replaced_by_new_samples_is_deleted_once_no_call_is_on_it() {
+    let pg = PgServer::start();
+    let url = pg.url();
+    let rt = runtime();
+    let fake = rt.block_on(Fake::library(10, &[]));
+    let db = [("DATABASE_URL", url.as_str())];
+    let n = elevenlabs_node(&fake, &sample_file("old"), &db);
+    n.voice(SID);
+    poll_until_connected(&n, SID);
+    drop(n);
+
+    let n = elevenlabs_node(&fake, &sample_file("new"), &db);
+    n.voice(SID2);
+    let a = poll_until_connected(&n, SID2);
+    assert!(a.body.contains("value=\"voice-2\""), "{}", a.body);
+    // The caller on voice-1 is still connected: it is kept.
+    assert!(fake.deletions().is_empty());
+    end_call(&n, SID);
+    // The voice sweep runs every 30 s; this node's first ran at its start, so restart to see
+    // the next one at once.
+    drop(n);
+    let n = elevenlabs_node(&fake, &sample_file("new"), &db);
+    wait_for("voice-1 to be deleted", Duration::from_secs(20), || {
+        (fake.deletions() == ["voice-1"]).then_some(())
+    });
+    assert_eq!(fake.voices(), ["voice-2"]);
+    assert_eq!(n.metric("precall_voices_deleted_total{why=\"replaced\"}"), 1);
+}
+
+#[test]
+fn each_permanent_provider_error_backs_off_and_is_explained() {
+    let cases = [
+        (
+            Reply::json(
+                401,
+                r#"{"detail":{"status":"invalid_api_key","message":"Invalid API key"}}"#,
+            ),
+            "rejected the API key",
+        ),
+        (
+            Reply::json(
+                401,
+                r#"{"detail":{"status":"quota_exceeded","message":"Quota exceeded"}}"#,
+            ),
+            "quota is exceeded",
+        ),
+        (
+            Reply::json(
+                422,
+                r#"{"detail":[{"loc":["body","files"],"msg":"audio too short","type":"value_error"}]}"#,
+            ),
+            "audio too short",
+        ),
+        (
+            Reply::json(200, r#"{"voice_id":"v-unverified","requires_verification":true}"#),
+            "requires verification",
+        ),
+    ];
+    let rt = runtime();
+    for (reply, reason) in cases {
+        let fake = rt.block_on(Fake::start(vec![reply]));
+        let n = elevenlabs_node(&fake, &sample_file("perm"), &[]);
+        n.voice(SID);
+        let a = wait_for("the clone to fail", Duration::from_secs(20), || {
+            Some(n.poll(SID)).filter(|a| a.body.contains("<Hangup />"))
+        });
+        assert!(a.body.contains("<Say>"), "{reason}: {}", a.body);
+        let (_, health) = n.p.get("/health");
+        assert!(
+            health.contains(reason) && health.contains("\"permanent\":true"),
+            "{reason}: {health}"
+        );
+        assert_eq!(n.metric("precall_clone_failures_total{kind=\"permanent\"}"), 1, "{reason}");
+        // The next caller is told at once; the provider is not asked again.
+        let a = n.voice(SID2);
+        assert!(a.body.contains("<Hangup />"), "{reason}: {}", a.body);
+        assert_eq!(fake.api_requests().len(), 1, "{reason}: not retried per call");
+    }
+}
+
+#[test]
+fn a_transient_provider_error_backs_off_then_the_next_call_retries() {
+    let rt = runtime();
+    // Four 503s exhaust the provider's attempts; then it answers.
+    let fake = rt.block_on(Fake::start(vec![
+        Reply::text(503, "busy"),
+        Reply::text(503, "busy"),
+        Reply::text(503, "busy"),
+        Reply::text(503, "busy"),
+        Reply::json(200, r#"{"voice_id":"v-after","requires_verification":false}"#),
+    ]));
+    let n = elevenlabs_node(&fake, &sample_file("transient"), &[("CLONE_RETRY_MS", "1500")]);
+    n.voice(SID);
+    wait_for("the clone to fail", Duration::from_secs(30), || {
+        Some(n.poll(SID)).filter(|a| a.body.contains("<Hangup />"))
+    });
+    let (_, health) = n.p.get("/health");
+    assert!(health.contains("503") && health.contains("\"permanent\":false"), "{health}");
+    assert_eq!(n.metric("precall_clone_failures_total{kind=\"transient\"}"), 1);
+    // Within the backoff a new call is told at once; after it, a call retries and connects.
+    let a = n.voice(SID2);
+    assert!(a.body.contains("<Hangup />"), "{}", a.body);
+    wait_for("the backoff to end", Duration::from_secs(20), || {
+        n.p.get("/health").1.contains("\"backing_off\":[]").then_some(())
+    });
+    assert_hold(&n.voice(SID3), &n.base, SID3, true);
+    let a = poll_until_connected(&n, SID3);
+    assert!(a.body.contains("value=\"v-after\""), "{}", a.body);
+}

@@ -107,6 +107,13 @@ impl Precall {
         wait_for("precall to exit", deadline, || child.try_wait().unwrap())
     }
 
+    /// SIGKILL (a node crash: nothing is handed back), then the exit status.
+    pub fn kill(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        child.kill().expect("SIGKILL precall");
+        child.wait().expect("reap precall")
+    }
+
     /// SIGTERM, then the exit status (bounded wait).
     pub fn stop(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();

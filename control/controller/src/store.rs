@@ -179,9 +179,10 @@ pub trait Store: Send + Sync + 'static {
         retry_at: Option<Timestamp>,
     ) -> impl Future<Output = Result<CloneJob, StoreError>> + Send;
 
-    /// Completed jobs whose voice no profile uses any more, oldest first, at most `limit`: a
-    /// newer completed job of the same profile replaced it (or the profile is gone), its voice
-    /// is not deleted yet, and no call waiting on or connected to it remains.
+    /// Completed jobs whose voice no profile uses any more, oldest first, at most `limit`: it is
+    /// not the newest completed job of its profile's current samples (new samples replaced
+    /// it, or the profile is gone), its voice is not deleted yet, and no call waiting on or
+    /// connected to it remains.
     fn unused_voices(
         &self,
         limit: usize,
@@ -600,19 +601,22 @@ impl Store for MemoryStore {
             .filter_map(|c| c.clone_job_id)
             .collect();
         let completed = |j: &&CloneJob| j.status == CloneStatus::Completed && j.voice_id.is_some();
+        // The voice speaking for a profile: the newest completed job of its current samples.
+        let speaks = |j: &CloneJob| {
+            inner.profiles.get(&j.profile_id).is_some_and(|p| {
+                p.samples_hash() == j.samples_hash
+                    && !inner.jobs.iter().filter(completed).any(|n| {
+                        n.profile_id == j.profile_id
+                            && n.samples_hash == j.samples_hash
+                            && n.id > j.id
+                    })
+            })
+        };
         let mut unused: Vec<CloneJob> = inner
             .jobs
             .iter()
             .filter(completed)
-            .filter(|j| j.voice_deleted_at.is_none() && !in_use.contains(&j.id))
-            .filter(|j| {
-                !inner.profiles.contains_key(&j.profile_id)
-                    || inner
-                        .jobs
-                        .iter()
-                        .filter(completed)
-                        .any(|newer| newer.profile_id == j.profile_id && newer.id > j.id)
-            })
+            .filter(|j| j.voice_deleted_at.is_none() && !in_use.contains(&j.id) && !speaks(j))
             .cloned()
             .collect();
         unused.sort_by_key(|j| (j.finished_at, j.id));

@@ -428,12 +428,13 @@ impl Store for PgStore {
         }
         tx.cached_execute(
             "INSERT INTO voice_profiles (id, number, name, sample_urls, agent_id, \
-             greeting_url, hold_url, first_message, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
+             greeting_url, hold_url, first_message, samples_hash, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now()) \
              ON CONFLICT (id) DO UPDATE SET number = EXCLUDED.number, name = EXCLUDED.name, \
              sample_urls = EXCLUDED.sample_urls, agent_id = EXCLUDED.agent_id, \
              greeting_url = EXCLUDED.greeting_url, hold_url = EXCLUDED.hold_url, \
-             first_message = EXCLUDED.first_message, updated_at = now()",
+             first_message = EXCLUDED.first_message, samples_hash = EXCLUDED.samples_hash, \
+             updated_at = now()",
             &[
                 &profile.id.as_str(),
                 &profile.number,
@@ -443,6 +444,7 @@ impl Store for PgStore {
                 &profile.greeting_url,
                 &profile.hold_url,
                 &profile.first_message,
+                &profile.samples_hash(),
             ],
         )
         .await
@@ -664,9 +666,12 @@ impl Store for PgStore {
                     "SELECT {JOB_COLUMNS} FROM clone_jobs j \
                      WHERE j.status = 'completed' AND j.voice_id IS NOT NULL \
                      AND j.voice_deleted_at IS NULL \
-                     AND (NOT EXISTS (SELECT 1 FROM voice_profiles p WHERE p.id = j.profile_id) \
-                          OR EXISTS (SELECT 1 FROM clone_jobs n WHERE n.profile_id = j.profile_id \
-                                     AND n.status = 'completed' AND n.id > j.id)) \
+                     AND NOT EXISTS (SELECT 1 FROM voice_profiles p WHERE p.id = j.profile_id \
+                          AND (p.samples_hash IS NULL OR (p.samples_hash = j.samples_hash \
+                          AND NOT EXISTS (SELECT 1 FROM clone_jobs n \
+                               WHERE n.profile_id = j.profile_id \
+                               AND n.samples_hash = j.samples_hash \
+                               AND n.status = 'completed' AND n.id > j.id)))) \
                      AND NOT EXISTS (SELECT 1 FROM calls c WHERE c.clone_job_id = j.id \
                                      AND c.status IN ('ringing', 'holding', 'connected')) \
                      ORDER BY j.finished_at, j.id LIMIT $1"
