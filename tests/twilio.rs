@@ -326,9 +326,13 @@ fn malformed_and_oversized_bodies() {
 
 #[test]
 fn same_call_sid_twice_starts_one_clone_job() {
-    // Failed clones are retried by the next *different* call, so the counter shows whether the
-    // repeat started a job of its own.
-    let n = node(&[("SIMULATED_CLONE_DELAY_MS", "0"), ("SIMULATED_CLONE_OUTCOME", "failed")]);
+    // Failed clones are retried by the next *different* call (no backoff here), so the counter
+    // shows whether the repeat started a job of its own.
+    let n = node(&[
+        ("SIMULATED_CLONE_DELAY_MS", "0"),
+        ("SIMULATED_CLONE_OUTCOME", "failed"),
+        ("CLONE_RETRY_MS", "0"),
+    ]);
     let failed = "precall_clone_jobs_total{result=\"failed\"}";
     n.voice(SID);
     wait_for("the first job", Duration::from_secs(10), || (n.metric(failed) == 1).then_some(()));
