@@ -2,7 +2,8 @@
 -- The node running a job holds a lease it renews (lease_owner, lease_until); a processing job
 -- whose lease lapsed (or that never had one: jobs from before this version) is taken over by
 -- the next claim or by any node's sweep. A failed job serves its failure until retry_at; its
--- attempt number doubles the backoff. voice_deleted_at marks a voice deleted at the provider.
+-- attempt number doubles the backoff. voice_deleted_at marks a voice deleted at the provider;
+-- checked_at, the last time the provider confirmed it exists.
 
 ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS lease_owner TEXT;
 ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS lease_until TIMESTAMPTZ;
@@ -10,6 +11,8 @@ ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS attempt INTEGER NOT NULL DEFAULT
 ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS permanent BOOLEAN NOT NULL DEFAULT false;
 ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS retry_at TIMESTAMPTZ;
 ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS voice_deleted_at TIMESTAMPTZ;
+-- When the provider last confirmed the voice exists (GET /v1/voices/{id}).
+ALTER TABLE clone_jobs ADD COLUMN IF NOT EXISTS checked_at TIMESTAMPTZ;
 -- A profile's current sample set (VoiceProfile::samples_hash, written at every upsert): only
 -- the newest completed job of that set speaks for the profile; older voices are unused.
 ALTER TABLE voice_profiles ADD COLUMN IF NOT EXISTS samples_hash TEXT;

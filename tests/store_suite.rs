@@ -365,6 +365,12 @@ async fn unused_voices_are_the_replaced_ones<S: Store>(s: &S) {
         Some(Timestamp(6_000))
     );
     assert!(unused().await.is_empty(), "voice b speaks for the profile's samples");
+    s.voice_checked(b.id, Timestamp(8_000)).await.unwrap();
+    let checked = s.get_clone_job(b.id).await.unwrap().unwrap();
+    assert_eq!(
+        (checked.checked_at, checked.confirmed_at()),
+        (Some(Timestamp(8_000)), Timestamp(8_000))
+    );
     // The old samples again: their voice is gone, so they are cloned anew.
     let (again, created) =
         s.claim_clone_job(&pv, &ha, Timestamp(7_000), &lease("A", 17_000)).await.unwrap();

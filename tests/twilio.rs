@@ -820,3 +820,32 @@ fn a_transient_provider_error_backs_off_then_the_next_call_retries() {
     let a = poll_until_connected(&n, SID3);
     assert!(a.body.contains("value=\"v-after\""), "{}", a.body);
 }
+
+#[test]
+fn a_reused_voice_deleted_at_the_provider_is_found_before_a_call_is_sent_to_it() {
+    let rt = runtime();
+    let fake = rt.block_on(Fake::library(10, &[]));
+    let n = elevenlabs_node(&fake, &sample_file("check"), &[("CLONE_VERIFY_AFTER_MS", "1")]);
+    n.voice(SID);
+    let a = poll_until_connected(&n, SID);
+    assert!(a.body.contains("value=\"voice-1\""), "{}", a.body);
+
+    // Somebody deletes voice-1 in the provider's dashboard. The next caller is not sent to it:
+    // the check finds it gone, and the call holds while the profile is cloned anew.
+    fake.forget("voice-1");
+    assert_hold(&n.voice(SID2), &n.base, SID2, true);
+    let a = poll_until_connected(&n, SID2);
+    assert!(a.body.contains("value=\"voice-2\""), "{}", a.body);
+    assert_eq!(n.metric("precall_voice_checks_total{result=\"gone\"}"), 1);
+
+    // A voice that is there connects the inbound call at once, after its check (a call within
+    // the same millisecond as voice-2's creation is not due one: callers until one is).
+    let mut calls = 0;
+    let a = wait_for("a call to check voice-2", Duration::from_secs(10), || {
+        calls += 1;
+        let a = n.voice(&format!("CA{calls:032}"));
+        (n.metric("precall_voice_checks_total{result=\"usable\"}") == 1).then_some(a)
+    });
+    assert!(a.body.contains("<Connect>") && a.body.contains("value=\"voice-2\""), "{}", a.body);
+    assert_eq!(n.metric("precall_voice_checks_total{result=\"gone\"}"), 1);
+}

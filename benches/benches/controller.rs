@@ -51,6 +51,7 @@ fn main() {
             clone_retry: Duration::from_millis(10_000),
             clone_retry_permanent: Duration::from_millis(900_000),
             node_id: "node-a".to_owned(),
+            clone_verify_after: Duration::from_millis(3_600_000),
             agent_ws_url: "wss://a/v1/convai/conversation".into(),
             default_agent_id: "agent".into(),
             default_profile: ProfileId::new("default"),

@@ -293,6 +293,13 @@ pub const VARS: &[Var] = &[
                oldest unused one)",
     },
     Var {
+        name: "CLONE_VERIFY_AFTER_MS",
+        default: "3600000",
+        help: "a reused voice the provider has not confirmed for this long is checked (GET \
+               /v1/voices/{id}) before a call is sent to it; gone, the call waits on a new clone \
+               (0: never check)",
+    },
+    Var {
         name: "NODE_ID",
         default: "host:pid:random",
         help: "this node's name on the clone job leases it holds (unique per process)",
@@ -497,6 +504,8 @@ pub struct Config {
     pub clone_retry_permanent: Duration,
     /// `CLONE_DELETE_REPLACED`.
     pub clone_delete_replaced: bool,
+    /// `CLONE_VERIFY_AFTER_MS`.
+    pub clone_verify_after: Duration,
     /// `NODE_ID`, or a name made at start.
     pub node_id: String,
     /// Controller request deadline.
@@ -856,6 +865,7 @@ impl Config {
             clone_retry: r.millis("CLONE_RETRY_MS")?,
             clone_retry_permanent: r.millis("CLONE_RETRY_PERMANENT_MS")?,
             clone_delete_replaced: r.bool("CLONE_DELETE_REPLACED")?,
+            clone_verify_after: r.millis("CLONE_VERIFY_AFTER_MS")?,
             node_id: r.raw("NODE_ID").unwrap_or_else(default_node_id),
             control_request_timeout: r.millis("CONTROL_REQUEST_TIMEOUT_MS")?,
             drain_timeout: r.millis("DRAIN_TIMEOUT_MS")?,

@@ -136,6 +136,7 @@ fn controller_config(cfg: &Config, agent_ws_url: &str) -> ControllerConfig {
         clone_retry: cfg.clone_retry,
         clone_retry_permanent: cfg.clone_retry_permanent,
         node_id: cfg.node_id.clone(),
+        clone_verify_after: cfg.clone_verify_after,
         agent_ws_url: agent_ws_url.to_owned(),
         default_agent_id: if cfg.default_agent_id.is_empty() {
             "demo".to_owned()

@@ -121,6 +121,9 @@ pub enum VoiceDeletion {
     Duplicate,
 }
 
+/// The results of a voice check, in `precall_voice_checks_total`'s order.
+const VOICE_CHECKS: [&str; 3] = ["usable", "gone", "error"];
+
 const DELETIONS: [(VoiceDeletion, &str); 3] = [
     (VoiceDeletion::Replaced, "replaced"),
     (VoiceDeletion::Slot, "slot"),
@@ -150,6 +153,8 @@ pub struct Metrics {
     clone_takeovers: AtomicU64,
     clone_leases_lost: AtomicU64,
     voices_deleted: [AtomicU64; 3],
+    /// Checks of reused voices: usable, gone, error.
+    voice_checks: [AtomicU64; 3],
     /// Profiles whose clone is backing off after a failure, by profile id.
     backoffs: std::sync::Mutex<std::collections::BTreeMap<String, CloneBackoff>>,
     clone_duration: Histogram,
@@ -174,6 +179,7 @@ impl Default for Metrics {
             clone_takeovers: AtomicU64::new(0),
             clone_leases_lost: AtomicU64::new(0),
             voices_deleted: Default::default(),
+            voice_checks: Default::default(),
             backoffs: std::sync::Mutex::default(),
             clone_duration: Histogram::new(CLONE_BUCKETS),
             hold_time: Histogram::new(HOLD_BUCKETS),
@@ -259,6 +265,13 @@ impl Metrics {
     pub fn voice_deleted(&self, why: VoiceDeletion) {
         let i = DELETIONS.iter().position(|(w, _)| *w == why).unwrap_or(0);
         self.voices_deleted[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a check of a reused voice: `usable`, `gone` (or unusable), or `error`.
+    pub fn voice_check(&self, result: &str) {
+        if let Some(i) = VOICE_CHECKS.iter().position(|r| *r == result) {
+            self.voice_checks[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn lock_backoffs(
@@ -355,6 +368,12 @@ impl Metrics {
         for ((_, why), n) in DELETIONS.iter().zip(&self.voices_deleted) {
             let n = n.load(Ordering::Relaxed);
             let _ = writeln!(out, "precall_voices_deleted_total{{why=\"{why}\"}} {n}");
+        }
+        out.push_str("# HELP precall_voice_checks_total Reused voices confirmed at the provider before a call (CLONE_VERIFY_AFTER_MS), by result (error: the check failed and the call went on).\n");
+        out.push_str("# TYPE precall_voice_checks_total counter\n");
+        for (result, n) in VOICE_CHECKS.iter().zip(&self.voice_checks) {
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "precall_voice_checks_total{{result=\"{result}\"}} {n}");
         }
         out.push_str("# HELP precall_clone_backoff Profiles whose last clone failed and whose new calls get the error message until the backoff ends (1), by kind; the reason is in /health.\n");
         out.push_str("# TYPE precall_clone_backoff gauge\n");

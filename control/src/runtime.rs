@@ -386,7 +386,14 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
     let ctl = &service.controller;
     match request {
         ControlRequest::Inbound(ctx) => {
-            let out = ctl.handle_inbound_call(ctx, now).await.map_err(control_error);
+            let out = match ctl.handle_inbound_call(ctx, now).await {
+                Ok(precall_controller::InboundOutcome { verify_voice: Some(check), .. }) => {
+                    let usable = voice_usable(service, &check).await;
+                    ctl.voice_checked(&ctx.call_id, &check, usable, Timestamp::now()).await
+                }
+                other => other,
+            };
+            let out = out.map_err(control_error);
             let out = out.map(|o| {
                 if let Some(job) = o.start_clone {
                     start_clone(Arc::clone(service), job);
@@ -433,6 +440,40 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
         ControlRequest::Health => ControlReply::Health(
             ctl.store().health().await.map_err(|e| ControlError::Store(e.to_string())),
         ),
+    }
+}
+
+/// Longest a reused voice's check may hold up an inbound answer.
+const VOICE_CHECK_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Asks the provider whether a reused voice still exists. A check that fails (timeout, 5xx)
+/// lets the call go on to the voice: a flaky check must not cost calls.
+async fn voice_usable<S: Store>(
+    service: &Arc<Service<S>>,
+    check: &precall_controller::VoiceCheck,
+) -> bool {
+    let asked =
+        tokio::time::timeout(VOICE_CHECK_DEADLINE, service.provider.check_voice(&check.voice_id));
+    match asked.await {
+        Ok(Ok(precall_clone::VoiceState::Usable)) => {
+            service.metrics.voice_check("usable");
+            true
+        }
+        Ok(Ok(state)) => {
+            tracing::warn!(job = %check.job_id, voice = %check.voice_id, ?state, "the reused voice is gone at the provider; cloning anew");
+            service.metrics.voice_check("gone");
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(job = %check.job_id, voice = %check.voice_id, error = %e, "cannot check the reused voice; using it");
+            service.metrics.voice_check("error");
+            true
+        }
+        Err(_) => {
+            tracing::warn!(job = %check.job_id, voice = %check.voice_id, "the voice check timed out; using the voice");
+            service.metrics.voice_check("error");
+            true
+        }
     }
 }
 

@@ -11,8 +11,7 @@ use crate::model::{
     CallEvent, CallRecord, CloneJob, CloneRequest, EventKind, JobOutcome, Lease, VoiceProfile,
     normalize_number,
 };
-use crate::plan::NO_PROFILE;
-use crate::plan::Planner;
+use crate::plan::{NO_PROFILE, Planner};
 use crate::store::{InsertCall, StatusChange, Store, StoreError};
 
 /// What the controller needs to know; built from the process configuration.
@@ -43,6 +42,9 @@ pub struct ControllerConfig {
     pub clone_retry_permanent: Duration,
     /// This node's name on the leases it holds (`NODE_ID`); unique per process.
     pub node_id: String,
+    /// A reused clone whose voice the provider has not confirmed for this long is checked
+    /// before a call is sent to it (`CLONE_VERIFY_AFTER_MS`; zero: never).
+    pub clone_verify_after: Duration,
     /// The agent WebSocket endpoint, without `agent_id` (`AGENT_WS_URL`).
     pub agent_ws_url: String,
     /// The agent of profiles that name none (`ELEVENLABS_AGENT_ID`).
@@ -75,6 +77,20 @@ pub struct InboundOutcome {
     /// [`CallController::clone_finished`]. `None` when the call joined or reused a job, and on
     /// every repeat of the same call id.
     pub start_clone: Option<CloneRequest>,
+    /// The call would reuse a voice the provider has not confirmed for
+    /// [`ControllerConfig::clone_verify_after`]: the shell asks the provider and answers
+    /// with [`CallController::voice_checked`]. Meanwhile `instructions` are the hold plan, and
+    /// the call has not moved.
+    pub verify_voice: Option<VoiceCheck>,
+}
+
+/// A voice to confirm at the provider before a call is sent to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VoiceCheck {
+    /// The completed job whose voice it is.
+    pub job_id: JobId,
+    /// The voice.
+    pub voice_id: precall_api::VoiceId,
 }
 
 /// The protocol-agnostic call controller (see the crate docs).
@@ -158,8 +174,86 @@ impl<S: Store> CallController<S> {
             (None, _) => None,
         };
 
+        if let Some(check) = job.as_ref().and_then(|j| self.voice_to_check(&call, j, now)) {
+            // Greeting + hold as if still processing, and no transition: the shell checks the
+            // voice first (see voice_checked).
+            let waiting = job.as_ref().map(|j| CloneJob {
+                status: CloneStatus::Processing,
+                started_at: now,
+                ..j.clone()
+            });
+            let plan =
+                Planner::new(&self.cfg).plan(&call, waiting.as_ref(), profile.as_ref(), now, true);
+            return Ok(InboundOutcome {
+                instructions: plan.instructions,
+                start_clone,
+                verify_voice: Some(check),
+            });
+        }
         let instructions = self.apply(&call, job.as_ref(), profile.as_ref(), now, true).await?;
-        Ok(InboundOutcome { instructions, start_clone })
+        Ok(InboundOutcome { instructions, start_clone, verify_voice: None })
+    }
+
+    /// The voice a waiting call would be sent to, when it is due a check.
+    fn voice_to_check(
+        &self,
+        call: &CallRecord,
+        job: &CloneJob,
+        now: Timestamp,
+    ) -> Option<VoiceCheck> {
+        let due = !self.cfg.clone_verify_after.is_zero()
+            && matches!(call.status, CallStatus::Ringing | CallStatus::Holding)
+            && job.status == CloneStatus::Completed
+            && job.voice_deleted_at.is_none()
+            && now.since(job.confirmed_at()) > self.cfg.clone_verify_after;
+        let voice_id = job.voice_id.clone().filter(|_| due)?;
+        Some(VoiceCheck { job_id: job.id, voice_id })
+    }
+
+    /// The provider's answer to an inbound call's [`InboundOutcome::verify_voice`]: a usable
+    /// voice connects the call as the inbound answer would have; a voice gone (deleted in the
+    /// provider's dashboard) is recorded as deleted and the call waits on a new clone of its
+    /// profile (greeting + hold, `start_clone` when this call made the job).
+    pub async fn voice_checked(
+        &self,
+        call_id: &CallId,
+        check: &VoiceCheck,
+        usable: bool,
+        now: Timestamp,
+    ) -> Result<InboundOutcome, ControllerError> {
+        let mut call = self
+            .store
+            .get_call(call_id)
+            .await?
+            .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
+        let profile = self.store.get_profile(&call.profile_id).await?;
+        if usable {
+            self.store.voice_checked(check.job_id, now).await?;
+            let job = self.store.get_clone_job(check.job_id).await?;
+            let instructions = self.apply(&call, job.as_ref(), profile.as_ref(), now, true).await?;
+            return Ok(InboundOutcome { instructions, start_clone: None, verify_voice: None });
+        }
+        self.store.voice_deleted(check.job_id, now).await?;
+        self.event(call_id, now, EventKind::VoiceGone, check.voice_id.as_str()).await?;
+        let mut start_clone = None;
+        let mut job = None;
+        if let Some(profile) = &profile {
+            let (new, created) = self.claim(profile, now).await?;
+            self.store.attach_job(call_id, new.id).await?;
+            call.clone_job_id = Some(new.id);
+            if created {
+                start_clone = Some(CloneRequest {
+                    job_id: new.id,
+                    attempt: new.attempt,
+                    profile: profile.clone(),
+                });
+            }
+            let kind = if created { EventKind::CloneStarted } else { EventKind::CloneJoined };
+            self.event(call_id, now, kind, &new.id.to_string()).await?;
+            job = Some(new);
+        }
+        let instructions = self.apply(&call, job.as_ref(), profile.as_ref(), now, true).await?;
+        Ok(InboundOutcome { instructions, start_clone, verify_voice: None })
     }
 
     /// A status check: hold + poll while processing, the agent once completed, error + hang up

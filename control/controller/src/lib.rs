@@ -30,7 +30,9 @@ mod model;
 pub mod plan;
 mod store;
 
-pub use controller::{CallController, ControllerConfig, ControllerError, InboundOutcome};
+pub use controller::{
+    CallController, ControllerConfig, ControllerError, InboundOutcome, VoiceCheck,
+};
 pub use model::{
     CallEvent, CallRecord, CloneJob, CloneRequest, EventKind, JobFailure, JobOutcome, Lease,
     VoiceProfile, normalize_number,

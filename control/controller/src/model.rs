@@ -114,8 +114,10 @@ pub struct CloneJob {
     /// A failed job serves its failure until then; the first call after it starts a new job.
     pub retry_at: Option<Timestamp>,
     /// When the job's voice was deleted at the provider (a voice replaced by new samples, or
-    /// freed for a slot).
+    /// freed for a slot, or found gone).
     pub voice_deleted_at: Option<Timestamp>,
+    /// When the provider last confirmed the voice exists (`None`: not since it was made).
+    pub checked_at: Option<Timestamp>,
 }
 
 impl CloneJob {
@@ -143,7 +145,13 @@ impl CloneJob {
             permanent: false,
             retry_at: None,
             voice_deleted_at: None,
+            checked_at: None,
         }
+    }
+
+    /// When the voice was last known to exist: its last check, or its creation.
+    pub fn confirmed_at(&self) -> Timestamp {
+        self.checked_at.or(self.finished_at).unwrap_or(self.started_at)
     }
 
     /// Whether its lease has lapsed at `now` (a processing job nobody runs any more).
@@ -272,6 +280,8 @@ pub enum EventKind {
     StreamStarted,
     /// A Twilio media stream broke without Twilio's `stop` (Twilio falls back to polling).
     StreamLost,
+    /// The provider no longer has the reused clone's voice: the call waits on a new clone.
+    VoiceGone,
 }
 
 impl EventKind {
@@ -293,6 +303,7 @@ impl EventKind {
             EventKind::AgentFailed => "agent_failed",
             EventKind::StreamStarted => "stream_started",
             EventKind::StreamLost => "stream_lost",
+            EventKind::VoiceGone => "voice_gone",
         }
     }
 
@@ -314,6 +325,7 @@ impl EventKind {
             "agent_failed" => EventKind::AgentFailed,
             "stream_started" => EventKind::StreamStarted,
             "stream_lost" => EventKind::StreamLost,
+            "voice_gone" => EventKind::VoiceGone,
             _ => return None,
         })
     }

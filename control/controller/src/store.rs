@@ -188,6 +188,13 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<CloneJob>, StoreError>> + Send;
 
+    /// Records that the provider confirmed a job's voice exists.
+    fn voice_checked(
+        &self,
+        id: JobId,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Records that a job's voice was deleted at the provider.
     fn voice_deleted(
         &self,
@@ -622,6 +629,17 @@ impl Store for MemoryStore {
         unused.sort_by_key(|j| (j.finished_at, j.id));
         unused.truncate(limit);
         ready(Ok(unused))
+    }
+
+    fn voice_checked(
+        &self,
+        id: JobId,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        if let Some(job) = self.lock().jobs.iter_mut().find(|j| j.id == id) {
+            job.checked_at = Some(at);
+        }
+        ready(Ok(()))
     }
 
     fn voice_deleted(

@@ -39,6 +39,7 @@ fn config() -> ControllerConfig {
         clone_retry: Duration::from_millis(10_000),
         clone_retry_permanent: Duration::from_millis(900_000),
         node_id: "node-a".to_owned(),
+        clone_verify_after: Duration::from_millis(3_600_000),
         agent_ws_url: "wss://agents.test/v1/convai/conversation".into(),
         default_agent_id: "agent_default".into(),
         default_profile: ProfileId::new("default"),
@@ -141,7 +142,7 @@ impl Harness {
         let now = Timestamp(1_000_000 + at_ms);
         match *step {
             Step::Inbound { call, to } => {
-                let InboundOutcome { instructions, start_clone } =
+                let InboundOutcome { instructions, start_clone, .. } =
                     run(self.ctl.handle_inbound_call(&ctx(call, to), now)).unwrap();
                 let starts_job = start_clone.is_some();
                 self.jobs_started.extend(start_clone);
@@ -618,4 +619,47 @@ fn memory_store_forgets_old_ended_calls_only() {
     // With nothing ended, the store grows rather than forget a live call.
     run(store.insert_call(&record("E"))).unwrap();
     assert!(["A", "C", "D", "E"].iter().all(|id| kept(id)));
+}
+
+#[test]
+fn a_reused_voice_due_a_check_holds_until_the_provider_answers() {
+    let ctl = controller();
+    let first = run(ctl.handle_inbound_call(&ctx("CA1", "+15550001"), Timestamp(0))).unwrap();
+    let job = first.start_clone.unwrap().job_id;
+    run(ctl.clone_finished(job, &Ok(VoiceId::new("voice-job-1")), Timestamp(1_000))).unwrap();
+    // Within clone_verify_after (1 h) of its creation the voice is reused without a check.
+    let fresh = run(ctl.handle_inbound_call(&ctx("CA2", "+15550001"), Timestamp(2_000))).unwrap();
+    assert_eq!(fresh.verify_voice, None);
+    assert_eq!(classify(&fresh.instructions, Some(false)), Expect::Connect { greeting: true });
+
+    // An hour later: checked first; meanwhile the plan holds and the call has not moved.
+    let later = Timestamp(1_000 + 3_600_001);
+    let out = run(ctl.handle_inbound_call(&ctx("CA3", "+15550001"), later)).unwrap();
+    let check = out.verify_voice.clone().expect("due a check");
+    assert_eq!((check.job_id, check.voice_id.as_str()), (job, "voice-job-1"));
+    assert_eq!(classify(&out.instructions, Some(false)), Expect::GreetHold { starts_job: false });
+    let rec = run(ctl.store().get_call(&CallId::new("CA3"))).unwrap().unwrap();
+    assert_eq!(rec.status, CallStatus::Holding);
+    // Usable: it connects, and the check is remembered.
+    let ok = run(ctl.voice_checked(&CallId::new("CA3"), &check, true, later)).unwrap();
+    assert_eq!(classify(&ok.instructions, Some(false)), Expect::Connect { greeting: true });
+    let again = run(ctl.handle_inbound_call(&ctx("CA4", "+15550001"), later)).unwrap();
+    assert_eq!(again.verify_voice, None, "just checked");
+
+    // Gone (an hour after that check): the call waits on a new job, which it starts.
+    let much_later = Timestamp(later.0 + 3_600_001);
+    let out = run(ctl.handle_inbound_call(&ctx("CA5", "+15550001"), much_later)).unwrap();
+    let check = out.verify_voice.expect("due again");
+    let gone = run(ctl.voice_checked(&CallId::new("CA5"), &check, false, much_later)).unwrap();
+    let new_job = gone.start_clone.expect("a new clone").job_id;
+    assert_ne!(new_job, job);
+    assert_eq!(classify(&gone.instructions, Some(true)), Expect::GreetHold { starts_job: true });
+    let rec = run(ctl.store().get_call(&CallId::new("CA5"))).unwrap().unwrap();
+    assert_eq!(rec.clone_job_id, Some(new_job));
+    let events = run(ctl.store().call_events(&CallId::new("CA5"))).unwrap();
+    assert!(events.iter().any(|e| e.kind == EventKind::VoiceGone && e.detail == "voice-job-1"));
+    // The next caller joins the new job instead of the deleted voice.
+    let next = run(ctl.handle_inbound_call(&ctx("CA6", "+15550001"), much_later)).unwrap();
+    assert!(next.start_clone.is_none() && next.verify_voice.is_none());
+    assert_eq!(classify(&next.instructions, Some(false)), Expect::GreetHold { starts_job: false });
 }

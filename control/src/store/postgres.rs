@@ -163,7 +163,8 @@ const CALL_COLUMNS: &str = "call_id, session_id, protocol, caller_number, recipi
      profile_id, clone_job_id, status, started_at, connected_at, ended_at, failure, end_reason";
 
 const JOB_COLUMNS: &str = "id, profile_id, samples_hash, status, voice_id, error, started_at, \
-     finished_at, lease_owner, lease_until, attempt, permanent, retry_at, voice_deleted_at";
+     finished_at, lease_owner, lease_until, attempt, permanent, retry_at, voice_deleted_at, \
+     checked_at";
 
 const PROFILE_COLUMNS: &str =
     "id, number, name, sample_urls, agent_id, greeting_url, hold_url, first_message";
@@ -208,6 +209,7 @@ fn job_from_row(row: &Row) -> Result<CloneJob, StoreError> {
         permanent: row.get("permanent"),
         retry_at: row.get::<_, Option<SystemTime>>("retry_at").map(ts),
         voice_deleted_at: row.get::<_, Option<SystemTime>>("voice_deleted_at").map(ts),
+        checked_at: row.get::<_, Option<SystemTime>>("checked_at").map(ts),
     })
 }
 
@@ -681,6 +683,18 @@ impl Store for PgStore {
             .await
             .map_err(query)?;
         rows.iter().map(job_from_row).collect()
+    }
+
+    async fn voice_checked(&self, id: JobId, at: Timestamp) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .cached_execute(
+                "UPDATE clone_jobs SET checked_at = GREATEST(checked_at, $2) WHERE id = $1",
+                &[&id.0, &at.to_system()],
+            )
+            .await
+            .map_err(query)?;
+        Ok(())
     }
 
     async fn voice_deleted(&self, id: JobId, at: Timestamp) -> Result<(), StoreError> {

@@ -182,6 +182,13 @@ impl Fake {
         self.state.lock().unwrap().library.as_ref().map(|l| l.voices.clone()).unwrap_or_default()
     }
 
+    /// Removes a voice from the library behind precall's back (a deletion in the dashboard).
+    pub fn forget(&self, voice: &str) {
+        if let Some(library) = self.state.lock().unwrap().library.as_mut() {
+            library.voices.retain(|v| v != voice);
+        }
+    }
+
     /// The voice ids deleted with `DELETE /v1/voices/{id}`, in order (found or not).
     pub fn deletions(&self) -> Vec<String> {
         self.requests()
