@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use support::precall::{BIN, Precall, keep_coverage_env};
-use support::{free_tcp_port, pg::PgServer};
+use support::pg::PgServer;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
@@ -75,16 +75,43 @@ fn serves_health_and_metrics_and_stops_on_sigterm() {
 }
 
 #[test]
-fn unreachable_database_stops_the_start_with_a_message() {
-    let port = free_tcp_port().to_string();
-    let url = format!("postgres://postgres:hunter2@127.0.0.1:{port}/postgres");
+fn a_node_started_while_its_database_is_down_waits_for_it() {
+    let mut pg = PgServer::start();
+    let url = pg.url();
+    pg.stop();
+    let p = Precall::start_unready(&[
+        ("DATABASE_URL", url.clone()),
+        ("ENABLE_SIP_HANDLER", "false".into()),
+    ]);
+    let (status, body) = p.get("/health");
+    assert_eq!(status, 503, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["store"]["kind"], "postgres");
+    assert_eq!(health["store"]["ok"], false);
+    let why = health["store"]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("unavailable"), "{body}");
+    assert!(!body.contains("hunter2") && !body.contains("password"), "{body}");
+
+    // The database comes up: the node finds it, migrates, and serves.
+    pg.restart();
+    support::wait_for("the node to reach its database", Duration::from_secs(30), || {
+        (p.get("/health").0 == 200).then_some(())
+    });
+    assert!(p.stop().success());
+}
+
+#[test]
+fn a_database_that_refuses_the_node_stops_the_start_with_a_message() {
+    let pg = PgServer::start();
+    // A user the server does not know: not "down", a mistake to fix.
+    let url = format!("postgres://nobody:hunter2@127.0.0.1:{}/postgres", pg.port());
     let out = run(
         &[],
         &[("DATABASE_URL", url.as_str()), ("HTTP_PORT", "0"), ("ENABLE_SIP_HANDLER", "false")],
     );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("PostgreSQL"), "{err}");
+    assert!(err.contains("the store refused to start"), "{err}");
     assert!(!err.contains("hunter2"), "the password is never printed: {err}");
 }
 

@@ -227,12 +227,6 @@ fn start_side_runtime<S: Store>(
     SideRuntime::start(
         move || async move {
             let store = store.await?;
-            for p in &profiles {
-                store
-                    .upsert_profile(p)
-                    .await
-                    .map_err(|e| format!("saving voice profile {}: {e}", p.id))?;
-            }
             Ok(Service {
                 controller: CallController::new(store, controller),
                 provider,
@@ -241,6 +235,7 @@ fn start_side_runtime<S: Store>(
                 recheck,
                 delete_replaced,
                 running: Default::default(),
+                profiles,
             })
         },
         request_timeout,
@@ -410,9 +405,10 @@ fn serve(cfg: Config) -> Result<(), String> {
                 connect_timeout: Duration::from_secs(5),
             };
             let shown = redact_url(url);
-            let store = async move {
-                PgStore::connect(&pg).await.map_err(|e| format!("PostgreSQL at {shown}: {e}"))
-            };
+            // No connection yet: the side runtime reaches the server and migrates in the
+            // background, retrying while it is down (/health says 503 meanwhile).
+            let store =
+                async move { PgStore::new(&pg).map_err(|e| format!("PostgreSQL at {shown}: {e}")) };
             (start_side_runtime(store, setup)?, "postgres")
         }
     };

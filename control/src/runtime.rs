@@ -89,6 +89,8 @@ pub struct Service<S> {
     pub delete_replaced: bool,
     /// The clone jobs this node runs now.
     pub running: RunningJobs,
+    /// The voice profiles from configuration, saved to the store once it is ready.
+    pub profiles: Vec<precall_controller::VoiceProfile>,
 }
 
 /// The clone jobs this node runs now: one run per job on a node, and the list handed back at
@@ -251,6 +253,7 @@ async fn serve<S: Store>(
     mut stop: oneshot::Receiver<()>,
     request_timeout: Duration,
 ) {
+    tokio::spawn(prepare_store(Arc::clone(&service)));
     let sweeper = tokio::spawn(sweep(Arc::clone(&service)));
     loop {
         let env = tokio::select! {
@@ -271,6 +274,48 @@ async fn serve<S: Store>(
         (env.reply)(stopped_reply(&env.request));
     }
     hand_back(&service).await;
+}
+
+/// Makes the store ready (PostgreSQL: reach it, migrate) and saves the configured profiles,
+/// retrying while the store is unavailable: a node started while its database is down serves
+/// (`/health` 503, SIP 503, Twilio's error message) until the database is there. A store that
+/// answers but refuses (bad password, a migration's error) ends the process: that needs an
+/// operator, not patience.
+async fn prepare_store<S: Store>(service: Arc<Service<S>>) {
+    let store = service.controller.store();
+    let mut delay = Duration::from_millis(250);
+    let mut waited = false;
+    loop {
+        let mut result = store.prepare().await;
+        if result.is_ok() {
+            for p in &service.profiles {
+                result = store.upsert_profile(p).await;
+                if result.is_err() {
+                    break;
+                }
+            }
+        }
+        match result {
+            Ok(()) => {
+                if waited {
+                    tracing::info!("the store is reachable: serving calls");
+                }
+                return;
+            }
+            Err(e @ precall_controller::StoreError::Unavailable(_)) => {
+                if !waited {
+                    tracing::warn!(error = %e, "the store is not reachable yet: waiting for it (calls are refused meanwhile)");
+                    waited = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the store refused to start (check DATABASE_URL, its user and rights)");
+                std::process::exit(1);
+            }
+        }
+    }
 }
 
 /// Longest the hand-back of running clone jobs may hold up a stop.

@@ -35,6 +35,16 @@ impl Precall {
 
     /// Starts with HTTP on `http_port` (other settings from `env`) and waits for `/health`.
     pub fn start_on(http_port: u16, env: &[(&str, String)]) -> Self {
+        Self::spawn(http_port, env, &[200])
+    }
+
+    /// Starts on a free HTTP port and waits for `/health` to answer, whatever it says (a node
+    /// whose database is down answers 503).
+    pub fn start_unready(env: &[(&str, String)]) -> Self {
+        Self::spawn(free_tcp_port(), env, &[200, 503])
+    }
+
+    fn spawn(http_port: u16, env: &[(&str, String)], ready: &[u16]) -> Self {
         let media_port = env
             .iter()
             .find(|(k, _)| *k == "MEDIA_WS_PORT")
@@ -63,7 +73,9 @@ impl Precall {
         let child = cmd.spawn().expect("spawn precall");
         let p = Self { child: Some(child), http_port, media_port, sip_port };
         wait_for("precall to answer /health", Duration::from_secs(30), || {
-            http(p.http_port, "GET", "/health", "").ok().filter(|(status, _)| *status == 200)
+            http(p.http_port, "GET", "/health", "")
+                .ok()
+                .filter(|(status, _)| ready.contains(status))
         });
         p
     }

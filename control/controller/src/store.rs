@@ -219,6 +219,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Answers when the store can serve requests.
     fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Makes the store ready to serve (PostgreSQL: reaches the server and applies pending
+    /// migrations); until it succeeds, the store may answer `Unavailable`. Called again until
+    /// it does; once it has, a no-op.
+    fn prepare(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        ready(Ok(()))
+    }
 }
 
 /// What [`Store::set_call_status`] did.

@@ -39,10 +39,31 @@ pub struct PgStoreConfig {
 }
 
 /// The PostgreSQL [`Store`].
+///
+/// Built without a connection ([`PgStore::new`]): it answers `Unavailable` until
+/// [`Store::prepare`] has reached the server and applied the migrations, so a node can start
+/// (and say so on `/health`) while the database is still down.
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// A half-open connection (the server's host gone without a FIN) is found within this: TCP
+/// keepalive probes an idle connection after `KEEPALIVE_IDLE`, every `KEEPALIVE_INTERVAL`,
+/// `KEEPALIVE_RETRIES` times; data unacknowledged for `TCP_USER_TIMEOUT` fails the connection.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_RETRIES: u32 = 3;
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No statement runs longer on the server than this (`statement_timeout`): a request
+/// waits for the controller `CONTROL_REQUEST_TIMEOUT_MS` at most anyway.
+const STATEMENT_TIMEOUT_MS: u32 = 5_000;
+
+/// Why the store does not serve yet.
+#[derive(Debug, thiserror::Error)]
+#[error("waiting for PostgreSQL: not reached and migrated yet")]
+struct NotReady;
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -83,9 +104,23 @@ fn ts(t: SystemTime) -> Timestamp {
 impl PgStore {
     /// Connects, checks the server answers, and applies pending migrations.
     pub async fn connect(cfg: &PgStoreConfig) -> Result<Self, StoreError> {
+        let store = Self::new(cfg)?;
+        store.prepare().await?;
+        Ok(store)
+    }
+
+    /// The store over a pool that connects on first use; only a malformed URL fails here.
+    pub fn new(cfg: &PgStoreConfig) -> Result<Self, StoreError> {
         let mut pg: tokio_postgres::Config = cfg.url.parse().map_err(query)?;
         pg.connect_timeout(cfg.connect_timeout);
         pg.application_name("precall");
+        pg.keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES)
+            .tcp_user_timeout(TCP_USER_TIMEOUT);
+        let options = pg.get_options().unwrap_or("").to_owned();
+        pg.options(format!("{options} -c statement_timeout={STATEMENT_TIMEOUT_MS}").trim());
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -99,14 +134,18 @@ impl PgStore {
             .recycle_timeout(Some(cfg.connect_timeout))
             .build()
             .map_err(unavailable)?;
-        let store = Self { pool };
-        let mut client = store.pool.get().await.map_err(pool_err)?;
-        let ran = migrate(&mut client).await.map_err(query)?;
-        tracing::info!(migrations_applied = ran, "PostgreSQL store ready");
-        Ok(store)
+        Ok(Self { pool, ready: Default::default() })
+    }
+
+    /// Whether [`Store::prepare`] has succeeded.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        if !self.is_ready() {
+            return Err(unavailable(NotReady));
+        }
         self.pool.get().await.map_err(pool_err)
     }
 
@@ -742,6 +781,17 @@ impl Store for PgStore {
             .await
             .map_err(query)?;
         Ok(n == 1)
+    }
+
+    async fn prepare(&self) -> Result<(), StoreError> {
+        if self.is_ready() {
+            return Ok(());
+        }
+        let mut client = self.pool.get().await.map_err(pool_err)?;
+        let ran = migrate(&mut client).await.map_err(query)?;
+        tracing::info!(migrations_applied = ran, "PostgreSQL store ready");
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     async fn health(&self) -> Result<(), StoreError> {
