@@ -7,8 +7,8 @@ use std::net::TcpStream;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use support::precall::{BIN, Precall, keep_coverage_env};
 use support::pg::PgServer;
+use support::precall::{BIN, Precall, keep_coverage_env};
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
@@ -179,4 +179,48 @@ fn a_second_instance_on_the_same_ports_refuses_to_start() {
     }
     // The first one never noticed.
     assert_eq!(first.get("/health").0, 200);
+}
+
+#[test]
+fn call_records_past_their_retention_are_deleted() {
+    let pg = PgServer::start();
+    let url = pg.url();
+    // A first start migrates the database.
+    drop(Precall::start(&[("DATABASE_URL", url.clone())]));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let count = |sql: &str| {
+        rt.block_on(async {
+            let (client, conn) =
+                tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+        })
+    };
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(
+                "INSERT INTO calls (call_id, protocol, caller_number, recipient_number, profile_id, \
+                 status, started_at, ended_at) VALUES \
+                 ('CA-31-days', 'twilio', '+1555', '+1800', 'default', 'ended', \
+                  now() - interval '31 days', now() - interval '31 days'), \
+                 ('CA-29-days', 'twilio', '+1555', '+1800', 'default', 'ended', \
+                  now() - interval '29 days', now() - interval '29 days'); \
+                 INSERT INTO call_events (call_id, at, kind) VALUES \
+                 ('CA-31-days', now() - interval '31 days', 'inbound'), \
+                 ('CA-29-days', now() - interval '29 days', 'inbound');",
+            )
+            .await
+            .unwrap();
+    });
+    // The default CALL_RETENTION_DAYS is 30; the first sweep runs at start.
+    let p = Precall::start(&[("DATABASE_URL", url.clone())]);
+    support::wait_for("the 31-day-old call to go", Duration::from_secs(30), || {
+        (count("SELECT count(*) FROM calls WHERE call_id = 'CA-31-days'") == 0).then_some(())
+    });
+    assert_eq!(count("SELECT count(*) FROM call_events WHERE call_id = 'CA-31-days'"), 0);
+    assert_eq!(count("SELECT count(*) FROM calls WHERE call_id = 'CA-29-days'"), 1);
+    assert_eq!(count("SELECT count(*) FROM call_events WHERE call_id = 'CA-29-days'"), 1);
+    assert_eq!(p.metric_line("precall_calls_forgotten_total"), Some(1));
 }

@@ -449,6 +449,38 @@ async fn join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<
     out.into_iter().map(Option::unwrap).collect()
 }
 
+/// Runs last: it deletes calls recorded before the suite's other calls' times.
+async fn old_calls_are_forgotten<S: Store>(s: &S) {
+    let call = |id: &str, at| CallRecord { started_at: Timestamp(at), ..record(id, at) };
+    for (id, at) in [("CA-old-ended", 10), ("CA-old-open", 20), ("CA-recent-ended", 90)] {
+        s.insert_call(&call(id, at)).await.unwrap();
+    }
+    for id in ["CA-old-ended", "CA-recent-ended"] {
+        s.set_call_status(&id.into(), CallStatus::Ended, Timestamp(95), Some("completed"))
+            .await
+            .unwrap();
+    }
+    let event = |id: &str| CallEvent {
+        call_id: id.into(),
+        at: Timestamp(10),
+        kind: EventKind::Inbound,
+        detail: String::new(),
+    };
+    s.append_event(&event("CA-old-ended")).await.unwrap();
+    // Ended before 50, or never ended and before 15: only the old ended call.
+    assert_eq!(s.forget_calls(Timestamp(50), Timestamp(15), 10).await.unwrap(), 1);
+    assert_eq!(s.get_call(&"CA-old-ended".into()).await.unwrap(), None);
+    assert!(s.call_events(&"CA-old-ended".into()).await.unwrap().is_empty(), "events go too");
+    assert!(s.get_call(&"CA-old-open".into()).await.unwrap().is_some());
+    // Oldest first, at most `limit`.
+    assert_eq!(s.forget_calls(Timestamp(100), Timestamp(100), 1).await.unwrap(), 1);
+    assert_eq!(s.get_call(&"CA-old-open".into()).await.unwrap(), None);
+    assert!(s.get_call(&"CA-recent-ended".into()).await.unwrap().is_some());
+    assert_eq!(s.forget_calls(Timestamp(100), Timestamp(100), 10).await.unwrap(), 1);
+    assert_eq!(s.forget_calls(Timestamp(100), Timestamp(100), 10).await.unwrap(), 0);
+    assert!(s.get_call(&"CA-once".into()).await.unwrap().is_some(), "newer calls stay");
+}
+
 async fn suite<S: Store>(s: &S) {
     s.health().await.unwrap();
     calls_are_recorded_once(s).await;
@@ -462,6 +494,7 @@ async fn suite<S: Store>(s: &S) {
     concurrent_claims_create_one_job(s).await;
     racing_transitions_are_made_once(s).await;
     live_call_pushes_are_claimed_once(s).await;
+    old_calls_are_forgotten(s).await;
 }
 
 fn pg_config(url: String) -> PgStoreConfig {

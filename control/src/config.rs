@@ -300,6 +300,14 @@ pub const VARS: &[Var] = &[
                (0: never check)",
     },
     Var {
+        name: "CALL_RETENTION_DAYS",
+        default: "30",
+        help: "call records and their events (phone numbers: personal data) are deleted this \
+               many days after the call started, in batches every minute (0: kept forever); the \
+               in-memory store also forgets a call that never got an end after MAX_HOLD_MS plus \
+               4 hours",
+    },
+    Var {
         name: "NODE_ID",
         default: "host:pid:random",
         help: "this node's name on the clone job leases it holds (unique per process)",
@@ -506,6 +514,8 @@ pub struct Config {
     pub clone_delete_replaced: bool,
     /// `CLONE_VERIFY_AFTER_MS`.
     pub clone_verify_after: Duration,
+    /// `CALL_RETENTION_DAYS` (zero: forever).
+    pub call_retention: Duration,
     /// `NODE_ID`, or a name made at start.
     pub node_id: String,
     /// Controller request deadline.
@@ -866,6 +876,10 @@ impl Config {
             clone_retry_permanent: r.millis("CLONE_RETRY_PERMANENT_MS")?,
             clone_delete_replaced: r.bool("CLONE_DELETE_REPLACED")?,
             clone_verify_after: r.millis("CLONE_VERIFY_AFTER_MS")?,
+            call_retention: Duration::from_secs(
+                r.parse::<u64>("CALL_RETENTION_DAYS", "a whole number of days")?
+                    .saturating_mul(86_400),
+            ),
             node_id: r.raw("NODE_ID").unwrap_or_else(default_node_id),
             control_request_timeout: r.millis("CONTROL_REQUEST_TIMEOUT_MS")?,
             drain_timeout: r.millis("DRAIN_TIMEOUT_MS")?,

@@ -18,7 +18,7 @@ use precall::hold_segments::HoldSegments;
 use precall::metrics::Metrics;
 use precall::profiles;
 use precall::push::{LivePush, PushAuth, PushConfig};
-use precall::runtime::{Recheck, Service, SideRuntime};
+use precall::runtime::{Recheck, Retention, Service, SideRuntime};
 use precall::sip_bridge::{DefaultClips, SipBridge};
 use precall::store::{PgStore, PgStoreConfig};
 use precall::twilio::{Twilio, TwilioConfig};
@@ -208,6 +208,7 @@ struct SideSetup {
     push: Option<Arc<LivePush>>,
     recheck: Arc<Recheck>,
     delete_replaced: bool,
+    retention: Option<Retention>,
 }
 
 fn start_side_runtime<S: Store>(
@@ -223,6 +224,7 @@ fn start_side_runtime<S: Store>(
         push,
         recheck,
         delete_replaced,
+        retention,
     } = setup;
     SideRuntime::start(
         move || async move {
@@ -236,6 +238,7 @@ fn start_side_runtime<S: Store>(
                 delete_replaced,
                 running: Default::default(),
                 profiles,
+                retention,
             })
         },
         request_timeout,
@@ -289,6 +292,10 @@ fn load_hold_segments(
         }
     });
 }
+
+/// No call lasts longer than this (the in-memory store forgets a call with no end after the
+/// hold limit plus this).
+const LONGEST_CALL: Duration = Duration::from_secs(4 * 3600);
 
 /// Longest a stop may take before the process exits anyway.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
@@ -392,13 +399,25 @@ fn serve(cfg: Config) -> Result<(), String> {
         push: live_push(&cfg)?,
         recheck: Arc::clone(&recheck),
         delete_replaced: cfg.clone_delete_replaced,
+        retention: None,
     };
+    let kept = (!cfg.call_retention.is_zero()).then_some(cfg.call_retention);
     let (side, store_kind) = match &cfg.database_url {
         None => {
             tracing::warn!("DATABASE_URL is not set: calls are kept in memory and lost at exit");
+            // A call with no end (its status callback never came) is forgotten once it cannot
+            // be going on any more: the hold limit plus the longest call.
+            let unended = cfg.max_hold + LONGEST_CALL;
+            let retention = Retention {
+                ended: kept.unwrap_or(Duration::MAX),
+                unended: kept.map_or(unended, |k| k.min(unended)),
+            };
+            let setup = SideSetup { retention: Some(retention), ..setup };
             (start_side_runtime(async { Ok(MemoryStore::new()) }, setup)?, "memory")
         }
         Some(url) => {
+            let setup =
+                SideSetup { retention: kept.map(|k| Retention { ended: k, unended: k }), ..setup };
             let pg = PgStoreConfig {
                 url: url.clone(),
                 pool_size: cfg.database_pool_size,

@@ -152,6 +152,7 @@ pub struct Metrics {
     clone_running: AtomicU64,
     clone_takeovers: AtomicU64,
     clone_leases_lost: AtomicU64,
+    calls_forgotten: AtomicU64,
     voices_deleted: [AtomicU64; 3],
     /// Checks of reused voices: usable, gone, error.
     voice_checks: [AtomicU64; 3],
@@ -178,6 +179,7 @@ impl Default for Metrics {
             clone_running: AtomicU64::new(0),
             clone_takeovers: AtomicU64::new(0),
             clone_leases_lost: AtomicU64::new(0),
+            calls_forgotten: AtomicU64::new(0),
             voices_deleted: Default::default(),
             voice_checks: Default::default(),
             backoffs: std::sync::Mutex::default(),
@@ -259,6 +261,11 @@ impl Metrics {
     /// This node lost the lease of a job it ran (another node took it over).
     pub fn clone_lease_lost(&self) {
         self.clone_leases_lost.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts call records deleted for their age (`CALL_RETENTION_DAYS`).
+    pub fn calls_forgotten(&self, n: usize) {
+        self.calls_forgotten.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// This node deleted a voice at the provider.
@@ -357,6 +364,12 @@ impl Metrics {
                 "counter",
                 "Clone jobs this node stopped because another node took them over (its lease lapsed: the database was away too long).",
                 &self.clone_leases_lost,
+            ),
+            (
+                "precall_calls_forgotten_total",
+                "counter",
+                "Call records (and their events) this node deleted for their age (CALL_RETENTION_DAYS; in memory also calls that never got an end).",
+                &self.calls_forgotten,
             ),
         ];
         for (name, kind, help, n) in counters {

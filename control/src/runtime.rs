@@ -91,6 +91,64 @@ pub struct Service<S> {
     pub running: RunningJobs,
     /// The voice profiles from configuration, saved to the store once it is ready.
     pub profiles: Vec<precall_controller::VoiceProfile>,
+    /// How long call records are kept, if not forever.
+    pub retention: Option<Retention>,
+}
+
+/// How long call records (personal data: phone numbers) are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// An ended call is forgotten this long after it started (`CALL_RETENTION_DAYS`).
+    pub ended: Duration,
+    /// A call that never got an end: this long (the in-memory store: the hold limit plus the
+    /// longest call; PostgreSQL: as ended ones, its record is kept for the operator).
+    pub unended: Duration,
+}
+
+/// How often old calls are looked for.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+/// Calls one statement forgets at most; one sweep runs up to [`RETENTION_BATCHES`] of them.
+const RETENTION_BATCH: usize = 1_000;
+const RETENTION_BATCHES: usize = 50;
+
+/// Every [`RETENTION_EVERY`] (the first at start): forgets calls past their retention, in
+/// batches, so one sweep never holds the store for long.
+async fn forget_old_calls<S: Store>(service: Arc<Service<S>>) {
+    let Some(retention) = service.retention else { return };
+    let store = service.controller.store();
+    loop {
+        let now = Timestamp::now();
+        let ended_before = Timestamp(now.0.saturating_sub(millis(retention.ended)));
+        let unended_before = Timestamp(now.0.saturating_sub(millis(retention.unended)));
+        let mut forgotten = 0;
+        // A store not reachable (yet: the node may have started before its database) is tried
+        // again in a second.
+        let mut wait = RETENTION_EVERY;
+        for _ in 0..RETENTION_BATCHES {
+            match store.forget_calls(ended_before, unended_before, RETENTION_BATCH).await {
+                Ok(n) => {
+                    forgotten += n;
+                    if n < RETENTION_BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot forget old calls now; retrying");
+                    wait = Duration::from_secs(1);
+                    break;
+                }
+            }
+        }
+        if forgotten > 0 {
+            service.metrics.calls_forgotten(forgotten);
+            tracing::info!(calls = forgotten, "old call records deleted (CALL_RETENTION_DAYS)");
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The clone jobs this node runs now: one run per job on a node, and the list handed back at
@@ -254,6 +312,7 @@ async fn serve<S: Store>(
     request_timeout: Duration,
 ) {
     tokio::spawn(prepare_store(Arc::clone(&service)));
+    let retention = tokio::spawn(forget_old_calls(Arc::clone(&service)));
     let sweeper = tokio::spawn(sweep(Arc::clone(&service)));
     loop {
         let env = tokio::select! {
@@ -269,6 +328,7 @@ async fn serve<S: Store>(
         });
     }
     sweeper.abort();
+    retention.abort();
     rx.close();
     while let Ok(env) = rx.try_recv() {
         (env.reply)(stopped_reply(&env.request));
@@ -382,9 +442,10 @@ async fn sweep<S: Store>(service: Arc<Service<S>>) {
         }
         if service.delete_replaced && voices_swept.is_none_or(|t| t.elapsed() >= VOICE_SWEEP_EVERY)
         {
-            voices_swept = Some(std::time::Instant::now());
             match service.controller.store().unused_voices(VOICE_SWEEP_BATCH).await {
                 Ok(jobs) => {
+                    // Only a sweep that ran counts: a store not ready yet is asked again next.
+                    voices_swept = Some(std::time::Instant::now());
                     for job in &jobs {
                         delete_voice(&service, job, VoiceDeletion::Replaced).await;
                     }

@@ -217,6 +217,16 @@ pub trait Store: Send + Sync + 'static {
         at: Timestamp,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Forgets up to `limit` calls with their events, oldest first: those that ended and were
+    /// recorded before `ended_before`, and those that never got an end (no status callback,
+    /// a node that died) recorded before `unended_before`. Returns how many it forgot.
+    fn forget_calls(
+        &self,
+        ended_before: Timestamp,
+        unended_before: Timestamp,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
     /// Answers when the store can serve requests.
     fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -686,6 +696,36 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         let claimed = inner.calls.contains_key(call_id) && inner.pushed.insert(call_id.clone());
         ready(Ok(claimed))
+    }
+
+    fn forget_calls(
+        &self,
+        ended_before: Timestamp,
+        unended_before: Timestamp,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        let mut inner = self.lock();
+        let mut old: Vec<(Timestamp, CallId)> = inner
+            .calls
+            .values()
+            .filter(|c| {
+                let before = if c.status.is_terminal() { ended_before } else { unended_before };
+                c.started_at < before
+            })
+            .map(|c| (c.started_at, c.call_id.clone()))
+            .collect();
+        old.sort();
+        old.truncate(limit);
+        for (_, id) in &old {
+            inner.calls.remove(id);
+            inner.events.remove(id);
+            inner.pushed.remove(id);
+        }
+        if !old.is_empty() {
+            let Inner { calls, order, .. } = &mut *inner;
+            order.retain(|id| calls.contains_key(id));
+        }
+        ready(Ok(old.len()))
     }
 
     fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send {

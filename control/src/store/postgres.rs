@@ -783,6 +783,35 @@ impl Store for PgStore {
         Ok(n == 1)
     }
 
+    async fn forget_calls(
+        &self,
+        ended_before: Timestamp,
+        unended_before: Timestamp,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        // One statement: the calls and their events go together (calls_by_start finds them).
+        let row = self
+            .client()
+            .await?
+            .cached_query_one(
+                "WITH gone AS (DELETE FROM calls WHERE call_id IN (\
+                   SELECT call_id FROM calls \
+                   WHERE (status = 'ended' AND started_at < $1) \
+                      OR (status <> 'ended' AND started_at < $2) \
+                   ORDER BY started_at LIMIT $3) RETURNING call_id), \
+                 events AS (DELETE FROM call_events WHERE call_id IN (SELECT call_id FROM gone)) \
+                 SELECT count(*) FROM gone",
+                &[
+                    &ended_before.to_system(),
+                    &unended_before.to_system(),
+                    &i64::try_from(limit).unwrap_or(i64::MAX),
+                ],
+            )
+            .await
+            .map_err(query)?;
+        Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
     async fn prepare(&self) -> Result<(), StoreError> {
         if self.is_ready() {
             return Ok(());
