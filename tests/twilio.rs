@@ -849,3 +849,96 @@ fn a_reused_voice_deleted_at_the_provider_is_found_before_a_call_is_sent_to_it()
     assert!(a.body.contains("<Connect>") && a.body.contains("value=\"voice-2\""), "{}", a.body);
     assert_eq!(n.metric("precall_voice_checks_total{result=\"gone\"}"), 1);
 }
+
+#[test]
+fn a_database_outage_under_webhook_load_hangs_up_nobody_and_loses_no_record() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let mut pg = PgServer::start();
+    let url = pg.url();
+    let env = [("DATABASE_URL", url.as_str()), ("SIMULATED_CLONE_DELAY_MS", "600000")];
+    let n = Arc::new(node(&env));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let during = Arc::new(AtomicUsize::new(0));
+    let outage = Arc::new(AtomicBool::new(false));
+    // Callers arrive one after another all along; each also polls its first hold segment
+    // and every third hangs up (status callback).
+    let caller = {
+        let (n, stop, sent, during, outage) = (
+            Arc::clone(&n),
+            Arc::clone(&stop),
+            Arc::clone(&sent),
+            Arc::clone(&during),
+            Arc::clone(&outage),
+        );
+        std::thread::spawn(move || {
+            let mut heard = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                let i = sent.load(Ordering::Acquire);
+                let sid = format!("CA{i:032}");
+                let in_outage = outage.load(Ordering::Acquire);
+                let a = n.voice(&sid);
+                let p = n.signed(&format!("/twilio/poll?call_id={sid}&hold=2"), &call_params(&sid));
+                let mut ended = 200;
+                if i % 3 == 0 {
+                    let mut status = call_params(&sid);
+                    status[6].1 = "completed".into();
+                    ended = n.signed("/twilio/status", &status).status;
+                }
+                heard.push((sid, a, p, ended));
+                sent.fetch_add(1, Ordering::AcqRel);
+                if in_outage {
+                    during.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+            heard
+        })
+    };
+    wait_for("calls before the outage", Duration::from_secs(20), || {
+        (sent.load(Ordering::Acquire) >= 10).then_some(())
+    });
+    pg.stop();
+    outage.store(true, Ordering::Release);
+    wait_for("/health to see the outage", Duration::from_secs(20), || {
+        (n.p.get("/health").0 == 503).then_some(())
+    });
+    wait_for("calls during the outage", Duration::from_secs(30), || {
+        (during.load(Ordering::Acquire) >= 15).then_some(())
+    });
+    assert!(n.p.metric_line("precall_journal_entries").unwrap() > 0, "calls were journaled");
+    pg.restart();
+    outage.store(false, Ordering::Release);
+    wait_for("the journal to be replayed", Duration::from_secs(30), || {
+        (n.p.metric_line("precall_journal_entries") == Some(0)).then_some(())
+    });
+    let after = sent.load(Ordering::Acquire);
+    wait_for("calls after the outage", Duration::from_secs(20), || {
+        (sent.load(Ordering::Acquire) >= after + 10).then_some(())
+    });
+    stop.store(true, Ordering::Release);
+    let heard = caller.join().unwrap();
+
+    // Nobody heard the error message or was hung up; every hang-up was taken (200).
+    for (sid, a, p, ended) in &heard {
+        assert!(!a.body.contains("<Hangup") && a.body.contains("<Redirect"), "{sid}: {}", a.body);
+        assert!(!p.body.contains("<Hangup") && p.body.contains("<Redirect"), "{sid}: {}", p.body);
+        assert_eq!(*ended, 200, "{sid}");
+    }
+    // Every call is recorded, and every hang-up with it.
+    let rt = runtime();
+    let (calls, ended) = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let calls: i64 = client.query_one("SELECT count(*) FROM calls", &[]).await.unwrap().get(0);
+        let ended: i64 = client
+            .query_one("SELECT count(*) FROM calls WHERE status = 'ended'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (calls, ended)
+    });
+    assert_eq!(calls as usize, heard.len(), "every call sent is recorded");
+    assert_eq!(ended as usize, heard.len().div_ceil(3), "every hang-up is recorded");
+    assert!(n.p.metric_line("precall_journal_replayed_total").unwrap() >= 15);
+}

@@ -18,6 +18,7 @@ pub mod audio_service;
 pub mod config;
 pub mod demo_agent;
 pub mod hold_segments;
+pub mod journal;
 pub mod metrics;
 pub mod profiles;
 pub mod push;

@@ -239,6 +239,7 @@ fn start_side_runtime<S: Store>(
                 running: Default::default(),
                 profiles,
                 retention,
+                journal: Default::default(),
             })
         },
         request_timeout,

@@ -153,6 +153,8 @@ pub struct Metrics {
     clone_takeovers: AtomicU64,
     clone_leases_lost: AtomicU64,
     calls_forgotten: AtomicU64,
+    journal_len: AtomicU64,
+    journal_replayed: AtomicU64,
     voices_deleted: [AtomicU64; 3],
     /// Checks of reused voices: usable, gone, error.
     voice_checks: [AtomicU64; 3],
@@ -180,6 +182,8 @@ impl Default for Metrics {
             clone_takeovers: AtomicU64::new(0),
             clone_leases_lost: AtomicU64::new(0),
             calls_forgotten: AtomicU64::new(0),
+            journal_len: AtomicU64::new(0),
+            journal_replayed: AtomicU64::new(0),
             voices_deleted: Default::default(),
             voice_checks: Default::default(),
             backoffs: std::sync::Mutex::default(),
@@ -266,6 +270,16 @@ impl Metrics {
     /// Counts call records deleted for their age (`CALL_RETENTION_DAYS`).
     pub fn calls_forgotten(&self, n: usize) {
         self.calls_forgotten.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The journal's size now.
+    pub fn journal_len(&self, n: usize) {
+        self.journal_len.store(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// A journaled entry reached the store.
+    pub fn journal_replayed(&self) {
+        self.journal_replayed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// This node deleted a voice at the provider.
@@ -370,6 +384,18 @@ impl Metrics {
                 "counter",
                 "Call records (and their events) this node deleted for their age (CALL_RETENTION_DAYS; in memory also calls that never got an end).",
                 &self.calls_forgotten,
+            ),
+            (
+                "precall_journal_entries",
+                "gauge",
+                "Calls, ends and events this node answered during a store outage and keeps, in order, until the store takes them (at most 100,000).",
+                &self.journal_len,
+            ),
+            (
+                "precall_journal_replayed_total",
+                "counter",
+                "Journaled entries the store took once it was back.",
+                &self.journal_replayed,
             ),
         ];
         for (name, kind, help, n) in counters {

@@ -19,6 +19,7 @@ use precall_controller::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::journal::{Entry, Journal};
 use crate::metrics::{CloneBackoff, Metrics, VoiceDeletion};
 use crate::push::{LivePush, PushTarget};
 
@@ -93,6 +94,47 @@ pub struct Service<S> {
     pub profiles: Vec<precall_controller::VoiceProfile>,
     /// How long call records are kept, if not forever.
     pub retention: Option<Retention>,
+    /// What the store could not take during an outage, in order (see [`crate::journal`]).
+    pub journal: JournalCell,
+}
+
+/// The node's journal and the wake-up of its replay.
+#[derive(Debug, Default)]
+pub struct JournalCell {
+    journal: std::sync::Mutex<Journal>,
+    wake: tokio::sync::Notify,
+}
+
+impl JournalCell {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Journal> {
+        // Each change is one push or pop: a poisoned journal is still consistent.
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(
+        &self,
+        metrics: &Metrics,
+        call_id: &precall_api::CallId,
+        at: Timestamp,
+        entry: Entry,
+    ) -> bool {
+        let mut j = self.lock();
+        let kept = j.push(call_id.clone(), at, entry).is_ok();
+        metrics.journal_len(j.len());
+        drop(j);
+        if kept {
+            self.wake.notify_one();
+        }
+        kept
+    }
+
+    fn has(&self, call_id: &precall_api::CallId) -> bool {
+        self.lock().has(call_id)
+    }
+
+    fn has_inbound(&self, call_id: &precall_api::CallId) -> bool {
+        self.lock().has_inbound(call_id)
+    }
 }
 
 /// How long call records (personal data: phone numbers) are kept.
@@ -312,6 +354,7 @@ async fn serve<S: Store>(
     request_timeout: Duration,
 ) {
     tokio::spawn(prepare_store(Arc::clone(&service)));
+    let replay = tokio::spawn(replay_journal(Arc::clone(&service)));
     let retention = tokio::spawn(forget_old_calls(Arc::clone(&service)));
     let sweeper = tokio::spawn(sweep(Arc::clone(&service)));
     loop {
@@ -329,6 +372,14 @@ async fn serve<S: Store>(
     }
     sweeper.abort();
     retention.abort();
+    replay.abort();
+    let left = service.journal.lock().len();
+    if left > 0 {
+        tracing::error!(
+            entries = left,
+            "stopping with journaled calls the store never took: they are lost"
+        );
+    }
     rx.close();
     while let Ok(env) = rx.try_recv() {
         (env.reply)(stopped_reply(&env.request));
@@ -374,6 +425,106 @@ async fn prepare_store<S: Store>(service: Arc<Service<S>>) {
                 tracing::error!(error = %e, "the store refused to start (check DATABASE_URL, its user and rights)");
                 std::process::exit(1);
             }
+        }
+    }
+}
+
+/// Journals what a call's request says instead of storing it, when the store is away
+/// (`failed` is its error) or entries about the call already wait (`failed` is `None`: they
+/// must be replayed first). `None`: go on with the store's answer.
+fn journal_instead<S: Store>(
+    service: &Arc<Service<S>>,
+    call_id: &precall_api::CallId,
+    now: Timestamp,
+    entry: impl FnOnce() -> Entry,
+    failed: Option<&ControllerError>,
+) -> Option<ControlReply> {
+    let unavailable = matches!(
+        failed,
+        Some(ControllerError::Store(precall_controller::StoreError::Unavailable(_)))
+    );
+    let waiting = failed.is_none() && service.journal.has(call_id);
+    if !(unavailable || waiting) {
+        return None;
+    }
+    // Full: the store's error stands (the shard retries its end reports).
+    service
+        .journal
+        .push(&service.metrics, call_id, now, entry())
+        .then_some(ControlReply::Ended(Ok(())))
+}
+
+/// The answer to a call during a store outage: greeting + hold + poll from the node's own
+/// profiles (the configured ones; the default profile for numbers it does not know).
+fn outage_answer<S: Store>(
+    service: &Arc<Service<S>>,
+    ctx: &precall_api::CallContext,
+    now: Timestamp,
+) -> precall_api::CallInstructions {
+    let cfg = service.controller.config();
+    let number = precall_controller::normalize_number(&ctx.recipient_number);
+    let profile = service
+        .profiles
+        .iter()
+        .find(|p| !number.is_empty() && p.number.as_deref() == Some(number.as_str()))
+        .or_else(|| service.profiles.iter().find(|p| p.id == cfg.default_profile));
+    let profile_id = profile.map_or_else(|| cfg.default_profile.clone(), |p| p.id.clone());
+    let call = precall_controller::CallRecord::inbound(ctx, profile_id, now);
+    let planner = precall_controller::plan::Planner::new(cfg);
+    planner.plan(&call, None, profile, now, true).instructions
+}
+
+/// Replays the journal, oldest first, as soon as the store takes it; each entry with the time
+/// it happened. An entry the store refuses for another reason than being away is logged and
+/// dropped (it would block the rest for ever).
+async fn replay_journal<S: Store>(service: Arc<Service<S>>) {
+    let ctl = &service.controller;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let head = service.journal.lock().front().cloned();
+        let Some(head) = head else {
+            service.journal.wake.notified().await;
+            continue;
+        };
+        let now = Timestamp::now();
+        let id = &head.call_id;
+        let result: Result<(), ControllerError> = match &head.entry {
+            Entry::Inbound(ctx) => ctl.handle_inbound_call_at(ctx, head.at, now).await.map(|o| {
+                if let Some(job) = o.start_clone {
+                    start_clone(Arc::clone(&service), job);
+                }
+            }),
+            Entry::Ended { reason } => ctl.call_ended(id, reason, head.at).await.map(|c| {
+                if c.changed {
+                    service.metrics.call_ended(&c.record);
+                }
+            }),
+            Entry::StreamClosed { reason, failed } => {
+                ctl.stream_closed(id, reason, *failed, head.at).await.map(|c| {
+                    if c.changed && c.record.status == precall_api::CallStatus::Ended {
+                        service.metrics.call_ended(&c.record);
+                    }
+                })
+            }
+            Entry::Event { kind, detail } => ctl.media_event(id, *kind, detail, head.at).await,
+        };
+        match result {
+            Err(ControllerError::Store(precall_controller::StoreError::Unavailable(_))) => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(call_id = %id, error = %e, "a journaled entry was refused by the store; dropped")
+            }
+            Ok(()) => service.metrics.journal_replayed(),
+        }
+        delay = Duration::from_millis(100);
+        let mut j = service.journal.lock();
+        j.pop();
+        service.metrics.journal_len(j.len());
+        if j.is_empty() {
+            tracing::info!("journal replayed: the store has every call again");
         }
     }
 }
@@ -492,10 +643,28 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
     let ctl = &service.controller;
     match request {
         ControlRequest::Inbound(ctx) => {
+            // A retried webhook or retransmitted INVITE of a journaled call: same answer.
+            if service.journal.has_inbound(&ctx.call_id) {
+                return ControlReply::Instructions(Ok(outage_answer(service, ctx, now)));
+            }
             let out = match ctl.handle_inbound_call(ctx, now).await {
                 Ok(precall_controller::InboundOutcome { verify_voice: Some(check), .. }) => {
                     let usable = voice_usable(service, &check).await;
                     ctl.voice_checked(&ctx.call_id, &check, usable, Timestamp::now()).await
+                }
+                Err(ControllerError::Store(precall_controller::StoreError::Unavailable(e))) => {
+                    // The store is away: answer greeting + hold from what the node knows and
+                    // record the call once the store is back.
+                    if service.journal.push(
+                        &service.metrics,
+                        &ctx.call_id,
+                        now,
+                        Entry::Inbound(ctx.clone()),
+                    ) {
+                        tracing::warn!(call_id = %ctx.call_id, error = %e, "store unavailable: the call holds and is journaled");
+                        return ControlReply::Instructions(Ok(outage_answer(service, ctx, now)));
+                    }
+                    Err(ControllerError::Store(precall_controller::StoreError::Unavailable(e)))
                 }
                 other => other,
             };
@@ -513,11 +682,26 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
             });
             ControlReply::Instructions(out)
         }
+        // A journaled call is not in the store yet: it holds as in the outage.
+        ControlRequest::CheckStatus(call_id) if service.journal.has_inbound(call_id) => {
+            ControlReply::Instructions(Err(ControlError::StoreUnavailable(
+                "the call is journaled until the store takes it".to_owned(),
+            )))
+        }
         ControlRequest::CheckStatus(call_id) => ControlReply::Instructions(
             ctl.check_clone_status(call_id, now).await.map_err(control_error),
         ),
         ControlRequest::CallEnded { call_id, reason } => {
-            let ended = ctl.call_ended(call_id, reason, now).await.map_err(control_error);
+            let entry = || Entry::Ended { reason: reason.clone() };
+            if let Some(reply) = journal_instead(service, call_id, now, entry, None) {
+                return reply;
+            }
+            let ended = ctl.call_ended(call_id, reason, now).await;
+            if let Some(reply) = journal_instead(service, call_id, now, entry, ended.as_ref().err())
+            {
+                return reply;
+            }
+            let ended = ended.map_err(control_error);
             // Counted once: a repeated end report (a retried callback, a SIP end and a Twilio
             // callback for one call) did not end the call again.
             if let Ok(change) = &ended {
@@ -531,8 +715,17 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
             ControlReply::Instructions(ctl.stream_started(start, now).await.map_err(control_error))
         }
         ControlRequest::StreamClosed { call_id, reason, failed } => {
-            let closed =
-                ctl.stream_closed(call_id, reason, *failed, now).await.map_err(control_error);
+            let entry = || Entry::StreamClosed { reason: reason.clone(), failed: *failed };
+            if let Some(reply) = journal_instead(service, call_id, now, entry, None) {
+                return reply;
+            }
+            let closed = ctl.stream_closed(call_id, reason, *failed, now).await;
+            if let Some(reply) =
+                journal_instead(service, call_id, now, entry, closed.as_ref().err())
+            {
+                return reply;
+            }
+            let closed = closed.map_err(control_error);
             if let Ok(change) = &closed {
                 if change.changed && change.record.status == precall_api::CallStatus::Ended {
                     service.metrics.call_ended(&change.record);
@@ -540,9 +733,18 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
             }
             ControlReply::Ended(closed.map(|_| ()))
         }
-        ControlRequest::CallEvent { call_id, kind, detail } => ControlReply::Ended(
-            ctl.media_event(call_id, *kind, detail, now).await.map_err(control_error),
-        ),
+        ControlRequest::CallEvent { call_id, kind, detail } => {
+            let entry = || Entry::Event { kind: *kind, detail: detail.clone() };
+            if let Some(reply) = journal_instead(service, call_id, now, entry, None) {
+                return reply;
+            }
+            let done = ctl.media_event(call_id, *kind, detail, now).await;
+            if let Some(reply) = journal_instead(service, call_id, now, entry, done.as_ref().err())
+            {
+                return reply;
+            }
+            ControlReply::Ended(done.map_err(control_error))
+        }
         ControlRequest::Health => ControlReply::Health(
             ctl.store().health().await.map_err(|e| ControlError::Store(e.to_string())),
         ),

@@ -126,10 +126,22 @@ impl<S: Store> CallController<S> {
         ctx: &CallContext,
         now: Timestamp,
     ) -> Result<InboundOutcome, ControllerError> {
+        self.handle_inbound_call_at(ctx, now, now).await
+    }
+
+    /// [`CallController::handle_inbound_call`] for a call that arrived at `arrived` (earlier
+    /// than `now` when the node journaled it during a store outage): its record and hold time
+    /// count from then.
+    pub async fn handle_inbound_call_at(
+        &self,
+        ctx: &CallContext,
+        arrived: Timestamp,
+        now: Timestamp,
+    ) -> Result<InboundOutcome, ControllerError> {
         let profile = self.profile_for(&ctx.recipient_number).await?;
         let profile_id =
             profile.as_ref().map_or_else(|| self.cfg.default_profile.clone(), |p| p.id.clone());
-        let fresh = CallRecord::inbound(ctx, profile_id, now);
+        let fresh = CallRecord::inbound(ctx, profile_id, arrived);
         let (mut call, first) = match self.store.insert_call(&fresh).await? {
             InsertCall::Inserted => (fresh, true),
             InsertCall::Existing(existing) => (*existing, false),
@@ -140,7 +152,8 @@ impl<S: Store> CallController<S> {
             self.store.get_profile(&call.profile_id).await?
         };
         if first {
-            self.event(&call.call_id, now, EventKind::Inbound, call.profile_id.as_str()).await?;
+            self.event(&call.call_id, arrived, EventKind::Inbound, call.profile_id.as_str())
+                .await?;
         } else {
             self.event(&call.call_id, now, EventKind::DuplicateInbound, "").await?;
         }
