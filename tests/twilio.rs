@@ -493,7 +493,10 @@ fn a_database_outage_is_not_heard_by_a_caller_on_hold() {
     // bound a hold by: it ends the call as before.
     let a = n.poll(SID);
     assert!(a.body.contains("<Hangup />"), "{}", a.body);
-    assert_eq!(n.p.get("/health").0, 503, "/health says the store is down");
+    // /health says so at its next probe of the store (every 500 ms).
+    wait_for("/health to say the store is down", Duration::from_secs(10), || {
+        (n.p.get("/health").0 == 503).then_some(())
+    });
 
     // Back: the next polls answer from the record again, and the call is still holding.
     pg.restart();
@@ -898,6 +901,9 @@ fn a_database_outage_under_webhook_load_hangs_up_nobody_and_loses_no_record() {
     wait_for("calls before the outage", Duration::from_secs(20), || {
         (sent.load(Ordering::Acquire) >= 10).then_some(())
     });
+    // The pool and the side runtime's queue are on /metrics.
+    assert_eq!(n.metric("precall_db_connections{state=\"max\"}"), 8);
+    assert!(n.p.metric_line("precall_control_queue_depth").is_some());
     pg.stop();
     outage.store(true, Ordering::Release);
     wait_for("/health to see the outage", Duration::from_secs(20), || {

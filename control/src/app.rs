@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use precall_api::{ControlError, ControlReply, ControlRequest};
 use precall_http::{Handler, Request, Response};
 
 use crate::metrics::Metrics;
@@ -27,6 +26,8 @@ pub struct App {
     twilio: Twilio,
     /// A graceful stop is under way: `/health` says so (503) and new Twilio calls get 503.
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// The store's health, as the side runtime last probed it.
+    store_health: Arc<crate::runtime::StoreHealth>,
 }
 
 impl std::fmt::Debug for App {
@@ -44,8 +45,17 @@ impl App {
         metrics: Arc<Metrics>,
         store_kind: &'static str,
         twilio: Twilio,
+        store_health: Arc<crate::runtime::StoreHealth>,
     ) -> Self {
-        Self { control, shards, metrics, store_kind, twilio, draining: Arc::default() }
+        Self {
+            control,
+            shards,
+            metrics,
+            store_kind,
+            twilio,
+            draining: Arc::default(),
+            store_health,
+        }
     }
 
     /// The flag that puts the node in draining mode (see [`App::handle`]).
@@ -58,11 +68,9 @@ impl App {
     }
 
     fn health(&self) -> Response {
-        let store = match self.control.call(ControlRequest::Health) {
-            Ok(ControlReply::Health(Ok(()))) => Ok(()),
-            Ok(ControlReply::Health(Err(e))) | Err(e) => Err(e),
-            Ok(_) => Err(ControlError::Mismatch),
-        };
+        // The side runtime's last probe: no trip through its queue (a flood of health checks
+        // must not take the places webhooks need), at most HEALTH_EVERY old.
+        let store = self.store_health.get();
         let shards = (self.shards)();
         let shards_ok = !shards.is_empty() && shards.iter().all(|s| s.alive);
         let draining = self.is_draining();
@@ -78,7 +86,7 @@ impl App {
             "store": {
                 "kind": self.store_kind,
                 "ok": store.is_ok(),
-                "error": store.err().map(|e| e.to_string()),
+                "error": store.err(),
             },
             // Clone jobs on this node, and the profiles whose last clone failed (their new
             // calls get the error message until retry_at): the reason to fix is here.
@@ -105,6 +113,9 @@ impl App {
     fn metrics(&self) -> Response {
         let mut out = String::with_capacity(4096);
         self.metrics.render(&mut out);
+        out.push_str("# HELP precall_control_queue_depth Requests (webhooks, shard polls and ends) waiting for the control plane's side runtime; past 4096 they get 503.\n");
+        out.push_str("# TYPE precall_control_queue_depth gauge\n");
+        out.push_str(&format!("precall_control_queue_depth {}\n", self.control.queued()));
         out.push_str("# HELP precall_active_calls Calls owned by each engine shard.\n");
         out.push_str("# TYPE precall_active_calls gauge\n");
         // One read of the shards' counters for the whole page.

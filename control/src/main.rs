@@ -15,10 +15,10 @@ use precall::audio_service::AudioService;
 use precall::config::{self, Config, HoldMode, ProviderConfig, redact_url};
 use precall::demo_agent::DemoAgent;
 use precall::hold_segments::HoldSegments;
-use precall::metrics::Metrics;
+use precall::metrics::{Metrics, PoolProbe};
 use precall::profiles;
 use precall::push::{LivePush, PushAuth, PushConfig};
-use precall::runtime::{Recheck, Retention, Service, SideRuntime};
+use precall::runtime::{Recheck, Retention, Service, SideRuntime, StoreHealth};
 use precall::sip_bridge::{DefaultClips, SipBridge};
 use precall::store::{PgStore, PgStoreConfig};
 use precall::twilio::{Twilio, TwilioConfig};
@@ -209,6 +209,7 @@ struct SideSetup {
     recheck: Arc<Recheck>,
     delete_replaced: bool,
     retention: Option<Retention>,
+    store_health: Arc<StoreHealth>,
 }
 
 fn start_side_runtime<S: Store>(
@@ -225,6 +226,7 @@ fn start_side_runtime<S: Store>(
         recheck,
         delete_replaced,
         retention,
+        store_health,
     } = setup;
     SideRuntime::start(
         move || async move {
@@ -240,6 +242,7 @@ fn start_side_runtime<S: Store>(
                 profiles,
                 retention,
                 journal: Default::default(),
+                store_health,
             })
         },
         request_timeout,
@@ -391,6 +394,7 @@ fn serve(cfg: Config) -> Result<(), String> {
     };
     let agent_ws_url = agent_endpoint.ws_base();
     let agents = Arc::new(AgentResolver::new(agent_endpoint, cfg.control_request_timeout)?);
+    let store_health = Arc::new(StoreHealth::default());
     let setup = SideSetup {
         controller: controller_config(&cfg, &agent_ws_url),
         provider: provider(&cfg)?,
@@ -401,6 +405,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         recheck: Arc::clone(&recheck),
         delete_replaced: cfg.clone_delete_replaced,
         retention: None,
+        store_health: Arc::clone(&store_health),
     };
     let kept = (!cfg.call_retention.is_zero()).then_some(cfg.call_retention);
     let (side, store_kind) = match &cfg.database_url {
@@ -427,8 +432,10 @@ fn serve(cfg: Config) -> Result<(), String> {
             let shown = redact_url(url);
             // No connection yet: the side runtime reaches the server and migrates in the
             // background, retrying while it is down (/health says 503 meanwhile).
-            let store =
-                async move { PgStore::new(&pg).map_err(|e| format!("PostgreSQL at {shown}: {e}")) };
+            let store = PgStore::new(&pg).map_err(|e| format!("PostgreSQL at {shown}: {e}"))?;
+            let probe = store.clone();
+            metrics.watch_pool(PoolProbe(Box::new(move || probe.pool_use())));
+            let store = async move { Ok(store) };
             (start_side_runtime(store, setup)?, "postgres")
         }
     };
@@ -553,7 +560,8 @@ fn serve(cfg: Config) -> Result<(), String> {
     let segments = Arc::new(HoldSegments::new(cfg.status_poll_interval));
     load_hold_segments(&side, &audio, &segments, &cfg, &voice_profiles);
     let twilio = twilio.with_hold_segments(segments);
-    let app = App::new(side.handle(), probe, Arc::clone(&metrics), store_kind, twilio);
+    let app =
+        App::new(side.handle(), probe, Arc::clone(&metrics), store_kind, twilio, store_health);
     let draining = app.draining();
     let limits = Limits { max_connections: cfg.http_max_connections, ..Limits::default() };
     let http = Server::bind(cfg.http_addr, limits, Arc::new(app))

@@ -142,6 +142,15 @@ pub struct CloneBackoff {
     pub retry_at: precall_api::Timestamp,
 }
 
+/// Reads a connection pool's use: (open, in use, maximum).
+pub struct PoolProbe(pub Box<dyn Fn() -> (usize, usize, usize) + Send + Sync>);
+
+impl std::fmt::Debug for PoolProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolProbe")
+    }
+}
+
 /// All process metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -165,6 +174,8 @@ pub struct Metrics {
     webhooks: [Histogram; 3],
     errors: [AtomicU64; 6],
     pushes: [AtomicU64; 3],
+    /// Reads the database pool's use (open, in use, maximum), with PostgreSQL.
+    pool: std::sync::OnceLock<PoolProbe>,
     /// The HTTP server's open connections (set once the server is bound).
     http_connections: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 }
@@ -197,6 +208,7 @@ impl Default for Metrics {
             errors: Default::default(),
             pushes: Default::default(),
             http_connections: std::sync::OnceLock::new(),
+            pool: std::sync::OnceLock::new(),
         }
     }
 }
@@ -324,6 +336,11 @@ impl Metrics {
         self.webhooks[i].observe(took);
     }
 
+    /// Reads the database pool for `precall_db_connections`.
+    pub fn watch_pool(&self, probe: PoolProbe) {
+        let _ = self.pool.set(probe);
+    }
+
     /// Reads the HTTP server's open-connection count for `precall_http_connections`.
     pub fn watch_http_connections(&self, open: std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         let _ = self.http_connections.set(open);
@@ -445,6 +462,14 @@ impl Metrics {
             out.push_str("# HELP precall_http_connections HTTP connections open now (HTTP_MAX_CONNECTIONS caps them).\n");
             out.push_str("# TYPE precall_http_connections gauge\n");
             let _ = writeln!(out, "precall_http_connections {}", open.load(Ordering::Relaxed));
+        }
+        if let Some(probe) = self.pool.get() {
+            let (open, busy, max) = (probe.0)();
+            out.push_str("# HELP precall_db_connections PostgreSQL pool connections: open, in use, and the most it opens (DATABASE_POOL_SIZE).\n");
+            out.push_str("# TYPE precall_db_connections gauge\n");
+            for (state, n) in [("open", open), ("in_use", busy), ("max", max)] {
+                let _ = writeln!(out, "precall_db_connections{{state=\"{state}\"}} {n}");
+            }
         }
         out.push_str("# HELP precall_errors_total Errors answered, by kind.\n");
         out.push_str("# TYPE precall_errors_total counter\n");

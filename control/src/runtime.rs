@@ -55,6 +55,11 @@ impl ControlPort for ControlHandle {
 }
 
 impl ControlHandle {
+    /// Requests waiting for the side runtime now.
+    pub fn queued(&self) -> usize {
+        QUEUE_CAPACITY.saturating_sub(self.tx.capacity())
+    }
+
     /// Submits and waits for the answer on a may channel: in a may coroutine this parks the
     /// coroutine only, never its worker thread. The side runtime always answers (it enforces
     /// the request deadline), so the wait is bounded.
@@ -96,6 +101,45 @@ pub struct Service<S> {
     pub retention: Option<Retention>,
     /// What the store could not take during an outage, in order (see [`crate::journal`]).
     pub journal: JournalCell,
+    /// The store's health for `/health`, probed by the side runtime.
+    pub store_health: Arc<StoreHealth>,
+}
+
+/// The store's health as the side runtime last probed it (every [`HEALTH_EVERY`]): `/health`
+/// reads it without a trip through the side runtime's queue, so a flood of health checks
+/// never takes a place a webhook needs.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    /// `None` until the first probe; then the probe's error, if any.
+    state: std::sync::Mutex<Option<Result<(), String>>>,
+}
+
+impl StoreHealth {
+    /// The last probe's result (an error before the first probe).
+    pub fn get(&self) -> Result<(), String> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.clone().unwrap_or_else(|| Err("the store has not been probed yet".to_owned()))
+    }
+
+    fn set(&self, result: Result<(), String>) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+    }
+}
+
+/// How often the side runtime probes its store for `/health`.
+pub const HEALTH_EVERY: Duration = Duration::from_millis(500);
+
+async fn probe_store<S: Store>(service: Arc<Service<S>>) {
+    loop {
+        let probe =
+            tokio::time::timeout(Duration::from_secs(2), service.controller.store().health());
+        let result = match probe.await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("store unavailable: no answer to the health probe within 2 s".to_owned()),
+        };
+        service.store_health.set(result);
+        tokio::time::sleep(HEALTH_EVERY).await;
+    }
 }
 
 /// The node's journal and the wake-up of its replay.
@@ -355,6 +399,7 @@ async fn serve<S: Store>(
 ) {
     tokio::spawn(prepare_store(Arc::clone(&service)));
     let replay = tokio::spawn(replay_journal(Arc::clone(&service)));
+    let probe = tokio::spawn(probe_store(Arc::clone(&service)));
     let retention = tokio::spawn(forget_old_calls(Arc::clone(&service)));
     let sweeper = tokio::spawn(sweep(Arc::clone(&service)));
     loop {
@@ -373,6 +418,7 @@ async fn serve<S: Store>(
     sweeper.abort();
     retention.abort();
     replay.abort();
+    probe.abort();
     let left = service.journal.lock().len();
     if left > 0 {
         tracing::error!(

@@ -137,6 +137,12 @@ impl PgStore {
         Ok(Self { pool, ready: Default::default() })
     }
 
+    /// The pool's connections now: (open, in use, maximum).
+    pub fn pool_use(&self) -> (usize, usize, usize) {
+        let s = self.pool.status();
+        (s.size, s.size.saturating_sub(s.available), s.max_size)
+    }
+
     /// Whether [`Store::prepare`] has succeeded.
     pub fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::Acquire)
