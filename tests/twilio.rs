@@ -948,3 +948,54 @@ fn a_database_outage_under_webhook_load_hangs_up_nobody_and_loses_no_record() {
     assert_eq!(ended as usize, heard.len().div_ceil(3), "every hang-up is recorded");
     assert!(n.p.metric_line("precall_journal_replayed_total").unwrap() >= 15);
 }
+
+#[test]
+fn two_nodes_racing_on_one_call_and_one_profile_record_it_once_and_clone_once() {
+    use std::sync::{Arc, Barrier};
+    let pg = PgServer::start();
+    let url = pg.url();
+    let env = [("DATABASE_URL", url.as_str()), ("SIMULATED_CLONE_DELAY_MS", "600000")];
+    let nodes = Arc::new([node(&env), node(&env)]);
+    // Eight rounds: both nodes get the same CallSid at the same moment (Twilio's retry of a
+    // webhook that timed out, a second load balancer path), and a second caller of the same
+    // profile arrives on each node at once.
+    let answers: Vec<Answer> = (0..8)
+        .flat_map(|round| {
+            let start = Arc::new(Barrier::new(4));
+            let sids =
+                [format!("CA{round:032}"), format!("CB{round:032}"), format!("CC{round:032}")];
+            let jobs: Vec<_> = [(0, 0), (1, 0), (0, 1), (1, 2)]
+                .into_iter()
+                .map(|(node, sid)| {
+                    let (nodes, start, sid) =
+                        (Arc::clone(&nodes), Arc::clone(&start), sids[sid].clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        nodes[node].voice(&sid)
+                    })
+                })
+                .collect();
+            jobs.into_iter().map(|j| j.join().unwrap()).collect::<Vec<_>>()
+        })
+        .collect();
+    for a in &answers {
+        assert!(a.body.contains("<Redirect") && !a.body.contains("<Hangup"), "{}", a.body);
+    }
+    let rt = runtime();
+    let count = |sql: &str| {
+        rt.block_on(async {
+            let (client, conn) =
+                tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+        })
+    };
+    assert_eq!(count("SELECT count(*) FROM calls"), 24, "each CallSid is recorded once");
+    assert_eq!(count("SELECT count(*) FROM clone_jobs"), 1, "one job for the profile's samples");
+    assert_eq!(count("SELECT count(*) FROM call_events WHERE kind = 'clone_started'"), 1);
+    assert_eq!(count("SELECT count(*) FROM call_events WHERE kind = 'inbound'"), 24);
+    assert_eq!(count("SELECT count(*) FROM calls WHERE clone_job_id IS NULL"), 0);
+    let running: u64 =
+        nodes.iter().map(|n| n.p.metric_line("precall_clone_jobs_running").unwrap()).sum();
+    assert_eq!(running, 1, "one node runs the job");
+}
