@@ -999,3 +999,41 @@ fn two_nodes_racing_on_one_call_and_one_profile_record_it_once_and_clone_once() 
         nodes.iter().map(|n| n.p.metric_line("precall_clone_jobs_running").unwrap()).sum();
     assert_eq!(running, 1, "one node runs the job");
 }
+
+#[test]
+fn during_a_database_outage_a_profile_with_a_voice_still_reaches_the_agent() {
+    let mut pg = PgServer::start();
+    let url = pg.url();
+    let env = [("DATABASE_URL", url.as_str()), ("SIMULATED_CLONE_DELAY_MS", "0")];
+    let n = node(&env);
+    n.voice(SID);
+    poll_until_connected(&n, SID);
+    pg.stop();
+    wait_for("/health to see the outage", Duration::from_secs(20), || {
+        (n.p.get("/health").0 == 503).then_some(())
+    });
+    // The node has seen the profile's completed clone: the caller is put through at once.
+    let a = n.voice(SID2);
+    assert!(
+        a.body.contains("<Connect>") && a.body.contains("value=\"sim-default-1\""),
+        "{}",
+        a.body
+    );
+    pg.restart();
+    wait_for("the journal to be replayed", Duration::from_secs(30), || {
+        (n.p.metric_line("precall_journal_entries") == Some(0)
+            && n.p.metric_line("precall_journal_replayed_total") == Some(1))
+        .then_some(())
+    });
+    let rt = runtime();
+    let status = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let row = client
+            .query_one("SELECT status, clone_job_id FROM calls WHERE call_id = $1", &[&SID2])
+            .await
+            .unwrap();
+        (row.get::<_, String>(0), row.get::<_, Option<i64>>(1))
+    });
+    assert_eq!(status, ("connected".to_owned(), Some(1)), "recorded as it happened");
+}

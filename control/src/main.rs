@@ -243,6 +243,7 @@ fn start_side_runtime<S: Store>(
                 retention,
                 journal: Default::default(),
                 store_health,
+                voices: Default::default(),
             })
         },
         request_timeout,

@@ -103,6 +103,45 @@ pub struct Service<S> {
     pub journal: JournalCell,
     /// The store's health for `/health`, probed by the side runtime.
     pub store_health: Arc<StoreHealth>,
+    /// The completed clones this node has seen, by profile and sample set: during a store
+    /// outage a call whose profile has one still reaches the agent.
+    pub voices: VoiceCache,
+}
+
+/// Completed clones by (profile, samples hash), as this node last saw them.
+#[derive(Debug, Default)]
+pub struct VoiceCache(std::sync::Mutex<std::collections::HashMap<(String, String), CloneJob>>);
+
+impl VoiceCache {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), CloneJob>> {
+        // Each change is one insert or remove: a poisoned map is still consistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers a job: a completed one with a live voice is kept, anything else forgets the
+    /// sample set's entry.
+    fn saw(&self, job: &CloneJob) {
+        let key = (job.profile_id.as_str().to_owned(), job.samples_hash.clone());
+        let usable = job.status == precall_api::CloneStatus::Completed
+            && job.voice_id.is_some()
+            && job.voice_deleted_at.is_none();
+        let mut map = self.lock();
+        if usable {
+            map.insert(key, job.clone());
+        } else if job.status != precall_api::CloneStatus::Processing {
+            map.remove(&key);
+        }
+    }
+
+    fn forget(&self, job: JobId) {
+        self.lock().retain(|_, j| j.id != job);
+    }
+
+    fn get(&self, profile: &precall_controller::VoiceProfile) -> Option<CloneJob> {
+        self.lock().get(&(profile.id.as_str().to_owned(), profile.samples_hash())).cloned()
+    }
 }
 
 /// The store's health as the side runtime last probed it (every [`HEALTH_EVERY`]): `/health`
@@ -500,8 +539,9 @@ fn journal_instead<S: Store>(
         .then_some(ControlReply::Ended(Ok(())))
 }
 
-/// The answer to a call during a store outage: greeting + hold + poll from the node's own
-/// profiles (the configured ones; the default profile for numbers it does not know).
+/// The answer to a call during a store outage, from the node's own profiles (the configured
+/// ones; the default profile for numbers it does not know): greeting and the agent when the
+/// node has seen a completed clone of the profile's samples, else greeting + hold + poll.
 fn outage_answer<S: Store>(
     service: &Arc<Service<S>>,
     ctx: &precall_api::CallContext,
@@ -516,8 +556,11 @@ fn outage_answer<S: Store>(
         .or_else(|| service.profiles.iter().find(|p| p.id == cfg.default_profile));
     let profile_id = profile.map_or_else(|| cfg.default_profile.clone(), |p| p.id.clone());
     let call = precall_controller::CallRecord::inbound(ctx, profile_id, now);
+    // A completed clone of the profile's samples, seen by this node: the call reaches the
+    // agent now (the replay records it connected); otherwise it holds.
+    let job = profile.and_then(|p| service.voices.get(p));
     let planner = precall_controller::plan::Planner::new(cfg);
-    planner.plan(&call, None, profile, now, true).instructions
+    planner.plan(&call, job.as_ref(), profile, now, true).instructions
 }
 
 /// Replays the journal, oldest first, as soon as the store takes it; each entry with the time
@@ -696,6 +739,9 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
             let out = match ctl.handle_inbound_call(ctx, now).await {
                 Ok(precall_controller::InboundOutcome { verify_voice: Some(check), .. }) => {
                     let usable = voice_usable(service, &check).await;
+                    if !usable {
+                        service.voices.forget(check.job_id);
+                    }
                     ctl.voice_checked(&ctx.call_id, &check, usable, Timestamp::now()).await
                 }
                 Err(ControllerError::Store(precall_controller::StoreError::Unavailable(e))) => {
@@ -716,6 +762,9 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
             };
             let out = out.map_err(control_error);
             let out = out.map(|o| {
+                if let Some(job) = &o.job {
+                    service.voices.saw(job);
+                }
                 if let Some(job) = o.start_clone {
                     start_clone(Arc::clone(service), job);
                 }
@@ -875,6 +924,7 @@ async fn run_clone<S: Store>(service: &Arc<Service<S>>, job: &CloneRequest) {
         }
     }
     let Some(stored) = record_clone(service, job.job_id, &outcome).await else { return };
+    service.voices.saw(&stored);
     let profile = job.profile.id.as_str();
     match (&stored.status, &stored.retry_at) {
         (precall_api::CloneStatus::Failed, Some(retry_at)) => service.metrics.clone_backoff(
@@ -984,6 +1034,7 @@ async fn delete_voice<S: Store>(
     match service.provider.delete_voice(voice).await {
         Ok(()) => {
             tracing::info!(job = %job.id, profile = %job.profile_id, voice = %voice, why = ?why, "voice deleted at the provider");
+            service.voices.forget(job.id);
             service.metrics.voice_deleted(why);
             if why != VoiceDeletion::Duplicate {
                 if let Err(e) =

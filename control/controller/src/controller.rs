@@ -82,6 +82,9 @@ pub struct InboundOutcome {
     /// with [`CallController::voice_checked`]. Meanwhile `instructions` are the hold plan, and
     /// the call has not moved.
     pub verify_voice: Option<VoiceCheck>,
+    /// The clone job the call is attached to, as read (the shell caches completed ones, so
+    /// that a call can reach the agent while the store is away).
+    pub job: Option<CloneJob>,
 }
 
 /// A voice to confirm at the provider before a call is sent to it.
@@ -201,10 +204,11 @@ impl<S: Store> CallController<S> {
                 instructions: plan.instructions,
                 start_clone,
                 verify_voice: Some(check),
+                job: None,
             });
         }
         let instructions = self.apply(&call, job.as_ref(), profile.as_ref(), now, true).await?;
-        Ok(InboundOutcome { instructions, start_clone, verify_voice: None })
+        Ok(InboundOutcome { instructions, start_clone, verify_voice: None, job })
     }
 
     /// The voice a waiting call would be sent to, when it is due a check.
@@ -244,7 +248,7 @@ impl<S: Store> CallController<S> {
             self.store.voice_checked(check.job_id, now).await?;
             let job = self.store.get_clone_job(check.job_id).await?;
             let instructions = self.apply(&call, job.as_ref(), profile.as_ref(), now, true).await?;
-            return Ok(InboundOutcome { instructions, start_clone: None, verify_voice: None });
+            return Ok(InboundOutcome { instructions, start_clone: None, verify_voice: None, job });
         }
         self.store.voice_deleted(check.job_id, now).await?;
         self.event(call_id, now, EventKind::VoiceGone, check.voice_id.as_str()).await?;
@@ -266,7 +270,7 @@ impl<S: Store> CallController<S> {
             job = Some(new);
         }
         let instructions = self.apply(&call, job.as_ref(), profile.as_ref(), now, true).await?;
-        Ok(InboundOutcome { instructions, start_clone, verify_voice: None })
+        Ok(InboundOutcome { instructions, start_clone, verify_voice: None, job })
     }
 
     /// A status check: hold + poll while processing, the agent once completed, error + hang up
