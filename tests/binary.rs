@@ -224,3 +224,18 @@ fn call_records_past_their_retention_are_deleted() {
     assert_eq!(count("SELECT count(*) FROM call_events WHERE call_id = 'CA-29-days'"), 1);
     assert_eq!(p.metric_line("precall_calls_forgotten_total"), Some(1));
 }
+
+#[test]
+fn metrics_can_have_a_listener_of_their_own() {
+    let port = support::free_tcp_port();
+    let p = Precall::start(&[("METRICS_ADDR", format!("127.0.0.1:{port}"))]);
+    let (status, body) = support::precall::http(port, "GET", "/metrics", "").unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("precall_calls_total"), "{body}");
+    assert_eq!(support::precall::http(port, "GET", "/health", "").unwrap().0, 200);
+    assert_eq!(support::precall::http(port, "POST", "/twilio/voice", "").unwrap().0, 404);
+    // The control plane's port keeps /health for the load balancer, not the metrics.
+    assert_eq!(p.get("/metrics").0, 404);
+    assert_eq!(p.get("/health").0, 200);
+    assert!(p.stop().success());
+}

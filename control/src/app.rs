@@ -28,6 +28,25 @@ pub struct App {
     draining: Arc<std::sync::atomic::AtomicBool>,
     /// The store's health, as the side runtime last probed it.
     store_health: Arc<crate::runtime::StoreHealth>,
+    /// `/metrics` is served on a listener of its own (`METRICS_ADDR`), not here.
+    metrics_elsewhere: bool,
+}
+
+/// The `METRICS_ADDR` listener's routes: `/metrics` and `/health` of the same [`App`].
+#[derive(Debug)]
+pub struct Observer(pub Arc<App>);
+
+impl Handler for Observer {
+    fn handle(&self, req: &Request) -> Response {
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET" | "HEAD", "/health") => self.0.health(),
+            ("GET" | "HEAD", "/metrics") => self.0.metrics(),
+            (_, "/health" | "/metrics") => {
+                Response::text(405, "use GET\n").header("Allow", "GET, HEAD")
+            }
+            _ => Response::text(404, "not found\n"),
+        }
+    }
 }
 
 impl std::fmt::Debug for App {
@@ -55,7 +74,14 @@ impl App {
             twilio,
             draining: Arc::default(),
             store_health,
+            metrics_elsewhere: false,
         }
+    }
+
+    /// Leaves `/metrics` to the `METRICS_ADDR` listener ([`Observer`]).
+    pub fn with_metrics_elsewhere(mut self) -> Self {
+        self.metrics_elsewhere = true;
+        self
     }
 
     /// The flag that puts the node in draining mode (see [`App::handle`]).
@@ -310,6 +336,7 @@ impl Handler for App {
                     None => Response::text(404, "no such clip\n"),
                 }
             }
+            (_, "/metrics") if self.metrics_elsewhere => Response::text(404, "not found\n"),
             ("GET" | "HEAD", "/health") => self.health(),
             ("GET" | "HEAD", "/metrics") => self.metrics(),
             (_, "/health" | "/metrics") => {

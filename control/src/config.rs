@@ -29,6 +29,12 @@ pub const VARS: &[Var] = &[
     },
     Var { name: "HTTP_PORT", default: "8000", help: "port of the HTTP control plane" },
     Var {
+        name: "METRICS_ADDR",
+        default: "-",
+        help: "an address such as 127.0.0.1:9100 to serve /metrics and /health on a listener of \
+               their own (then the control plane's port no longer serves /metrics)",
+    },
+    Var {
         name: "HTTP_MAX_CONNECTIONS",
         default: "10000",
         help: "HTTP connections open at once at most; one more gets 503 + Retry-After and is \
@@ -416,6 +422,8 @@ pub enum ProviderConfig {
 pub struct Config {
     /// HTTP control plane address.
     pub http_addr: SocketAddr,
+    /// `METRICS_ADDR`.
+    pub metrics_addr: Option<SocketAddr>,
     /// `HTTP_MAX_CONNECTIONS`.
     pub http_max_connections: usize,
     /// Base URL Twilio reaches us at, without trailing slash.
@@ -802,8 +810,17 @@ impl Config {
                 expected: "at least 100 milliseconds",
             });
         }
+        let metrics_addr = match r.raw("METRICS_ADDR") {
+            None => None,
+            Some(v) => Some(v.parse::<SocketAddr>().map_err(|_| ConfigError::Invalid {
+                var: "METRICS_ADDR",
+                value: v.clone(),
+                expected: "an address and port such as 127.0.0.1:9100",
+            })?),
+        };
         Ok(Config {
             http_addr,
+            metrics_addr,
             http_max_connections: r
                 .positive("HTTP_MAX_CONNECTIONS", "a number of connections, 1 or more")?,
             sip_addr,

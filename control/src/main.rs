@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use precall::agent::{AgentEndpoint, AgentResolver};
-use precall::app::App;
+use precall::app::{App, Observer};
 use precall::audio_service::AudioService;
 use precall::config::{self, Config, HoldMode, ProviderConfig, redact_url};
 use precall::demo_agent::DemoAgent;
@@ -563,11 +563,26 @@ fn serve(cfg: Config) -> Result<(), String> {
     let twilio = twilio.with_hold_segments(segments);
     let app =
         App::new(side.handle(), probe, Arc::clone(&metrics), store_kind, twilio, store_health);
+    let app = if cfg.metrics_addr.is_some() { app.with_metrics_elsewhere() } else { app };
     let draining = app.draining();
+    let app = Arc::new(app);
     let limits = Limits { max_connections: cfg.http_max_connections, ..Limits::default() };
-    let http = Server::bind(cfg.http_addr, limits, Arc::new(app))
-        .map_err(|e| format!("cannot listen for HTTP on {}: {e}", cfg.http_addr))?;
+    let http =
+        Server::bind(cfg.http_addr, limits, Arc::clone(&app) as Arc<dyn precall_http::Handler>)
+            .map_err(|e| format!("cannot listen for HTTP on {}: {e}", cfg.http_addr))?;
     metrics.watch_http_connections(http.open_connections());
+    // Scrapes on their own listener (and connection cap): a flood there never takes the
+    // webhooks' connections.
+    let observer = match cfg.metrics_addr {
+        Some(addr) => {
+            let limits = Limits { max_connections: 256, ..Limits::default() };
+            let server = Server::bind(addr, limits, Arc::new(Observer(Arc::clone(&app))))
+                .map_err(|e| format!("cannot listen for METRICS_ADDR {addr}: {e}"))?;
+            tracing::info!(metrics = %server.local_addr(), "/metrics and /health on their own listener");
+            Some(server)
+        }
+        None => None,
+    };
 
     tracing::info!(
         http = %http.local_addr(),
@@ -599,6 +614,9 @@ fn serve(cfg: Config) -> Result<(), String> {
         std::process::exit(1);
     });
     http.shutdown();
+    if let Some(observer) = observer {
+        observer.shutdown();
+    }
     let engine =
         Arc::try_unwrap(engine).map_err(|_| "engine still in use at shutdown".to_owned())?;
     let engine_result = engine.shutdown();
