@@ -27,3 +27,11 @@ CREATE INDEX IF NOT EXISTS clone_jobs_live_voices ON clone_jobs (profile_id, id)
 CREATE INDEX IF NOT EXISTS calls_live_by_job ON calls (clone_job_id)
     WHERE status IN ('ringing', 'holding', 'connected');
 DROP INDEX IF EXISTS calls_holding_by_job;
+-- Jobs left processing by nodes from before leases were abandoned (nothing ran them after
+-- their node stopped): fail them rather than have the first sweep run them all again at the
+-- provider. A job started in the last ten minutes may still be running on a node of the old
+-- version during a rolling upgrade: it stays, and is taken over like a lapsed one.
+UPDATE clone_jobs SET status = 'failed', finished_at = now(),
+    error = 'abandoned before clone job leases (precall upgrade)'
+    WHERE status = 'processing' AND lease_until IS NULL
+    AND started_at < now() - interval '10 minutes';

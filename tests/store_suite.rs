@@ -232,15 +232,19 @@ async fn clone_jobs_are_claimed_once<S: Store>(s: &S) {
         s.claim_clone_job(&p, "h2", Timestamp(2_000), &lease("A", 12_000)).await.unwrap();
     assert!(created && other.id != j1.id, "changed samples need a new job");
 
-    let done =
-        s.finish_clone_job(j1.id, &Ok(VoiceId::new("v1")), Timestamp(3_000), None).await.unwrap();
+    let done = s
+        .finish_clone_job(j1.id, "A", &Ok(VoiceId::new("v1")), Timestamp(3_000), None)
+        .await
+        .unwrap();
     assert_eq!(
         (done.status, done.voice_id.clone(), done.finished_at, done.lease_owner.clone()),
         (CloneStatus::Completed, Some(VoiceId::new("v1")), Some(Timestamp(3_000)), None)
     );
     let late = Err(JobFailure::transient("late"));
-    let kept =
-        s.finish_clone_job(j1.id, &late, Timestamp(4_000), Some(Timestamp(9_000))).await.unwrap();
+    let kept = s
+        .finish_clone_job(j1.id, "A", &late, Timestamp(4_000), Some(Timestamp(9_000)))
+        .await
+        .unwrap();
     assert_eq!(kept, done, "a finished job keeps its result");
     let (reused, created) =
         s.claim_clone_job(&p, "h1", Timestamp(9_000_000), &lease("B", 9_010_000)).await.unwrap();
@@ -248,8 +252,10 @@ async fn clone_jobs_are_claimed_once<S: Store>(s: &S) {
     assert_eq!(reused.id, j1.id);
 
     let bad = Err(JobFailure::permanent("422 bad sample"));
-    let failed =
-        s.finish_clone_job(other.id, &bad, Timestamp(5_000), Some(Timestamp(8_000))).await.unwrap();
+    let failed = s
+        .finish_clone_job(other.id, "A", &bad, Timestamp(5_000), Some(Timestamp(8_000)))
+        .await
+        .unwrap();
     assert_eq!(
         (failed.status, failed.error.as_deref(), failed.permanent, failed.retry_at),
         (CloneStatus::Failed, Some("422 bad sample"), true, Some(Timestamp(8_000)))
@@ -265,7 +271,7 @@ async fn clone_jobs_are_claimed_once<S: Store>(s: &S) {
     assert_eq!(s.get_clone_job(retry.id).await.unwrap(), Some(retry));
     assert_eq!(s.get_clone_job(JobId(987_654)).await.unwrap(), None);
     let err = s
-        .finish_clone_job(JobId(987_654), &Ok(VoiceId::new("v")), Timestamp(1), None)
+        .finish_clone_job(JobId(987_654), "A", &Ok(VoiceId::new("v")), Timestamp(1), None)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Missing(_)), "{err:?}");
@@ -312,20 +318,35 @@ async fn leases_lapse_and_are_taken_over_once<S: Store>(s: &S) {
     assert_eq!(swept.len(), 1, "one sweep takes it: {swept:?}");
     assert_eq!(swept[0].id, job.id);
 
-    // A (which lost its lease but finished anyway) and the taker both report: the first
-    // result wins.
-    let first =
-        s.finish_clone_job(job.id, &Ok(VoiceId::new("v-A")), Timestamp(5_000), None).await.unwrap();
-    let second =
-        s.finish_clone_job(job.id, &Ok(VoiceId::new("v-C")), Timestamp(6_000), None).await.unwrap();
-    assert_eq!(first.voice_id, Some(VoiceId::new("v-A")));
-    assert_eq!(second, first);
-    assert!(
-        !s.renew_clone_lease(job.id, &swept[0].lease_owner.clone().unwrap(), Timestamp(9_000))
-            .await
-            .unwrap(),
-        "a finished job has no lease"
+    // A (which lost its lease but finished anyway) reports: refused, the run under the live
+    // lease decides. The taker's result is recorded; a late one after it changes nothing.
+    let taker = swept[0].lease_owner.clone().unwrap();
+    let from_a = s
+        .finish_clone_job(job.id, "A", &Ok(VoiceId::new("v-A")), Timestamp(5_000), None)
+        .await
+        .unwrap();
+    assert_eq!((from_a.status, from_a.voice_id.clone()), (CloneStatus::Processing, None));
+    let done = s
+        .finish_clone_job(job.id, &taker, &Ok(VoiceId::new("v-C")), Timestamp(6_000), None)
+        .await
+        .unwrap();
+    assert_eq!(done.voice_id, Some(VoiceId::new("v-C")));
+    let late = Err(JobFailure::transient("late"));
+    let again = s.finish_clone_job(job.id, &taker, &late, Timestamp(7_000), None).await.unwrap();
+    assert_eq!(again, done, "a finished job keeps its result");
+    assert!(!s.renew_clone_lease(job.id, &taker, Timestamp(9_000)).await.unwrap(), "no lease left");
+
+    // A hand-back clears the owner: the runner's next renewal fails, a sweep takes it at once.
+    let (other, _) =
+        s.claim_clone_job(&p, "h-other", Timestamp(1_000), &lease("A", 99_000)).await.unwrap();
+    assert!(s.release_clone_lease(other.id, "A").await.unwrap());
+    assert!(!s.renew_clone_lease(other.id, "A", Timestamp(99_000)).await.unwrap());
+    assert!(!s.release_clone_lease(other.id, "A").await.unwrap(), "A holds it no more");
+    let swept = of(
+        s.take_over_clone_jobs(Timestamp(1_001), &lease("B", 9_000), 100).await.unwrap(),
+        "lease",
     );
+    assert_eq!(swept.iter().map(|j| j.id).collect::<Vec<_>>(), [other.id]);
 }
 
 async fn unused_voices_are_the_replaced_ones<S: Store>(s: &S) {
@@ -336,7 +357,7 @@ async fn unused_voices_are_the_replaced_ones<S: Store>(s: &S) {
     let pv: ProfileId = "voices".into();
     let unused = || async { of(s.unused_voices(1_000).await.unwrap(), "voices") };
     let (a, _) = s.claim_clone_job(&pv, &ha, Timestamp(1_000), &lease("A", 9_000)).await.unwrap();
-    s.finish_clone_job(a.id, &Ok(VoiceId::new("va")), Timestamp(2_000), None).await.unwrap();
+    s.finish_clone_job(a.id, "A", &Ok(VoiceId::new("va")), Timestamp(2_000), None).await.unwrap();
     assert!(unused().await.is_empty(), "the voice of the profile's samples is in use");
 
     // New samples: job b. Until it completes, voice a is still the profile's newest, but it
@@ -349,7 +370,7 @@ async fn unused_voices_are_the_replaced_ones<S: Store>(s: &S) {
     s.set_call_status(&"CA-on-va".into(), CallStatus::Connected, Timestamp(1_500), None)
         .await
         .unwrap();
-    s.finish_clone_job(b.id, &Ok(VoiceId::new("vb")), Timestamp(4_000), None).await.unwrap();
+    s.finish_clone_job(b.id, "A", &Ok(VoiceId::new("vb")), Timestamp(4_000), None).await.unwrap();
     assert!(unused().await.is_empty(), "a voice with a call connected to it is in use");
     s.set_call_status(&"CA-on-va".into(), CallStatus::Ended, Timestamp(5_000), Some("completed"))
         .await
@@ -379,7 +400,7 @@ async fn unused_voices_are_the_replaced_ones<S: Store>(s: &S) {
     // A profile that no longer exists uses no voice.
     let gone: ProfileId = "no-such-profile".into();
     let (g, _) = s.claim_clone_job(&gone, "h", Timestamp(1_000), &lease("A", 9_000)).await.unwrap();
-    s.finish_clone_job(g.id, &Ok(VoiceId::new("vg")), Timestamp(2_000), None).await.unwrap();
+    s.finish_clone_job(g.id, "A", &Ok(VoiceId::new("vg")), Timestamp(2_000), None).await.unwrap();
     let orphans = of(s.unused_voices(1_000).await.unwrap(), "no-such-profile");
     assert_eq!(orphans.iter().map(|j| j.id).collect::<Vec<_>>(), [g.id]);
 }

@@ -389,3 +389,35 @@ fn streams_that_are_not_twilios_or_not_the_calls_are_refused() {
     });
     assert!(!a.body.contains("<Say>"), "{}", a.body);
 }
+
+#[test]
+fn a_call_arriving_during_a_database_outage_holds_on_its_stream_and_reaches_the_agent_after() {
+    let mut pg = support::pg::PgServer::start();
+    let agent = FakeAgent::start(Behaviour::Talk);
+    let n = node(&agent, &[("DATABASE_URL", &pg.url()), ("SIMULATED_CLONE_DELAY_MS", "300")]);
+    pg.stop();
+    wait_for("/health to see the outage", Duration::from_secs(20), || {
+        (n.p.get("/health").0 == 503).then_some(())
+    });
+    // The call arrives now (the default stream hold mode): answered with its stream, the
+    // stream's plan is the outage answer, and the caller hears greeting and hold.
+    let st = stream_of(&n.voice(SID).body).unwrap();
+    let mut s = open(&st, Some(TOKEN)).unwrap();
+    s.start(SID, &st.params);
+    s.run_for(Duration::from_millis(1_500), Some(&caller_frame));
+    assert!(s.session.closed.is_none(), "the stream holds through the outage");
+    assert!(s.session.media.len() > 20, "greeting and hold are played");
+    // The database is back: the journal records the call, its clone runs, the agent speaks.
+    pg.restart();
+    let mut heard_agent = false;
+    for _ in 0..150 {
+        s.run_for(Duration::from_millis(100), Some(&caller_frame));
+        if s.session.media.iter().any(|(_, f)| classify(f) == Heard::ToneA) {
+            heard_agent = true;
+            break;
+        }
+    }
+    assert!(heard_agent, "the agent was not heard within 15 s of the database's return");
+    assert!(s.session.closed.is_none());
+    assert_eq!(n.p.metric_line("precall_journal_entries"), Some(0));
+}

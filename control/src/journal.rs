@@ -58,12 +58,19 @@ pub struct Journaled {
 #[error("the node's journal is full ({JOURNAL_CAPACITY} entries waiting for the store)")]
 pub struct Full;
 
+#[derive(Debug, Default)]
+struct Waiting {
+    entries: usize,
+    inbound: Option<CallContext>,
+}
+
 /// The ordered, bounded journal.
 #[derive(Debug)]
 pub struct Journal {
     entries: VecDeque<Journaled>,
-    /// Entries per call, so a request about a journaled call keeps its place behind them.
-    calls: HashMap<CallId, usize>,
+    /// Per call: its entries waiting, and its arrival while that waits (so a request about
+    /// a journaled call keeps its place behind them, in O(1)).
+    calls: HashMap<CallId, Waiting>,
     capacity: usize,
 }
 
@@ -84,7 +91,11 @@ impl Journal {
         if self.entries.len() >= self.capacity {
             return Err(Full);
         }
-        *self.calls.entry(call_id.clone()).or_default() += 1;
+        let waiting = self.calls.entry(call_id.clone()).or_default();
+        waiting.entries += 1;
+        if let Entry::Inbound(ctx) = &entry {
+            waiting.inbound.get_or_insert_with(|| ctx.clone());
+        }
         self.entries.push_back(Journaled { call_id, at, entry });
         Ok(())
     }
@@ -97,9 +108,12 @@ impl Journal {
     /// Removes the oldest entry once the store has it.
     pub fn pop(&mut self) -> Option<Journaled> {
         let head = self.entries.pop_front()?;
-        if let Some(n) = self.calls.get_mut(&head.call_id) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(waiting) = self.calls.get_mut(&head.call_id) {
+            waiting.entries -= 1;
+            if matches!(head.entry, Entry::Inbound(_)) {
+                waiting.inbound = None;
+            }
+            if waiting.entries == 0 {
                 self.calls.remove(&head.call_id);
             }
         }
@@ -113,11 +127,12 @@ impl Journal {
 
     /// Whether a call's arrival waits (the call is known to this node, not yet to the store).
     pub fn has_inbound(&self, call_id: &CallId) -> bool {
-        self.has(call_id)
-            && self
-                .entries
-                .iter()
-                .any(|e| &e.call_id == call_id && matches!(e.entry, Entry::Inbound(_)))
+        self.inbound(call_id).is_some()
+    }
+
+    /// The journaled arrival of a call, while it waits.
+    pub fn inbound(&self, call_id: &CallId) -> Option<&CallContext> {
+        self.calls.get(call_id)?.inbound.as_ref()
     }
 
     /// Entries waiting.
@@ -155,6 +170,7 @@ mod tests {
         j.push("a".into(), Timestamp(3), Entry::Ended { reason: "bye".into() }).unwrap();
         assert_eq!(j.push("c".into(), Timestamp(4), Entry::Inbound(ctx("c"))), Err(Full));
         assert!(j.has_inbound(&"a".into()) && j.has(&"b".into()) && !j.has(&"c".into()));
+        assert_eq!(j.inbound(&"b".into()), Some(&ctx("b")));
         let order: Vec<_> = std::iter::from_fn(|| j.pop()).map(|e| (e.call_id, e.at)).collect();
         assert_eq!(
             order,

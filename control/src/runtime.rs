@@ -149,19 +149,31 @@ impl VoiceCache {
 /// never takes a place a webhook needs.
 #[derive(Debug, Default)]
 pub struct StoreHealth {
-    /// `None` until the first probe; then the probe's error, if any.
-    state: std::sync::Mutex<Option<Result<(), String>>>,
+    /// `None` until the first probe; then when it was made and its error, if any.
+    state: std::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
 }
 
+/// A probe older than this means the side runtime itself is stuck: unhealthy.
+const HEALTH_STALE: Duration = Duration::from_secs(5);
+
 impl StoreHealth {
-    /// The last probe's result (an error before the first probe).
+    /// The last probe's result: an error before the first probe, and when the last one is
+    /// older than a few seconds (the side runtime does not run its probe: it is wedged).
     pub fn get(&self) -> Result<(), String> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.clone().unwrap_or_else(|| Err("the store has not been probed yet".to_owned()))
+        match &*state {
+            None => Err("the store has not been probed yet".to_owned()),
+            Some((at, _)) if at.elapsed() > HEALTH_STALE => Err(format!(
+                "the control plane's side runtime has not probed the store for {} s",
+                at.elapsed().as_secs()
+            )),
+            Some((_, result)) => result.clone(),
+        }
     }
 
     fn set(&self, result: Result<(), String>) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((std::time::Instant::now(), result));
     }
 }
 
@@ -217,6 +229,10 @@ impl JournalCell {
 
     fn has_inbound(&self, call_id: &precall_api::CallId) -> bool {
         self.lock().has_inbound(call_id)
+    }
+
+    fn inbound(&self, call_id: &precall_api::CallId) -> Option<precall_api::CallContext> {
+        self.lock().inbound(call_id).cloned()
     }
 }
 
@@ -500,7 +516,7 @@ async fn prepare_store<S: Store>(service: Arc<Service<S>>) {
             }
             Err(e @ precall_controller::StoreError::Unavailable(_)) => {
                 if !waited {
-                    tracing::warn!(error = %e, "the store is not reachable yet: waiting for it (calls are refused meanwhile)");
+                    tracing::warn!(error = %e, "the store is not reachable yet: waiting for it (new calls hold and are journaled meanwhile)");
                     waited = true;
                 }
                 tokio::time::sleep(delay).await;
@@ -578,11 +594,20 @@ async fn replay_journal<S: Store>(service: Arc<Service<S>>) {
         let now = Timestamp::now();
         let id = &head.call_id;
         let result: Result<(), ControllerError> = match &head.entry {
-            Entry::Inbound(ctx) => ctl.handle_inbound_call_at(ctx, head.at, now).await.map(|o| {
-                if let Some(job) = o.start_clone {
-                    start_clone(Arc::clone(&service), job);
+            Entry::Inbound(ctx) => match ctl.handle_inbound_call_at(ctx, head.at, now).await {
+                // The caller was answered from the node's cache already: no check now, the
+                // call is recorded as it went.
+                Ok(precall_controller::InboundOutcome { verify_voice: Some(check), .. }) => {
+                    ctl.voice_checked(id, &check, true, now).await.map(|_| ())
                 }
-            }),
+                Ok(o) => {
+                    if let Some(job) = o.start_clone {
+                        start_clone(Arc::clone(&service), job);
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
             Entry::Ended { reason } => ctl.call_ended(id, reason, head.at).await.map(|c| {
                 if c.changed {
                     service.metrics.call_ended(&c.record);
@@ -807,6 +832,15 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
             ControlReply::Ended(ended.map(|_| ()))
         }
         ControlRequest::StreamStart(start) => {
+            // The stream of a call answered during an outage (not in the store yet): its plan
+            // is the outage answer (the stream hold mode's default).
+            if let Some(ctx) = service.journal.inbound(&start.call_id) {
+                let mut ins = outage_answer(service, &ctx, now);
+                if !start.greeting {
+                    ins.greeting_audio = None;
+                }
+                return ControlReply::Instructions(Ok(ins));
+            }
             ControlReply::Instructions(ctl.stream_started(start, now).await.map_err(control_error))
         }
         ControlRequest::StreamClosed { call_id, reason, failed } => {
@@ -863,8 +897,14 @@ async fn voice_usable<S: Store>(
             true
         }
         Ok(Ok(state)) => {
-            tracing::warn!(job = %check.job_id, voice = %check.voice_id, ?state, "the reused voice is gone at the provider; cloning anew");
+            tracing::warn!(job = %check.job_id, voice = %check.voice_id, ?state, "the reused voice is gone at the provider or may not be used; cloning anew");
             service.metrics.voice_check("gone");
+            if state == precall_clone::VoiceState::Unusable {
+                // Held by the provider: free its slot (the job is marked deleted next).
+                if let Err(e) = service.provider.delete_voice(&check.voice_id).await {
+                    tracing::warn!(voice = %check.voice_id, error = %e, "cannot delete the unusable voice at the provider");
+                }
+            }
             false
         }
         Ok(Err(e)) => {

@@ -12,6 +12,9 @@ use crate::model::{
     normalize_number,
 };
 use crate::plan::{NO_PROFILE, Planner};
+
+/// A lapsed job's failure when its profile's samples changed meanwhile.
+pub const SAMPLES_CHANGED: &str = "the profile's samples changed while the job waited";
 use crate::store::{InsertCall, StatusChange, Store, StoreError};
 
 /// What the controller needs to know; built from the process configuration.
@@ -428,7 +431,7 @@ impl<S: Store> CallController<S> {
                 Some(now.plus(self.backoff(attempt, failure.permanent)))
             }
         };
-        Ok(self.store.finish_clone_job(job, outcome, now, retry_at).await?)
+        Ok(self.store.finish_clone_job(job, &self.cfg.node_id, outcome, now, retry_at).await?)
     }
 
     /// How long a sample set whose attempt `attempt` failed waits before the next one.
@@ -451,7 +454,7 @@ impl<S: Store> CallController<S> {
     /// Hands a job this node runs back (shutdown): its lease lapses at once, so the next sweep
     /// of any node takes it over.
     pub async fn release_lease(&self, job: JobId) -> Result<bool, ControllerError> {
-        Ok(self.store.renew_clone_lease(job, &self.cfg.node_id, Timestamp(0)).await?)
+        Ok(self.store.release_clone_lease(job, &self.cfg.node_id).await?)
     }
 
     /// Takes over up to `limit` jobs whose lease lapsed (their node died or handed them back)
@@ -465,13 +468,14 @@ impl<S: Store> CallController<S> {
         let mut run = Vec::with_capacity(jobs.len());
         for job in jobs {
             match self.store.get_profile(&job.profile_id).await? {
-                // Only while the profile still has these samples: otherwise nobody new waits
-                // for them; the calls on the job still get the voice.
-                Some(profile) => {
+                Some(profile) if profile.samples_hash() == job.samples_hash => {
                     run.push(CloneRequest { job_id: job.id, attempt: job.attempt, profile })
                 }
-                None => {
-                    let failure = crate::model::JobFailure::permanent(NO_PROFILE);
+                // The profile is gone, or has other samples now: cloning its current samples
+                // under this job would give its calls a voice of the wrong samples.
+                other => {
+                    let why = if other.is_some() { SAMPLES_CHANGED } else { NO_PROFILE };
+                    let failure = crate::model::JobFailure::transient(why);
                     self.clone_finished(job.id, &Err(failure), now).await?;
                 }
             }

@@ -142,8 +142,7 @@ pub trait Store: Send + Sync + 'static {
         lease: &Lease,
     ) -> impl Future<Output = Result<(CloneJob, bool), StoreError>> + Send;
 
-    /// Renews (or, with an `until` in the past, hands back) the lease of a processing job
-    /// `owner` holds. `false` when it no longer holds it (another node took the job over, or
+    /// Renews the lease of a processing job `owner` holds. `false` when it no longer holds it (another node took the job over, or
     /// the job finished).
     fn renew_clone_lease(
         &self,
@@ -168,16 +167,26 @@ pub trait Store: Send + Sync + 'static {
         id: JobId,
     ) -> impl Future<Output = Result<Option<CloneJob>, StoreError>> + Send;
 
-    /// Completes or fails a processing job (a failure backs off until `retry_at`); a job that
-    /// has already finished keeps its result (the first result wins, whichever node ran it).
-    /// Returns the job as it is afterwards.
+    /// Completes or fails a processing job `owner` holds the lease of (a failure backs off
+    /// until `retry_at`). A job that has finished keeps its result, and a node whose lease was
+    /// taken over records nothing: only the run under the live lease decides. Returns the job
+    /// as it is afterwards.
     fn finish_clone_job(
         &self,
         id: JobId,
+        owner: &str,
         outcome: &JobOutcome,
         at: Timestamp,
         retry_at: Option<Timestamp>,
     ) -> impl Future<Output = Result<CloneJob, StoreError>> + Send;
+
+    /// Hands a processing job `owner` holds back (shutdown): no owner, its lease lapsed, so
+    /// the next sweep of any node takes it over. `false` when `owner` did not hold it.
+    fn release_clone_lease(
+        &self,
+        id: JobId,
+        owner: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Completed jobs whose voice no profile uses any more, oldest first, at most `limit`: it is
     /// not the newest completed job of its profile's current samples (new samples replaced
@@ -312,11 +321,12 @@ pub fn claim_decision(newest: Option<&CloneJob>, now: Timestamp) -> ClaimDecisio
 /// whether it did. The in-memory store's rule, as PostgreSQL's conditional `UPDATE`.
 pub fn apply_finish(
     job: &mut CloneJob,
+    owner: &str,
     outcome: &JobOutcome,
     at: Timestamp,
     retry_at: Option<Timestamp>,
 ) -> bool {
-    if job.status != CloneStatus::Processing {
+    if job.status != CloneStatus::Processing || job.lease_owner.as_deref() != Some(owner) {
         return false;
     }
     match outcome {
@@ -568,6 +578,24 @@ impl Store for MemoryStore {
         ready(Ok(renewed))
     }
 
+    fn release_clone_lease(
+        &self,
+        id: JobId,
+        owner: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let mut inner = self.lock();
+        let held = inner.jobs.iter_mut().find(|j| j.id == id).filter(|j| {
+            j.status == CloneStatus::Processing && j.lease_owner.as_deref() == Some(owner)
+        });
+        let released = held
+            .map(|j| {
+                j.lease_owner = None;
+                j.lease_until = None;
+            })
+            .is_some();
+        ready(Ok(released))
+    }
+
     fn take_over_clone_jobs(
         &self,
         now: Timestamp,
@@ -598,6 +626,7 @@ impl Store for MemoryStore {
     fn finish_clone_job(
         &self,
         id: JobId,
+        owner: &str,
         outcome: &JobOutcome,
         at: Timestamp,
         retry_at: Option<Timestamp>,
@@ -605,7 +634,7 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         let out = match inner.jobs.iter_mut().find(|j| j.id == id) {
             Some(job) => {
-                apply_finish(job, outcome, at, retry_at);
+                apply_finish(job, owner, outcome, at, retry_at);
                 Ok(job.clone())
             }
             None => Err(StoreError::Missing(format!("clone {id}"))),

@@ -626,6 +626,20 @@ impl Store for PgStore {
         Ok(n == 1)
     }
 
+    async fn release_clone_lease(&self, id: JobId, owner: &str) -> Result<bool, StoreError> {
+        let n = self
+            .client()
+            .await?
+            .cached_execute(
+                "UPDATE clone_jobs SET lease_owner = NULL, lease_until = NULL \
+                 WHERE id = $1 AND status = 'processing' AND lease_owner = $2",
+                &[&id.0, &owner],
+            )
+            .await
+            .map_err(query)?;
+        Ok(n == 1)
+    }
+
     async fn take_over_clone_jobs(
         &self,
         now: Timestamp,
@@ -673,6 +687,7 @@ impl Store for PgStore {
     async fn finish_clone_job(
         &self,
         id: JobId,
+        owner: &str,
         outcome: &JobOutcome,
         at: Timestamp,
         retry_at: Option<Timestamp>,
@@ -692,9 +707,18 @@ impl Store for PgStore {
                     "UPDATE clone_jobs SET status = $2, voice_id = $3, error = $4, \
                      finished_at = $5, permanent = $6, retry_at = $7, lease_owner = NULL, \
                      lease_until = NULL WHERE id = $1 AND status = 'processing' \
-                     RETURNING {JOB_COLUMNS}"
+                     AND lease_owner = $8 RETURNING {JOB_COLUMNS}"
                 ),
-                &[&id.0, &status.as_str(), &voice, &error, &at.to_system(), &permanent, &retry_at],
+                &[
+                    &id.0,
+                    &status.as_str(),
+                    &voice,
+                    &error,
+                    &at.to_system(),
+                    &permanent,
+                    &retry_at,
+                    &owner,
+                ],
             )
             .await
             .map_err(query)?;
@@ -823,7 +847,12 @@ impl Store for PgStore {
             return Ok(());
         }
         let mut client = self.pool.get().await.map_err(pool_err)?;
-        let ran = migrate(&mut client).await.map_err(query)?;
+        // A migration may rewrite or index a large table: no statement timeout for it (and
+        // a cancelled one would look like an outage and be retried for ever).
+        client.batch_execute("SET statement_timeout = 0").await.map_err(query)?;
+        let ran = migrate(&mut client).await.map_err(query);
+        client.batch_execute("RESET statement_timeout").await.map_err(query)?;
+        let ran = ran?;
         tracing::info!(migrations_applied = ran, "PostgreSQL store ready");
         self.ready.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
