@@ -188,14 +188,7 @@ fn call_records_past_their_retention_are_deleted() {
     // A first start migrates the database.
     drop(Precall::start(&[("DATABASE_URL", url.clone())]));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let count = |sql: &str| {
-        rt.block_on(async {
-            let (client, conn) =
-                tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
-            client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
-        })
-    };
+    let count = |sql: &str| pg.count(sql);
     rt.block_on(async {
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(conn);

@@ -981,15 +981,7 @@ fn two_nodes_racing_on_one_call_and_one_profile_record_it_once_and_clone_once() 
     for a in &answers {
         assert!(a.body.contains("<Redirect") && !a.body.contains("<Hangup"), "{}", a.body);
     }
-    let rt = runtime();
-    let count = |sql: &str| {
-        rt.block_on(async {
-            let (client, conn) =
-                tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
-            client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
-        })
-    };
+    let count = |sql: &str| pg.count(sql);
     assert_eq!(count("SELECT count(*) FROM calls"), 24, "each CallSid is recorded once");
     assert_eq!(count("SELECT count(*) FROM clone_jobs"), 1, "one job for the profile's samples");
     assert_eq!(count("SELECT count(*) FROM call_events WHERE kind = 'clone_started'"), 1);

@@ -196,6 +196,18 @@ impl PgServer {
     pub fn port(&self) -> u16 {
         self.port
     }
+
+    /// The one `bigint` a query such as `SELECT count(*) …` answers, on a connection of its own.
+    #[allow(dead_code)]
+    pub fn count(&self, sql: &str) -> i64 {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (client, conn) =
+                tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+        })
+    }
 }
 
 impl Drop for PgServer {
