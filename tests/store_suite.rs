@@ -10,8 +10,8 @@ use precall_api::{
     CallContext, CallId, CallStatus, CloneStatus, JobId, ProfileId, Protocol, Timestamp, VoiceId,
 };
 use precall_controller::{
-    CallEvent, CallRecord, CloneJob, EventKind, InsertCall, JobFailure, Lease, MemoryStore, Store,
-    StoreError, VoiceProfile,
+    CallEvent, CallRecord, CloneJob, EventKind, InboundRequest, InsertCall, JobFailure, Lease,
+    MemoryStore, Store, StoreError, VoiceProfile,
 };
 use support::pg::PgServer;
 
@@ -447,6 +447,236 @@ async fn racing_transitions_are_made_once<S: Store>(s: &S) {
     }
 }
 
+/// An inbound request for `call` dialing `number`, handled at `now` by node `owner`.
+fn inbound_req<'a>(
+    call: &'a CallRecord,
+    number: &'a str,
+    now: u64,
+    l: &'a Lease,
+) -> InboundRequest<'a> {
+    InboundRequest { call, number, now: Timestamp(now), lease: l }
+}
+
+/// The events of `id` as (kind, detail, at).
+async fn history<S: Store>(s: &S, id: &str) -> Vec<(EventKind, String, Timestamp)> {
+    let events = s.call_events(&id.into()).await.unwrap();
+    events.into_iter().map(|e| (e.kind, e.detail, e.at)).collect()
+}
+
+/// An inbound call's first step in one store step: profile, record, events, job claim.
+async fn inbound_calls_record_and_claim_in_one_step<S: Store>(s: &S) {
+    let mut p = profile("in-p", Some("+18005550123"));
+    // The job's samples_hash is the profile's (PostgreSQL computes it in SQL): non-ASCII too.
+    p.sample_urls.push("https://s/caf\u{e9}-\u{1f600}.wav".into());
+    s.upsert_profile(&p).await.unwrap();
+    let a = lease("A", 11_500);
+    let first = record("CA-in1", 1_000);
+    let step = s.record_inbound(&inbound_req(&first, "+18005550123", 1_500, &a)).await.unwrap();
+    assert!(step.first && step.created, "a new call of a new sample set creates the job");
+    assert_eq!(step.profile.as_ref(), Some(&p));
+    let job = step.job.clone().expect("a waiting call gets a job");
+    assert_eq!(
+        (job.status, job.samples_hash.as_str(), job.started_at, job.lease_owner.as_deref()),
+        (CloneStatus::Processing, p.samples_hash().as_str(), Timestamp(1_500), Some("A"))
+    );
+    assert_eq!((job.lease_until, job.attempt), (Some(Timestamp(11_500)), 1));
+    let expected = CallRecord { profile_id: p.id.clone(), clone_job_id: Some(job.id), ..first };
+    assert_eq!(step.call, expected);
+    assert_eq!(s.get_call(&"CA-in1".into()).await.unwrap(), Some(expected.clone()));
+    let inbound = (EventKind::Inbound, "in-p".to_owned(), Timestamp(1_000));
+    let started = (EventKind::CloneStarted, job.id.to_string(), Timestamp(1_500));
+    assert_eq!(history(s, "CA-in1").await, [inbound.clone(), started.clone()]);
+
+    // A repeat (retried webhook, another node) keeps the record and its job, claims nothing.
+    let repeat = record("CA-in1", 2_000);
+    let again = s.record_inbound(&inbound_req(&repeat, "+18005550123", 2_500, &a)).await.unwrap();
+    assert!(!again.first && !again.created);
+    assert_eq!(
+        (again.call, again.job.as_ref(), again.profile.as_ref()),
+        (expected, Some(&job), Some(&p))
+    );
+    let dup = (EventKind::DuplicateInbound, String::new(), Timestamp(2_500));
+    assert_eq!(history(s, "CA-in1").await, [inbound, started, dup]);
+
+    // Another call joins the running job; once it completed, a third reuses it.
+    let b = lease("B", 12_000);
+    let second = record("CA-in2", 2_000);
+    let joined = s.record_inbound(&inbound_req(&second, "+18005550123", 2_000, &b)).await.unwrap();
+    assert!(joined.first && !joined.created);
+    assert_eq!(joined.job.as_ref().map(|j| j.id), Some(job.id));
+    assert_eq!(
+        history(s, "CA-in2").await[1],
+        (EventKind::CloneJoined, job.id.to_string(), Timestamp(2_000))
+    );
+    s.finish_clone_job(job.id, "A", &Ok(VoiceId::new("v-in")), Timestamp(3_000), None)
+        .await
+        .unwrap();
+    let fourth = CallRecord { profile_id: "in-p".into(), ..record("CA-in4", 4_000) };
+    let reused = s.record_inbound(&inbound_req(&fourth, "", 4_000, &b)).await.unwrap();
+    assert!(reused.first && !reused.created);
+    assert_eq!(reused.call.profile_id.as_str(), "in-p", "no number's profile: the fallback");
+    assert_eq!(
+        reused.job.as_ref().map(|j| (j.id, j.status)),
+        Some((job.id, CloneStatus::Completed))
+    );
+    assert_eq!(
+        history(s, "CA-in4").await[1],
+        (EventKind::CloneReused, job.id.to_string(), Timestamp(4_000))
+    );
+
+    // No profile at all: recorded on the fallback's id, no job, one event.
+    let lost = CallRecord { profile_id: "in-missing".into(), ..record("CA-in5", 5_000) };
+    let alone = s.record_inbound(&inbound_req(&lost, "+18005559999", 5_000, &b)).await.unwrap();
+    assert!(alone.first && !alone.created);
+    assert_eq!((alone.profile, alone.job, alone.call.clone_job_id), (None, None, None));
+    assert_eq!(alone.call.profile_id.as_str(), "in-missing");
+    assert_eq!(history(s, "CA-in5").await.len(), 1);
+    // Its repeat with a number that has a profile now still answers from its own profile.
+    s.upsert_profile(&profile("in-q", Some("+18005559999"))).await.unwrap();
+    let back = s.record_inbound(&inbound_req(&lost, "+18005559999", 5_500, &b)).await.unwrap();
+    assert!(!back.first);
+    assert_eq!((back.profile, back.job), (None, None));
+
+    // A call that failed before it got a job claims none on a retried webhook.
+    let failed = record("CA-in6", 6_000);
+    s.insert_call(&failed).await.unwrap();
+    s.set_call_status(&"CA-in6".into(), CallStatus::Failed, Timestamp(6_100), Some("x"))
+        .await
+        .unwrap();
+    let retried = CallRecord { profile_id: "in-p".into(), ..failed };
+    let none = s.record_inbound(&inbound_req(&retried, "+18005550123", 6_200, &b)).await.unwrap();
+    assert!(!none.first && !none.created);
+    assert_eq!((none.job, none.call.status), (None, CallStatus::Failed));
+    assert_eq!(
+        history(s, "CA-in6").await,
+        [(EventKind::DuplicateInbound, String::new(), Timestamp(6_200))]
+    );
+}
+
+/// A status check's read, and a transition with its event in one step.
+async fn views_and_moves<S: Store>(s: &S) {
+    let a = lease("A", 20_000);
+    s.upsert_profile(&profile("mv-p", Some("+18005550456"))).await.unwrap();
+    let call = record("CA-mv", 7_000);
+    let step = s.record_inbound(&inbound_req(&call, "+18005550456", 7_000, &a)).await.unwrap();
+    let view = s.call_view(&"CA-mv".into()).await.unwrap().expect("recorded");
+    assert_eq!(
+        (&view.call, view.job.as_ref(), view.profile.as_ref()),
+        (&step.call, step.job.as_ref(), step.profile.as_ref())
+    );
+    assert!(view.job.is_some() && view.profile.is_some());
+    let bare = s.call_view(&"CA-in5".into()).await.unwrap().expect("recorded");
+    assert_eq!((bare.job, bare.profile), (None, None));
+    assert_eq!(s.call_view(&"CA-mv-none".into()).await.unwrap(), None);
+
+    let id = CallId::new("CA-mv");
+    let kinds =
+        |h: Vec<(EventKind, String, Timestamp)>| h.into_iter().map(|e| e.0).collect::<Vec<_>>();
+    let moved = s
+        .move_call(&id, CallStatus::Connected, Timestamp(8_000), None, EventKind::Connected, "")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(moved.changed);
+    assert_eq!(
+        (moved.record.status, moved.record.connected_at),
+        (CallStatus::Connected, Some(Timestamp(8_000)))
+    );
+    let again = s
+        .move_call(&id, CallStatus::Connected, Timestamp(8_100), None, EventKind::Connected, "")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!again.changed, "staying connected is no transition");
+    assert_eq!(again.record, moved.record);
+    let ended = s
+        .move_call(
+            &id,
+            CallStatus::Ended,
+            Timestamp(9_000),
+            Some("completed"),
+            EventKind::Ended,
+            "completed",
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ended.changed);
+    assert_eq!(
+        (ended.record.ended_at, ended.record.end_reason.as_deref()),
+        (Some(Timestamp(9_000)), Some("completed"))
+    );
+    let late = s
+        .move_call(
+            &id,
+            CallStatus::Failed,
+            Timestamp(9_100),
+            Some("late"),
+            EventKind::Failed,
+            "late",
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!late.changed && late.record == ended.record, "an ended call stays ended");
+    assert_eq!(
+        kinds(history(s, "CA-mv").await),
+        [EventKind::Inbound, EventKind::CloneStarted, EventKind::Connected, EventKind::Ended]
+    );
+    let last = history(s, "CA-mv").await.pop().unwrap();
+    assert_eq!(last, (EventKind::Ended, "completed".to_owned(), Timestamp(9_000)));
+    let unknown = s
+        .move_call(
+            &"CA-mv-none".into(),
+            CallStatus::Ended,
+            Timestamp(1),
+            None,
+            EventKind::Ended,
+            "",
+        )
+        .await
+        .unwrap();
+    assert_eq!(unknown, None);
+
+    // 16 calls of a new sample set at once: one creates the job, all wait on it; 16 repeats
+    // of one call id at once: one records it.
+    s.upsert_profile(&profile("mv-race", Some("+18005550789"))).await.unwrap();
+    let calls: Vec<_> = (0..16).map(|i| record(&format!("CA-mv-r{i}"), 10_000 + i)).collect();
+    let reqs: Vec<_> = calls.iter().map(|c| inbound_req(c, "+18005550789", 10_000, &a)).collect();
+    let steps = join_all(reqs.iter().map(|r| s.record_inbound(r))).await;
+    let steps: Vec<_> = steps.into_iter().map(Result::unwrap).collect();
+    assert_eq!(steps.iter().filter(|st| st.created).count(), 1, "one of 16 creates the job");
+    let jobs: std::collections::HashSet<_> =
+        steps.iter().map(|st| st.job.as_ref().unwrap().id).collect();
+    assert_eq!(jobs.len(), 1, "all 16 wait on one job");
+    let same: Vec<_> = (0..16).map(|i| record("CA-mv-same", 11_000 + i)).collect();
+    let same_reqs: Vec<_> =
+        same.iter().map(|c| inbound_req(c, "+18005550789", 11_000, &a)).collect();
+    let steps = join_all(same_reqs.iter().map(|r| s.record_inbound(r))).await;
+    let steps: Vec<_> = steps.into_iter().map(Result::unwrap).collect();
+    assert_eq!(steps.iter().filter(|st| st.first).count(), 1, "one of 16 records the call");
+    let winner = steps.iter().find(|st| st.first).unwrap();
+    assert!(steps.iter().all(|st| st.call == winner.call), "all answer from one record");
+    // 16 copies of the first call of a new sample set at once (a retransmitted INVITE on
+    // two nodes): the job is created once, by one of them, and that one is told so.
+    s.upsert_profile(&profile("mv-race2", Some("+18005550790"))).await.unwrap();
+    let copies: Vec<_> = (0..16).map(|i| record("CA-mv-copy", 12_000 + i)).collect();
+    let copy_reqs: Vec<_> =
+        copies.iter().map(|c| inbound_req(c, "+18005550790", 12_000, &a)).collect();
+    let copy_steps = join_all(copy_reqs.iter().map(|r| s.record_inbound(r))).await;
+    let copy_steps: Vec<_> = copy_steps.into_iter().map(Result::unwrap).collect();
+    assert_eq!(copy_steps.iter().filter(|st| st.created).count(), 1, "one runs the new job");
+    assert_eq!(copy_steps.iter().filter(|st| st.first).count(), 1);
+    let copy_jobs: std::collections::HashSet<_> =
+        copy_steps.iter().map(|st| st.job.as_ref().unwrap().id).collect();
+    assert_eq!(copy_jobs.len(), 1);
+    let stored = s.get_call(&"CA-mv-copy".into()).await.unwrap().unwrap();
+    assert_eq!(stored.clone_job_id, copy_jobs.into_iter().next());
+    let h = history(s, "CA-mv-same").await;
+    assert_eq!(h.iter().filter(|e| e.0 == EventKind::Inbound).count(), 1);
+    assert_eq!(h.iter().filter(|e| e.0 == EventKind::DuplicateInbound).count(), 15);
+}
+
 /// Runs futures concurrently on the current task (no spawning, so `&S` borrows are fine).
 async fn join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
     let mut futs: Vec<_> = futs.map(|f| Some(Box::pin(f))).collect();
@@ -515,6 +745,8 @@ async fn suite<S: Store>(s: &S) {
     concurrent_claims_create_one_job(s).await;
     racing_transitions_are_made_once(s).await;
     live_call_pushes_are_claimed_once(s).await;
+    inbound_calls_record_and_claim_in_one_step(s).await;
+    views_and_moves(s).await;
     old_calls_are_forgotten(s).await;
 }
 
@@ -561,4 +793,42 @@ fn postgres_unreachable_is_reported_as_unavailable() {
     };
     let err = rt().block_on(PgStore::connect(&cfg)).unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_) | StoreError::Query(_)), "{err:?}");
+}
+
+/// `precall_samples_hash` (migration 4) is `VoiceProfile::samples_hash`, and a profile row
+/// that an older writer left without a hash still claims the job of its samples.
+#[test]
+fn postgres_samples_hash_is_the_rust_one() {
+    let pg = PgServer::start();
+    rt().block_on(async {
+        let store = PgStore::connect(&pg_config(pg.url())).await.unwrap();
+        let (client, conn) =
+            tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let lists: [&[&str]; 5] =
+            [&[], &["a"], &["ab", "c"], &["a", "bc"], &["https://s/caf\u{e9}.wav", "\u{1f600}"]];
+        for urls in lists {
+            let mut p = profile("hash", None);
+            p.sample_urls = urls.iter().map(|u| (*u).to_owned()).collect();
+            let sql: String = client
+                .query_one("SELECT precall_samples_hash($1::text[])", &[&p.sample_urls])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(sql, p.samples_hash(), "{urls:?}");
+        }
+
+        let p = profile("unhashed", Some("+18005550999"));
+        store.upsert_profile(&p).await.unwrap();
+        let n = client
+            .execute("UPDATE voice_profiles SET samples_hash = NULL WHERE id = 'unhashed'", &[])
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        let call = record("CA-unhashed", 1_000);
+        let l = lease("A", 11_000);
+        let step =
+            store.record_inbound(&inbound_req(&call, "+18005550999", 1_000, &l)).await.unwrap();
+        assert_eq!(step.job.unwrap().samples_hash, p.samples_hash());
+    });
 }

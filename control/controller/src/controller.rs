@@ -15,7 +15,7 @@ use crate::plan::{NO_PROFILE, Planner};
 
 /// A lapsed job's failure when its profile's samples changed meanwhile.
 pub const SAMPLES_CHANGED: &str = "the profile's samples changed while the job waited";
-use crate::store::{InsertCall, StatusChange, Store, StoreError};
+use crate::store::{CallView, InboundRequest, InboundStep, StatusChange, Store, StoreError};
 
 /// What the controller needs to know; built from the process configuration.
 #[derive(Clone, Debug)]
@@ -144,53 +144,21 @@ impl<S: Store> CallController<S> {
         arrived: Timestamp,
         now: Timestamp,
     ) -> Result<InboundOutcome, ControllerError> {
-        let profile = self.profile_for(&ctx.recipient_number).await?;
-        let profile_id =
-            profile.as_ref().map_or_else(|| self.cfg.default_profile.clone(), |p| p.id.clone());
-        let fresh = CallRecord::inbound(ctx, profile_id, arrived);
-        let (mut call, first) = match self.store.insert_call(&fresh).await? {
-            InsertCall::Inserted => (fresh, true),
-            InsertCall::Existing(existing) => (*existing, false),
-        };
-        let profile = if first || profile.as_ref().is_some_and(|p| p.id == call.profile_id) {
-            profile
-        } else {
-            self.store.get_profile(&call.profile_id).await?
-        };
-        if first {
-            self.event(&call.call_id, arrived, EventKind::Inbound, call.profile_id.as_str())
-                .await?;
-        } else {
-            self.event(&call.call_id, now, EventKind::DuplicateInbound, "").await?;
-        }
-
-        let mut start_clone = None;
-        let job = match (call.clone_job_id, &profile) {
-            (Some(id), _) => self.store.get_clone_job(id).await?,
-            // Only a call still waiting claims a clone: a retried webhook for a call that
-            // failed or connected meanwhile (another node) starts nothing.
-            (None, Some(profile))
-                if matches!(call.status, CallStatus::Ringing | CallStatus::Holding) =>
-            {
-                let (job, created) = self.claim(profile, now).await?;
-                self.store.attach_job(&call.call_id, job.id).await?;
-                call.clone_job_id = Some(job.id);
-                let kind = if created {
-                    start_clone = Some(CloneRequest {
-                        job_id: job.id,
-                        attempt: job.attempt,
-                        profile: profile.clone(),
-                    });
-                    EventKind::CloneStarted
-                } else if job.status == CloneStatus::Completed {
-                    EventKind::CloneReused
-                } else {
-                    EventKind::CloneJoined
-                };
-                self.event(&call.call_id, now, kind, &job.id.to_string()).await?;
-                Some(job)
-            }
-            (None, _) => None,
+        // One atomic step of the store (one statement with PostgreSQL): profile, record,
+        // events, job claim.
+        let fresh = CallRecord::inbound(ctx, self.cfg.default_profile.clone(), arrived);
+        let number = normalize_number(&ctx.recipient_number);
+        let lease = self.lease(now);
+        let req = InboundRequest { call: &fresh, number: &number, now, lease: &lease };
+        let InboundStep { call, profile, job, created, .. } =
+            self.store.record_inbound(&req).await?;
+        let start_clone = match (&job, &profile) {
+            (Some(job), Some(profile)) if created => Some(CloneRequest {
+                job_id: job.id,
+                attempt: job.attempt,
+                profile: profile.clone(),
+            }),
+            _ => None,
         };
 
         if let Some(check) = job.as_ref().and_then(|j| self.voice_to_check(&call, j, now)) {
@@ -283,16 +251,11 @@ impl<S: Store> CallController<S> {
         call_id: &CallId,
         now: Timestamp,
     ) -> Result<CallInstructions, ControllerError> {
-        let call = self
+        let CallView { call, job, profile } = self
             .store
-            .get_call(call_id)
+            .call_view(call_id)
             .await?
             .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
-        let job = match call.clone_job_id {
-            Some(id) => self.store.get_clone_job(id).await?,
-            None => None,
-        };
-        let profile = self.store.get_profile(&call.profile_id).await?;
         self.apply(&call, job.as_ref(), profile.as_ref(), now, false).await
     }
 
@@ -304,9 +267,9 @@ impl<S: Store> CallController<S> {
         start: &StreamStart,
         now: Timestamp,
     ) -> Result<CallInstructions, ControllerError> {
-        let call = self
+        let CallView { call, job, profile } = self
             .store
-            .get_call(&start.call_id)
+            .call_view(&start.call_id)
             .await?
             .ok_or_else(|| ControllerError::UnknownCall(start.call_id.clone()))?;
         if call.protocol != Protocol::Twilio {
@@ -324,11 +287,6 @@ impl<S: Store> CallController<S> {
                 start.account_sid
             )));
         }
-        let job = match call.clone_job_id {
-            Some(id) => self.store.get_clone_job(id).await?,
-            None => None,
-        };
-        let profile = self.store.get_profile(&call.profile_id).await?;
         let detail = if start.greeting { "greeting" } else { "" };
         self.event(&call.call_id, now, EventKind::StreamStarted, detail).await?;
         self.apply(&call, job.as_ref(), profile.as_ref(), now, start.greeting).await
@@ -346,23 +304,11 @@ impl<S: Store> CallController<S> {
         if !failed {
             return self.call_ended(call_id, reason, now).await;
         }
-        let before = self
-            .store
-            .get_call(call_id)
+        // Illegal from failed or ended (CallStatus::can_become): such a call stays as it is.
+        self.store
+            .move_call(call_id, CallStatus::Failed, now, Some(reason), EventKind::Failed, reason)
             .await?
-            .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
-        if matches!(before.status, CallStatus::Failed | CallStatus::Ended) {
-            return Ok(StatusChange { record: before, changed: false });
-        }
-        let after = self
-            .store
-            .set_call_status(call_id, CallStatus::Failed, now, Some(reason))
-            .await?
-            .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
-        if after.changed {
-            self.event(call_id, now, EventKind::Failed, reason).await?;
-        }
-        Ok(after)
+            .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))
     }
 
     /// The call is over (caller hung up, BYE, CANCEL, Twilio's status callback). Idempotent:
@@ -374,25 +320,12 @@ impl<S: Store> CallController<S> {
         reason: &str,
         now: Timestamp,
     ) -> Result<StatusChange, ControllerError> {
-        let before = self
-            .store
-            .get_call(call_id)
-            .await?
-            .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
-        if before.status.is_terminal() {
-            return Ok(StatusChange { record: before, changed: false });
-        }
-        let after = self
-            .store
-            .set_call_status(call_id, CallStatus::Ended, now, Some(reason))
-            .await?
-            .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))?;
         // Only the request that ended the call records the end (another node's report of the
-        // same end finds it ended).
-        if after.changed {
-            self.event(call_id, now, EventKind::Ended, reason).await?;
-        }
-        Ok(after)
+        // same end finds it ended: ended → ended is no transition).
+        self.store
+            .move_call(call_id, CallStatus::Ended, now, Some(reason), EventKind::Ended, reason)
+            .await?
+            .ok_or_else(|| ControllerError::UnknownCall(call_id.clone()))
     }
 
     /// Keeps what a media leg reports on the call's history (agent and caller transcript,
@@ -483,10 +416,6 @@ impl<S: Store> CallController<S> {
         Ok(run)
     }
 
-    async fn profile_for(&self, recipient: &str) -> Result<Option<VoiceProfile>, StoreError> {
-        self.store.select_profile(&normalize_number(recipient), &self.cfg.default_profile).await
-    }
-
     async fn claim(
         &self,
         profile: &VoiceProfile,
@@ -518,17 +447,16 @@ impl<S: Store> CallController<S> {
         let plan = planner.plan(call, job, profile, now, inbound);
         let Some(t) = plan.transition else { return Ok(plan.instructions) };
         let call_id = &call.call_id;
-        match self.store.set_call_status(call_id, t.status, now, t.reason.as_deref()).await? {
-            // Only the request that made the transition records it.
-            Some(u) if u.changed => {
-                let kind = if t.status == CallStatus::Connected {
-                    EventKind::Connected
-                } else {
-                    EventKind::Failed
-                };
-                self.event(call_id, now, kind, t.reason.as_deref().unwrap_or("")).await?;
-                Ok(plan.instructions)
-            }
+        let kind = if t.status == CallStatus::Connected {
+            EventKind::Connected
+        } else {
+            EventKind::Failed
+        };
+        let reason = t.reason.as_deref();
+        let detail = reason.unwrap_or("");
+        // Only the request that made the transition records it (in the same step).
+        match self.store.move_call(call_id, t.status, now, reason, kind, detail).await? {
+            Some(u) if u.changed => Ok(plan.instructions),
             Some(u) => Ok(planner.plan(&u.record, job, profile, now, inbound).instructions),
             None => Err(ControllerError::UnknownCall(call_id.clone())),
         }

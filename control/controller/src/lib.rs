@@ -38,6 +38,6 @@ pub use model::{
     VoiceProfile, normalize_number,
 };
 pub use store::{
-    ClaimDecision, InsertCall, MemoryStore, StatusChange, Store, StoreError, apply_finish,
-    apply_status, claim_decision,
+    CallView, ClaimDecision, InboundRequest, InboundStep, InsertCall, MemoryStore, StatusChange,
+    Store, StoreError, apply_finish, apply_status, claim_decision,
 };

@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use precall_api::{CallId, CallStatus, CloneStatus, JobId, ProfileId, Timestamp};
 
-use crate::model::{CallEvent, CallRecord, CloneJob, JobOutcome, Lease, VoiceProfile};
+use crate::model::{CallEvent, CallRecord, CloneJob, EventKind, JobOutcome, Lease, VoiceProfile};
 
 /// A store failed.
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +236,118 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
+    /// An inbound call's first step, as one atomic step of the store (PostgreSQL: one
+    /// statement, `precall_inbound`): selects the profile `req.number` names, or else the
+    /// fallback `req.call.profile_id`; records `req.call` with that profile unless the call
+    /// id is recorded already (then the stored call, with its own profile, is kept); appends
+    /// [`EventKind::Inbound`] (at the call's `started_at`, detail its profile) or
+    /// [`EventKind::DuplicateInbound`] (at `req.now`). A call already on a job gets that job
+    /// read; a call still waiting (ringing or holding) whose profile exists claims one
+    /// ([`Store::claim_clone_job`], at `req.now`, leased to `req.lease`), is attached to it,
+    /// and [`EventKind::CloneStarted`] (this call created or took over the job),
+    /// [`EventKind::CloneReused`] (completed) or [`EventKind::CloneJoined`] is appended with
+    /// the job id.
+    fn record_inbound(
+        &self,
+        req: &InboundRequest<'_>,
+    ) -> impl Future<Output = Result<InboundStep, StoreError>> + Send {
+        async move {
+            let fallback = &req.call.profile_id;
+            let profile = self.select_profile(req.number, fallback).await?;
+            let mut fresh = req.call.clone();
+            if let Some(p) = &profile {
+                fresh.profile_id = p.id.clone();
+            }
+            let (mut call, first) = match self.insert_call(&fresh).await? {
+                InsertCall::Inserted => (fresh, true),
+                InsertCall::Existing(existing) => (*existing, false),
+            };
+            let profile = if first || profile.as_ref().is_some_and(|p| p.id == call.profile_id) {
+                profile
+            } else {
+                self.get_profile(&call.profile_id).await?
+            };
+            let (at, kind, detail) = if first {
+                (call.started_at, EventKind::Inbound, call.profile_id.as_str().to_owned())
+            } else {
+                (req.now, EventKind::DuplicateInbound, String::new())
+            };
+            self.append_event(&CallEvent { call_id: call.call_id.clone(), at, kind, detail })
+                .await?;
+            let mut created = false;
+            let job = match (call.clone_job_id, &profile) {
+                (Some(id), _) => self.get_clone_job(id).await?,
+                (None, Some(profile))
+                    if matches!(call.status, CallStatus::Ringing | CallStatus::Holding) =>
+                {
+                    let hash = profile.samples_hash();
+                    let (job, made) =
+                        self.claim_clone_job(&profile.id, &hash, req.now, req.lease).await?;
+                    self.attach_job(&call.call_id, job.id).await?;
+                    call.clone_job_id = Some(job.id);
+                    created = made;
+                    let kind = if made {
+                        EventKind::CloneStarted
+                    } else if job.status == CloneStatus::Completed {
+                        EventKind::CloneReused
+                    } else {
+                        EventKind::CloneJoined
+                    };
+                    self.append_event(&CallEvent {
+                        call_id: call.call_id.clone(),
+                        at: req.now,
+                        kind,
+                        detail: job.id.to_string(),
+                    })
+                    .await?;
+                    Some(job)
+                }
+                (None, _) => None,
+            };
+            Ok(InboundStep { call, first, profile, job, created })
+        }
+    }
+
+    /// A call with its clone job and its profile, as a status check reads them (PostgreSQL:
+    /// one statement). `None` for an unknown call.
+    fn call_view(
+        &self,
+        call_id: &CallId,
+    ) -> impl Future<Output = Result<Option<CallView>, StoreError>> + Send {
+        async move {
+            let Some(call) = self.get_call(call_id).await? else { return Ok(None) };
+            let job = match call.clone_job_id {
+                Some(id) => self.get_clone_job(id).await?,
+                None => None,
+            };
+            let profile = self.get_profile(&call.profile_id).await?;
+            Ok(Some(CallView { call, job, profile }))
+        }
+    }
+
+    /// [`Store::set_call_status`], and when this request made the transition, appends the
+    /// event `kind` with `detail` at `at` in the same atomic step (PostgreSQL: one statement):
+    /// only the request that moved the call records that it did.
+    fn move_call(
+        &self,
+        call_id: &CallId,
+        status: CallStatus,
+        at: Timestamp,
+        reason: Option<&str>,
+        kind: EventKind,
+        detail: &str,
+    ) -> impl Future<Output = Result<Option<StatusChange>, StoreError>> + Send {
+        async move {
+            let change = self.set_call_status(call_id, status, at, reason).await?;
+            if change.as_ref().is_some_and(|c| c.changed) {
+                let event =
+                    CallEvent { call_id: call_id.clone(), at, kind, detail: detail.to_owned() };
+                self.append_event(&event).await?;
+            }
+            Ok(change)
+        }
+    }
+
     /// Answers when the store can serve requests.
     fn health(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -245,6 +357,47 @@ pub trait Store: Send + Sync + 'static {
     fn prepare(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
         ready(Ok(()))
     }
+}
+
+/// An inbound call to record: see [`Store::record_inbound`].
+#[derive(Debug, Clone, Copy)]
+pub struct InboundRequest<'a> {
+    /// The call as it is recorded when new, arrived at its `started_at`; its `profile_id` is
+    /// the fallback, replaced by the profile `number` selects.
+    pub call: &'a CallRecord,
+    /// The dialed number, normalized ([`crate::normalize_number`]).
+    pub number: &'a str,
+    /// When the request is handled: the job claim's time, and a repeat's event's.
+    pub now: Timestamp,
+    /// The lease of a job this call creates or takes over.
+    pub lease: &'a Lease,
+}
+
+/// What [`Store::record_inbound`] recorded and read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundStep {
+    /// The call as stored afterwards (attached to its job).
+    pub call: CallRecord,
+    /// Whether this request recorded the call (`false`: it was recorded before).
+    pub first: bool,
+    /// The call's profile, if it exists.
+    pub profile: Option<VoiceProfile>,
+    /// The call's clone job, if it has one.
+    pub job: Option<CloneJob>,
+    /// Whether this request created or took over `job`: then only it may run the job at
+    /// the provider.
+    pub created: bool,
+}
+
+/// A call with what its next step depends on: see [`Store::call_view`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallView {
+    /// The call.
+    pub call: CallRecord,
+    /// Its clone job, if it has one.
+    pub job: Option<CloneJob>,
+    /// Its profile, if it exists.
+    pub profile: Option<VoiceProfile>,
 }
 
 /// What [`Store::set_call_status`] did.

@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_clone_leases.sql",
         sql: include_str!("../../../migrations/0003_clone_leases.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_one_round_trip.sql",
+        sql: include_str!("../../../migrations/0004_one_round_trip.sql"),
+    },
 ];
 
 /// Arbitrary constant naming precall's migration lock.

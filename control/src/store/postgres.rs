@@ -1,15 +1,21 @@
 //! The PostgreSQL store: `tokio-postgres` with a `deadpool` pool, on the side tokio runtime.
 //!
-//! Atomic steps map to single statements or short transactions:
-//! * `insert_call` is `INSERT … ON CONFLICT DO NOTHING`, so a retried webhook or a retransmitted
-//!   INVITE on any node records the call once;
-//! * `claim_clone_job` takes a transaction-scoped advisory lock on (profile, samples), so two
-//!   nodes never both create a job for one sample set;
-//! * `set_call_status` is one conditional `UPDATE … WHERE status = ANY(legal predecessors)
-//!   RETURNING`: the call's state machine ([`precall_api::CallStatus::can_become`]) enforced in
-//!   the database, so two nodes can never flip a call back and forth, and the request that made
-//!   a transition knows it did.
+//! Each controller step is one round trip where SQL allows (issue 13, docs/PERFORMANCE.md):
+//! * `record_inbound` is one call of the `precall_inbound` function (migration 4): profile,
+//!   call record (`INSERT … ON CONFLICT DO NOTHING`, so a retried webhook or a retransmitted
+//!   INVITE on any node records the call once), events and the job claim together, in one
+//!   transaction;
+//! * a job claim (`precall_claim_job`) reads the newest job without a lock, and only when none
+//!   serves takes the sample set's transaction-scoped advisory lock, so two nodes never both
+//!   create a job for one sample set;
+//! * `call_view`, a status check's read, is one join;
+//! * `set_call_status` and `move_call` are one conditional `UPDATE … WHERE status = ANY(legal
+//!   predecessors) RETURNING` (with its event in a CTE for `move_call`): the call's state
+//!   machine ([`precall_api::CallStatus::can_become`]) enforced in the database, so two nodes
+//!   can never flip a call back and forth, and the request that made a transition knows it
+//!   did.
 
+use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{
@@ -19,8 +25,8 @@ use precall_api::{
     CallId, CallStatus, CloneStatus, JobId, ProfileId, Protocol, Timestamp, VoiceId,
 };
 use precall_controller::{
-    CallEvent, CallRecord, ClaimDecision, CloneJob, EventKind, InsertCall, JobOutcome, Lease,
-    StatusChange, Store, StoreError, VoiceProfile, claim_decision,
+    CallEvent, CallRecord, CallView, CloneJob, EventKind, InboundRequest, InboundStep, InsertCall,
+    JobOutcome, Lease, StatusChange, Store, StoreError, VoiceProfile,
 };
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
@@ -155,37 +161,6 @@ impl PgStore {
         self.pool.get().await.map_err(pool_err)
     }
 
-    /// Inserts a new processing job leased to `lease`.
-    async fn create_job<C: GenericClient + Sync>(
-        &self,
-        client: &C,
-        profile: &ProfileId,
-        samples_hash: &str,
-        attempt: u32,
-        now: Timestamp,
-        lease: &Lease,
-    ) -> Result<CloneJob, StoreError> {
-        let row = client
-            .cached_query_one(
-                &format!(
-                    "INSERT INTO clone_jobs (profile_id, samples_hash, status, started_at, \
-                     lease_owner, lease_until, attempt) \
-                     VALUES ($1, $2, 'processing', $3, $4, $5, $6) RETURNING {JOB_COLUMNS}"
-                ),
-                &[
-                    &profile.as_str(),
-                    &samples_hash,
-                    &now.to_system(),
-                    &lease.owner,
-                    &lease.until.to_system(),
-                    &i32::try_from(attempt).unwrap_or(i32::MAX),
-                ],
-            )
-            .await
-            .map_err(query)?;
-        job_from_row(&row)
-    }
-
     /// Reads a job that must exist, on `client` (inside a transaction, or not).
     async fn job_in<C: GenericClient + Sync>(
         &self,
@@ -214,62 +189,192 @@ const JOB_COLUMNS: &str = "id, profile_id, samples_hash, status, voice_id, error
 const PROFILE_COLUMNS: &str =
     "id, number, name, sample_urls, agent_id, greeting_url, hold_url, first_message";
 
+/// `row`'s columns from `at` on, read in the order of the column lists above. A value of an
+/// unexpected type (a schema this build does not know) is a query error, never a panic.
+struct Cols<'r> {
+    row: &'r Row,
+    at: usize,
+}
+
+impl<'r> Cols<'r> {
+    fn new(row: &'r Row, at: usize) -> Self {
+        Self { row, at }
+    }
+
+    fn next<T: tokio_postgres::types::FromSql<'r>>(&mut self) -> Result<T, StoreError> {
+        let v = self.row.try_get(self.at).map_err(query)?;
+        self.at += 1;
+        Ok(v)
+    }
+
+    fn time(&mut self) -> Result<Timestamp, StoreError> {
+        Ok(ts(self.next()?))
+    }
+
+    fn opt_time(&mut self) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self.next::<Option<SystemTime>>()?.map(ts))
+    }
+}
+
 fn call_from_row(row: &Row) -> Result<CallRecord, StoreError> {
-    let protocol: String = row.get("protocol");
-    let status: String = row.get("status");
+    call_at(row, 0)
+}
+
+/// The call whose [`CALL_COLUMNS`] start at column `at`.
+fn call_at(row: &Row, at: usize) -> Result<CallRecord, StoreError> {
+    let mut c = Cols::new(row, at);
+    let call_id = CallId::new(c.next::<String>()?);
+    let session_id = c.next()?;
+    let protocol: String = c.next()?;
+    let protocol = Protocol::parse(&protocol)
+        .ok_or(StoreError::Corrupt { what: "calls.protocol", value: protocol })?;
+    let caller_number = c.next()?;
+    let recipient_number = c.next()?;
+    let profile_id = ProfileId::new(c.next::<String>()?);
+    let clone_job_id = c.next::<Option<i64>>()?.map(JobId);
+    let status: String = c.next()?;
+    let status = CallStatus::parse(&status)
+        .ok_or(StoreError::Corrupt { what: "calls.status", value: status })?;
     Ok(CallRecord {
-        call_id: CallId::new(row.get::<_, String>("call_id")),
-        session_id: row.get("session_id"),
-        protocol: Protocol::parse(&protocol)
-            .ok_or(StoreError::Corrupt { what: "calls.protocol", value: protocol })?,
-        caller_number: row.get("caller_number"),
-        recipient_number: row.get("recipient_number"),
-        profile_id: ProfileId::new(row.get::<_, String>("profile_id")),
-        clone_job_id: row.get::<_, Option<i64>>("clone_job_id").map(JobId),
-        status: CallStatus::parse(&status)
-            .ok_or(StoreError::Corrupt { what: "calls.status", value: status })?,
-        started_at: ts(row.get("started_at")),
-        connected_at: row.get::<_, Option<SystemTime>>("connected_at").map(ts),
-        ended_at: row.get::<_, Option<SystemTime>>("ended_at").map(ts),
-        failure: row.get("failure"),
-        end_reason: row.get("end_reason"),
+        call_id,
+        session_id,
+        protocol,
+        caller_number,
+        recipient_number,
+        profile_id,
+        clone_job_id,
+        status,
+        started_at: c.time()?,
+        connected_at: c.opt_time()?,
+        ended_at: c.opt_time()?,
+        failure: c.next()?,
+        end_reason: c.next()?,
     })
 }
 
 fn job_from_row(row: &Row) -> Result<CloneJob, StoreError> {
-    let status: String = row.get("status");
+    job_at(row, 0)
+}
+
+/// The job whose [`JOB_COLUMNS`] start at column `at`.
+fn job_at(row: &Row, at: usize) -> Result<CloneJob, StoreError> {
+    let mut c = Cols::new(row, at);
+    let id = JobId(c.next()?);
+    let profile_id = ProfileId::new(c.next::<String>()?);
+    let samples_hash = c.next()?;
+    let status: String = c.next()?;
+    let status = CloneStatus::parse(&status)
+        .ok_or(StoreError::Corrupt { what: "clone_jobs.status", value: status })?;
     Ok(CloneJob {
-        id: JobId(row.get("id")),
-        profile_id: ProfileId::new(row.get::<_, String>("profile_id")),
-        samples_hash: row.get("samples_hash"),
-        status: CloneStatus::parse(&status)
-            .ok_or(StoreError::Corrupt { what: "clone_jobs.status", value: status })?,
-        voice_id: row.get::<_, Option<String>>("voice_id").map(VoiceId::new),
-        error: row.get("error"),
-        started_at: ts(row.get("started_at")),
-        finished_at: row.get::<_, Option<SystemTime>>("finished_at").map(ts),
-        lease_owner: row.get("lease_owner"),
-        lease_until: row.get::<_, Option<SystemTime>>("lease_until").map(ts),
-        attempt: u32::try_from(row.get::<_, i32>("attempt")).unwrap_or(1),
-        permanent: row.get("permanent"),
-        retry_at: row.get::<_, Option<SystemTime>>("retry_at").map(ts),
-        voice_deleted_at: row.get::<_, Option<SystemTime>>("voice_deleted_at").map(ts),
-        checked_at: row.get::<_, Option<SystemTime>>("checked_at").map(ts),
+        id,
+        profile_id,
+        samples_hash,
+        status,
+        voice_id: c.next::<Option<String>>()?.map(VoiceId::new),
+        error: c.next()?,
+        started_at: c.time()?,
+        finished_at: c.opt_time()?,
+        lease_owner: c.next()?,
+        lease_until: c.opt_time()?,
+        attempt: u32::try_from(c.next::<i32>()?).unwrap_or(1),
+        permanent: c.next()?,
+        retry_at: c.opt_time()?,
+        voice_deleted_at: c.opt_time()?,
+        checked_at: c.opt_time()?,
     })
 }
 
-fn profile_from_row(row: &Row) -> VoiceProfile {
-    VoiceProfile {
-        id: ProfileId::new(row.get::<_, String>("id")),
-        number: row.get("number"),
-        name: row.get("name"),
-        sample_urls: row.get("sample_urls"),
-        agent_id: row.get("agent_id"),
-        greeting_url: row.get("greeting_url"),
-        hold_url: row.get("hold_url"),
-        first_message: row.get("first_message"),
-    }
+/// The job at column `at` of an outer join: `None` when there was none (a NULL id).
+fn opt_job_at(row: &Row, at: usize) -> Result<Option<CloneJob>, StoreError> {
+    let id: Option<i64> = row.try_get(at).map_err(query)?;
+    id.map(|_| job_at(row, at)).transpose()
 }
+
+fn profile_from_row(row: &Row) -> Result<VoiceProfile, StoreError> {
+    profile_at(row, 0)
+}
+
+/// The profile whose [`PROFILE_COLUMNS`] start at column `at`.
+fn profile_at(row: &Row, at: usize) -> Result<VoiceProfile, StoreError> {
+    let mut c = Cols::new(row, at);
+    Ok(VoiceProfile {
+        id: ProfileId::new(c.next::<String>()?),
+        number: c.next()?,
+        name: c.next()?,
+        sample_urls: c.next()?,
+        agent_id: c.next()?,
+        greeting_url: c.next()?,
+        hold_url: c.next()?,
+        first_message: c.next()?,
+    })
+}
+
+/// The profile at column `at` of an outer join: `None` when there was none.
+fn opt_profile_at(row: &Row, at: usize) -> Result<Option<VoiceProfile>, StoreError> {
+    let id: Option<String> = row.try_get(at).map_err(query)?;
+    id.map(|_| profile_at(row, at)).transpose()
+}
+
+/// How many columns a list has.
+fn width(columns: &str) -> usize {
+    columns.split(',').count()
+}
+
+/// `columns` each read from `of` (`c.` or a composite such as `(r.call_row).`).
+fn columns_of(of: &str, columns: &str) -> String {
+    columns.split(',').map(|c| format!("{of}{}", c.trim())).collect::<Vec<_>>().join(", ")
+}
+
+/// A status check's read: the call, its job and its profile in one statement.
+static VIEW_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, {}, {} FROM calls c LEFT JOIN clone_jobs j ON j.id = c.clone_job_id \
+         LEFT JOIN voice_profiles p ON p.id = c.profile_id WHERE c.call_id = $1",
+        columns_of("c.", CALL_COLUMNS),
+        columns_of("j.", JOB_COLUMNS),
+        columns_of("p.", PROFILE_COLUMNS),
+    )
+});
+
+/// An inbound call's first step (migrations/0004_one_round_trip.sql).
+static INBOUND_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT r.first_seen, r.created, {}, {}, {} FROM precall_inbound($1, $2, $3, $4, $5, \
+         $6, $7, $8, $9, $10, $11, $12) r",
+        columns_of("(r.call_row).", CALL_COLUMNS),
+        columns_of("(r.job_row).", JOB_COLUMNS),
+        columns_of("(r.profile_row).", PROFILE_COLUMNS),
+    )
+});
+
+/// A job claim (migrations/0004_one_round_trip.sql).
+static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT r.created, {} FROM precall_claim_job($1, $2, $3, $4, $5) r",
+        columns_of("(r.job_row).", JOB_COLUMNS)
+    )
+});
+
+/// The `SET` of a status change: [`precall_controller::apply_status`] in SQL ($2 status, $3
+/// time, $4 reason).
+const STATUS_SET: &str = "status = $2, \
+     connected_at = CASE WHEN $2 = 'connected' THEN COALESCE(connected_at, $3) \
+                    ELSE connected_at END, \
+     ended_at = CASE WHEN $2 = 'ended' THEN COALESCE(ended_at, $3) ELSE ended_at END, \
+     failure = CASE WHEN $2 = 'failed' THEN COALESCE(failure, $4) ELSE failure END, \
+     end_reason = CASE WHEN $2 = 'ended' THEN $4 ELSE end_reason END";
+
+/// A status change from a legal predecessor ($5), and its event ($6 kind, $7 detail) when
+/// it happened, in one statement.
+static MOVE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH moved AS (UPDATE calls SET {STATUS_SET} WHERE call_id = $1 AND status = ANY($5) \
+         RETURNING {CALL_COLUMNS}), \
+         logged AS (INSERT INTO call_events (call_id, at, kind, detail) \
+         SELECT call_id, $3, $6, $7 FROM moved) \
+         SELECT {CALL_COLUMNS} FROM moved"
+    )
+});
 
 /// Every statement goes through deadpool's per-connection statement cache: tokio-postgres
 /// would otherwise parse and plan each SQL text anew (an extra round trip per statement).
@@ -391,15 +496,8 @@ impl Store for PgStore {
         let updated = client
             .cached_query_opt(
                 &format!(
-                    "UPDATE calls SET status = $2, \
-                     connected_at = CASE WHEN $2 = 'connected' THEN COALESCE(connected_at, $3) \
-                                    ELSE connected_at END, \
-                     ended_at = CASE WHEN $2 = 'ended' THEN COALESCE(ended_at, $3) \
-                                ELSE ended_at END, \
-                     failure = CASE WHEN $2 = 'failed' THEN COALESCE(failure, $4) \
-                               ELSE failure END, \
-                     end_reason = CASE WHEN $2 = 'ended' THEN $4 ELSE end_reason END \
-                     WHERE call_id = $1 AND status = ANY($5) RETURNING {CALL_COLUMNS}"
+                    "UPDATE calls SET {STATUS_SET} WHERE call_id = $1 AND status = ANY($5) \
+                     RETURNING {CALL_COLUMNS}"
                 ),
                 &[&call_id.as_str(), &status.as_str(), &at.to_system(), &reason, &from],
             )
@@ -509,7 +607,7 @@ impl Store for PgStore {
             )
             .await
             .map_err(query)?;
-        Ok(row.as_ref().map(profile_from_row))
+        row.as_ref().map(profile_from_row).transpose()
     }
 
     async fn profile_for_number(&self, number: &str) -> Result<Option<VoiceProfile>, StoreError> {
@@ -522,7 +620,7 @@ impl Store for PgStore {
             )
             .await
             .map_err(query)?;
-        Ok(row.as_ref().map(profile_from_row))
+        row.as_ref().map(profile_from_row).transpose()
     }
 
     async fn select_profile(
@@ -544,7 +642,7 @@ impl Store for PgStore {
             )
             .await
             .map_err(query)?;
-        Ok(row.as_ref().map(profile_from_row))
+        row.as_ref().map(profile_from_row).transpose()
     }
 
     async fn claim_clone_job(
@@ -554,57 +652,119 @@ impl Store for PgStore {
         now: Timestamp,
         lease: &Lease,
     ) -> Result<(CloneJob, bool), StoreError> {
-        let newest_sql = format!(
-            "SELECT {JOB_COLUMNS} FROM clone_jobs WHERE profile_id = $1 AND samples_hash = $2 \
-             ORDER BY id DESC LIMIT 1"
-        );
-        let params: [&(dyn ToSql + Sync); 2] = [&profile.as_str(), &samples_hash];
-        let mut client = self.client().await?;
-        // Most calls find a serving job: read it without the lock, so that the calls of one
-        // profile do not queue on the advisory lock (measured: they did, docs/PERFORMANCE.md).
-        let newest = client.cached_query_opt(&newest_sql, &params).await.map_err(query)?;
-        let newest = newest.as_ref().map(job_from_row).transpose()?;
-        if let (Some(job), ClaimDecision::Serve) = (&newest, claim_decision(newest.as_ref(), now)) {
-            return Ok((job.clone(), false));
-        }
-        let tx = client.transaction().await.map_err(query)?;
-        let key = format!("{profile}/{samples_hash}");
-        tx.cached_execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
+        // One statement: precall_claim_job reads the newest job without a lock (most calls
+        // find one serving), and only otherwise takes the sample set's advisory lock, reads
+        // again and takes over or creates (claim_decision).
+        let row = self
+            .client()
+            .await?
+            .cached_query_one(
+                &CLAIM_SQL,
+                &[
+                    &profile.as_str(),
+                    &samples_hash,
+                    &now.to_system(),
+                    &lease.owner,
+                    &lease.until.to_system(),
+                ],
+            )
             .await
             .map_err(query)?;
-        // Again under the lock: another node may have created or taken it meanwhile.
-        let newest = tx.cached_query_opt(&newest_sql, &params).await.map_err(query)?;
-        let newest = newest.as_ref().map(job_from_row).transpose()?;
-        let decision = claim_decision(newest.as_ref(), now);
-        let out = match (newest, decision) {
-            (Some(job), ClaimDecision::Serve) => (job, false),
-            (Some(job), ClaimDecision::TakeOver) => {
-                // Conditional: a sweep (not under this lock) may have taken it first.
-                let taken = tx
-                    .cached_query_opt(
-                        &format!(
-                            "UPDATE clone_jobs SET lease_owner = $2, lease_until = $3, \
-                             started_at = $4 WHERE id = $1 AND status = 'processing' \
-                             AND (lease_until IS NULL OR lease_until <= $4) \
-                             RETURNING {JOB_COLUMNS}"
-                        ),
-                        &[&job.id.0, &lease.owner, &lease.until.to_system(), &now.to_system()],
-                    )
-                    .await
-                    .map_err(query)?;
-                match taken {
-                    Some(row) => (job_from_row(&row)?, true),
-                    None => (self.job_in(&tx, job.id).await?, false),
-                }
-            }
-            (_, ClaimDecision::Create { attempt }) => {
-                (self.create_job(&tx, profile, samples_hash, attempt, now, lease).await?, true)
-            }
-            // claim_decision answers Create when there is no job.
-            (None, _) => (self.create_job(&tx, profile, samples_hash, 1, now, lease).await?, true),
-        };
-        tx.commit().await.map_err(query)?;
-        Ok(out)
+        let created: bool = row.try_get(0).map_err(query)?;
+        Ok((job_at(&row, 1)?, created))
+    }
+
+    async fn record_inbound(&self, req: &InboundRequest<'_>) -> Result<InboundStep, StoreError> {
+        let call = req.call;
+        let row = self
+            .client()
+            .await?
+            .cached_query_one(
+                &INBOUND_SQL,
+                &[
+                    &call.call_id.as_str(),
+                    &call.session_id,
+                    &call.protocol.as_str(),
+                    &call.caller_number,
+                    &call.recipient_number,
+                    &call.status.as_str(),
+                    &call.started_at.to_system(),
+                    &req.number,
+                    &call.profile_id.as_str(),
+                    &req.now.to_system(),
+                    &req.lease.owner,
+                    &req.lease.until.to_system(),
+                ],
+            )
+            .await
+            .map_err(query)?;
+        let job_at_col = 2 + width(CALL_COLUMNS);
+        Ok(InboundStep {
+            first: row.try_get(0).map_err(query)?,
+            created: row.try_get(1).map_err(query)?,
+            call: call_at(&row, 2)?,
+            job: opt_job_at(&row, job_at_col)?,
+            profile: opt_profile_at(&row, job_at_col + width(JOB_COLUMNS))?,
+        })
+    }
+
+    async fn call_view(&self, call_id: &CallId) -> Result<Option<CallView>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .cached_query_opt(&VIEW_SQL, &[&call_id.as_str()])
+            .await
+            .map_err(query)?;
+        let Some(row) = row else { return Ok(None) };
+        let job_at_col = width(CALL_COLUMNS);
+        Ok(Some(CallView {
+            call: call_at(&row, 0)?,
+            job: opt_job_at(&row, job_at_col)?,
+            profile: opt_profile_at(&row, job_at_col + width(JOB_COLUMNS))?,
+        }))
+    }
+
+    async fn move_call(
+        &self,
+        call_id: &CallId,
+        status: CallStatus,
+        at: Timestamp,
+        reason: Option<&str>,
+        kind: EventKind,
+        detail: &str,
+    ) -> Result<Option<StatusChange>, StoreError> {
+        let from: Vec<&str> = status.predecessors().iter().map(|s| s.as_str()).collect();
+        let client = self.client().await?;
+        let moved = client
+            .cached_query_opt(
+                &MOVE_SQL,
+                &[
+                    &call_id.as_str(),
+                    &status.as_str(),
+                    &at.to_system(),
+                    &reason,
+                    &from,
+                    &kind.as_str(),
+                    &detail,
+                ],
+            )
+            .await
+            .map_err(query)?;
+        if let Some(row) = moved {
+            return Ok(Some(StatusChange { record: call_from_row(&row)?, changed: true }));
+        }
+        // Not moved (unknown, or no longer a legal predecessor): read where it stands now,
+        // in a statement of its own, so that a race's winner is seen.
+        let current = client
+            .cached_query_opt(
+                &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1"),
+                &[&call_id.as_str()],
+            )
+            .await
+            .map_err(query)?;
+        current
+            .map(|row| Ok(StatusChange { record: call_from_row(&row)?, changed: false }))
+            .transpose()
     }
 
     async fn renew_clone_lease(
