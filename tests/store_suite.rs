@@ -569,6 +569,21 @@ async fn views_and_moves<S: Store>(s: &S) {
     assert_eq!((bare.job, bare.profile), (None, None));
     assert_eq!(s.call_view(&"CA-mv-none".into()).await.unwrap(), None);
 
+    // Reads at once (PostgreSQL sends them as one statement): each gets its own answer, an
+    // id asked twice gets it twice, an unknown one gets none.
+    let ids: Vec<CallId> = ["CA-mv", "CA-in5", "CA-mv-none", "CA-mv", "CA-in1"]
+        .into_iter()
+        .map(CallId::from)
+        .collect();
+    let many = join_all(ids.iter().map(|id| s.call_view(id))).await;
+    let many: Vec<_> = many.into_iter().map(Result::unwrap).collect();
+    assert_eq!(many[0].as_ref(), Some(&view));
+    assert_eq!(many[3].as_ref(), Some(&view));
+    assert_eq!(many[1].as_ref().map(|v| v.call.call_id.as_str()), Some("CA-in5"));
+    assert_eq!(many[2], None);
+    assert_eq!(many[4], s.call_view(&"CA-in1".into()).await.unwrap());
+    assert!(many[4].as_ref().is_some_and(|v| v.job.is_some()));
+
     let id = CallId::new("CA-mv");
     let kinds =
         |h: Vec<(EventKind, String, Timestamp)>| h.into_iter().map(|e| e.0).collect::<Vec<_>>();

@@ -15,7 +15,7 @@
 //!   can never flip a call back and forth, and the request that made a transition knows it
 //!   did.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{
@@ -31,6 +31,7 @@ use precall_controller::{
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use super::batch::Batcher;
 use super::migrate::migrate;
 
 /// How to reach PostgreSQL.
@@ -53,7 +54,55 @@ pub struct PgStoreConfig {
 pub struct PgStore {
     pool: Pool,
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Inbound calls' first steps, grouped under load (see [`Batcher`]).
+    inbound: Arc<Batcher<InboundParams, InboundStep>>,
+    /// Status checks' reads, grouped likewise.
+    views: Arc<Batcher<String, Option<CallView>>>,
 }
+
+/// The most requests one batched statement carries.
+const MOST_PER_BATCH: usize = 64;
+
+/// An inbound request as the batch's task owns it.
+struct InboundParams {
+    call_id: String,
+    session_id: String,
+    protocol: &'static str,
+    caller: String,
+    recipient: String,
+    status: &'static str,
+    arrived: SystemTime,
+    number: String,
+    fallback: String,
+    now: SystemTime,
+    owner: String,
+    until: SystemTime,
+}
+
+impl InboundParams {
+    fn new(req: &InboundRequest<'_>) -> Self {
+        let call = req.call;
+        Self {
+            call_id: call.call_id.as_str().to_owned(),
+            session_id: call.session_id.clone(),
+            protocol: call.protocol.as_str(),
+            caller: call.caller_number.clone(),
+            recipient: call.recipient_number.clone(),
+            status: call.status.as_str(),
+            arrived: call.started_at.to_system(),
+            number: req.number.to_owned(),
+            fallback: call.profile_id.as_str().to_owned(),
+            now: req.now.to_system(),
+            owner: req.lease.owner.clone(),
+            until: req.lease.until.to_system(),
+        }
+    }
+}
+
+/// The database's failure, told to every request of the batch it failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BatchFailed(String);
 
 /// A half-open connection (the server's host gone without a FIN) is found within this: TCP
 /// keepalive probes an idle connection after `KEEPALIVE_IDLE`, every `KEEPALIVE_INTERVAL`,
@@ -140,7 +189,15 @@ impl PgStore {
             .recycle_timeout(Some(cfg.connect_timeout))
             .build()
             .map_err(unavailable)?;
-        Ok(Self { pool, ready: Default::default() })
+        // Half the pool for each kind of batch: neither starves the other (or the rest of the
+        // statements) of connections.
+        let flushers = (cfg.pool_size / 2).max(1);
+        Ok(Self {
+            pool,
+            ready: Default::default(),
+            inbound: Arc::new(Batcher::new(flushers, MOST_PER_BATCH)),
+            views: Arc::new(Batcher::new(flushers, MOST_PER_BATCH)),
+        })
     }
 
     /// The pool's connections now: (open, in use, maximum).
@@ -159,6 +216,144 @@ impl PgStore {
             return Err(unavailable(NotReady));
         }
         self.pool.get().await.map_err(pool_err)
+    }
+
+    /// Answers a batch of inbound requests: one statement for all of them. When it fails
+    /// for a reason of its own (not the database being away), each request is sent again
+    /// alone, so that only a request at fault fails.
+    async fn inbound_batch(
+        &self,
+        batch: Vec<InboundParams>,
+    ) -> Vec<Result<InboundStep, StoreError>> {
+        if batch.len() == 1 {
+            return vec![self.inbound_one(&batch[0]).await];
+        }
+        match self.inbound_many(&batch).await {
+            Ok(steps) => steps,
+            Err(e) => self.alone(batch.len(), e, |i| self.inbound_one(&batch[i])).await,
+        }
+    }
+
+    async fn inbound_one(&self, p: &InboundParams) -> Result<InboundStep, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .cached_query_one(
+                &INBOUND_SQL,
+                &[
+                    &p.call_id,
+                    &p.session_id,
+                    &p.protocol,
+                    &p.caller,
+                    &p.recipient,
+                    &p.status,
+                    &p.arrived,
+                    &p.number,
+                    &p.fallback,
+                    &p.now,
+                    &p.owner,
+                    &p.until,
+                ],
+            )
+            .await
+            .map_err(query)?;
+        inbound_step_at(&row, 0)
+    }
+
+    async fn inbound_many(
+        &self,
+        batch: &[InboundParams],
+    ) -> Result<Vec<Result<InboundStep, StoreError>>, StoreError> {
+        fn col<'a, T>(batch: &'a [InboundParams], f: impl Fn(&'a InboundParams) -> T) -> Vec<T> {
+            batch.iter().map(f).collect()
+        }
+        let rows = self
+            .client()
+            .await?
+            .cached_query(
+                &INBOUND_MANY_SQL,
+                &[
+                    &col(batch, |p| p.call_id.as_str()),
+                    &col(batch, |p| p.session_id.as_str()),
+                    &col(batch, |p| p.protocol),
+                    &col(batch, |p| p.caller.as_str()),
+                    &col(batch, |p| p.recipient.as_str()),
+                    &col(batch, |p| p.status),
+                    &col(batch, |p| p.arrived),
+                    &col(batch, |p| p.number.as_str()),
+                    &col(batch, |p| p.fallback.as_str()),
+                    &col(batch, |p| p.now),
+                    &col(batch, |p| p.owner.as_str()),
+                    &col(batch, |p| p.until),
+                ],
+            )
+            .await
+            .map_err(query)?;
+        let mut out: Vec<Option<Result<InboundStep, StoreError>>> =
+            batch.iter().map(|_| None).collect();
+        for row in &rows {
+            let n: i64 = row.try_get(0).map_err(query)?;
+            let slot = usize::try_from(n - 1).ok().and_then(|i| out.get_mut(i));
+            if let Some(slot) = slot {
+                *slot = Some(inbound_step_at(row, 1));
+            }
+        }
+        Ok(out.into_iter().map(|o| o.unwrap_or_else(|| Err(missing_answer()))).collect())
+    }
+
+    /// Answers a batch of status checks' reads: one statement for all of them.
+    async fn view_batch(&self, batch: Vec<String>) -> Vec<Result<Option<CallView>, StoreError>> {
+        if batch.len() == 1 {
+            return vec![self.view_one(&batch[0]).await];
+        }
+        match self.view_many(&batch).await {
+            Ok(views) => views,
+            Err(e) => self.alone(batch.len(), e, |i| self.view_one(&batch[i])).await,
+        }
+    }
+
+    async fn view_one(&self, call_id: &str) -> Result<Option<CallView>, StoreError> {
+        let row =
+            self.client().await?.cached_query_opt(&VIEW_SQL, &[&call_id]).await.map_err(query)?;
+        row.map(|row| view_at(&row, 0)).transpose()
+    }
+
+    async fn view_many(
+        &self,
+        batch: &[String],
+    ) -> Result<Vec<Result<Option<CallView>, StoreError>>, StoreError> {
+        let rows =
+            self.client().await?.cached_query(&VIEW_MANY_SQL, &[&batch]).await.map_err(query)?;
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let view = view_at(row, 0)?;
+            found.insert(view.call.call_id.as_str().to_owned(), view);
+        }
+        // A call id asked twice in one batch gets the same answer twice.
+        Ok(batch.iter().map(|id| Ok(found.get(id).cloned())).collect())
+    }
+
+    /// A batch's failure `e`: the database being away fails every request of it (the
+    /// controller's outage paths take over); any other failure sends each again alone.
+    async fn alone<T, F>(
+        &self,
+        n: usize,
+        e: StoreError,
+        one: impl Fn(usize) -> F,
+    ) -> Vec<Result<T, StoreError>>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        if let StoreError::Unavailable(e) = &e {
+            let why = e.to_string();
+            return (0..n).map(|_| Err(unavailable(BatchFailed(why.clone())))).collect();
+        }
+        tracing::debug!(error = %e, requests = n, "a batched statement failed: each alone");
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            out.push(one(i).await);
+        }
+        out
     }
 
     /// Reads a job that must exist, on `client` (inside a transaction, or not).
@@ -363,6 +558,66 @@ const STATUS_SET: &str = "status = $2, \
      ended_at = CASE WHEN $2 = 'ended' THEN COALESCE(ended_at, $3) ELSE ended_at END, \
      failure = CASE WHEN $2 = 'failed' THEN COALESCE(failure, $4) ELSE failure END, \
      end_reason = CASE WHEN $2 = 'ended' THEN $4 ELSE end_reason END";
+
+/// Many inbound calls' first steps in one statement: `precall_inbound` for each, in order,
+/// in one transaction (a later call sees what an earlier one recorded). Column 0 is the
+/// request's place in the batch, from 1.
+static INBOUND_MANY_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT u.n, r.first_seen, r.created, {}, {}, {} \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                     $7::timestamptz[], $8::text[], $9::text[], $10::timestamptz[], \
+                     $11::text[], $12::timestamptz[]) \
+              WITH ORDINALITY AS u (call_id, session_id, protocol, caller, recipient, status, \
+                                    arrived, number, fallback, now_, owner, until, n) \
+         CROSS JOIN LATERAL precall_inbound(u.call_id, u.session_id, u.protocol, u.caller, \
+              u.recipient, u.status, u.arrived, u.number, u.fallback, u.now_, u.owner, \
+              u.until) AS r",
+        columns_of("(r.call_row).", CALL_COLUMNS),
+        columns_of("(r.job_row).", JOB_COLUMNS),
+        columns_of("(r.profile_row).", PROFILE_COLUMNS),
+    )
+});
+
+/// Many status checks' reads in one statement.
+static VIEW_MANY_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, {}, {} FROM calls c LEFT JOIN clone_jobs j ON j.id = c.clone_job_id \
+         LEFT JOIN voice_profiles p ON p.id = c.profile_id WHERE c.call_id = ANY($1)",
+        columns_of("c.", CALL_COLUMNS),
+        columns_of("j.", JOB_COLUMNS),
+        columns_of("p.", PROFILE_COLUMNS),
+    )
+});
+
+/// The step whose `first_seen, created, call, job, profile` columns start at `at`.
+fn inbound_step_at(row: &Row, at: usize) -> Result<InboundStep, StoreError> {
+    let job = at + 2 + width(CALL_COLUMNS);
+    Ok(InboundStep {
+        first: row.try_get(at).map_err(query)?,
+        created: row.try_get(at + 1).map_err(query)?,
+        call: call_at(row, at + 2)?,
+        job: opt_job_at(row, job)?,
+        profile: opt_profile_at(row, job + width(JOB_COLUMNS))?,
+    })
+}
+
+/// The view whose call, job and profile columns start at `at`.
+fn view_at(row: &Row, at: usize) -> Result<CallView, StoreError> {
+    let job = at + width(CALL_COLUMNS);
+    Ok(CallView {
+        call: call_at(row, at)?,
+        job: opt_job_at(row, job)?,
+        profile: opt_profile_at(row, job + width(JOB_COLUMNS))?,
+    })
+}
+
+/// A batched statement answered for fewer requests than it carried.
+fn missing_answer() -> StoreError {
+    StoreError::Query(Box::new(BatchFailed(
+        "the batched statement did not answer for this request".to_owned(),
+    )))
+}
 
 /// A status change from a legal predecessor ($5), and its event ($6 kind, $7 detail) when
 /// it happened, in one statement.
@@ -675,53 +930,21 @@ impl Store for PgStore {
     }
 
     async fn record_inbound(&self, req: &InboundRequest<'_>) -> Result<InboundStep, StoreError> {
-        let call = req.call;
-        let row = self
-            .client()
-            .await?
-            .cached_query_one(
-                &INBOUND_SQL,
-                &[
-                    &call.call_id.as_str(),
-                    &call.session_id,
-                    &call.protocol.as_str(),
-                    &call.caller_number,
-                    &call.recipient_number,
-                    &call.status.as_str(),
-                    &call.started_at.to_system(),
-                    &req.number,
-                    &call.profile_id.as_str(),
-                    &req.now.to_system(),
-                    &req.lease.owner,
-                    &req.lease.until.to_system(),
-                ],
-            )
-            .await
-            .map_err(query)?;
-        let job_at_col = 2 + width(CALL_COLUMNS);
-        Ok(InboundStep {
-            first: row.try_get(0).map_err(query)?,
-            created: row.try_get(1).map_err(query)?,
-            call: call_at(&row, 2)?,
-            job: opt_job_at(&row, job_at_col)?,
-            profile: opt_profile_at(&row, job_at_col + width(JOB_COLUMNS))?,
-        })
+        let store = self.clone();
+        let run = move |batch: Vec<InboundParams>| {
+            let store = store.clone();
+            async move { store.inbound_batch(batch).await }
+        };
+        self.inbound.submit(InboundParams::new(req), run).await
     }
 
     async fn call_view(&self, call_id: &CallId) -> Result<Option<CallView>, StoreError> {
-        let row = self
-            .client()
-            .await?
-            .cached_query_opt(&VIEW_SQL, &[&call_id.as_str()])
-            .await
-            .map_err(query)?;
-        let Some(row) = row else { return Ok(None) };
-        let job_at_col = width(CALL_COLUMNS);
-        Ok(Some(CallView {
-            call: call_at(&row, 0)?,
-            job: opt_job_at(&row, job_at_col)?,
-            profile: opt_profile_at(&row, job_at_col + width(JOB_COLUMNS))?,
-        }))
+        let store = self.clone();
+        let run = move |batch: Vec<String>| {
+            let store = store.clone();
+            async move { store.view_batch(batch).await }
+        };
+        self.views.submit(call_id.as_str().to_owned(), run).await
     }
 
     async fn move_call(
