@@ -351,6 +351,32 @@ fn same_call_sid_twice_starts_one_clone_job() {
     assert_eq!(n.metric(failed), 2, "one job per call id, the repeat started none");
 }
 
+/// Twilio calls on TwiML hold count in the active-calls gauge: while their polls come, until
+/// their end is reported, and no longer than their next poll is due when none comes (the
+/// caller hung up unseen, or the poll went to another node).
+#[test]
+fn twilio_calls_on_hold_are_in_the_active_calls_gauge() {
+    let gauge = "precall_active_calls{protocol=\"twilio\",shard=\"control\"}";
+    let n = node(&[("SIMULATED_CLONE_DELAY_MS", "600000"), ("STATUS_POLL_INTERVAL_MS", "1000")]);
+    assert_eq!(n.metric(gauge), 0);
+    let (a, b) = ("CA00000000000000000000000000000a01", "CA00000000000000000000000000000a02");
+    assert_hold(&n.voice(a), &n.base, a, true);
+    assert_hold(&n.voice(b), &n.base, b, true);
+    assert_eq!(n.metric(gauge), 2);
+    assert_hold(&n.poll(a), &n.base, a, false);
+    assert_eq!(n.metric(gauge), 2, "a poll keeps its call counted once");
+    let mut status = call_params(b);
+    status[6].1 = "completed".into();
+    assert_eq!(n.signed("/twilio/status", &status).status, 200);
+    assert_eq!(n.metric(gauge), 1, "an ended call leaves at once");
+    // No poll for `a`: it leaves once its next poll is overdue (2 × 1 s + 2 s of slack).
+    let started = std::time::Instant::now();
+    wait_for("the unpolled call to leave the gauge", Duration::from_secs(10), || {
+        (n.metric(gauge) == 0).then_some(())
+    });
+    assert!(started.elapsed() >= Duration::from_secs(3), "not before its poll was overdue");
+}
+
 #[test]
 fn poll_after_the_call_ended_hangs_up() {
     let n = node(&[("SIMULATED_CLONE_DELAY_MS", "600000")]);

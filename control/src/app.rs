@@ -142,8 +142,12 @@ impl App {
         out.push_str("# HELP precall_control_queue_depth Requests (webhooks, shard polls and ends) waiting for the control plane's side runtime; past 4096 they get 503.\n");
         out.push_str("# TYPE precall_control_queue_depth gauge\n");
         out.push_str(&format!("precall_control_queue_depth {}\n", self.control.queued()));
-        out.push_str("# HELP precall_active_calls Calls owned by each engine shard.\n");
+        out.push_str("# HELP precall_active_calls Calls on this node: SIP calls and Twilio media streams on each engine shard, and Twilio calls on TwiML hold in poll mode (shard=\"control\": no media here; each counts until its next poll is due).\n");
         out.push_str("# TYPE precall_active_calls gauge\n");
+        out.push_str(&format!(
+            "precall_active_calls{{protocol=\"twilio\",shard=\"control\"}} {}\n",
+            self.metrics.twilio_holding_now()
+        ));
         // One read of the shards' counters for the whole page.
         let shards = (self.shards)();
         for s in &shards {

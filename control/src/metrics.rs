@@ -178,6 +178,52 @@ pub struct Metrics {
     pool: std::sync::OnceLock<PoolProbe>,
     /// The HTTP server's open connections (set once the server is bound).
     http_connections: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+    /// Twilio calls this node holds in poll mode (TwiML hold, no media on a shard).
+    twilio_holds: TwilioHolds,
+}
+
+/// Twilio calls on hold in poll mode, as this node last answered them: each hold answer
+/// counts the call until its next poll is due (plus slack), so a call whose caller hung up,
+/// or whose next poll went to another node, drops out by itself, and nothing drifts.
+#[derive(Debug, Default)]
+struct TwilioHolds {
+    inner: std::sync::Mutex<HoldsInner>,
+}
+
+#[derive(Debug, Default)]
+struct HoldsInner {
+    until: std::collections::HashMap<precall_api::CallId, std::time::Instant>,
+    /// Entries after the last sweep of lapsed ones: the next sweep comes at twice this.
+    swept_at: usize,
+}
+
+impl TwilioHolds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HoldsInner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn hold(&self, call_id: &precall_api::CallId, until: std::time::Instant) {
+        let mut h = self.lock();
+        h.until.insert(call_id.clone(), until);
+        // Amortized: a sweep every time the map doubles, so memory follows the live count.
+        if h.until.len() > (2 * h.swept_at).max(1024) {
+            let now = std::time::Instant::now();
+            h.until.retain(|_, t| *t > now);
+            h.swept_at = h.until.len();
+        }
+    }
+
+    fn leave(&self, call_id: &precall_api::CallId) {
+        self.lock().until.remove(call_id);
+    }
+
+    fn count(&self) -> usize {
+        let now = std::time::Instant::now();
+        let mut h = self.lock();
+        h.until.retain(|_, t| *t > now);
+        h.swept_at = h.until.len();
+        h.until.len()
+    }
 }
 
 /// The results of a live-call push, in `precall_twilio_pushes_total`'s order.
@@ -209,6 +255,7 @@ impl Default for Metrics {
             pushes: Default::default(),
             http_connections: std::sync::OnceLock::new(),
             pool: std::sync::OnceLock::new(),
+            twilio_holds: TwilioHolds::default(),
         }
     }
 }
@@ -234,6 +281,23 @@ impl Metrics {
         if let Some(end) = rec.connected_at.or(rec.ended_at) {
             self.hold_time.observe(end.since(rec.started_at));
         }
+    }
+
+    /// A Twilio call was answered hold in poll mode; its next poll is due within `next`.
+    pub fn twilio_holding(&self, call_id: &precall_api::CallId, next: Duration) {
+        // Slack for Twilio's fetch of the hold clip and the redirect, and a late poll.
+        let until = std::time::Instant::now() + next.saturating_mul(2) + Duration::from_secs(2);
+        self.twilio_holds.hold(call_id, until);
+    }
+
+    /// A Twilio call left poll-mode hold here (connected to a stream, hung up, ended).
+    pub fn twilio_left_hold(&self, call_id: &precall_api::CallId) {
+        self.twilio_holds.leave(call_id);
+    }
+
+    /// Twilio calls this node holds in poll mode now.
+    pub fn twilio_holding_now(&self) -> usize {
+        self.twilio_holds.count()
     }
 
     /// Counts a live-call push by its result (`updated`, `already_ended`, `failed`).

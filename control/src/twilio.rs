@@ -257,6 +257,14 @@ impl Twilio {
             Ok(_) => Err(ControlError::Mismatch),
             Err(e) => Err(e),
         };
+        // The active-calls gauge: a call on TwiML hold is here until its next poll is due;
+        // any other answer (a stream, which its shard counts; a hang-up) ends that.
+        match &result {
+            Ok(ins) if !stream_hold && ins.action() == precall_api::CallAction::Hold => {
+                self.metrics.twilio_holding(call_id, self.cfg.poll_interval)
+            }
+            _ => self.metrics.twilio_left_hold(call_id),
+        }
         match result {
             Ok(ins) if stream_hold => {
                 xml(200, twiml::render_stream(&ins, &self.urls(call_id, params)))
@@ -382,6 +390,7 @@ impl Twilio {
             return xml(200, EMPTY_TWIML.to_owned());
         }
         let call_id = CallId::new(call_sid);
+        self.metrics.twilio_left_hold(&call_id);
         let reply = self.control.call(ControlRequest::CallEnded {
             call_id: call_id.clone(),
             reason: status.as_str().to_owned(),
