@@ -540,6 +540,92 @@ fn a_database_outage_is_not_heard_by_a_caller_on_hold() {
     );
 }
 
+/// A GET that must be answered within `limit`: its status, or `None` when it was not.
+fn get_within(port: u16, path: &str, limit: Duration) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(limit)).ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    String::from_utf8_lossy(&raw).split(' ').nth(1)?.parse().ok()
+}
+
+/// A hung database (PostgreSQL frozen: its connections stay open, nothing answers) is an
+/// outage like a stopped one: a caller on hold keeps holding, a new call gets greeting and
+/// hold and is recorded once the database answers again, and /health and /metrics, which never
+/// wait for the store or the side runtime, answer throughout, a flood of them included.
+#[test]
+fn a_hung_database_is_an_outage_and_health_and_metrics_never_wait_for_it() {
+    let pg = PgServer::start();
+    let env = [
+        ("DATABASE_URL", pg.url()),
+        ("SIMULATED_CLONE_DELAY_MS", "600000".to_owned()),
+        // A store step gets 2 s of it (store_deadline).
+        ("CONTROL_REQUEST_TIMEOUT_MS", "3000".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let n = node(&env);
+    assert_hold(&n.voice(SID), &n.base, SID, true);
+    assert_hold(&n.poll_target(&format!("/twilio/poll?call_id={SID}&hold=1")), &n.base, SID, false);
+
+    // Six clients flood /health and /metrics for the rest of the test; each answer must come
+    // within a second.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = n.p.http_port;
+    let flood: Vec<_> = (0..6)
+        .map(|i| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let path = if i % 2 == 0 { "/health" } else { "/metrics" };
+                let (mut answered, mut late) = (0u64, 0u64);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match get_within(port, path, Duration::from_secs(1)) {
+                        Some(200 | 503) => answered += 1,
+                        _ => late += 1,
+                    }
+                }
+                (answered, late)
+            })
+        })
+        .collect();
+
+    pg.freeze();
+    wait_for("/health to say the store hangs", Duration::from_secs(15), || {
+        (get_within(port, "/health", Duration::from_secs(1)) == Some(503)).then_some(())
+    });
+    // The caller on hold keeps holding; a new call is answered and journaled.
+    let a = n.poll_target(&format!("/twilio/poll?call_id={SID}&hold=2"));
+    assert_hold(&a, &n.base, SID, false);
+    let new_call = "CA44444444444444444444444444444444";
+    assert_hold(&n.voice(new_call), &n.base, new_call, true);
+    assert!(n.metric("precall_journal_entries") >= 1);
+
+    pg.thaw();
+    wait_for("the journal to reach the store", Duration::from_secs(20), || {
+        (n.metric("precall_journal_entries") == 0
+            && get_within(port, "/health", Duration::from_secs(1)) == Some(200))
+        .then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answered, late): (u64, u64) =
+        flood.into_iter().map(|t| t.join().unwrap()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    assert_eq!(late, 0, "every /health and /metrics was answered within a second");
+    assert!(answered > 0);
+    let recorded =
+        |id: &str| pg.count(&format!("SELECT count(*) FROM calls WHERE call_id = '{id}'"));
+    assert_eq!(recorded(new_call), 1, "the call answered during the hang is recorded");
+    let inbound = pg.count(&format!(
+        "SELECT count(*) FROM call_events WHERE call_id = '{new_call}' AND kind = 'inbound'"
+    ));
+    assert_eq!(inbound, 1);
+    // And a call now is recorded as usual.
+    let after = "CA55555555555555555555555555555555";
+    assert_hold(&n.voice(after), &n.base, after, true);
+    assert_eq!(recorded(after), 1);
+}
+
 #[test]
 fn a_database_outage_past_the_hold_limit_ends_the_hold() {
     let mut pg = PgServer::start();
@@ -860,8 +946,14 @@ fn a_reused_voice_deleted_at_the_provider_is_found_before_a_call_is_sent_to_it()
     assert!(a.body.contains("value=\"voice-1\""), "{}", a.body);
 
     // Somebody deletes voice-1 in the provider's dashboard. The next caller is not sent to it:
-    // the check finds it gone, and the call holds while the profile is cloned anew.
+    // the check finds it gone, and the call holds while the profile is cloned anew. (A voice is
+    // due a check once it is older than CLONE_VERIFY_AFTER_MS, 1 ms here: the condition waited
+    // for is the clock itself, since the poll above may have come within that millisecond.)
     fake.forget("voice-1");
+    let due = std::time::Instant::now() + Duration::from_millis(3);
+    wait_for("voice-1 to be due a check", Duration::from_secs(1), || {
+        (std::time::Instant::now() >= due).then_some(())
+    });
     assert_hold(&n.voice(SID2), &n.base, SID2, true);
     let a = poll_until_connected(&n, SID2);
     assert!(a.body.contains("value=\"voice-2\""), "{}", a.body);

@@ -464,8 +464,9 @@ async fn serve<S: Store>(
         };
         let service = Arc::clone(&service);
         tokio::spawn(async move {
+            let step = store_deadline(request_timeout);
             let answer =
-                tokio::time::timeout(request_timeout, handle(&service, &env.request)).await;
+                tokio::time::timeout(request_timeout, handle(&service, &env.request, step)).await;
             let reply = answer.unwrap_or_else(|_| timeout_reply(&env.request));
             (env.reply)(reply);
         });
@@ -752,7 +753,40 @@ fn control_error(e: ControllerError) -> ControlError {
     }
 }
 
-async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -> ControlReply {
+/// How long a request's store work may take before it counts as the store being away: a
+/// second less than the request's own deadline (at least half of it), so that a hung database
+/// (a frozen server, a connection whose peer vanished: every query waits) gets the outage
+/// answers (greeting and hold from the journal, a poll that keeps holding, an end journaled)
+/// instead of the request's timeout, which hangs up.
+fn store_deadline(request_timeout: Duration) -> Duration {
+    request_timeout.saturating_sub(Duration::from_secs(1)).max(request_timeout / 2)
+}
+
+/// Why a store step gave up.
+#[derive(Debug, thiserror::Error)]
+#[error("the store did not answer within {0:?}")]
+struct TooSlow(Duration);
+
+/// `step`, or the store being away when it has not answered within `deadline`. A step cut
+/// off here may still complete in the database: every one of them is idempotent (the journal
+/// replays it as a repeat), and a clone job it may have created is run by a sweep once its
+/// lease lapses.
+async fn in_time<T>(
+    deadline: Duration,
+    step: impl Future<Output = Result<T, ControllerError>>,
+) -> Result<T, ControllerError> {
+    tokio::time::timeout(deadline, step).await.unwrap_or_else(|_| {
+        Err(ControllerError::Store(precall_controller::StoreError::Unavailable(Box::new(TooSlow(
+            deadline,
+        )))))
+    })
+}
+
+async fn handle<S: Store>(
+    service: &Arc<Service<S>>,
+    request: &ControlRequest,
+    deadline: Duration,
+) -> ControlReply {
     let now = Timestamp::now();
     let ctl = &service.controller;
     match request {
@@ -761,13 +795,15 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
             if service.journal.has_inbound(&ctx.call_id) {
                 return ControlReply::Instructions(Ok(outage_answer(service, ctx, now)));
             }
-            let out = match ctl.handle_inbound_call(ctx, now).await {
+            let out = match in_time(deadline, ctl.handle_inbound_call(ctx, now)).await {
                 Ok(precall_controller::InboundOutcome { verify_voice: Some(check), .. }) => {
                     let usable = voice_usable(service, &check).await;
                     if !usable {
                         service.voices.forget(check.job_id);
                     }
-                    ctl.voice_checked(&ctx.call_id, &check, usable, Timestamp::now()).await
+                    let at = Timestamp::now();
+                    let left = deadline.saturating_sub(at.since(now));
+                    in_time(left, ctl.voice_checked(&ctx.call_id, &check, usable, at)).await
                 }
                 Err(ControllerError::Store(precall_controller::StoreError::Unavailable(e))) => {
                     // The store is away: answer greeting + hold from what the node knows and
@@ -809,14 +845,14 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
             )))
         }
         ControlRequest::CheckStatus(call_id) => ControlReply::Instructions(
-            ctl.check_clone_status(call_id, now).await.map_err(control_error),
+            in_time(deadline, ctl.check_clone_status(call_id, now)).await.map_err(control_error),
         ),
         ControlRequest::CallEnded { call_id, reason } => {
             let entry = || Entry::Ended { reason: reason.clone() };
             if let Some(reply) = journal_instead(service, call_id, now, entry, None) {
                 return reply;
             }
-            let ended = ctl.call_ended(call_id, reason, now).await;
+            let ended = in_time(deadline, ctl.call_ended(call_id, reason, now)).await;
             if let Some(reply) = journal_instead(service, call_id, now, entry, ended.as_ref().err())
             {
                 return reply;
@@ -841,14 +877,15 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
                 }
                 return ControlReply::Instructions(Ok(ins));
             }
-            ControlReply::Instructions(ctl.stream_started(start, now).await.map_err(control_error))
+            let started = in_time(deadline, ctl.stream_started(start, now)).await;
+            ControlReply::Instructions(started.map_err(control_error))
         }
         ControlRequest::StreamClosed { call_id, reason, failed } => {
             let entry = || Entry::StreamClosed { reason: reason.clone(), failed: *failed };
             if let Some(reply) = journal_instead(service, call_id, now, entry, None) {
                 return reply;
             }
-            let closed = ctl.stream_closed(call_id, reason, *failed, now).await;
+            let closed = in_time(deadline, ctl.stream_closed(call_id, reason, *failed, now)).await;
             if let Some(reply) =
                 journal_instead(service, call_id, now, entry, closed.as_ref().err())
             {
@@ -867,7 +904,7 @@ async fn handle<S: Store>(service: &Arc<Service<S>>, request: &ControlRequest) -
             if let Some(reply) = journal_instead(service, call_id, now, entry, None) {
                 return reply;
             }
-            let done = ctl.media_event(call_id, *kind, detail, now).await;
+            let done = in_time(deadline, ctl.media_event(call_id, *kind, detail, now)).await;
             if let Some(reply) = journal_instead(service, call_id, now, entry, done.as_ref().err())
             {
                 return reply;

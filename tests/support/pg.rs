@@ -157,9 +157,47 @@ impl PgServer {
 
     /// Stops the server (fast shutdown: connections are cut), keeping its data.
     pub fn stop(&mut self) {
+        // A frozen server (a test that failed mid-freeze) would never act on SIGINT.
+        self.signal_all(libc::SIGCONT);
         // SAFETY: the pid is our own child's, still unreaped.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
         let _ = self.child.wait();
+    }
+
+    /// Freezes the server and all its backends (SIGSTOP): connections stay open and the
+    /// kernel still acknowledges what is sent, but no query is answered: a hung database.
+    #[allow(dead_code)]
+    pub fn freeze(&self) {
+        self.signal_all(libc::SIGSTOP);
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    #[allow(dead_code)]
+    pub fn thaw(&self) {
+        self.signal_all(libc::SIGCONT);
+    }
+
+    /// Signals the postmaster and every process it started.
+    fn signal_all(&self, sig: libc::c_int) {
+        let parent = self.child.id();
+        let mut pids = vec![parent];
+        for entry in fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            // /proc/<pid>/stat: "pid (comm) state ppid …"; comm may hold spaces.
+            let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| {
+                rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok())
+            });
+            if ppid == Some(parent) {
+                pids.push(pid);
+            }
+        }
+        for pid in pids {
+            // SAFETY: our own child and its children.
+            unsafe { libc::kill(pid as libc::pid_t, sig) };
+        }
     }
 
     /// Starts the stopped server again on the same port with the same data.

@@ -101,9 +101,16 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
                     std::mem::forget(_out);
                     return;
                 }
+                // A request whose caller gave up (its deadline passed while it queued: the
+                // database hangs) is not sent at all: its caller answered from the outage
+                // paths, and the journal replays it.
+                st.queue.retain(|(_, tx)| !tx.is_closed());
                 let n = st.queue.len().min(self.most);
                 st.queue.drain(..n).collect()
             };
+            if batch.is_empty() {
+                continue;
+            }
             let (requests, waiters): (Vec<Q>, Vec<_>) = batch.into_iter().unzip();
             let answers = run(requests).await;
             // One answer per request; a short answer list leaves the rest `Dropped`.
