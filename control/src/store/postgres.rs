@@ -631,6 +631,27 @@ static MOVE_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// A conditional status change's answer: the row it returned (`moved`), or, when it moved
+/// nothing (an unknown call, or no longer a legal predecessor), where the call stands now,
+/// read in a statement of its own so that a race's winner is seen.
+async fn moved_or_current<C: GenericClient + Sync>(
+    client: &C,
+    call_id: &CallId,
+    moved: Option<Row>,
+) -> Result<Option<StatusChange>, StoreError> {
+    if let Some(row) = moved {
+        return Ok(Some(StatusChange { record: call_from_row(&row)?, changed: true }));
+    }
+    let current = client
+        .cached_query_opt(
+            &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1"),
+            &[&call_id.as_str()],
+        )
+        .await
+        .map_err(query)?;
+    current.map(|row| Ok(StatusChange { record: call_from_row(&row)?, changed: false })).transpose()
+}
+
 /// Every statement goes through deadpool's per-connection statement cache: tokio-postgres
 /// would otherwise parse and plan each SQL text anew (an extra round trip per statement).
 /// Measured with `benches/twilio_load.rs`: see docs/PERFORMANCE.md.
@@ -758,19 +779,7 @@ impl Store for PgStore {
             )
             .await
             .map_err(query)?;
-        if let Some(row) = updated {
-            return Ok(Some(StatusChange { record: call_from_row(&row)?, changed: true }));
-        }
-        let current = client
-            .cached_query_opt(
-                &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1"),
-                &[&call_id.as_str()],
-            )
-            .await
-            .map_err(query)?;
-        current
-            .map(|row| Ok(StatusChange { record: call_from_row(&row)?, changed: false }))
-            .transpose()
+        moved_or_current(&client, call_id, updated).await
     }
 
     async fn append_event(&self, event: &CallEvent) -> Result<(), StoreError> {
@@ -973,21 +982,7 @@ impl Store for PgStore {
             )
             .await
             .map_err(query)?;
-        if let Some(row) = moved {
-            return Ok(Some(StatusChange { record: call_from_row(&row)?, changed: true }));
-        }
-        // Not moved (unknown, or no longer a legal predecessor): read where it stands now,
-        // in a statement of its own, so that a race's winner is seen.
-        let current = client
-            .cached_query_opt(
-                &format!("SELECT {CALL_COLUMNS} FROM calls WHERE call_id = $1"),
-                &[&call_id.as_str()],
-            )
-            .await
-            .map_err(query)?;
-        current
-            .map(|row| Ok(StatusChange { record: call_from_row(&row)?, changed: false }))
-            .transpose()
+        moved_or_current(&client, call_id, moved).await
     }
 
     async fn renew_clone_lease(
