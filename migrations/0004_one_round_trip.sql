@@ -17,12 +17,16 @@ ALTER TABLE calls DROP CONSTRAINT IF EXISTS calls_clone_job_id_fkey;
 -- VoiceProfile::samples_hash in SQL: SHA-256 over each URL's length (8 bytes, big-endian)
 -- followed by its bytes, in lower-case hex.
 CREATE OR REPLACE FUNCTION precall_samples_hash(urls TEXT[]) RETURNS TEXT
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT encode(sha256(COALESCE(
-               string_agg(int8send(octet_length(u)::BIGINT) || convert_to(u, 'UTF8'), ''::BYTEA
-                          ORDER BY n),
-               ''::BYTEA)), 'hex')
-    FROM unnest(urls) WITH ORDINALITY AS s(u, n)
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+DECLARE
+    acc BYTEA := ''::BYTEA;
+    u TEXT;
+BEGIN
+    FOREACH u IN ARRAY urls LOOP
+        acc := acc || int8send(octet_length(u)::BIGINT) || convert_to(u, 'UTF8');
+    END LOOP;
+    RETURN encode(sha256(acc), 'hex');
+END
 $$;
 
 -- Profiles saved before version 3 have no samples_hash (they protected all their voices from
@@ -31,9 +35,9 @@ UPDATE voice_profiles SET samples_hash = precall_samples_hash(sample_urls)
     WHERE samples_hash IS NULL;
 
 -- What a claim does with the newest job of a sample set ('serve', 'take_over' or 'create'):
--- claim_decision. PL/pgSQL, not SQL: a SQL function that is not inlined is parsed and planned
--- at every call (measured: the parser was the top of the profile), PL/pgSQL caches its plans
--- per connection.
+-- claim_decision. PL/pgSQL, not SQL (here and for the hash): a SQL function that is not
+-- inlined is parsed and planned at every call (measured: the parser was the top of the
+-- profile), PL/pgSQL caches its plans per connection.
 CREATE OR REPLACE FUNCTION precall_claim_decision(job clone_jobs, now_ TIMESTAMPTZ) RETURNS TEXT
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
 BEGIN
@@ -54,15 +58,22 @@ $$;
 
 -- Store::claim_clone_job: the job serving (profile_, hash_), taken over or created (leased to
 -- owner_ until until_) when none serves; created is true when this claim made or took it.
+-- wait_ false (a batch of inbound calls): when another transaction holds the sample set's
+-- lock, nothing is done and contended is true; the caller sends that request again alone.
+-- A batch holds the locks it took until it commits, so two batches that waited for each
+-- other's sample sets would deadlock.
 CREATE OR REPLACE FUNCTION precall_claim_job(
     profile_ TEXT, hash_ TEXT, now_ TIMESTAMPTZ, owner_ TEXT, until_ TIMESTAMPTZ,
-    OUT job_row clone_jobs, OUT created BOOLEAN)
+    wait_ BOOLEAN,
+    OUT job_row clone_jobs, OUT created BOOLEAN, OUT contended BOOLEAN)
 LANGUAGE plpgsql AS $$
 DECLARE
     decision TEXT;
     newest BIGINT;
+    key BIGINT := hashtextextended(profile_ || '/' || hash_, 0);
 BEGIN
     created := false;
+    contended := false;
     -- Most calls find a serving job: read it without the lock, so that the calls of one
     -- profile do not queue on the advisory lock (measured: they did, docs/PERFORMANCE.md).
     SELECT * INTO job_row FROM clone_jobs
@@ -71,7 +82,13 @@ BEGIN
         RETURN;
     END IF;
     -- The key of the nodes before version 4 too, so that they take turns with these.
-    PERFORM pg_advisory_xact_lock(hashtextextended(profile_ || '/' || hash_, 0));
+    IF wait_ THEN
+        PERFORM pg_advisory_xact_lock(key);
+    ELSIF NOT pg_try_advisory_xact_lock(key) THEN
+        job_row := NULL;
+        contended := true;
+        RETURN;
+    END IF;
     -- Again under the lock (a statement of its own, so a fresh snapshot): another node may
     -- have created or taken it meanwhile.
     SELECT * INTO job_row FROM clone_jobs
@@ -104,31 +121,36 @@ $$;
 -- selects, else fallback_; a call already recorded (a retried webhook, a retransmitted INVITE,
 -- another node) is kept as it is, with its own profile. Events: inbound (at arrived_) or
 -- duplicate_inbound (at now_), then, when a waiting call gets its job, clone_started,
--- clone_reused or clone_joined with the job ('job-<id>').
+-- clone_reused or clone_joined with the job ('job-<id>'). The call is recorded as
+-- CallRecord::inbound makes it (no job, no times but its start, no failure or end).
 --
 -- A new call claims its job first and is inserted with it: one write of the call row and one
 -- of its events (measured: inserting and then attaching cost a second row version and its
--- index entries, docs/PERFORMANCE.md). No deadlock: a transaction takes the sample set's
--- advisory lock (the claim's slow path) before it writes any call row, and one that wrote a
--- call row never waits for that lock afterwards (a repeat's claim below takes the lock it
--- may already hold: advisory locks are re-entrant in a transaction).
+-- index entries, docs/PERFORMANCE.md). wait_ is precall_claim_job's: false in a batch, where
+-- a claim that would wait for another transaction's lock returns contended (nothing written)
+-- for the caller to send again alone. No deadlock between single calls: one takes the
+-- sample set's lock (the claim's slow path) before it writes a call row, and never waits for
+-- it after writing one (the repeat's claim below takes the lock it may already hold: advisory
+-- locks are re-entrant in a transaction); batches never wait for a lock.
 CREATE OR REPLACE FUNCTION precall_inbound(
     call_id_ TEXT, session_id_ TEXT, protocol_ TEXT, caller_ TEXT, recipient_ TEXT,
     status_ TEXT, arrived_ TIMESTAMPTZ, number_ TEXT, fallback_ TEXT, now_ TIMESTAMPTZ,
-    owner_ TEXT, until_ TIMESTAMPTZ,
-    OUT first_seen BOOLEAN, OUT created BOOLEAN, OUT call_row calls, OUT job_row clone_jobs,
-    OUT profile_row voice_profiles)
+    owner_ TEXT, until_ TIMESTAMPTZ, wait_ BOOLEAN,
+    OUT first_seen BOOLEAN, OUT created BOOLEAN, OUT contended BOOLEAN, OUT call_row calls,
+    OUT job_row clone_jobs, OUT profile_row voice_profiles)
 LANGUAGE plpgsql AS $$
 DECLARE
     found_row RECORD;
     claim RECORD;
     claimed BIGINT;
+    claim_kind TEXT;
 BEGIN
     created := false;
+    contended := false;
     -- One statement: the profile (the number's own sorts first, the fallback second), the
-    -- newest job of its samples (a job of a row some older writer left without samples_hash
-    -- is found by the hash computed here), and whether the call is recorded already.
-    SELECT p AS profile_row, j AS job_row,
+    -- newest job of its samples (hashed here from the URLs, as the Rust side hashes them),
+    -- and whether the call is recorded already.
+    SELECT p AS profile_row, j AS job_row, p_hash,
            EXISTS (SELECT 1 FROM calls WHERE call_id = call_id_) AS seen
         INTO found_row
         FROM (SELECT 1) AS one
@@ -136,10 +158,10 @@ BEGIN
             SELECT * FROM voice_profiles
             WHERE (number = number_ AND number_ <> '') OR id = fallback_
             ORDER BY (number IS NOT DISTINCT FROM number_) DESC LIMIT 1) AS p ON true
+        LEFT JOIN LATERAL (SELECT precall_samples_hash(p.sample_urls) AS p_hash) AS h ON true
         LEFT JOIN LATERAL (
             SELECT * FROM clone_jobs
-            WHERE profile_id = p.id
-            AND samples_hash = COALESCE(p.samples_hash, precall_samples_hash(p.sample_urls))
+            WHERE profile_id = p.id AND samples_hash = h.p_hash
             ORDER BY id DESC LIMIT 1) AS j ON true;
     profile_row := found_row.profile_row;
     first_seen := NOT found_row.seen;
@@ -150,10 +172,12 @@ BEGIN
             -- The fast path of precall_claim_job, read above: most calls find a serving job.
             IF precall_claim_decision(job_row, now_) <> 'serve' THEN
                 SELECT * INTO claim FROM precall_claim_job(
-                    profile_row.id,
-                    COALESCE(profile_row.samples_hash,
-                             precall_samples_hash(profile_row.sample_urls)),
-                    now_, owner_, until_);
+                    profile_row.id, found_row.p_hash, now_, owner_, until_, wait_);
+                IF claim.contended THEN
+                    contended := true;
+                    job_row := NULL;
+                    RETURN;
+                END IF;
                 job_row := claim.job_row;
                 created := claim.created;
             END IF;
@@ -192,10 +216,9 @@ BEGIN
     IF profile_row.id IS DISTINCT FROM call_row.profile_id THEN
         SELECT * INTO profile_row FROM voice_profiles WHERE id = call_row.profile_id;
     END IF;
-    INSERT INTO call_events (call_id, at, kind, detail)
-        VALUES (call_id_, now_, 'duplicate_inbound', '');
     job_row := NULL;
     created := false;
+    claim_kind := NULL;
     IF call_row.clone_job_id IS NOT NULL THEN
         SELECT * INTO job_row FROM clone_jobs WHERE id = call_row.clone_job_id;
         -- This request lost the race to record the call after it made or took over the job
@@ -206,20 +229,26 @@ BEGIN
     -- connected meanwhile starts nothing.
     ELSIF profile_row.id IS NOT NULL AND call_row.status IN ('ringing', 'holding') THEN
         SELECT * INTO claim FROM precall_claim_job(
-            profile_row.id,
-            COALESCE(profile_row.samples_hash, precall_samples_hash(profile_row.sample_urls)),
-            now_, owner_, until_);
+            profile_row.id, precall_samples_hash(profile_row.sample_urls), now_, owner_,
+            until_, wait_);
+        IF claim.contended THEN
+            contended := true;
+            RETURN;
+        END IF;
         job_row := claim.job_row;
         created := claim.created OR job_row.id = claimed;
         UPDATE calls SET clone_job_id = job_row.id WHERE call_id = call_id_
             RETURNING * INTO call_row;
-        INSERT INTO call_events (call_id, at, kind, detail)
-            VALUES (call_id_, now_,
-                    CASE WHEN created THEN 'clone_started'
-                         WHEN job_row.status = 'completed' THEN 'clone_reused'
-                         ELSE 'clone_joined' END,
-                    'job-' || job_row.id);
+        claim_kind := CASE WHEN created THEN 'clone_started'
+                           WHEN job_row.status = 'completed' THEN 'clone_reused'
+                           ELSE 'clone_joined' END;
     END IF;
+    INSERT INTO call_events (call_id, at, kind, detail)
+        SELECT call_id_, now_, e.kind, e.detail
+        FROM (VALUES (1, 'duplicate_inbound', ''), (2, claim_kind, 'job-' || job_row.id))
+             AS e (n, kind, detail)
+        WHERE e.n = 1 OR claim_kind IS NOT NULL
+        ORDER BY e.n;
     created := COALESCE(created, false);
 END
 $$;

@@ -847,3 +847,56 @@ fn postgres_samples_hash_is_the_rust_one() {
         assert_eq!(step.job.unwrap().samples_hash, p.samples_hash());
     });
 }
+
+/// Two batches (transactions) that each created the job of one new sample set never wait for
+/// each other's: a batched claim (`wait_` false) that finds the lock taken does nothing and
+/// says so, where waiting would deadlock; alone, the claim then waits and joins the job.
+#[test]
+fn postgres_batched_claims_never_wait_for_another_batch() {
+    let pg = PgServer::start();
+    rt().block_on(async {
+        let store = PgStore::connect(&pg_config(pg.url())).await.unwrap();
+        store.upsert_profile(&profile("bp", Some("+18005550301"))).await.unwrap();
+        store.upsert_profile(&profile("bq", Some("+18005550302"))).await.unwrap();
+        let connect = || async {
+            let (client, conn) =
+                tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client
+        };
+        let (a, b) = (connect().await, connect().await);
+        let inbound = |call: &str, number: &str| {
+            format!(
+                "SELECT r.contended, r.created, (r.job_row).id FROM precall_inbound('{call}', \
+                 'AC1', 'sip', '+1', '{number}', 'holding', now(), '{number}', 'default', now(), \
+                 'N', now() + interval '10 s', false) r"
+            )
+        };
+        let step = |row: tokio_postgres::Row| -> (bool, bool, Option<i64>) {
+            (row.get(0), row.get(1), row.get(2))
+        };
+        a.batch_execute("BEGIN").await.unwrap();
+        b.batch_execute("BEGIN").await.unwrap();
+        let p1 = step(a.query_one(&inbound("CA-bp1", "+18005550301"), &[]).await.unwrap());
+        let q1 = step(b.query_one(&inbound("CA-bq1", "+18005550302"), &[]).await.unwrap());
+        assert!(!p1.0 && p1.1 && p1.2.is_some(), "{p1:?}: creates P's job");
+        assert!(!q1.0 && q1.1 && q1.2.is_some(), "{q1:?}: creates Q's job");
+        // Each now wants the other's sample set: neither waits.
+        let q2 = step(a.query_one(&inbound("CA-bq2", "+18005550302"), &[]).await.unwrap());
+        let p2 = step(b.query_one(&inbound("CA-bp2", "+18005550301"), &[]).await.unwrap());
+        assert_eq!(q2, (true, false, None), "contended, nothing done");
+        assert_eq!(p2, (true, false, None));
+        a.batch_execute("COMMIT").await.unwrap();
+        b.batch_execute("COMMIT").await.unwrap();
+        for id in ["CA-bq2", "CA-bp2"] {
+            assert_eq!(store.get_call(&id.into()).await.unwrap(), None, "{id} was not recorded");
+        }
+        // Alone (what the store does next), each joins the job the other batch made.
+        let l = lease("N2", 99_999_999_999_999);
+        let call = record("CA-bq2", 1_000);
+        let step = store.record_inbound(&inbound_req(&call, "+18005550302", 1_000, &l)).await;
+        let step = step.unwrap();
+        assert!(step.first && !step.created);
+        assert_eq!(step.job.map(|j| j.id.0), q1.2);
+    });
+}

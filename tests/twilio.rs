@@ -357,24 +357,25 @@ fn same_call_sid_twice_starts_one_clone_job() {
 #[test]
 fn twilio_calls_on_hold_are_in_the_active_calls_gauge() {
     let gauge = "precall_active_calls{protocol=\"twilio\",shard=\"control\"}";
-    let n = node(&[("SIMULATED_CLONE_DELAY_MS", "600000"), ("STATUS_POLL_INTERVAL_MS", "1000")]);
+    let n = node(&[("SIMULATED_CLONE_DELAY_MS", "600000"), ("STATUS_POLL_INTERVAL_MS", "500")]);
     assert_eq!(n.metric(gauge), 0);
     let (a, b) = ("CA00000000000000000000000000000a01", "CA00000000000000000000000000000a02");
     assert_hold(&n.voice(a), &n.base, a, true);
     assert_hold(&n.voice(b), &n.base, b, true);
     assert_eq!(n.metric(gauge), 2);
+    // The last hold answer for `a` comes after this instant.
+    let last_hold = std::time::Instant::now();
     assert_hold(&n.poll(a), &n.base, a, false);
     assert_eq!(n.metric(gauge), 2, "a poll keeps its call counted once");
     let mut status = call_params(b);
     status[6].1 = "completed".into();
     assert_eq!(n.signed("/twilio/status", &status).status, 200);
     assert_eq!(n.metric(gauge), 1, "an ended call leaves at once");
-    // No poll for `a`: it leaves once its next poll is overdue (2 × 1 s + 2 s of slack).
-    let started = std::time::Instant::now();
-    wait_for("the unpolled call to leave the gauge", Duration::from_secs(10), || {
+    // No poll for `a`: it leaves once its next poll is overdue (2 × 0.5 s + 15 s of slack).
+    wait_for("the unpolled call to leave the gauge", Duration::from_secs(40), || {
         (n.metric(gauge) == 0).then_some(())
     });
-    assert!(started.elapsed() >= Duration::from_secs(3), "not before its poll was overdue");
+    assert!(last_hold.elapsed() >= Duration::from_secs(16), "not before its poll was overdue");
 }
 
 #[test]
@@ -562,8 +563,8 @@ fn a_hung_database_is_an_outage_and_health_and_metrics_never_wait_for_it() {
     let env = [
         ("DATABASE_URL", pg.url()),
         ("SIMULATED_CLONE_DELAY_MS", "600000".to_owned()),
-        // A store step gets 2 s of it (store_deadline).
-        ("CONTROL_REQUEST_TIMEOUT_MS", "3000".to_owned()),
+        // A store step gets 3 s of it (store_deadline).
+        ("CONTROL_REQUEST_TIMEOUT_MS", "4000".to_owned()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let n = node(&env);
@@ -571,7 +572,7 @@ fn a_hung_database_is_an_outage_and_health_and_metrics_never_wait_for_it() {
     assert_hold(&n.poll_target(&format!("/twilio/poll?call_id={SID}&hold=1")), &n.base, SID, false);
 
     // Six clients flood /health and /metrics for the rest of the test; each answer must come
-    // within a second.
+    // within two seconds (they wait for neither the store nor the side runtime).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let port = n.p.http_port;
     let flood: Vec<_> = (0..6)
@@ -581,7 +582,7 @@ fn a_hung_database_is_an_outage_and_health_and_metrics_never_wait_for_it() {
                 let path = if i % 2 == 0 { "/health" } else { "/metrics" };
                 let (mut answered, mut late) = (0u64, 0u64);
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    match get_within(port, path, Duration::from_secs(1)) {
+                    match get_within(port, path, Duration::from_secs(2)) {
                         Some(200 | 503) => answered += 1,
                         _ => late += 1,
                     }
@@ -611,7 +612,7 @@ fn a_hung_database_is_an_outage_and_health_and_metrics_never_wait_for_it() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (answered, late): (u64, u64) =
         flood.into_iter().map(|t| t.join().unwrap()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-    assert_eq!(late, 0, "every /health and /metrics was answered within a second");
+    assert_eq!(late, 0, "every /health and /metrics was answered within two seconds");
     assert!(answered > 0);
     let recorded =
         |id: &str| pg.count(&format!("SELECT count(*) FROM calls WHERE call_id = '{id}'"));

@@ -182,6 +182,9 @@ pub struct Metrics {
     twilio_holds: TwilioHolds,
 }
 
+/// How long past twice the poll interval a held Twilio call stays counted without a poll.
+const HOLD_GAUGE_SLACK: Duration = Duration::from_secs(15);
+
 /// Twilio calls on hold in poll mode, as this node last answered them: each hold answer
 /// counts the call until its next poll is due (plus slack), so a call whose caller hung up,
 /// or whose next poll went to another node, drops out by itself, and nothing drifts.
@@ -285,8 +288,11 @@ impl Metrics {
 
     /// A Twilio call was answered hold in poll mode; its next poll is due within `next`.
     pub fn twilio_holding(&self, call_id: &precall_api::CallId, next: Duration) {
-        // Slack for Twilio's fetch of the hold clip and the redirect, and a late poll.
-        let until = std::time::Instant::now() + next.saturating_mul(2) + Duration::from_secs(2);
+        // Slack for what plays before the redirect besides a poll's segment (the greeting of
+        // the first answer, a hold clip not cut into segments), Twilio's fetches, a late poll.
+        let slack = next.saturating_mul(2).saturating_add(HOLD_GAUGE_SLACK);
+        let now = std::time::Instant::now();
+        let until = now.checked_add(slack).unwrap_or(now + HOLD_GAUGE_SLACK);
         self.twilio_holds.hold(call_id, until);
     }
 

@@ -768,9 +768,10 @@ fn store_deadline(request_timeout: Duration) -> Duration {
 struct TooSlow(Duration);
 
 /// `step`, or the store being away when it has not answered within `deadline`. A step cut
-/// off here may still complete in the database: every one of them is idempotent (the journal
-/// replays it as a repeat), and a clone job it may have created is run by a sweep once its
-/// lease lapses.
+/// off here may still complete in the database. The journal then replays it: an inbound call
+/// as a repeat (a `duplicate_inbound` event), an end or a transition as no change (so
+/// `precall_calls_total` may miss that call); a media event is recorded twice. A clone job
+/// such a step created is run by a sweep once its lease lapses.
 async fn in_time<T>(
     deadline: Duration,
     step: impl Future<Output = Result<T, ControllerError>>,
@@ -805,9 +806,13 @@ async fn handle<S: Store>(
                     let left = deadline.saturating_sub(at.since(now));
                     in_time(left, ctl.voice_checked(&ctx.call_id, &check, usable, at)).await
                 }
+                other => other,
+            };
+            // The store is away (or did not answer in time, the voice check's step included):
+            // answer greeting + hold from what the node knows and record the call once the
+            // store is back (a step that did complete meanwhile is replayed as a repeat).
+            let out = match out {
                 Err(ControllerError::Store(precall_controller::StoreError::Unavailable(e))) => {
-                    // The store is away: answer greeting + hold from what the node knows and
-                    // record the call once the store is back.
                     if service.journal.push(
                         &service.metrics,
                         &ctx.call_id,

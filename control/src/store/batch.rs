@@ -88,6 +88,11 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
             fn drop(&mut self) {
                 let mut st = self.0.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 st.flushing = st.flushing.saturating_sub(1);
+                // No flusher left for what is queued (this one ended early): fail it now
+                // rather than leave it to its caller's deadline.
+                if st.flushing == 0 {
+                    st.queue.clear();
+                }
             }
         }
         let _out = Out(self);

@@ -257,7 +257,10 @@ impl PgStore {
             )
             .await
             .map_err(query)?;
-        inbound_step_at(&row, 0)
+        // Alone, a claim waits for its lock: never contended.
+        inbound_step_at(&row, 0)?.ok_or_else(|| {
+            StoreError::Query(Box::new(BatchFailed("a lone inbound step was contended".into())))
+        })
     }
 
     async fn inbound_many(
@@ -291,12 +294,22 @@ impl PgStore {
             .map_err(query)?;
         let mut out: Vec<Option<Result<InboundStep, StoreError>>> =
             batch.iter().map(|_| None).collect();
+        let mut contended = Vec::new();
         for row in &rows {
             let n: i64 = row.try_get(0).map_err(query)?;
-            let slot = usize::try_from(n - 1).ok().and_then(|i| out.get_mut(i));
-            if let Some(slot) = slot {
-                *slot = Some(inbound_step_at(row, 1));
+            let Some(i) = usize::try_from(n - 1).ok().filter(|i| *i < out.len()) else {
+                continue;
+            };
+            match inbound_step_at(row, 1) {
+                Ok(Some(step)) => out[i] = Some(Ok(step)),
+                // Another transaction holds its sample set's lock: the batch did nothing for
+                // it and is committed now, so it goes again alone, waiting for the lock.
+                Ok(None) => contended.push(i),
+                Err(e) => out[i] = Some(Err(e)),
             }
+        }
+        for i in contended {
+            out[i] = Some(self.inbound_one(&batch[i]).await);
         }
         Ok(out.into_iter().map(|o| o.unwrap_or_else(|| Err(missing_answer()))).collect())
     }
@@ -534,8 +547,8 @@ static VIEW_SQL: LazyLock<String> = LazyLock::new(|| {
 /// An inbound call's first step (migrations/0004_one_round_trip.sql).
 static INBOUND_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT r.first_seen, r.created, {}, {}, {} FROM precall_inbound($1, $2, $3, $4, $5, \
-         $6, $7, $8, $9, $10, $11, $12) r",
+        "SELECT r.first_seen, r.created, r.contended, {}, {}, {} FROM precall_inbound($1, $2, \
+         $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, true) r",
         columns_of("(r.call_row).", CALL_COLUMNS),
         columns_of("(r.job_row).", JOB_COLUMNS),
         columns_of("(r.profile_row).", PROFILE_COLUMNS),
@@ -545,7 +558,7 @@ static INBOUND_SQL: LazyLock<String> = LazyLock::new(|| {
 /// A job claim (migrations/0004_one_round_trip.sql).
 static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT r.created, {} FROM precall_claim_job($1, $2, $3, $4, $5) r",
+        "SELECT r.created, {} FROM precall_claim_job($1, $2, $3, $4, $5, true) r",
         columns_of("(r.job_row).", JOB_COLUMNS)
     )
 });
@@ -564,7 +577,7 @@ const STATUS_SET: &str = "status = $2, \
 /// request's place in the batch, from 1.
 static INBOUND_MANY_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT u.n, r.first_seen, r.created, {}, {}, {} \
+        "SELECT u.n, r.first_seen, r.created, r.contended, {}, {}, {} \
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
                      $7::timestamptz[], $8::text[], $9::text[], $10::timestamptz[], \
                      $11::text[], $12::timestamptz[]) \
@@ -572,7 +585,7 @@ static INBOUND_MANY_SQL: LazyLock<String> = LazyLock::new(|| {
                                     arrived, number, fallback, now_, owner, until, n) \
          CROSS JOIN LATERAL precall_inbound(u.call_id, u.session_id, u.protocol, u.caller, \
               u.recipient, u.status, u.arrived, u.number, u.fallback, u.now_, u.owner, \
-              u.until) AS r",
+              u.until, false) AS r",
         columns_of("(r.call_row).", CALL_COLUMNS),
         columns_of("(r.job_row).", JOB_COLUMNS),
         columns_of("(r.profile_row).", PROFILE_COLUMNS),
@@ -590,16 +603,20 @@ static VIEW_MANY_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// The step whose `first_seen, created, call, job, profile` columns start at `at`.
-fn inbound_step_at(row: &Row, at: usize) -> Result<InboundStep, StoreError> {
-    let job = at + 2 + width(CALL_COLUMNS);
-    Ok(InboundStep {
+/// The step whose `first_seen, created, contended, call, job, profile` columns start at
+/// `at`; `None` when the step was contended (it did nothing: send it again alone).
+fn inbound_step_at(row: &Row, at: usize) -> Result<Option<InboundStep>, StoreError> {
+    if row.try_get::<_, bool>(at + 2).map_err(query)? {
+        return Ok(None);
+    }
+    let job = at + 3 + width(CALL_COLUMNS);
+    Ok(Some(InboundStep {
         first: row.try_get(at).map_err(query)?,
         created: row.try_get(at + 1).map_err(query)?,
-        call: call_at(row, at + 2)?,
+        call: call_at(row, at + 3)?,
         job: opt_job_at(row, job)?,
         profile: opt_profile_at(row, job + width(JOB_COLUMNS))?,
-    })
+    }))
 }
 
 /// The view whose call, job and profile columns start at `at`.
