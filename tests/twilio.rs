@@ -543,14 +543,7 @@ fn a_database_outage_is_not_heard_by_a_caller_on_hold() {
 
 /// A GET that must be answered within `limit`: its status, or `None` when it was not.
 fn get_within(port: u16, path: &str, limit: Duration) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(limit)).ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    String::from_utf8_lossy(&raw).split(' ').nth(1)?.parse().ok()
+    support::precall::request_within(port, "GET", path, &[], b"", limit).ok().map(|a| a.status)
 }
 
 /// A hung database (PostgreSQL frozen: its connections stay open, nothing answers) is an

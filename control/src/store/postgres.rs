@@ -218,20 +218,12 @@ impl PgStore {
         self.pool.get().await.map_err(pool_err)
     }
 
-    /// Answers a batch of inbound requests: one statement for all of them. When it fails
-    /// for a reason of its own (not the database being away), each request is sent again
-    /// alone, so that only a request at fault fails.
+    /// Answers a batch of inbound requests (see [`batched`]).
     async fn inbound_batch(
         &self,
         batch: Vec<InboundParams>,
     ) -> Vec<Result<InboundStep, StoreError>> {
-        if batch.len() == 1 {
-            return vec![self.inbound_one(&batch[0]).await];
-        }
-        match self.inbound_many(&batch).await {
-            Ok(steps) => steps,
-            Err(e) => self.alone(batch.len(), e, |i| self.inbound_one(&batch[i])).await,
-        }
+        batched(&batch, |i| self.inbound_one(&batch[i]), || self.inbound_many(&batch)).await
     }
 
     async fn inbound_one(&self, p: &InboundParams) -> Result<InboundStep, StoreError> {
@@ -314,15 +306,9 @@ impl PgStore {
         Ok(out.into_iter().map(|o| o.unwrap_or_else(|| Err(missing_answer()))).collect())
     }
 
-    /// Answers a batch of status checks' reads: one statement for all of them.
+    /// Answers a batch of status checks' reads (see [`batched`]).
     async fn view_batch(&self, batch: Vec<String>) -> Vec<Result<Option<CallView>, StoreError>> {
-        if batch.len() == 1 {
-            return vec![self.view_one(&batch[0]).await];
-        }
-        match self.view_many(&batch).await {
-            Ok(views) => views,
-            Err(e) => self.alone(batch.len(), e, |i| self.view_one(&batch[i])).await,
-        }
+        batched(&batch, |i| self.view_one(&batch[i]), || self.view_many(&batch)).await
     }
 
     async fn view_one(&self, call_id: &str) -> Result<Option<CallView>, StoreError> {
@@ -344,29 +330,6 @@ impl PgStore {
         }
         // A call id asked twice in one batch gets the same answer twice.
         Ok(batch.iter().map(|id| Ok(found.get(id).cloned())).collect())
-    }
-
-    /// A batch's failure `e`: the database being away fails every request of it (the
-    /// controller's outage paths take over); any other failure sends each again alone.
-    async fn alone<T, F>(
-        &self,
-        n: usize,
-        e: StoreError,
-        one: impl Fn(usize) -> F,
-    ) -> Vec<Result<T, StoreError>>
-    where
-        F: std::future::Future<Output = Result<T, StoreError>>,
-    {
-        if let StoreError::Unavailable(e) = &e {
-            let why = e.to_string();
-            return (0..n).map(|_| Err(unavailable(BatchFailed(why.clone())))).collect();
-        }
-        tracing::debug!(error = %e, requests = n, "a batched statement failed: each alone");
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            out.push(one(i).await);
-        }
-        out
     }
 
     /// Reads a job that must exist, on `client` (inside a transaction, or not).
@@ -533,25 +496,37 @@ fn columns_of(of: &str, columns: &str) -> String {
     columns.split(',').map(|c| format!("{of}{}", c.trim())).collect::<Vec<_>>().join(", ")
 }
 
-/// A status check's read: the call, its job and its profile in one statement.
-static VIEW_SQL: LazyLock<String> = LazyLock::new(|| {
+/// A status check's read, the call, its job and its profile, up to its `WHERE`.
+static VIEW_SELECT: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT {}, {}, {} FROM calls c LEFT JOIN clone_jobs j ON j.id = c.clone_job_id \
-         LEFT JOIN voice_profiles p ON p.id = c.profile_id WHERE c.call_id = $1",
+         LEFT JOIN voice_profiles p ON p.id = c.profile_id",
         columns_of("c.", CALL_COLUMNS),
         columns_of("j.", JOB_COLUMNS),
         columns_of("p.", PROFILE_COLUMNS),
     )
 });
 
-/// An inbound call's first step (migrations/0004_one_round_trip.sql).
-static INBOUND_SQL: LazyLock<String> = LazyLock::new(|| {
+/// A status check's read in one statement.
+static VIEW_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("{} WHERE c.call_id = $1", *VIEW_SELECT));
+
+/// The columns of `precall_inbound`'s answer `r`, as [`inbound_step_at`] reads them.
+static STEP_COLUMNS: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT r.first_seen, r.created, r.contended, {}, {}, {} FROM precall_inbound($1, $2, \
-         $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, true) r",
+        "r.first_seen, r.created, r.contended, {}, {}, {}",
         columns_of("(r.call_row).", CALL_COLUMNS),
         columns_of("(r.job_row).", JOB_COLUMNS),
         columns_of("(r.profile_row).", PROFILE_COLUMNS),
+    )
+});
+
+/// An inbound call's first step (migrations/0004_one_round_trip.sql).
+static INBOUND_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM precall_inbound($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+         true) r",
+        *STEP_COLUMNS
     )
 });
 
@@ -577,7 +552,7 @@ const STATUS_SET: &str = "status = $2, \
 /// request's place in the batch, from 1.
 static INBOUND_MANY_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT u.n, r.first_seen, r.created, r.contended, {}, {}, {} \
+        "SELECT u.n, {} \
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
                      $7::timestamptz[], $8::text[], $9::text[], $10::timestamptz[], \
                      $11::text[], $12::timestamptz[]) \
@@ -586,22 +561,13 @@ static INBOUND_MANY_SQL: LazyLock<String> = LazyLock::new(|| {
          CROSS JOIN LATERAL precall_inbound(u.call_id, u.session_id, u.protocol, u.caller, \
               u.recipient, u.status, u.arrived, u.number, u.fallback, u.now_, u.owner, \
               u.until, false) AS r",
-        columns_of("(r.call_row).", CALL_COLUMNS),
-        columns_of("(r.job_row).", JOB_COLUMNS),
-        columns_of("(r.profile_row).", PROFILE_COLUMNS),
+        *STEP_COLUMNS
     )
 });
 
 /// Many status checks' reads in one statement.
-static VIEW_MANY_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "SELECT {}, {}, {} FROM calls c LEFT JOIN clone_jobs j ON j.id = c.clone_job_id \
-         LEFT JOIN voice_profiles p ON p.id = c.profile_id WHERE c.call_id = ANY($1)",
-        columns_of("c.", CALL_COLUMNS),
-        columns_of("j.", JOB_COLUMNS),
-        columns_of("p.", PROFILE_COLUMNS),
-    )
-});
+static VIEW_MANY_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("{} WHERE c.call_id = ANY($1)", *VIEW_SELECT));
 
 /// The step whose `first_seen, created, contended, call, job, profile` columns start at
 /// `at`; `None` when the step was contended (it did nothing: send it again alone).
@@ -647,6 +613,38 @@ static MOVE_SQL: LazyLock<String> = LazyLock::new(|| {
          SELECT {CALL_COLUMNS} FROM moved"
     )
 });
+
+/// Answers a batch: its one request alone (`one(0)`), or all of them in one statement
+/// (`many`). When that statement fails for a reason of its own (not the database being away),
+/// each request is sent again alone (`one(i)`), so that only a request at fault fails; the
+/// database being away fails every request of it (the controller's outage paths take over).
+async fn batched<Q, T, F1, F2>(
+    batch: &[Q],
+    one: impl Fn(usize) -> F1,
+    many: impl FnOnce() -> F2,
+) -> Vec<Result<T, StoreError>>
+where
+    F1: std::future::Future<Output = Result<T, StoreError>>,
+    F2: std::future::Future<Output = Result<Vec<Result<T, StoreError>>, StoreError>>,
+{
+    if batch.len() == 1 {
+        return vec![one(0).await];
+    }
+    let e = match many().await {
+        Ok(answers) => return answers,
+        Err(e) => e,
+    };
+    if let StoreError::Unavailable(e) = &e {
+        let why = e.to_string();
+        return batch.iter().map(|_| Err(unavailable(BatchFailed(why.clone())))).collect();
+    }
+    tracing::debug!(error = %e, requests = batch.len(), "a batched statement failed: each alone");
+    let mut out = Vec::with_capacity(batch.len());
+    for i in 0..batch.len() {
+        out.push(one(i).await);
+    }
+    out
+}
 
 /// A conditional status change's answer: the row it returned (`moved`), or, when it moved
 /// nothing (an unknown call, or no longer a legal predecessor), where the call stands now,
