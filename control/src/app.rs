@@ -169,7 +169,22 @@ impl App {
                 s.shard, s.streams
             ));
         }
-        let gauges: [ShardCounter; 3] = [
+        let gauges: [ShardCounter; 6] = [
+            (
+                "precall_sip_transactions_live",
+                "SIP server transactions with work left: INVITEs ringing, or refused and awaiting their ACK (at most 250,000 per shard; past it new INVITEs get 503).",
+                |s| s.sip_transactions_live,
+            ),
+            (
+                "precall_sip_transactions_absorbed",
+                "Answered SIP server transactions kept compactly to absorb retransmissions until Timer J, L or I.",
+                |s| s.sip_transactions_absorbed,
+            ),
+            (
+                "precall_sip_absorbed_bytes",
+                "What the absorbed SIP transactions count against their budget of 64 MiB per shard (past it the oldest goes first).",
+                |s| s.sip_absorbed_bytes,
+            ),
             ("precall_agent_legs", "Agent WebSocket legs open (connecting or bridged).", |s| {
                 s.agent_legs
             }),

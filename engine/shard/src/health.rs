@@ -109,6 +109,13 @@ pub struct ShardHealth {
     pub stream_frames_out: u64,
     /// Media frames received from Twilio.
     pub stream_frames_in: u64,
+    /// SIP server transactions with work left (INVITEs ringing, or refused and awaiting the
+    /// ACK).
+    pub sip_transactions_live: u64,
+    /// Answered SIP server transactions absorbing retransmissions until their timer ends.
+    pub sip_transactions_absorbed: u64,
+    /// What the absorbed ones count against their budget (64 MiB per shard).
+    pub sip_absorbed_bytes: u64,
 }
 
 /// The counters behind [`ShardHealth`]. Aligned to a cache line so shards do not contend.
@@ -143,6 +150,9 @@ pub(crate) struct ShardStats {
     calls_refused_overload: AtomicU64,
     overload: AtomicU64,
     end_reports_pending: AtomicU64,
+    sip_transactions_live: AtomicU64,
+    sip_transactions_absorbed: AtomicU64,
+    sip_absorbed_bytes: AtomicU64,
 }
 
 impl ShardStats {
@@ -240,6 +250,12 @@ impl ShardStats {
         self.overload.store(code, Ordering::Relaxed);
     }
 
+    pub(crate) fn set_transactions(&self, t: precall_sip::Transactions) {
+        self.sip_transactions_live.store(t.live as u64, Ordering::Relaxed);
+        self.sip_transactions_absorbed.store(t.absorbed as u64, Ordering::Relaxed);
+        self.sip_absorbed_bytes.store(t.absorbed_bytes as u64, Ordering::Relaxed);
+    }
+
     pub(crate) fn set_end_reports_pending(&self, pending: usize) {
         self.end_reports_pending.store(pending as u64, Ordering::Relaxed);
     }
@@ -275,6 +291,9 @@ impl ShardStats {
             calls_refused_overload: self.calls_refused_overload.load(Ordering::Relaxed),
             overload: self.overload.load(Ordering::Relaxed),
             end_reports_pending: self.end_reports_pending.load(Ordering::Relaxed),
+            sip_transactions_live: self.sip_transactions_live.load(Ordering::Relaxed),
+            sip_transactions_absorbed: self.sip_transactions_absorbed.load(Ordering::Relaxed),
+            sip_absorbed_bytes: self.sip_absorbed_bytes.load(Ordering::Relaxed),
         }
     }
 }

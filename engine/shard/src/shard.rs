@@ -580,6 +580,7 @@ impl Core {
         self.admit(now);
         self.endpoint.handle_datagram(now, from, datagram);
         self.stats.set_calls_refused_overload(self.endpoint.overload_refusals());
+        self.stats.set_transactions(self.endpoint.transactions());
         self.drain(now);
     }
 
@@ -662,6 +663,7 @@ impl Core {
         }
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);
+            self.stats.set_transactions(self.endpoint.transactions());
         }
         self.send_media(now);
         while let Some(&Reverse((at, handle))) = self.timers.peek() {

@@ -38,10 +38,14 @@ pub struct SipConfig {
     /// §18.2.2 sends a response to the Via's sent-by port unless the sender asked for `rport`.
     /// Turn it on for phones behind NAT that neither send `rport` nor listen where they send.
     pub force_rport: bool,
-    /// Server transactions kept at most (each absorbs retransmissions for up to 64*T1). Past
-    /// it a new INVITE gets `503` and other requests are answered without keeping state, so a
-    /// flood cannot grow the endpoint's memory without bound.
+    /// Live server transactions kept at most: INVITEs still ringing, or refused and waiting
+    /// for their ACK. Past it a new INVITE gets `503` and other requests are answered without
+    /// keeping state, so a flood cannot grow the endpoint's memory without bound.
     pub max_transactions: usize,
+    /// Memory budget of the transactions that only absorb retransmissions (an answered
+    /// non-INVITE for Timer J, an answered INVITE for Timer L or I): stored response bytes
+    /// plus a fixed cost per entry. Past it the entry nearest its end is forgotten first.
+    pub absorbed_bytes: usize,
     /// `SIP_DIGEST_USERS`: callers outside [`SipConfig::trusted`] (or anyone, with no list)
     /// must answer a digest challenge (RFC 8760) before an INVITE is served; `None`: no
     /// authentication.
@@ -120,6 +124,7 @@ impl SipConfig {
             untrusted_ban: Duration::from_secs(30),
             force_rport: false,
             max_transactions: 250_000,
+            absorbed_bytes: 64 << 20,
             digest: None,
         }
     }

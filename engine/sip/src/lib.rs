@@ -63,7 +63,7 @@ mod wire;
 
 pub use auth::{DigestAlgorithm, DigestConfig};
 pub use config::{Cidr, IdGen, SipConfig};
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, Transactions};
 pub use error::{AcceptError, DropReason, FramingError, RequestError};
 pub use event::{CallHandle, EndReason, Event, Transmit};
 pub use sdp::{

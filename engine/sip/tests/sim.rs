@@ -1263,42 +1263,116 @@ fn a_short_interval_gets_422_only_from_a_caller_that_can_retry() {
 }
 
 #[test]
-fn past_its_transaction_limit_the_endpoint_keeps_no_more_state() {
+fn past_its_live_transaction_limit_new_calls_get_503_until_one_is_answered() {
     let mut cfg = config();
-    cfg.max_transactions = 3;
+    cfg.max_transactions = 2;
     let mut sim = Sim::new();
     sim.ep = Endpoint::new(cfg, CounterIds::default());
-    // Requests precall refuses (a MESSAGE out of any dialog) keep a transaction each.
-    let message = |n: u32| {
-        format!(
-            "MESSAGE sip:192.0.2.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5060;branch=z9hG4bKm{n}\r\n\
-             From: <sip:im@carrier.example>;tag=p{n}\r\nTo: <sip:192.0.2.10>\r\nCall-ID: m{n}\r\n\
-             CSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
-        )
-    };
-    for n in 0..5 {
-        sim.send(&message(n));
-    }
-    // Every request is answered; only three transactions absorb retransmissions.
-    let answers = sim.take_inbox();
-    assert_eq!(answers.len(), 5);
-    let refusal = status(&answers[0]).unwrap();
-    assert!(matches!(refusal, 405 | 501), "{refusal}");
-    assert!(answers.iter().all(|a| status(a) == Some(refusal)));
-    sim.send(&message(0));
-    assert_eq!(sim.take_inbox().len(), 1, "a kept transaction resends its answer");
-    // A new call needs a transaction: 503 while full, and no call.
-    sim.send(&invite("t1", "z9hG4bKt1", OFFER));
+    // Two calls ringing: two live INVITE transactions.
+    sim.send(&invite("r1", "z9hG4bKr1", OFFER));
+    sim.send(&invite("r2", "z9hG4bKr2", OFFER));
+    let ringing: Vec<_> = sim
+        .take_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::IncomingCall { call, .. } => Some(call),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ringing.len(), 2);
+    assert_eq!(sim.ep.transactions().live, 2);
+    sim.take_inbox();
+    // A new call needs a live transaction: 503 while full, and no call.
+    sim.send(&invite("r3", "z9hG4bKr3", OFFER));
     assert_eq!(status(&sim.take_inbox()[0]), Some(503));
-    assert_eq!(sim.ep.calls(), 0);
-    // Timer J frees them (64*T1), and calls are taken again.
-    sim.run_until(Duration::from_secs(33));
-    sim.send(&invite("t2", "z9hG4bKt2", OFFER));
-    assert_eq!(status(&sim.take_inbox()[0]), Some(100));
-    assert_eq!(sim.ep.calls(), 1);
+    assert_eq!(sim.ep.calls(), 2);
+    // An answered INVITE only absorbs retransmissions: it leaves the live table.
+    sim.ep.accept(sim.now, ringing[0], rtp()).unwrap();
+    sim.drain();
+    assert_eq!(sim.ep.transactions().live, 1);
+    sim.send(&invite("r4", "z9hG4bKr4", OFFER));
+    assert!(sim.take_inbox().iter().any(|p| status(p) == Some(100)));
+    assert_eq!(sim.ep.calls(), 3);
 }
 
-// ----- digest authentication (RFC 8760) -----
+/// A request precall refuses out of any dialog (a MESSAGE): a fresh To tag in each answer.
+fn message(n: u32) -> String {
+    format!(
+        "MESSAGE sip:192.0.2.10 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.20:5060;branch=z9hG4bKm{n}\r\n\
+         From: <sip:im@carrier.example>;tag=p{n}\r\nTo: <sip:192.0.2.10>\r\nCall-ID: m{n}\r\n\
+         CSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+#[test]
+fn answered_transactions_absorb_within_their_memory_budget_the_oldest_going_first() {
+    // What one absorbed MESSAGE costs, learnt from an endpoint with room to spare.
+    let mut sim = Sim::new();
+    sim.send(&message(0));
+    let one = sim.ep.transactions().absorbed_bytes;
+    assert!(one > 0);
+
+    let mut cfg = config();
+    cfg.absorbed_bytes = 3 * one + one / 2;
+    let mut sim = Sim::new();
+    sim.ep = Endpoint::new(cfg, CounterIds::default());
+    let mut first = Vec::new();
+    for n in 0..5 {
+        sim.run_until(Duration::from_millis(10 * u64::from(n)));
+        sim.send(&message(n));
+        first.push(sim.take_inbox().remove(0));
+    }
+    let refusal = status(&first[0]).unwrap();
+    assert!(matches!(refusal, 405 | 501), "{refusal}");
+    let held = sim.ep.transactions();
+    assert_eq!(held.absorbed, 3, "{held:?}");
+    assert!(held.absorbed_bytes <= 3 * one + one / 2, "{held:?}");
+    // The newest three resend their answer byte for byte; the oldest two were forgotten and
+    // are answered again as new requests (a new To tag).
+    for n in (0..5).rev() {
+        sim.send(&message(n));
+        let again = sim.take_inbox().remove(0);
+        assert_eq!(again == first[n as usize], n >= 2, "MESSAGE {n}");
+    }
+    // Timer J (64*T1) ends the absorbed ones, and no timer is left.
+    sim.run_until(Duration::from_secs(40));
+    assert_eq!(sim.ep.transactions(), precall_sip::Transactions::default());
+    assert_eq!(sim.ep.poll_timeout(), None);
+}
+
+#[test]
+fn finished_calls_leave_only_compact_state_until_their_timers_end() {
+    let mut sim = Sim::new();
+    for n in 0..20u32 {
+        let call_id = format!("s{n}");
+        let branch = format!("z9hG4bKs{n}");
+        sim.send(&invite(&call_id, &branch, OFFER));
+        let events = sim.take_events();
+        let Some(Event::IncomingCall { call, .. }) = events.first() else {
+            panic!("call {n}: {events:?}")
+        };
+        let call = *call;
+        sim.ep.accept(sim.now, call, rtp()).unwrap();
+        sim.drain();
+        let tag = to_tag(sim.take_inbox().iter().find(|p| is_200_invite(p)).unwrap());
+        sim.send(&in_dialog("ACK", &call_id, &format!("z9hG4bKa{n}"), &tag, 1, ""));
+        sim.send(&in_dialog("BYE", &call_id, &format!("z9hG4bKb{n}"), &tag, 2, ""));
+        assert_eq!(status(&sim.take_inbox()[0]), Some(200));
+        assert!(matches!(sim.take_events().last(), Some(Event::CallEnded { .. })));
+    }
+    // No live transaction; each call left its INVITE (Timer L) and its BYE (Timer J).
+    let held = sim.ep.transactions();
+    assert_eq!((held.live, held.absorbed, sim.ep.calls()), (0, 40, 0), "{held:?}");
+    // A late retransmission of either is still absorbed: the BYE's 200 again, the INVITE
+    // swallowed (its call is over, nothing to repeat), and no new call.
+    sim.send(&in_dialog("BYE", "s3", "z9hG4bKb3", "x", 2, ""));
+    assert_eq!(sim.take_inbox().iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(200)]);
+    sim.send(&invite("s3", "z9hG4bKs3", OFFER));
+    assert!(sim.take_inbox().is_empty());
+    assert!(sim.take_events().is_empty());
+    sim.run_until(Duration::from_secs(40));
+    assert_eq!(sim.ep.transactions(), precall_sip::Transactions::default());
+}
 
 fn digest_hex(alg: &str, s: &str) -> String {
     use sha2::Digest as _;

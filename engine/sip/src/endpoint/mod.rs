@@ -25,10 +25,10 @@ use crate::message::{self, StartLine, StartLineError};
 use crate::sdp::{self, LocalMedia, MediaParams};
 use crate::session_timer::SessionTimer;
 use crate::timers::{TimerQueue, TimerValues};
+use crate::transaction::absorbed::{Absorbed, Answer};
 use crate::transaction::client_invite::ClientInvite;
 use crate::transaction::client_non_invite::ClientNonInvite;
 use crate::transaction::server_invite::ServerInvite;
-use crate::transaction::server_non_invite::ServerNonInvite;
 use crate::transaction::{ServerKey, TxnId};
 use crate::wire::{self};
 
@@ -42,24 +42,30 @@ enum Owner {
 }
 
 #[derive(Debug)]
-enum ServerTxn {
-    Invite(ServerInvite),
-    NonInvite(ServerNonInvite),
-}
-
-#[derive(Debug)]
 struct ServerEntry {
     key: Option<ServerKey>,
-    txn: ServerTxn,
+    txn: ServerInvite,
 }
 
 impl ServerEntry {
     fn dest_and_last(&self) -> (SocketAddr, &[u8]) {
-        match &self.txn {
-            ServerTxn::Invite(t) => (t.dest, t.last_response()),
-            ServerTxn::NonInvite(t) => (t.dest, t.last_response()),
-        }
+        (self.txn.dest, self.txn.last_response())
     }
+}
+
+/// How late an absorbed transaction may end (its lifetime is a minimum): expiries within
+/// this much of each other are run by one wake-up, not one each.
+const ABSORB_EXPIRY_SLACK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Server transactions of an endpoint, by kind (see [`Endpoint::transactions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Transactions {
+    /// Live: INVITEs ringing, or refused and waiting for their ACK.
+    pub live: usize,
+    /// Answered, absorbing retransmissions until Timer J, L or I.
+    pub absorbed: usize,
+    /// What the absorbed ones count against [`SipConfig::absorbed_bytes`].
+    pub absorbed_bytes: usize,
 }
 
 /// Sent with every `503` to an INVITE (seconds before the caller retries).
@@ -74,8 +80,12 @@ pub struct Endpoint<G: IdGen> {
     next_id: u64,
     calls: HashMap<CallHandle, Call>,
     calls_by_id: HashMap<String, CallHandle>,
+    /// Live server transactions: INVITEs ringing, or refused and waiting for the ACK.
     servers: HashMap<TxnId, ServerEntry>,
     server_index: HashMap<ServerKey, TxnId>,
+    /// Answered transactions that only absorb retransmissions now (compact; see
+    /// `transaction/absorbed.rs`).
+    absorbed: Absorbed,
     clients: HashMap<TxnId, ClientNonInvite>,
     /// Our refreshing re-INVITEs; their ids share `Owner::Client` and `client_index`.
     invite_clients: HashMap<TxnId, ClientInvite>,
@@ -113,6 +123,7 @@ impl<G: IdGen> Endpoint<G> {
     /// A new endpoint with no calls.
     pub fn new(cfg: SipConfig, mut ids: G) -> Self {
         let t = TimerValues { t1: cfg.t1, t2: cfg.t2, t4: cfg.t4 };
+        let absorbed = Absorbed::new(cfg.absorbed_bytes);
         // The nonce key, drawn only when digest users are set (so the other ids stay as they
         // were for a deployment without them).
         let mut secret = [0u8; 32];
@@ -130,6 +141,7 @@ impl<G: IdGen> Endpoint<G> {
             calls_by_id: HashMap::new(),
             servers: HashMap::new(),
             server_index: HashMap::new(),
+            absorbed,
             clients: HashMap::new(),
             invite_clients: HashMap::new(),
             client_index: HashMap::new(),
@@ -246,14 +258,31 @@ impl<G: IdGen> Endpoint<G> {
         self.events.pop_front()
     }
 
+    /// Server transactions held now: live ones (ringing or refused INVITEs) and the answered
+    /// ones that only absorb retransmissions, with the bytes the latter count against
+    /// [`SipConfig::absorbed_bytes`].
+    pub fn transactions(&self) -> Transactions {
+        Transactions {
+            live: self.servers.len(),
+            absorbed: self.absorbed.len(),
+            absorbed_bytes: self.absorbed.used_bytes(),
+        }
+    }
+
     /// The earliest deadline of all timers; call [`Self::handle_timeout`] then. May be earlier
-    /// than needed (a wake-up that finds nothing due is harmless).
+    /// than needed (a wake-up that finds nothing due is harmless). Absorbed transactions end
+    /// up to [`ABSORB_EXPIRY_SLACK`] late, so that their expiries share wake-ups.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next()
+        let absorbed = self.absorbed.next_expiry().map(|at| at + ABSORB_EXPIRY_SLACK);
+        match (self.timers.next(), absorbed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Runs every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.absorbed.expire(now);
         while let Some(owner) = self.timers.pop_due(now) {
             match owner {
                 Owner::Call(h) => self.call_timer(now, h),
@@ -380,12 +409,9 @@ impl<G: IdGen> Endpoint<G> {
             },
         );
         c.local_sdp = sdp_text;
-        if let Some(ServerEntry { txn: ServerTxn::Invite(txn), .. }) =
-            self.servers.get_mut(&c.invite_txn)
-        {
-            txn.accepted(now, &self.t, payload.clone());
-        }
-        self.arm(Owner::Server(c.invite_txn));
+        // RFC 6026 §8.5: Accepted. The core retransmits the 2xx (`c.retransmit`); all the
+        // transaction does until Timer L is absorb retransmitted INVITEs.
+        self.absorb_accepted(now, c.invite_txn, call);
         c.retransmit = Some(Retransmit2xx::start(
             now,
             &self.t,

@@ -46,11 +46,11 @@ impl<G: IdGen> Endpoint<G> {
         // Retransmissions first (RFC 3261 §17.2.3), before any costly parsing.
         if let Some(id) = key.as_ref().and_then(|k| self.server_index.get(k)).copied() {
             if is_ack {
-                if let Some(ServerEntry { txn: ServerTxn::Invite(txn), .. }) =
+                if let Some(ServerEntry { txn, .. }) =
                     self.servers.get_mut(&id)
                 {
                     if txn.on_ack(now, &self.t) {
-                        self.arm(Owner::Server(id));
+                        self.absorb_confirmed(now, id);
                         return;
                     }
                 }
@@ -64,6 +64,8 @@ impl<G: IdGen> Endpoint<G> {
                 }
                 return;
             }
+        } else if key.as_ref().is_some_and(|k| self.absorb_retransmission(k, is_ack)) {
+            return;
         }
         let body = match wire::frame_body(headers, rest) {
             Ok(body) => body,
@@ -164,7 +166,7 @@ impl<G: IdGen> Endpoint<G> {
         if let Some(k) = &key {
             self.server_index.insert(k.clone(), txn_id);
         }
-        self.servers.insert(txn_id, ServerEntry { key, txn: ServerTxn::Invite(txn) });
+        self.servers.insert(txn_id, ServerEntry { key, txn });
 
         let allows_update = message::list(headers, "Allow", None)
             .iter()
@@ -306,15 +308,11 @@ impl<G: IdGen> Endpoint<G> {
             },
         );
         c.local_sdp = sdp_text;
-        let txn_id = TxnId(self.fresh_id());
         let reply = self.reply_addr(headers, from);
-        let mut txn = ServerInvite::proceeding(Some(h), reply, Vec::new());
-        txn.accepted(now, &self.t, payload.clone());
+        // Answered at once: Accepted (RFC 6026 §8.5) from the start.
         if let Some(k) = &key {
-            self.server_index.insert(k.clone(), txn_id);
+            self.absorbed.insert(now, self.t.t1x64(), k, reply, Answer::Accepted(h));
         }
-        self.servers.insert(txn_id, ServerEntry { key, txn: ServerTxn::Invite(txn) });
-        self.arm(Owner::Server(txn_id));
         c.retransmit = Some(Retransmit2xx::start(now, &self.t, reply, req.cseq, payload.clone()));
         self.send(reply, payload);
         if let Some(media) = media {
@@ -360,8 +358,11 @@ impl<G: IdGen> Endpoint<G> {
         // §9.2: the CANCEL carries the INVITE's branch and sent-by.
         let invite_key =
             key.as_ref().map(|k| ServerKey { method: "INVITE".to_owned(), ..k.clone() });
-        let txn_id = invite_key.and_then(|k| self.server_index.get(&k).copied());
-        let Some(txn_id) = txn_id else {
+        let txn_id = invite_key.as_ref().and_then(|k| self.server_index.get(k).copied());
+        // An INVITE already answered with a 2xx is absorbed now: the CANCEL gets its 200 and
+        // no effect (§9.2), as a live transaction past Proceeding gives it.
+        let answered = invite_key.as_ref().is_some_and(|k| self.absorbed.get(k).is_some());
+        if txn_id.is_none() && !answered {
             return self.answer_error(
                 now,
                 from,
@@ -370,9 +371,9 @@ impl<G: IdGen> Endpoint<G> {
                 headers,
                 &RequestError::NoSuchCallOrTransaction,
             );
-        };
-        let call = match self.servers.get(&txn_id) {
-            Some(ServerEntry { txn: ServerTxn::Invite(txn), .. }) if txn.is_proceeding() => {
+        }
+        let call = match txn_id.and_then(|id| self.servers.get(&id)) {
+            Some(ServerEntry { txn, .. }) if txn.is_proceeding() => {
                 txn.call
             }
             _ => None,

@@ -244,10 +244,7 @@ impl<G: IdGen> Endpoint<G> {
         let mut done = false;
         loop {
             let Some(entry) = self.servers.get_mut(&id) else { return };
-            let effect = match &mut entry.txn {
-                ServerTxn::Invite(t) => t.poll_timer(now, &self.t),
-                ServerTxn::NonInvite(t) => t.poll_timer(now),
-            };
+            let effect = entry.txn.poll_timer(now, &self.t);
             match effect {
                 None => break,
                 Some(TimerEffect::Retransmit) => {

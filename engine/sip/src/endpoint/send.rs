@@ -17,7 +17,6 @@ use crate::transaction::Purpose;
 use crate::transaction::client_invite::ClientInvite;
 use crate::transaction::client_non_invite::ClientNonInvite;
 use crate::transaction::server_invite::ServerInvite;
-use crate::transaction::server_non_invite::ServerNonInvite;
 use crate::transaction::{ServerKey, TxnId};
 use crate::uri;
 use crate::wire::{self, HeaderLine};
@@ -59,10 +58,7 @@ impl<G: IdGen> Endpoint<G> {
     pub(super) fn arm(&mut self, owner: Owner) {
         let next = match owner {
             Owner::Call(h) => self.calls.get(&h).and_then(Call::next_deadline),
-            Owner::Server(id) => self.servers.get(&id).and_then(|e| match &e.txn {
-                ServerTxn::Invite(t) => t.next_deadline(),
-                ServerTxn::NonInvite(t) => t.next_deadline(),
-            }),
+            Owner::Server(id) => self.servers.get(&id).and_then(|e| e.txn.next_deadline()),
             Owner::Client(id) => match self.clients.get(&id) {
                 Some(txn) => txn.next_deadline(),
                 None => self.invite_clients.get(&id).and_then(ClientInvite::next_deadline),
@@ -156,20 +152,73 @@ impl<G: IdGen> Endpoint<G> {
         payload: Vec<u8>,
     ) {
         let dest = self.reply_addr(headers, from);
+        let Some(key) = key else { return self.send(dest, payload) };
+        if self.server_index.contains_key(&key) || self.absorbed.get(&key).is_some() {
+            return self.send(dest, payload);
+        }
+        if key.method != "INVITE" {
+            // §17.2.2: Completed at once; until Timer J it only resends this response.
+            self.send(dest, payload.clone());
+            let answer = Answer::Resend(payload.into_boxed_slice());
+            return self.absorbed.insert(now, self.t.t1x64(), &key, dest, answer);
+        }
         self.send(dest, payload.clone());
-        let Some(key) = key else { return };
-        if self.server_index.contains_key(&key) || self.servers.len() >= self.cfg.max_transactions {
+        if self.servers.len() >= self.cfg.max_transactions {
             return;
         }
-        let txn = if key.method == "INVITE" {
-            ServerTxn::Invite(ServerInvite::refused(now, &self.t, dest, payload))
-        } else {
-            ServerTxn::NonInvite(ServerNonInvite::completed(now, &self.t, dest, payload))
-        };
+        let txn = ServerInvite::refused(now, &self.t, dest, payload);
         let id = TxnId(self.fresh_id());
         self.server_index.insert(key.clone(), id);
         self.servers.insert(id, ServerEntry { key: Some(key), txn });
         self.arm(Owner::Server(id));
+    }
+
+    /// The INVITE transaction `id` answered its call with a 2xx (RFC 6026 §8.5, Accepted):
+    /// from now on it only absorbs retransmitted INVITEs until Timer L, so it leaves the live
+    /// table for the compact one.
+    pub(super) fn absorb_accepted(&mut self, now: Instant, id: TxnId, call: CallHandle) {
+        let Some(entry) = self.servers.remove(&id) else { return };
+        let (dest, _) = entry.dest_and_last();
+        let Some(key) = entry.key else { return };
+        if self.server_index.get(&key) == Some(&id) {
+            self.server_index.remove(&key);
+        }
+        self.absorbed.insert(now, self.t.t1x64(), &key, dest, Answer::Accepted(call));
+    }
+
+    /// The ACK of a non-2xx final came (§17.2.1, Confirmed): until Timer I the transaction
+    /// only swallows retransmitted ACKs, so it leaves the live table for the compact one.
+    pub(super) fn absorb_confirmed(&mut self, now: Instant, id: TxnId) {
+        let Some(entry) = self.servers.remove(&id) else { return };
+        let (dest, _) = entry.dest_and_last();
+        let Some(key) = entry.key else { return };
+        if self.server_index.get(&key) == Some(&id) {
+            self.server_index.remove(&key);
+        }
+        self.absorbed.insert(now, self.t.t4, &key, dest, Answer::Silent);
+    }
+
+    /// A retransmitted request matching an absorbed transaction: answer it as that
+    /// transaction would. ACKs are swallowed only by a Confirmed one; false when the request
+    /// is not absorbed here (it goes on to the core).
+    pub(super) fn absorb_retransmission(&mut self, key: &ServerKey, is_ack: bool) -> bool {
+        let Some(entry) = self.absorbed.get(key) else { return false };
+        let resend = match (&entry.answer, is_ack) {
+            (Answer::Silent, _) => return true,
+            // The 2xx's ACK is a transaction of its own; one with the INVITE's branch is the
+            // core's to judge, as before the 2xx.
+            (_, true) => return false,
+            (Answer::Resend(bytes), false) => Some((entry.dest, bytes.to_vec())),
+            (Answer::Accepted(call), false) => self
+                .calls
+                .get(call)
+                .and_then(|c| c.retransmit.as_ref())
+                .map(|r| (r.dest, r.payload.clone())),
+        };
+        if let Some((dest, payload)) = resend {
+            self.send(dest, payload);
+        }
+        true
     }
 
     pub(super) fn answer_error(
@@ -240,7 +289,7 @@ impl<G: IdGen> Endpoint<G> {
                 server: &self.cfg.user_agent,
             },
         );
-        if let Some(ServerEntry { txn: ServerTxn::Invite(txn), .. }) =
+        if let Some(ServerEntry { txn, .. }) =
             self.servers.get_mut(&c.invite_txn)
         {
             txn.final_non2xx(now, &self.t, payload.clone());

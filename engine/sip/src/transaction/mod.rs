@@ -1,9 +1,9 @@
 //! Transactions (RFC 3261 §17): what a UAS, its BYE and its session refreshes need over UDP.
 
+pub(crate) mod absorbed;
 pub(crate) mod client_invite;
 pub(crate) mod client_non_invite;
 pub(crate) mod server_invite;
-pub(crate) mod server_non_invite;
 
 /// Identifies a transaction in the endpoint's tables and timer queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

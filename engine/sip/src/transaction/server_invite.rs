@@ -5,8 +5,12 @@
 //!      |                     | Timer G: resend final; Timer H: give up
 //!      +------2xx-----> Accepted --Timer L--> Terminated
 //! ```
-//! A retransmitted INVITE gets the last response again in every state, so a lost 100, 487
-//! or 200 is repaired by the caller's own retransmission.
+//! This struct runs Proceeding and Completed, while the transaction has work to do. Accepted
+//! and Confirmed only absorb retransmissions: the endpoint moves the transaction into its
+//! compact table then (`absorbed.rs`), where a retransmitted INVITE gets the call's 2xx again
+//! while the core still retransmits one, and an ACK is swallowed. A retransmitted INVITE gets
+//! the last response again here, so a lost 100 or non-2xx is repaired by the caller's own
+//! retransmission.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -20,7 +24,6 @@ enum State {
     Proceeding,
     Completed { g_at: Instant, g_interval: Duration, h_at: Instant },
     Confirmed { i_at: Instant },
-    Accepted { l_at: Instant },
     Terminated,
 }
 
@@ -60,12 +63,6 @@ impl ServerInvite {
         self.state = State::Completed { g_at: now + t.t1, g_interval: t.t1, h_at: now + t.t1x64() };
     }
 
-    /// RFC 6026 §8.5: a 2xx moves to Accepted; the UAS core retransmits the 2xx itself.
-    pub fn accepted(&mut self, now: Instant, t: &TimerValues, response: Vec<u8>) {
-        self.last_response = response;
-        self.state = State::Accepted { l_at: now + t.t1x64() };
-    }
-
     /// An ACK matching this transaction (only a non-2xx ACK has the INVITE's branch).
     /// Returns true when absorbed here.
     pub fn on_ack(&mut self, now: Instant, t: &TimerValues) -> bool {
@@ -83,7 +80,6 @@ impl ServerInvite {
         match self.state {
             State::Completed { g_at, h_at, .. } => Some(g_at.min(h_at)),
             State::Confirmed { i_at } => Some(i_at),
-            State::Accepted { l_at } => Some(l_at),
             State::Proceeding | State::Terminated => None,
         }
     }
@@ -101,10 +97,6 @@ impl ServerInvite {
                 Some(TimerEffect::Retransmit)
             }
             State::Confirmed { i_at } if *i_at <= now => {
-                self.state = State::Terminated;
-                Some(TimerEffect::Terminated)
-            }
-            State::Accepted { l_at } if *l_at <= now => {
                 self.state = State::Terminated;
                 Some(TimerEffect::Terminated)
             }
