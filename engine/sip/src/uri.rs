@@ -184,35 +184,56 @@ pub(crate) fn unescape(s: &str) -> String {
 /// Splits on `sep` outside double quotes (with `\` escapes) and outside `<...>`.
 /// Elements are trimmed; empty elements are kept so callers can reject them.
 pub(crate) fn split_outside_quotes(s: &str, sep: char) -> impl Iterator<Item = &str> {
-    let mut parts = Vec::new();
-    let mut start = 0;
-    let mut in_quotes = false;
-    let mut in_angle = false;
-    let mut escaped = false;
-    for (i, c) in s.char_indices() {
-        if in_quotes {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_quotes = false;
-            }
-            continue;
+    // Every delimiter is ASCII, so scanning bytes never splits a UTF-8 sequence; lazily, with
+    // no allocation (this runs for most header fields of every message).
+    debug_assert!(sep.is_ascii());
+    SplitOutsideQuotes { s, sep: sep as u8, pos: 0, done: false }
+}
+
+/// The iterator of [`split_outside_quotes`].
+struct SplitOutsideQuotes<'a> {
+    s: &'a str,
+    sep: u8,
+    pos: usize,
+    done: bool,
+}
+
+impl<'a> Iterator for SplitOutsideQuotes<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        if self.done {
+            return None;
         }
-        match c {
-            '"' => in_quotes = true,
-            '<' => in_angle = true,
-            '>' => in_angle = false,
-            c if c == sep && !in_angle => {
-                parts.push(s[start..i].trim_matches([' ', '\t']));
-                start = i + c.len_utf8();
+        let bytes = self.s.as_bytes();
+        let start = self.pos;
+        let (mut in_quotes, mut in_angle, mut escaped) = (false, false, false);
+        let mut i = start;
+        while i < bytes.len() {
+            let c = bytes[i];
+            if in_quotes {
+                if escaped {
+                    escaped = false;
+                } else if c == b'\\' {
+                    escaped = true;
+                } else if c == b'"' {
+                    in_quotes = false;
+                }
+            } else if c == b'"' {
+                in_quotes = true;
+            } else if c == b'<' {
+                in_angle = true;
+            } else if c == b'>' {
+                in_angle = false;
+            } else if c == self.sep && !in_angle {
+                self.pos = i + 1;
+                return Some(self.s[start..i].trim_matches([' ', '\t']));
             }
-            _ => {}
+            i += 1;
         }
+        self.done = true;
+        Some(self.s[start..].trim_matches([' ', '\t']))
     }
-    parts.push(s[start..].trim_matches([' ', '\t']));
-    parts.into_iter()
 }
 
 /// A From/To/Contact/Route value: `[display] <uri> *(;param)` or `addr-spec *(;param)`.

@@ -46,9 +46,7 @@ impl<G: IdGen> Endpoint<G> {
         // Retransmissions first (RFC 3261 §17.2.3), before any costly parsing.
         if let Some(id) = key.as_ref().and_then(|k| self.server_index.get(k)).copied() {
             if is_ack {
-                if let Some(ServerEntry { txn, .. }) =
-                    self.servers.get_mut(&id)
-                {
+                if let Some(ServerEntry { txn, .. }) = self.servers.get_mut(&id) {
                     if txn.on_ack(now, &self.t) {
                         self.absorb_confirmed(now, id);
                         return;
@@ -373,9 +371,7 @@ impl<G: IdGen> Endpoint<G> {
             );
         }
         let call = match txn_id.and_then(|id| self.servers.get(&id)) {
-            Some(ServerEntry { txn, .. }) if txn.is_proceeding() => {
-                txn.call
-            }
+            Some(ServerEntry { txn, .. }) if txn.is_proceeding() => txn.call,
             _ => None,
         };
         let ringing = call.and_then(|h| self.calls.remove(&h).map(|c| (h, c)));

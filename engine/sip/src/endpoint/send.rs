@@ -289,9 +289,7 @@ impl<G: IdGen> Endpoint<G> {
                 server: &self.cfg.user_agent,
             },
         );
-        if let Some(ServerEntry { txn, .. }) =
-            self.servers.get_mut(&c.invite_txn)
-        {
+        if let Some(ServerEntry { txn, .. }) = self.servers.get_mut(&c.invite_txn) {
             txn.final_non2xx(now, &self.t, payload.clone());
         }
         self.arm(Owner::Server(c.invite_txn));

@@ -237,7 +237,13 @@ mod tests {
     fn a_key_is_found_until_its_lifetime_ends_and_then_forgotten() {
         let t0 = Instant::now();
         let mut table = Absorbed::new(1 << 20);
-        table.insert(t0, LONG, &key("z9hG4bK1", "BYE"), dest(), Answer::Resend(b"SIP/2.0 200".to_vec().into()));
+        table.insert(
+            t0,
+            LONG,
+            &key("z9hG4bK1", "BYE"),
+            dest(),
+            Answer::Resend(b"SIP/2.0 200".to_vec().into()),
+        );
         table.insert(t0, SHORT, &key("z9hG4bK2", "INVITE"), dest(), Answer::Silent);
         let got = table.get(&key("z9hG4bK1", "BYE")).map(|e| e.answer.clone());
         assert_eq!(got, Some(Answer::Resend(b"SIP/2.0 200".to_vec().into())));
@@ -261,8 +267,20 @@ mod tests {
     fn a_key_keeps_its_first_entry() {
         let t0 = Instant::now();
         let mut table = Absorbed::new(1 << 20);
-        table.insert(t0, LONG, &key("z9hG4bKa", "BYE"), dest(), Answer::Resend(b"first".to_vec().into()));
-        table.insert(t0, LONG, &key("z9hG4bKa", "BYE"), dest(), Answer::Resend(b"second".to_vec().into()));
+        table.insert(
+            t0,
+            LONG,
+            &key("z9hG4bKa", "BYE"),
+            dest(),
+            Answer::Resend(b"first".to_vec().into()),
+        );
+        table.insert(
+            t0,
+            LONG,
+            &key("z9hG4bKa", "BYE"),
+            dest(),
+            Answer::Resend(b"second".to_vec().into()),
+        );
         assert_eq!(table.len(), 1);
         assert_eq!(table.response_bytes(), 5);
         assert_eq!(
@@ -276,10 +294,28 @@ mod tests {
         let t0 = Instant::now();
         let mut table = Absorbed::new(3 * ENTRY_BYTES);
         table.insert(t0, LONG, &key("z9hG4bKlong", "BYE"), dest(), Answer::Silent);
-        table.insert(t0 + Duration::from_secs(1), SHORT, &key("z9hG4bKshort", "INVITE"), dest(), Answer::Silent);
-        table.insert(t0 + Duration::from_secs(2), LONG, &key("z9hG4bKlater", "BYE"), dest(), Answer::Silent);
+        table.insert(
+            t0 + Duration::from_secs(1),
+            SHORT,
+            &key("z9hG4bKshort", "INVITE"),
+            dest(),
+            Answer::Silent,
+        );
+        table.insert(
+            t0 + Duration::from_secs(2),
+            LONG,
+            &key("z9hG4bKlater", "BYE"),
+            dest(),
+            Answer::Silent,
+        );
         // Full: the short-lived entry ends first (t0 + 6 s), so it makes room.
-        table.insert(t0 + Duration::from_secs(3), LONG, &key("z9hG4bKnew", "BYE"), dest(), Answer::Silent);
+        table.insert(
+            t0 + Duration::from_secs(3),
+            LONG,
+            &key("z9hG4bKnew", "BYE"),
+            dest(),
+            Answer::Silent,
+        );
         assert_eq!(table.len(), 3);
         assert!(table.get(&key("z9hG4bKshort", "INVITE")).is_none());
         for b in ["z9hG4bKlong", "z9hG4bKlater", "z9hG4bKnew"] {
