@@ -205,6 +205,27 @@ impl App {
                 out.push_str(&format!("{name}{{shard=\"{}\"}} {}\n", s.shard, value(s)));
             }
         }
+        let name = "precall_media_send_lateness_seconds";
+        out.push_str(&format!("# HELP {name} How long after its 20 ms grid instant an RTP frame left the shard (sendmsg returned), one frame in {}.\n# TYPE {name} histogram\n", precall_engine::PACING_SAMPLE_EVERY));
+        let mut counts = [0u64; 11];
+        let mut sum_us = 0u64;
+        for s in &shards {
+            for (c, v) in counts.iter_mut().zip(s.send_lateness.counts) {
+                *c += v;
+            }
+            sum_us += s.send_lateness.sum_us;
+        }
+        let mut cumulative = 0;
+        for (i, bound) in precall_engine::PACING_BUCKETS_US.iter().enumerate() {
+            cumulative += counts[i];
+            out.push_str(&format!(
+                "{name}_bucket{{le=\"{}\"}} {cumulative}\n",
+                *bound as f64 / 1e6
+            ));
+        }
+        cumulative += counts[10];
+        out.push_str(&format!("{name}_bucket{{le=\"+Inf\"}} {cumulative}\n"));
+        out.push_str(&format!("{name}_sum {}\n{name}_count {cumulative}\n", sum_us as f64 / 1e6));
         let name = "precall_bridge_latency_seconds";
         out.push_str(&format!("# HELP {name} Agent bridge delays at the engine's clock: caller RTP in to the agent message out (to_agent), agent audio in to its first RTP frame out (to_caller), clone ready to the agent's first frame at the caller (first_audio).\n# TYPE {name} histogram\n"));
         type Histogram = fn(&ShardState) -> &precall_engine::LatencySnapshot;

@@ -33,6 +33,9 @@ pub struct Due {
     /// not sent; advance the RTP timestamp over them ([`crate::RtpSender::skip`]) so the
     /// receiver's timing stays right.
     pub skipped: u32,
+    /// The grid instant this frame is sent for (the latest one at or before `now`): how late
+    /// the send is, is measured from here.
+    pub at: Instant,
 }
 
 #[derive(Debug)]
@@ -214,10 +217,12 @@ impl MediaClock {
                 if stream.next_due <= now {
                     let late = now.duration_since(stream.next_due).as_nanos() / period_ns;
                     let skipped = u32::try_from(late).unwrap_or(u32::MAX);
+                    let at = stream.next_due + nanos(period_ns * late);
                     stream.next_due += nanos(period_ns * (late + 1));
                     out.push(Due {
                         stream: StreamSlot { index, generation: entry.generation },
                         skipped,
+                        at,
                     });
                 }
                 earliest = Some(earliest.map_or(stream.next_due, |e| e.min(stream.next_due)));
@@ -353,6 +358,8 @@ mod tests {
             assert_eq!(due.iter().filter(|d| d.stream == *s).count(), 1);
         }
         assert!(due.iter().all(|d| d.skipped == 2 || d.skipped == 3), "{due:?}");
+        // Each is sent for its latest grid instant: less than one period before now.
+        assert!(due.iter().all(|d| d.at <= now && now - d.at < PERIOD), "{due:?}");
         // Polling again at the same instant yields nothing: no burst.
         due.clear();
         clock.poll_due(now, &mut due);
@@ -375,7 +382,7 @@ mod tests {
         let s = clock.add_stream(start);
         let mut due = Vec::new();
         clock.poll_due(start + ms(7), &mut due);
-        assert_eq!(due, vec![Due { stream: s, skipped: 0 }]);
+        assert_eq!(due, vec![Due { stream: s, skipped: 0, at: start }]);
         assert_eq!(clock.poll_timeout(), Some(start + PERIOD));
     }
 
@@ -388,17 +395,17 @@ mod tests {
         let c = clock.add_stream(start + ms(12)); // phase 5: next at 25 ms
         let mut due = Vec::new();
         clock.poll_due(start, &mut due);
-        assert_eq!(due, vec![Due { stream: a, skipped: 0 }]);
+        assert_eq!(due, vec![Due { stream: a, skipped: 0, at: start }]);
         assert_eq!(clock.poll_timeout(), Some(start + ms(10)));
         due.clear();
         clock.poll_due(start + ms(10), &mut due);
-        assert_eq!(due, vec![Due { stream: b, skipped: 0 }]);
+        assert_eq!(due, vec![Due { stream: b, skipped: 0, at: start + ms(10) }]);
         assert_eq!(clock.poll_timeout(), Some(start + ms(20)));
         due.clear();
         clock.poll_due(start + ms(25), &mut due);
         assert_eq!(due.len(), 2);
-        assert!(due.contains(&Due { stream: a, skipped: 0 }));
-        assert!(due.contains(&Due { stream: c, skipped: 0 }));
+        assert!(due.contains(&Due { stream: a, skipped: 0, at: start + ms(20) }));
+        assert!(due.contains(&Due { stream: c, skipped: 0, at: start + ms(25) }));
     }
 
     #[test]

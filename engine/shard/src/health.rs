@@ -10,6 +10,47 @@ pub const LATENCY_BUCKETS_US: [u64; 14] = [
     500_000, 1_000_000,
 ];
 
+/// Upper bounds of the media send lateness histogram's buckets, in microseconds: how long
+/// after its 20 ms grid instant a frame left (`sendmsg` returned). A last bucket holds the rest.
+pub const PACING_BUCKETS_US: [u64; 10] =
+    [50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000];
+
+/// One RTP frame in this many has its send lateness measured (a clock read per frame would
+/// cost more than the frame's send at ten thousand calls).
+pub const PACING_SAMPLE_EVERY: u32 = 8;
+
+/// The send lateness histogram as read: counts per bucket of [`PACING_BUCKETS_US`] (not
+/// cumulative) plus the overflow bucket, and the sum in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PacingSnapshot {
+    /// Samples per bucket; the last entry counts those above every bound.
+    pub counts: [u64; 11],
+    /// Sum of all samples, µs.
+    pub sum_us: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct PacingHistogram {
+    counts: [AtomicU64; 11],
+    sum_us: AtomicU64,
+}
+
+impl PacingHistogram {
+    pub(crate) fn record(&self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = PACING_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(PACING_BUCKETS_US.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> PacingSnapshot {
+        PacingSnapshot {
+            counts: std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed)),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// A latency histogram as read: counts per bucket of [`LATENCY_BUCKETS_US`] (not cumulative)
 /// plus the overflow bucket, and the sum in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,6 +122,9 @@ pub struct ShardHealth {
     pub agent_audio_overflow_bytes: u64,
     /// Caller RTP in → the agent message carrying it out.
     pub latency_to_agent: LatencySnapshot,
+    /// RTP frames' send lateness: how long after its grid instant a frame left (one frame in
+    /// [`PACING_SAMPLE_EVERY`]).
+    pub send_lateness: PacingSnapshot,
     /// Agent audio in (a talkspurt's start) → its first RTP frame out.
     pub latency_to_caller: LatencySnapshot,
     /// The clone ready (`connect`) → the agent's first frame out to the caller.
@@ -138,6 +182,7 @@ pub(crate) struct ShardStats {
     agent_messages_ignored: AtomicU64,
     agent_audio_overflow_bytes: AtomicU64,
     pub(crate) latency_to_agent: LatencyHistogram,
+    pub(crate) send_lateness: PacingHistogram,
     pub(crate) latency_to_caller: LatencyHistogram,
     pub(crate) latency_first_audio: LatencyHistogram,
     streams: AtomicU64,
@@ -279,6 +324,7 @@ impl ShardStats {
             agent_messages_ignored: self.agent_messages_ignored.load(Ordering::Relaxed),
             agent_audio_overflow_bytes: self.agent_audio_overflow_bytes.load(Ordering::Relaxed),
             latency_to_agent: self.latency_to_agent.snapshot(),
+            send_lateness: self.send_lateness.snapshot(),
             latency_to_caller: self.latency_to_caller.snapshot(),
             latency_first_audio: self.latency_first_audio.snapshot(),
             streams: self.streams.load(Ordering::Relaxed),

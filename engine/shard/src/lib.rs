@@ -66,7 +66,10 @@ pub use control::{
 };
 pub use engine::Engine;
 pub use error::{EngineError, SendError};
-pub use health::{LATENCY_BUCKETS_US, LatencySnapshot, ShardHealth};
+pub use health::{
+    LATENCY_BUCKETS_US, LatencySnapshot, PACING_BUCKETS_US, PACING_SAMPLE_EVERY, PacingSnapshot,
+    ShardHealth,
+};
 pub use inbox::{ForwardedDatagram, PlanDelivery, ShardMsg, StreamRelease};
 pub use precall_call::FlowConfig;
 pub use precall_sip::{Cidr, DigestAlgorithm, DigestConfig};

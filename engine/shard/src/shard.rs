@@ -291,6 +291,7 @@ pub(crate) async fn run(params: ShardParams) {
             due: Vec::new(),
             timers: BinaryHeap::new(),
             ports: PortPool::new(rtp_ports.clone(), RandomIds::new(index + 2_000).next_u64()),
+            pacing_count: 0,
             this: this.clone(),
             nudge: nudge.clone(),
             closed_agents: Vec::new(),
@@ -539,6 +540,8 @@ struct Core {
     /// Each call's next flow deadline; an entry is stale unless it equals the call's `armed`.
     timers: BinaryHeap<Reverse<(Instant, CallKey)>>,
     ports: PortPool,
+    /// RTP frames sent, for sampling their send lateness.
+    pacing_count: u32,
     /// This core, for the tasks it spawns (RTP receive, agent legs).
     this: Weak<RefCell<Core>>,
     nudge: Rc<Nudge>,
@@ -1479,7 +1482,14 @@ impl Core {
                     let header = media.sender.next_header(media.payload_type).to_bytes();
                     let parts = [IoSlice::new(&header), IoSlice::new(frame.payload)];
                     match socket::send_parts(&media.send, &parts, dest) {
-                        Ok(_) => sent += 1,
+                        Ok(_) => {
+                            sent += 1;
+                            self.pacing_count = self.pacing_count.wrapping_add(1);
+                            if self.pacing_count % crate::health::PACING_SAMPLE_EVERY == 0 {
+                                let late = Instant::now().saturating_duration_since(d.at);
+                                self.stats.send_lateness.record(late);
+                            }
+                        }
                         Err(_) => self.stats.send_error(),
                     }
                 }

@@ -228,7 +228,15 @@ fn a_call_gets_greeting_and_hold_over_rtp_and_ends_with_the_callers_bye() {
     assert_eq!(status(&answer), Some(200), "{answer}");
     await_end(&control, "call-one@carrier.example", "caller_hangup");
     eventually("no active calls", || engine.health().iter().all(|h| h.active_calls == 0));
-    assert!(engine.health().iter().map(|h| h.rtp_packets_out).sum::<u64>() >= 50);
+    let health = engine.health();
+    let sent: u64 = health.iter().map(|h| h.rtp_packets_out).sum();
+    assert!(sent >= 50);
+    // On each shard, one frame in PACING_SAMPLE_EVERY had its send lateness measured.
+    let every = u64::from(precall_engine::PACING_SAMPLE_EVERY);
+    for h in &health {
+        let sampled: u64 = h.send_lateness.counts.iter().sum();
+        assert_eq!(sampled, h.rtp_packets_out / every, "{h:?}");
+    }
     engine.shutdown().unwrap();
 }
 
