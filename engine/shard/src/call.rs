@@ -189,6 +189,8 @@ pub(crate) struct PortPool {
     in_use: HashSet<u16>,
     /// Recently released ports, oldest first.
     quarantine: VecDeque<u16>,
+    /// The same ports, for an O(1) "is it resting?" on every probe.
+    resting: HashSet<u16>,
     quarantine_cap: usize,
     rng: u64,
 }
@@ -206,6 +208,7 @@ impl PortPool {
             pairs,
             in_use: HashSet::new(),
             quarantine: VecDeque::new(),
+            resting: HashSet::new(),
             // Half the pool rests at most, so a busy shard always has ports to pick from.
             quarantine_cap: usize::from(pairs / 2),
             rng: seed | 1,
@@ -243,7 +246,7 @@ impl PortPool {
             if self.in_use.contains(&port) {
                 continue;
             }
-            if self.quarantine.contains(&port) {
+            if self.resting.contains(&port) {
                 resting.push(port);
                 continue;
             }
@@ -265,8 +268,11 @@ impl PortPool {
         match bind_rtp(SocketAddr::new(ip, port)) {
             Ok(pair) => {
                 self.in_use.insert(port);
-                if let Some(at) = self.quarantine.iter().position(|p| *p == port) {
-                    self.quarantine.remove(at);
+                // Only when nothing else was free: the scan is rare.
+                if self.resting.remove(&port) {
+                    if let Some(at) = self.quarantine.iter().position(|p| *p == port) {
+                        self.quarantine.remove(at);
+                    }
                 }
                 Ok(Some(pair))
             }
@@ -278,8 +284,11 @@ impl PortPool {
     pub(crate) fn release(&mut self, port: u16) {
         if self.in_use.remove(&port) {
             self.quarantine.push_back(port);
+            self.resting.insert(port);
             while self.quarantine.len() > self.quarantine_cap {
-                self.quarantine.pop_front();
+                if let Some(out) = self.quarantine.pop_front() {
+                    self.resting.remove(&out);
+                }
             }
         }
     }
