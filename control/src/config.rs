@@ -94,9 +94,10 @@ pub const VARS: &[Var] = &[
     Var { name: "SHARD_PIN_CORES", default: "true", help: "pin shard i to core i" },
     Var {
         name: "SHARD_MAX_CALLS",
-        default: "4096",
-        help: "calls one shard holds at most (SIP and Twilio streams); past it new INVITEs get \
-               503 + Retry-After before any record is made",
+        default: "10240",
+        help: "calls one shard holds at most (SIP and Twilio streams); past it, or with every \
+               RTP port of the shard taken, new INVITEs get 503 + Retry-After before any record \
+               is made",
     },
     Var {
         name: "ADMIT_CLOCK_LATE_MS",
@@ -107,9 +108,9 @@ pub const VARS: &[Var] = &[
     },
     Var {
         name: "ADMIT_INBOX_DEPTH",
-        default: "512",
+        default: "4096",
         help: "overload admission: a shard with more SIP datagrams than this waiting in its \
-               inbox refuses new calls the same way (0: off; the inbox holds 1024)",
+               inbox refuses new calls the same way (0: off; the inbox holds 16384)",
     },
     Var {
         name: "RTP_PORT_MIN",

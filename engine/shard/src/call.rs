@@ -281,6 +281,12 @@ impl PortPool {
         }
     }
 
+    /// Ports of the slice not held by one of this shard's calls (another process may hold
+    /// some of them: then a bind finds out).
+    pub(crate) fn free_pairs(&self) -> usize {
+        usize::from(self.pairs).saturating_sub(self.in_use.len())
+    }
+
     pub(crate) fn release(&mut self, port: u16) {
         if self.in_use.remove(&port) {
             self.quarantine.push_back(port);

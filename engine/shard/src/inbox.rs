@@ -34,8 +34,13 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 
 use crate::SendError;
 
-/// How many forwarded SIP datagrams may wait in one shard's inbox.
-pub(crate) const INBOX_CAPACITY: usize = 1024;
+/// How many forwarded SIP datagrams may wait in one shard's inbox: a carrier trunk (or the
+/// Kamailio in front) sends from one address, so one shard's socket receives everything and
+/// forwards half of it; at 15,000 calls/s that is about 40,000 datagrams a second, and a
+/// shard descheduled for 100 ms on a busy box (4 runnable threads on 2 cores) must find them
+/// still queued, not dropped. 1,024 (the first value) overflowed in such stalls and the
+/// retransmissions that followed collapsed the call rate (docs/PERFORMANCE.md, carrier scale).
+pub(crate) const INBOX_CAPACITY: usize = 16_384;
 
 /// A message for one shard.
 #[derive(Debug)]
@@ -91,6 +96,11 @@ pub struct StreamRelease {
 #[derive(Debug, Default)]
 struct Doorbell {
     waker: AtomicWaker,
+    /// Rung and not yet answered: the shard will look at the queues before it sleeps, so a
+    /// send meanwhile need not wake it again. Each wake of a sleeping glommio executor is an
+    /// `eventfd` write from the sender; a busy shard receiving thousands of messages a second
+    /// needs none of them.
+    rung: AtomicBool,
     /// Stop requested out of band, so that shutting down works even with a full queue.
     stop: AtomicBool,
 }
@@ -129,7 +139,10 @@ impl InboxSender {
         let lane = if matches!(msg, ShardMsg::Sip(_)) { &self.sip } else { &self.control };
         match lane.try_send(msg) {
             Ok(()) => {
-                self.doorbell.waker.wake();
+                // After the push: a receiver that cleared `rung` looks at the queues after.
+                if !self.doorbell.rung.swap(true, Ordering::AcqRel) {
+                    self.doorbell.waker.wake();
+                }
                 Ok(())
             }
             Err(TrySendError::Full(_)) => Err(SendError::Overloaded),
@@ -159,21 +172,41 @@ impl Inbox {
     /// Polls for the next message, registering `cx`'s waker with the doorbell. Nothing is
     /// lost when the caller stops polling: the message stays queued.
     pub(crate) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<ShardMsg> {
-        // Register before looking, so a send racing with this poll cannot be lost.
-        self.doorbell.waker.register(cx.waker());
         if self.doorbell.stop.load(Ordering::Acquire) {
             return Poll::Ready(ShardMsg::Stop);
         }
+        // While messages wait, take them without touching the doorbell: senders see it rung
+        // and do not wake a shard that is awake anyway.
+        if let Some(msg) = self.try_next() {
+            return Poll::Ready(msg);
+        }
+        // Empty: register, answer the bell, then look once more, so that a message sent
+        // before `rung` was cleared is seen here and one sent after rings again.
+        self.doorbell.waker.register(cx.waker());
+        // A read-modify-write, so that it acquires the push of a sender whose swap came first.
+        self.doorbell.rung.swap(false, Ordering::AcqRel);
+        if self.doorbell.stop.load(Ordering::Acquire) {
+            return Poll::Ready(ShardMsg::Stop);
+        }
+        match self.try_next() {
+            Some(msg) => Poll::Ready(msg),
+            None => Poll::Pending,
+        }
+    }
+
+    /// The next queued message, control lane first; a lane whose senders are all gone reads
+    /// as [`ShardMsg::Stop`].
+    fn try_next(&self) -> Option<ShardMsg> {
         // The control plane's answers first: they move calls on; datagrams can wait.
         match self.control.try_recv() {
-            Ok(msg) => return Poll::Ready(msg),
-            Err(TryRecvError::Disconnected) => return Poll::Ready(ShardMsg::Stop),
+            Ok(msg) => return Some(msg),
+            Err(TryRecvError::Disconnected) => return Some(ShardMsg::Stop),
             Err(TryRecvError::Empty) => {}
         }
         match self.sip.try_recv() {
-            Ok(msg) => Poll::Ready(msg),
-            Err(TryRecvError::Empty) => Poll::Pending,
-            Err(TryRecvError::Disconnected) => Poll::Ready(ShardMsg::Stop),
+            Ok(msg) => Some(msg),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => Some(ShardMsg::Stop),
         }
     }
 }
@@ -225,6 +258,30 @@ mod tests {
         assert!(matches!(poll_once(&rx, &waker), Poll::Ready(ShardMsg::Drain)));
         assert!(matches!(poll_once(&rx, &waker), Poll::Ready(ShardMsg::Drain)));
         assert!(matches!(poll_once(&rx, &waker), Poll::Ready(ShardMsg::Sip(_))));
+    }
+
+    #[test]
+    fn a_shard_that_has_not_emptied_its_inbox_is_not_woken_again() {
+        let (tx, rx) = inbox(64);
+        let counter = Arc::new(CountingWaker::default());
+        let waker = Waker::from(counter.clone());
+        assert!(poll_once(&rx, &waker).is_pending());
+        for _ in 0..10 {
+            tx.send(datagram()).unwrap();
+        }
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1, "one wake for ten messages");
+        // Taking messages while more wait does not answer the bell: sends meanwhile are free.
+        assert!(poll_once(&rx, &waker).is_ready());
+        tx.send(datagram()).unwrap();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        for _ in 0..10 {
+            assert!(poll_once(&rx, &waker).is_ready());
+        }
+        // Emptied: the bell is answered, and the next message rings it again.
+        assert!(poll_once(&rx, &waker).is_pending());
+        tx.send(datagram()).unwrap();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+        assert!(poll_once(&rx, &waker).is_ready());
     }
 
     #[test]

@@ -754,8 +754,9 @@ impl Core {
             self.endpoint.reject(now, handle, 488, "Not Acceptable Here");
             return;
         }
-        if self.calls.len() >= self.settings.max_calls {
-            // Full: `503` + Retry-After, no record, no control-plane work.
+        if self.calls.len() >= self.settings.max_calls || self.ports.free_pairs() == 0 {
+            // Full (calls, or every RTP port taken): `503` + Retry-After, no record, no
+            // control-plane work.
             self.stats.call_refused_full();
             self.endpoint.reject(now, handle, 503, "Service Unavailable");
             return;

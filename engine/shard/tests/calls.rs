@@ -465,6 +465,37 @@ fn a_full_shard_answers_503_before_any_record_is_made() {
 }
 
 #[test]
+fn a_shard_whose_rtp_ports_are_all_taken_answers_503_before_any_record_is_made() {
+    let control = Arc::new(FakeControl::default());
+    let port = {
+        // Two ports: one even/odd pair, so room for one call.
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let p = probe.local_addr().unwrap().port();
+        if p % 2 == 0 { p } else { p - 1 }
+    };
+    let cfg = EngineConfig {
+        shards: 1,
+        pin_cores: false,
+        sip: Some("127.0.0.1:0".parse().unwrap()),
+        rtp_ports: port..=port + 1,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(cfg, control.clone()).unwrap();
+    let mut uac = Uac::new(engine.sip_addr().unwrap());
+    let first = uac.invite("ports-1@carrier.example", 30600);
+    uac.ack(&first);
+    uac.send_invite("ports-2@carrier.example", 30602);
+    let refused = uac.recv_until("503 to the second INVITE", |m| {
+        header(m, "Call-ID") == Some("ports-2@carrier.example")
+            && status(m).is_some_and(|s| s >= 200)
+    });
+    assert_eq!(status(&refused), Some(503));
+    assert_eq!(control.inbound.lock().unwrap().len(), 1, "no record for the refused call");
+    assert_eq!(engine.health()[0].calls_refused_full, 1);
+    engine.shutdown().unwrap();
+}
+
+#[test]
 fn call_end_reports_refused_by_a_full_queue_are_retried_in_order() {
     let control = Arc::new(FakeControl::default());
     let engine = start(1, control.clone());
