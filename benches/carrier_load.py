@@ -146,6 +146,15 @@ class Precall:
             out[key] = out.get(key, 0) + int(f[11]) + int(f[12])
         return out
 
+    def sip_socket_drops(self):
+        """Datagrams the kernel dropped on precall's SIP sockets (full receive buffers)."""
+        drops = 0
+        for line in open("/proc/net/udp").read().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].split(":")[1], 16) == self.sip_port:
+                drops += int(f[-1])
+        return drops
+
     def plans_dropped(self):
         return open(self.log).read().count("could not deliver a plan")
 
@@ -232,9 +241,12 @@ def phase_short():
         if left() < a.step_secs + 30:
             row("short", f"{rate}/s asked", "skipped: out of time budget")
             continue
-        th0, rss0 = node.threads(), node.rss_mb()
+        th0, rss0, k0 = node.threads(), node.rss_mb(), node.sip_socket_drops()
+        m0 = node.gauge("precall_sip_datagrams_dropped_total")
         res = sipp_result(*sipp_short(node.sip_port, rate, a.step_secs, f"short-{rate}"))
         th1 = node.threads()
+        kernel_drops = node.sip_socket_drops() - k0
+        precall_drops = node.gauge("precall_sip_datagrams_dropped_total") - m0
         achieved = busy_rate(res)
         if res["failed"] == 0 and res["refused"] == 0:
             best["rate"] = max(best["rate"], achieved)
@@ -245,6 +257,7 @@ def phase_short():
         row("short", f"  INVITE->200 p50 / p99", f"{res['p50']:.2f} / {res['p99']:.2f} ms")
         row("short", f"  CPU per thread", cpu_share(th0, th1, res["elapsed"]) + f"; SIPp {res['sipp_cpu']:.0f}%")
         row("short", f"  RSS", f"{rss0:.0f} -> {node.rss_mb():.0f} MB")
+        row("short", f"  SIP datagrams dropped: kernel / precall", f"{kernel_drops:,} / {precall_drops:,.0f}")
     dropped = node.plans_dropped()
     node.stop()
     row("short", "best rate with 0 failures and no 503", f"{best['rate']:,.0f}/s", f">= {SHORT_TARGET:,}/s",

@@ -105,8 +105,9 @@ impl std::fmt::Debug for MediaStreamsConfig {
 }
 
 impl EngineConfig {
-    /// Default for [`EngineConfig::recv_buffer_bytes`]: 1 MiB.
-    pub const DEFAULT_RECV_BUFFER_BYTES: usize = 1 << 20;
+    /// Default for [`EngineConfig::recv_buffer_bytes`]: 8 MiB (about 6,000 SIP datagrams: 150 ms of
+    /// a trunk at 15,000 calls/s, all of which lands on one shard's socket).
+    pub const DEFAULT_RECV_BUFFER_BYTES: usize = 8 << 20;
     /// Default for [`EngineConfig::io_memory_bytes`]: 1 MiB.
     pub const DEFAULT_IO_MEMORY_BYTES: usize = 1 << 20;
 

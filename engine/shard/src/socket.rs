@@ -37,7 +37,25 @@ pub(crate) fn bind_udp(addr: SocketAddr, recv_buffer_bytes: usize) -> io::Result
     socket.set_reuse_port(true)?;
     socket.set_recv_buffer_size(recv_buffer_bytes)?;
     // Linux reports twice what it granted (bookkeeping overhead) and caps at net.core.rmem_max.
-    let granted = socket.recv_buffer_size()? / 2;
+    let mut granted = socket.recv_buffer_size()? / 2;
+    if granted < recv_buffer_bytes {
+        // With CAP_NET_ADMIN (root, or the systemd unit's capability) the cap does not apply.
+        let wanted = libc::c_int::try_from(recv_buffer_bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: a valid socket and a c_int option value that lives for the call.
+        #[allow(unsafe_code)]
+        let forced = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&wanted as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if forced == 0 {
+            granted = socket.recv_buffer_size()? / 2;
+        }
+    }
     if granted < recv_buffer_bytes {
         tracing::warn!(
             wanted = recv_buffer_bytes,
