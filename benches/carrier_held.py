@@ -7,7 +7,10 @@ kernel arrival times). Once every call is up, a window of --held-secs measures p
 per thread, its RSS, and its own send lateness histogram; the sink reports frames lost and
 inter-arrival deviation for every stream over the whole run (ramps included).
 """
-import os, re, socket, subprocess, time
+import os, re, socket, subprocess, sys, time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sipp"))
+from scenarios import hold_scenario  # noqa: E402 (benches/sipp/scenarios.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HZ = os.sysconf("SC_CLK_TCK")
@@ -57,8 +60,7 @@ def run(a, Precall, row, left, work, ours):
         sink = subprocess.Popen([sink_bin], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ours.append(sink)
         port = int(sink.stdout.readline().split()[1])
-        scenario = open(os.path.join(HERE, "sipp", "uac_hold.xml")).read().replace(
-            '<pause milliseconds="3000"/>', f'<pause milliseconds="{hold_ms}"/>')
+        scenario = hold_scenario(hold_ms, accept_503=True)
         path = os.path.join(work, f"uac_hold_{n}.xml")
         open(path, "w").write(scenario)
         d = os.path.join(work, f"sipp-held-{n}")
@@ -102,8 +104,9 @@ def run(a, Precall, row, left, work, ours):
         p99, _ = quantile(histogram(m0, "precall_media_send_lateness_seconds"),
                           histogram(m1, "precall_media_send_lateness_seconds"), 0.99)
         lost = int(f.get("lost", -1))
-        label = f"{n:,} calls ({min(up, up_end):,} up in the window)"
-        row("held", label, f"SIPp exit {rc}, {f.get('streams')} streams",
+        label = f"{n:,} calls asked ({min(up, up_end):,} up in the window)"
+        refused = n - int(f.get("streams", 0))
+        row("held", label, f"SIPp exit {rc}, {f.get('streams')} streams, {refused} refused 503",
             f"{n:,} up, 0 failed", rc == 0 and min(up, up_end) >= n)
         row("held", "  frames lost (sink, whole run)", f"{lost} of {f.get('packets')}", "0", lost == 0)
         row("held", "  inter-arrival - 20 ms p50/p99/p99.9/max (sink)",

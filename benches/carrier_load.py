@@ -340,6 +340,7 @@ children=2
 auto_aliases=no
 listen=udp:127.0.0.1:{port}
 loadmodule "sl.so"
+loadmodule "textops.so"
 request_route {{
     if (is_method("ACK")) {{ exit; }}
     sl_send_reply("200", "OK");
@@ -349,7 +350,19 @@ request_route {{
                          stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "kamailio.log"), "w"),
                          start_new_session=True)
     ours.append(k)
-    time.sleep(0.5)  # its workers fork; the first INVITE is retransmitted if early
+    # Ready once it answers an OPTIONS (its workers fork after the listener binds).
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.settimeout(0.2)
+    for n in range(50):
+        probe.sendto((f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{probe.getsockname()[1] if n else 9};branch=z9hG4bKk{n}\r\n"
+                      f"From: <sip:p@127.0.0.1>;tag=k{n}\r\nTo: <sip:k@127.0.0.1>\r\nCall-ID: k{n}\r\nCSeq: 1 OPTIONS\r\n"
+                      "Content-Length: 0\r\n\r\n").encode(), ("127.0.0.1", port))
+        try:
+            probe.recv(2048)
+            break
+        except OSError:
+            continue
+    probe.close()
     kbest = 0.0
     for rate in [int(r) for r in a.rates.split(",")][-3:]:
         res = sipp_result(*sipp_short(port, rate, a.step_secs, f"kamailio-{rate}"))

@@ -29,18 +29,10 @@ ap.add_argument("--flood-pps", type=int, default=0, help="OPTIONS per second dur
 ap.add_argument("--accept-503", action="store_true", help="a 503 ends the call as refused, not failed")
 a = ap.parse_args()
 
-here = os.path.dirname(os.path.abspath(__file__))
-scenario = open(os.path.join(here, "uac_hold.xml")).read()
-scenario = scenario.replace('<pause milliseconds="3000"/>', f'<pause milliseconds="{a.hold_ms}"/>')
-if a.accept_503:
-    # 503 -> ACK (same Via, so the same transaction) -> end; the admitted calls skip that part.
-    refused = open(os.path.join(here, "accept_503.xml")).read().split("-->", 1)[1]
-    scenario = scenario.replace('<recv response="200" rtd="true" rrs="true">',
-                                '<recv response="503" optional="true" next="refused">\n  </recv>\n\n'
-                                '  <recv response="200" rtd="true" rrs="true">', 1)
-    scenario = scenario.replace('<recv response="200" crlf="true">', '<recv response="200" crlf="true" next="done">', 1)
-    scenario = scenario.replace('  <ResponseTimeRepartition', refused + '\n  <ResponseTimeRepartition', 1)
-    assert scenario.count('id="refused"') == 1 and 'next="done"' in scenario
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scenarios import hold_scenario  # noqa: E402 (benches/sipp/scenarios.py)
+
+scenario = hold_scenario(a.hold_ms, a.accept_503)
 tmp = tempfile.NamedTemporaryFile("w", suffix=".xml", delete=False)
 tmp.write(scenario)
 tmp.close()
