@@ -1486,7 +1486,8 @@ impl Core {
                         Ok(_) => {
                             sent += 1;
                             self.pacing_count = self.pacing_count.wrapping_add(1);
-                            if self.pacing_count % crate::health::PACING_SAMPLE_EVERY == 0 {
+                            if self.pacing_count.is_multiple_of(crate::health::PACING_SAMPLE_EVERY)
+                            {
                                 let late = Instant::now().saturating_duration_since(d.at);
                                 self.stats.send_lateness.record(late);
                             }

@@ -471,7 +471,7 @@ fn a_shard_whose_rtp_ports_are_all_taken_answers_503_before_any_record_is_made()
         // Two ports: one even/odd pair, so room for one call.
         let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let p = probe.local_addr().unwrap().port();
-        if p % 2 == 0 { p } else { p - 1 }
+        p & !1
     };
     let cfg = EngineConfig {
         shards: 1,
