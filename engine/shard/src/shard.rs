@@ -609,11 +609,9 @@ impl Core {
                 _ => 0,
             };
             self.overload = overload;
+            self.endpoint.set_overloaded(overload.is_some());
             self.stats.set_overload(Overload::code(overload));
         }
-        // Shedding for the clock still admits calls at the rate the shard can carry.
-        let refuse = self.admission.refuse(now, self.inbox_depth).is_some();
-        self.endpoint.set_overloaded(refuse);
         let node = self.settings.overloaded_shards.load(Ordering::Acquire) > 0;
         self.endpoint.set_node_overloaded(node);
     }
@@ -763,8 +761,6 @@ impl Core {
             self.endpoint.reject(now, handle, 503, "Service Unavailable");
             return;
         }
-        // Counted for overload admission's rate (and its tokens while shedding).
-        self.admission.on_admitted(now);
         let call_id = CallId::from(call_id);
         let info = CallInfo {
             call_id: call_id.clone(),
