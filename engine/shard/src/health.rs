@@ -19,68 +19,70 @@ pub const PACING_BUCKETS_US: [u64; 10] =
 /// cost more than the frame's send at ten thousand calls).
 pub const PACING_SAMPLE_EVERY: u32 = 8;
 
-/// The send lateness histogram as read: counts per bucket of [`PACING_BUCKETS_US`] (not
-/// cumulative) plus the overflow bucket, and the sum in microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct PacingSnapshot {
+/// A histogram as read: counts per bucket (not cumulative; the last entry counts the samples
+/// above every bound) and the sum of all samples in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot<const N: usize> {
     /// Samples per bucket; the last entry counts those above every bound.
-    pub counts: [u64; 11],
+    pub counts: [u64; N],
     /// Sum of all samples, µs.
     pub sum_us: u64,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct PacingHistogram {
-    counts: [AtomicU64; 11],
+impl<const N: usize> Default for Snapshot<N> {
+    fn default() -> Self {
+        Self { counts: [0; N], sum_us: 0 }
+    }
+}
+
+/// The bridge latency histograms as read, over [`LATENCY_BUCKETS_US`].
+pub type LatencySnapshot = Snapshot<15>;
+/// The send lateness histogram as read, over [`PACING_BUCKETS_US`].
+pub type PacingSnapshot = Snapshot<11>;
+
+/// `N - 1` bounds and an overflow bucket, written with relaxed atomics.
+#[derive(Debug)]
+pub(crate) struct Histogram<const N: usize> {
+    counts: [AtomicU64; N],
     sum_us: AtomicU64,
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Self { counts: std::array::from_fn(|_| AtomicU64::new(0)), sum_us: AtomicU64::new(0) }
+    }
+}
+
+impl<const N: usize> Histogram<N> {
+    fn add(&self, bounds: &[u64], d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = bounds.iter().position(|&b| us <= b).unwrap_or(bounds.len()).min(N - 1);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Snapshot<N> {
+        Snapshot {
+            counts: std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed)),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub(crate) type LatencyHistogram = Histogram<15>;
+pub(crate) type PacingHistogram = Histogram<11>;
+// Each histogram has a bucket per bound and one for the rest.
+const _: () = assert!(LATENCY_BUCKETS_US.len() + 1 == 15 && PACING_BUCKETS_US.len() + 1 == 11);
+
+impl LatencyHistogram {
+    pub(crate) fn record(&self, d: std::time::Duration) {
+        self.add(&LATENCY_BUCKETS_US, d);
+    }
 }
 
 impl PacingHistogram {
     pub(crate) fn record(&self, d: std::time::Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let i = PACING_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(PACING_BUCKETS_US.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-    }
-
-    fn snapshot(&self) -> PacingSnapshot {
-        PacingSnapshot {
-            counts: std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed)),
-            sum_us: self.sum_us.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// A latency histogram as read: counts per bucket of [`LATENCY_BUCKETS_US`] (not cumulative)
-/// plus the overflow bucket, and the sum in microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct LatencySnapshot {
-    /// Samples per bucket; the last entry counts those above every bound.
-    pub counts: [u64; 15],
-    /// Sum of all samples, µs.
-    pub sum_us: u64,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct LatencyHistogram {
-    counts: [AtomicU64; 15],
-    sum_us: AtomicU64,
-}
-
-impl LatencyHistogram {
-    pub(crate) fn record(&self, d: std::time::Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let i =
-            LATENCY_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(LATENCY_BUCKETS_US.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-    }
-
-    fn snapshot(&self) -> LatencySnapshot {
-        LatencySnapshot {
-            counts: std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed)),
-            sum_us: self.sum_us.load(Ordering::Relaxed),
-        }
+        self.add(&PACING_BUCKETS_US, d);
     }
 }
 
@@ -341,5 +343,27 @@ impl ShardStats {
             sip_transactions_absorbed: self.sip_transactions_absorbed.load(Ordering::Relaxed),
             sip_absorbed_bytes: self.sip_absorbed_bytes.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_sample_lands_in_the_first_bucket_whose_bound_holds_it() {
+        let h = PacingHistogram::default();
+        for us in [0, 50, 51, 999, 1_000, 50_000, 50_001, 10_000_000] {
+            h.record(Duration::from_micros(us));
+        }
+        let s = h.snapshot();
+        // ≤ 50 µs: 0 and 50; ≤ 100: 51; ≤ 1 ms: 999 and 1,000; ≤ 50 ms: 50,000; the rest: 2.
+        assert_eq!(s.counts, [2, 1, 0, 0, 2, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(s.sum_us, 50 + 51 + 999 + 1_000 + 50_000 + 50_001 + 10_000_000);
+        let l = LatencyHistogram::default();
+        l.record(Duration::from_millis(3));
+        assert_eq!(l.snapshot().counts[2], 1, "3 ms is within the 5 ms bound");
     }
 }
