@@ -10,7 +10,7 @@ inter-arrival deviation for every stream over the whole run (ramps included).
 import os, re, socket, subprocess, sys, time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sipp"))
-from scenarios import hold_scenario  # noqa: E402 (benches/sipp/scenarios.py)
+from common import hold_scenario  # noqa: E402 (benches/sipp/common.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HZ = os.sysconf("SC_CLK_TCK")

@@ -68,12 +68,8 @@ def left():
     return a.budget - (time.monotonic() - started)
 
 
-def free(kind):
-    s = socket.socket(socket.AF_INET, kind)
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+sys.path.insert(0, os.path.join(here, "sipp"))
+from common import free_port as free  # noqa: E402 (benches/sipp/common.py)
 
 
 def stop(proc, sig=signal.SIGTERM, wait=30):

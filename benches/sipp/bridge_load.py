@@ -13,7 +13,7 @@ audio), CPU and peak RSS, with the most agent legs seen open at once.
 Traffic stays on 127.0.0.1; everything started is stopped at the end (bounded by --call-ms and
 the SIPp timeout). Needs sipp on PATH.
 """
-import argparse, os, re, signal, socket, subprocess, tempfile, time, urllib.request
+import argparse, os, re, signal, socket, subprocess, sys, tempfile, time, urllib.request
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default="target/release/precall")
@@ -24,12 +24,8 @@ ap.add_argument("--call-ms", type=int, default=12000)
 ap.add_argument("--chunk-ms", type=int, default=40)
 a = ap.parse_args()
 
-def free(kind):
-    s = socket.socket(socket.AF_INET, kind)
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import free_port as free  # noqa: E402 (benches/sipp/common.py)
 
 here = os.path.dirname(os.path.abspath(__file__))
 # A 20 ms greeting, so that "clone ready -> first agent audio" measures the bridge, not the

@@ -30,7 +30,7 @@ ap.add_argument("--accept-503", action="store_true", help="a 503 ends the call a
 a = ap.parse_args()
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scenarios import hold_scenario  # noqa: E402 (benches/sipp/scenarios.py)
+from common import hold_scenario  # noqa: E402 (benches/sipp/common.py)
 
 scenario = hold_scenario(a.hold_ms, a.accept_503)
 tmp = tempfile.NamedTemporaryFile("w", suffix=".xml", delete=False)

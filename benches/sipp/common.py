@@ -1,5 +1,5 @@
-"""SIPp scenario text shared by the load scripts."""
-import os
+"""What the load scripts share: SIPp scenario text and free loopback ports."""
+import os, socket
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,3 +20,12 @@ def hold_scenario(hold_ms, accept_503=False):
         scenario = scenario.replace('  <ResponseTimeRepartition', refused + '\n  <ResponseTimeRepartition', 1)
         assert scenario.count('id="refused"') == 1 and 'next="done"' in scenario
     return scenario
+
+
+def free_port(kind):
+    """A loopback port of `kind` (socket.SOCK_DGRAM or SOCK_STREAM) free now."""
+    s = socket.socket(socket.AF_INET, kind)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
