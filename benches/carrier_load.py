@@ -348,9 +348,10 @@ request_route {{
     ours.append(k)
     # Ready once it answers an OPTIONS (its workers fork after the listener binds).
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
     probe.settimeout(0.2)
     for n in range(50):
-        probe.sendto((f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{probe.getsockname()[1] if n else 9};branch=z9hG4bKk{n}\r\n"
+        probe.sendto((f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{probe.getsockname()[1]};branch=z9hG4bKk{n}\r\n"
                       f"From: <sip:p@127.0.0.1>;tag=k{n}\r\nTo: <sip:k@127.0.0.1>\r\nCall-ID: k{n}\r\nCSeq: 1 OPTIONS\r\n"
                       "Content-Length: 0\r\n\r\n").encode(), ("127.0.0.1", port))
         try:

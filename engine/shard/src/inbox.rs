@@ -258,14 +258,17 @@ mod tests {
 
     #[test]
     fn a_parked_receiver_is_always_woken_for_the_next_message() {
-        // Two senders push bursts with pauses between; the receiver takes messages and parks
-        // whenever it sees none. A lost wake-up would leave it parked with messages queued:
-        // the park's timeout catches that.
+        // Two senders push bursts, and after every few messages wait until the receiver has
+        // parked again (or a deadline passes: the other sender may keep it busy), so that
+        // sends race with parking. A lost wake-up would leave the receiver parked with
+        // messages queued: the park's timeout catches that.
         const PER_SENDER: usize = 20_000;
         let (tx, rx) = inbox(64);
+        let parks = Arc::new(AtomicUsize::new(0));
         let senders: Vec<_> = (0..2)
             .map(|s| {
                 let tx = tx.clone();
+                let parks = parks.clone();
                 thread::spawn(move || {
                     let mut sent = 0;
                     while sent < PER_SENDER {
@@ -277,9 +280,14 @@ mod tests {
                             sent += 1;
                         }
                         if sent % 5 == 0 {
-                            // A gap in the traffic, so the receiver finds nothing and parks
-                            // (not a wait for anything: the receiver's park is what is tested).
-                            thread::sleep(std::time::Duration::from_micros(50));
+                            let seen = parks.load(Ordering::SeqCst);
+                            let deadline =
+                                std::time::Instant::now() + std::time::Duration::from_millis(20);
+                            while parks.load(Ordering::SeqCst) == seen
+                                && std::time::Instant::now() < deadline
+                            {
+                                thread::yield_now();
+                            }
                         }
                     }
                 })
@@ -292,6 +300,7 @@ mod tests {
                 Poll::Ready(ShardMsg::Sip(_)) => got += 1,
                 Poll::Ready(other) => panic!("unexpected {other:?}"),
                 Poll::Pending => {
+                    parks.fetch_add(1, Ordering::SeqCst);
                     let parked = std::time::Instant::now();
                     thread::park_timeout(std::time::Duration::from_secs(5));
                     assert!(

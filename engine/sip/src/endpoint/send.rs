@@ -153,17 +153,17 @@ impl<G: IdGen> Endpoint<G> {
     ) {
         let dest = self.reply_addr(headers, from);
         let Some(key) = key else { return self.send(dest, payload) };
-        if self.server_index.contains_key(&key) || self.absorbed.get(&key).is_some() {
-            return self.send(dest, payload);
-        }
+        self.send(dest, payload.clone());
         if key.method != "INVITE" {
-            // §17.2.2: Completed at once; until Timer J it only resends this response.
-            self.send(dest, payload.clone());
+            // §17.2.2: Completed at once; until Timer J it only resends this response (a key
+            // already absorbed keeps its first answer).
             let answer = Answer::Resend(payload.into_boxed_slice());
             return self.absorbed.insert(now, self.t.t1x64(), &key, dest, answer);
         }
-        self.send(dest, payload.clone());
-        if self.servers.len() >= self.cfg.max_transactions {
+        if self.server_index.contains_key(&key)
+            || self.absorbed.get(&key).is_some()
+            || self.servers.len() >= self.cfg.max_transactions
+        {
             return;
         }
         let txn = ServerInvite::refused(now, &self.t, dest, payload);
