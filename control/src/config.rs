@@ -114,13 +114,14 @@ pub const VARS: &[Var] = &[
     },
     Var {
         name: "RTP_PORT_MIN",
-        default: "16384",
+        default: "10000",
         help: "lowest RTP port; each shard owns a slice of the range",
     },
     Var {
         name: "RTP_PORT_MAX",
-        default: "57343",
-        help: "highest RTP port (the default range holds 20,480 calls per node: one even RTP port each)",
+        default: "32767",
+        help: "highest RTP port (the default range holds 11,384 calls per node, one even RTP port \
+               each, and stays below the kernel's ephemeral ports)",
     },
     Var {
         name: "RTP_TIMEOUT_MS",
@@ -990,7 +991,7 @@ mod tests {
         let c = cfg(&[]).unwrap();
         assert_eq!(c.http_addr, "0.0.0.0:8000".parse().unwrap());
         assert_eq!(c.sip_addr, Some("0.0.0.0:5060".parse().unwrap()));
-        assert_eq!(c.rtp_ports, 16384..=57343);
+        assert_eq!(c.rtp_ports, 10000..=32767);
         assert_eq!(c.media_ws_port, 8001);
         assert_eq!(c.database_url, None);
         assert_eq!(c.status_poll_interval, Duration::from_millis(2000));

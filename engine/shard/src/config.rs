@@ -142,14 +142,14 @@ impl EngineConfig {
 }
 
 impl Default for EngineConfig {
-    /// One unpinned shard on SIP 0.0.0.0:5060, RTP 16384-57343 (20,480 calls), 1 MiB buffers, RTP timeout
+    /// One unpinned shard on SIP 0.0.0.0:5060, RTP 10000-32767 (11,384 calls), 8 MiB buffers, RTP timeout
     /// 30 s, plan timeout 15 s.
     fn default() -> Self {
         Self {
             shards: 1,
             pin_cores: false,
             sip: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 5060))),
-            rtp_ports: 16384..=57343,
+            rtp_ports: 10000..=32767,
             recv_buffer_bytes: Self::DEFAULT_RECV_BUFFER_BYTES,
             io_memory_bytes: Self::DEFAULT_IO_MEMORY_BYTES,
             advertised_ip: None,
