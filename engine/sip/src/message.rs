@@ -129,6 +129,18 @@ pub(crate) fn list<'h>(
         .collect()
 }
 
+/// The first value of a list header field (the top Via), without collecting the rest.
+pub(crate) fn first<'h>(
+    headers: &[HeaderLine<'h>],
+    full: &str,
+    compact: Option<&str>,
+) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|h| named(h, full, compact))
+        .and_then(|h| uri::split_outside_quotes(h.value, ',').next())
+}
+
 /// Every line of a header field whose values hold commas of their own (`Authorization`:
 /// RFC 3261 §7.3.1 lets such fields repeat but not be joined), one value per line.
 pub(crate) fn list_whole<'h>(headers: &[HeaderLine<'h>], full: &str) -> Vec<&'h str> {

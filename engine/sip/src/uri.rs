@@ -207,27 +207,28 @@ impl<'a> Iterator for SplitOutsideQuotes<'a> {
         }
         let bytes = self.s.as_bytes();
         let start = self.pos;
-        let (mut in_quotes, mut in_angle, mut escaped) = (false, false, false);
+        let mut in_angle = false;
         let mut i = start;
         while i < bytes.len() {
-            let c = bytes[i];
-            if in_quotes {
-                if escaped {
-                    escaped = false;
-                } else if c == b'\\' {
-                    escaped = true;
-                } else if c == b'"' {
-                    in_quotes = false;
+            match bytes[i] {
+                b'"' => {
+                    // A quoted string runs to its closing quote; a backslash escapes one byte.
+                    i += 1;
+                    while i < bytes.len() {
+                        match bytes[i] {
+                            b'\\' => i += 2,
+                            b'"' => break,
+                            _ => i += 1,
+                        }
+                    }
                 }
-            } else if c == b'"' {
-                in_quotes = true;
-            } else if c == b'<' {
-                in_angle = true;
-            } else if c == b'>' {
-                in_angle = false;
-            } else if c == self.sep && !in_angle {
-                self.pos = i + 1;
-                return Some(self.s[start..i].trim_matches([' ', '\t']));
+                b'<' => in_angle = true,
+                b'>' => in_angle = false,
+                c if c == self.sep && !in_angle => {
+                    self.pos = i + 1;
+                    return Some(self.s[start..i].trim_matches([' ', '\t']));
+                }
+                _ => {}
             }
             i += 1;
         }
@@ -441,6 +442,17 @@ mod tests {
     fn comma_split_respects_quotes_and_brackets() {
         let v: Vec<_> = split_outside_quotes("\"a,b\" <sip:x@y;p=1,2>, <sip:z@w>", ',').collect();
         assert_eq!(v, vec!["\"a,b\" <sip:x@y;p=1,2>", "<sip:z@w>"]);
+    }
+
+    #[test]
+    fn comma_split_honours_escapes_and_unterminated_quotes() {
+        // An escaped quote does not end the quoted string; neither does a `<` inside it.
+        let v: Vec<_> = split_outside_quotes(r#""a\",<b" <sip:x@y>, c, "é\é,", d"#, ',').collect();
+        assert_eq!(v, vec![r#""a\",<b" <sip:x@y>"#, "c", r#""é\é,""#, "d"]);
+        // An unterminated quote runs to the end: one element, nothing lost.
+        let v: Vec<_> = split_outside_quotes(r#"a, "b, c\"#, ',').collect();
+        assert_eq!(v, vec!["a", r#""b, c\"#]);
+        assert_eq!(split_outside_quotes("", ',').collect::<Vec<_>>(), vec![""]);
     }
 
     #[test]

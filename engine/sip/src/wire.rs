@@ -30,20 +30,16 @@ pub(crate) struct Head<'h> {
 /// LF-only forms. Without a blank line the whole datagram is header section (RFC 3261 allows
 /// no body; a truncated header section then fails later on a missing header field).
 pub(crate) fn split_head_body(datagram: &[u8]) -> (&[u8], &[u8]) {
-    let mut i = 0;
-    while i < datagram.len() {
-        if datagram[i] == b'\n' {
-            let head = &datagram[..i];
-            let head = head.strip_suffix(b"\r").unwrap_or(head);
-            // "\n\n" or "\n\r\n" ends the head.
-            if datagram.get(i + 1) == Some(&b'\n') {
-                return (head, &datagram[i + 2..]);
-            }
-            if datagram.get(i + 1) == Some(&b'\r') && datagram.get(i + 2) == Some(&b'\n') {
-                return (head, &datagram[i + 3..]);
-            }
+    for i in memchr::memchr_iter(b'\n', datagram) {
+        let head = &datagram[..i];
+        let head = head.strip_suffix(b"\r").unwrap_or(head);
+        // "\n\n" or "\n\r\n" ends the head.
+        if datagram.get(i + 1) == Some(&b'\n') {
+            return (head, &datagram[i + 2..]);
         }
-        i += 1;
+        if datagram.get(i + 1) == Some(&b'\r') && datagram.get(i + 2) == Some(&b'\n') {
+            return (head, &datagram[i + 3..]);
+        }
     }
     (datagram, &[])
 }
@@ -57,14 +53,16 @@ pub(crate) fn skip_leading_crlf(datagram: &[u8]) -> &[u8] {
 /// Lossy UTF-8, CRLF line endings, folded lines joined with one SP (RFC 3261 §7.3.1: a folded
 /// line is equivalent to a single SP). Borrows when the head needs no change.
 pub(crate) fn normalize_head(head: &[u8]) -> Cow<'_, str> {
-    let text = String::from_utf8_lossy(head);
+    // `from_utf8` checks ASCII a word at a time; the lossy decoder only runs on bad input.
+    let text = match std::str::from_utf8(head) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(head),
+    };
     let bytes = text.as_bytes();
-    let needs_rewrite = bytes.iter().enumerate().any(|(i, b)| {
-        *b == b'\n'
-            && (i == 0
-                || bytes[i - 1] != b'\r'
-                || matches!(bytes.get(i + 1), Some(b' ') | Some(b'\t')))
-    }) || bytes.ends_with(b"\r");
+    let needs_rewrite = bytes.ends_with(b"\r")
+        || memchr::memchr_iter(b'\n', bytes).any(|i| {
+            i == 0 || bytes[i - 1] != b'\r' || matches!(bytes.get(i + 1), Some(b' ') | Some(b'\t'))
+        });
     if !needs_rewrite {
         return text;
     }
@@ -89,14 +87,17 @@ pub(crate) fn normalize_head(head: &[u8]) -> Cow<'_, str> {
 
 /// `token` characters of RFC 3261 §25.1.
 pub(crate) fn is_token_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "-.!%*_+`'~".contains(c)
+    c.is_ascii_alphanumeric()
+        || matches!(c, '-' | '.' | '!' | '%' | '*' | '_' | '+' | '`' | '\'' | '~')
 }
 
 /// Cuts a normalised head into start line and header lines.
 pub(crate) fn parse_head(head: &str) -> Head<'_> {
-    let mut lines = head.split("\r\n");
+    // The head is normalised: every LF ends a CRLF, so cutting at LF and taking the CR off
+    // each line gives the CRLF lines (a single-byte search, not a two-byte pattern).
+    let mut lines = head.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let start_line = lines.next().unwrap_or("");
-    let mut headers = Vec::new();
+    let mut headers = Vec::with_capacity(16);
     let mut bad_line = false;
     for line in lines {
         if line.is_empty() {
@@ -149,10 +150,9 @@ pub(crate) fn frame_body<'d>(
 /// Looks at header lines only (the start line and the body are skipped); no allocation.
 pub fn peek_call_id(datagram: &[u8]) -> Option<Cow<'_, [u8]>> {
     let datagram = skip_leading_crlf(datagram);
-    let mut pos = datagram.iter().position(|b| *b == b'\n')? + 1;
+    let mut pos = memchr::memchr(b'\n', datagram)? + 1;
     let line_at = |pos: usize| {
-        let end =
-            datagram[pos..].iter().position(|b| *b == b'\n').map_or(datagram.len(), |e| pos + e);
+        let end = memchr::memchr(b'\n', &datagram[pos..]).map_or(datagram.len(), |e| pos + e);
         let line = &datagram[pos..end];
         (line.strip_suffix(b"\r").unwrap_or(line), end + 1)
     };

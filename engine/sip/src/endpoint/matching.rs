@@ -7,20 +7,28 @@ use crate::error::RequestError;
 use crate::message::{self, MAGIC_COOKIE, Request};
 use crate::sdp::SessionDescription;
 use crate::sdp::{Codec, Direction, MediaParams, NegotiationError, SdpError};
-use crate::transaction::ServerKey;
+use crate::transaction::{ServerKey, key_method};
 use crate::uri;
 use crate::wire::HeaderLine;
 
 /// §17.2.3 matching key, built from the raw header fields before full validation so that
 /// retransmissions are recognised cheaply.
 pub(super) fn server_key(method: &str, headers: &[HeaderLine<'_>]) -> Option<ServerKey> {
-    let vias = message::list(headers, "Via", Some("v"));
-    let via = message::parse_via(vias.first()?)?;
+    server_key_at(method, message::first(headers, "Via", Some("v"))?, headers)
+}
+
+/// [`server_key`] of a request whose top Via value the caller has already found.
+pub(super) fn server_key_at(
+    method: &str,
+    top_via: &str,
+    headers: &[HeaderLine<'_>],
+) -> Option<ServerKey> {
+    let via = message::parse_via(top_via)?;
     let method = if method == "ACK" { "INVITE" } else { method };
     let sent_by = via.sent_by.to_ascii_lowercase();
     match via.branch {
         Some(b) if b.starts_with(MAGIC_COOKIE) => (b.len() > MAGIC_COOKIE.len())
-            .then(|| ServerKey { branch: b.to_owned(), sent_by, method: method.to_owned() }),
+            .then(|| ServerKey { branch: b.to_owned(), sent_by, method: key_method(method) }),
         other => {
             // RFC 2543 peer: Call-ID, CSeq number, From tag and the Via branch stand in.
             let call_id = message::single(headers, "Call-ID", Some("i")).ok()??;
@@ -31,7 +39,7 @@ pub(super) fn server_key(method: &str, headers: &[HeaderLine<'_>]) -> Option<Ser
             Some(ServerKey {
                 branch: format!("2543|{call_id}|{seq}|{from_tag}|{}", other.unwrap_or("")),
                 sent_by,
-                method: method.to_owned(),
+                method: key_method(method),
             })
         }
     }

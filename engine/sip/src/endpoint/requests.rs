@@ -37,14 +37,17 @@ impl<G: IdGen> Endpoint<G> {
     ) {
         let headers = &head.headers;
         let is_ack = method_str == "ACK";
-        if message::list(headers, "Via", Some("v")).is_empty() {
+        let Some(top_via) = message::first(headers, "Via", Some("v")) else {
             // No Via: the sender could not match any answer (RFC 3261 §8.1.1.7).
             let reason = if is_ack { DropReason::UnmatchedAck } else { DropReason::Unanswerable };
             return self.dropped(reason);
-        }
-        let key = server_key(method_str, headers);
-        // Retransmissions first (RFC 3261 §17.2.3), before any costly parsing.
-        if let Some(id) = key.as_ref().and_then(|k| self.server_index.get(k)).copied() {
+        };
+        let key = server_key_at(method_str, top_via, headers);
+        // Retransmissions first (RFC 3261 §17.2.3), before any costly parsing. Only INVITE
+        // transactions (ringing, or refused and awaiting the ACK) are live; every other
+        // method's answered transaction is in the absorbed table.
+        let live = key.as_ref().filter(|k| k.method == "INVITE");
+        if let Some(id) = live.and_then(|k| self.server_index.get(k)).copied() {
             if is_ack {
                 if let Some(ServerEntry { txn, .. }) = self.servers.get_mut(&id) {
                     if txn.on_ack(now, &self.t) {
@@ -354,8 +357,7 @@ impl<G: IdGen> Endpoint<G> {
         headers: &[HeaderLine<'_>],
     ) {
         // §9.2: the CANCEL carries the INVITE's branch and sent-by.
-        let invite_key =
-            key.as_ref().map(|k| ServerKey { method: "INVITE".to_owned(), ..k.clone() });
+        let invite_key = key.as_ref().map(|k| ServerKey { method: "INVITE".into(), ..k.clone() });
         let txn_id = invite_key.as_ref().and_then(|k| self.server_index.get(k).copied());
         // An INVITE already answered with a 2xx is absorbed now: the CANCEL gets its 200 and
         // no effect (§9.2), as a live transaction past Proceeding gives it.
@@ -581,6 +583,6 @@ fn stateless_tag(headers: &[HeaderLine<'_>]) -> String {
     for (name, compact) in [("Call-ID", Some("i")), ("From", Some("f")), ("CSeq", None)] {
         message::single(headers, name, compact).ok().flatten().hash(&mut h);
     }
-    message::list(headers, "Via", Some("v")).first().hash(&mut h);
+    message::first(headers, "Via", Some("v")).hash(&mut h);
     format!("sl{:016x}", h.finish())
 }

@@ -31,8 +31,7 @@ impl<G: IdGen> Endpoint<G> {
         if self.cfg.force_rport {
             return source;
         }
-        let via =
-            message::list(headers, "Via", Some("v")).first().and_then(|v| message::parse_via(v));
+        let via = message::first(headers, "Via", Some("v")).and_then(message::parse_via);
         match via {
             Some(via) if !via.rport => {
                 let port = uri::split_host_port(via.sent_by).ok().and_then(|(_, p)| p);

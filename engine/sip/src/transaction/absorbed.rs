@@ -222,7 +222,7 @@ mod tests {
         ServerKey {
             branch: branch.to_owned(),
             sent_by: "192.0.2.1:5060".to_owned(),
-            method: method.to_owned(),
+            method: method.to_owned().into(),
         }
     }
 

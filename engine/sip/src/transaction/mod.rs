@@ -1,5 +1,7 @@
 //! Transactions (RFC 3261 §17): what a UAS, its BYE and its session refreshes need over UDP.
 
+use std::borrow::Cow;
+
 pub(crate) mod absorbed;
 pub(crate) mod client_invite;
 pub(crate) mod client_non_invite;
@@ -17,7 +19,20 @@ pub(crate) struct TxnId(pub u64);
 pub(crate) struct ServerKey {
     pub branch: String,
     pub sent_by: String,
-    pub method: String,
+    /// The methods we know are borrowed (no allocation per request); others are owned.
+    pub method: Cow<'static, str>,
+}
+
+/// `method` as a [`ServerKey`] holds it.
+pub(crate) fn key_method(method: &str) -> Cow<'static, str> {
+    const KNOWN: [&str; 10] = [
+        "INVITE", "BYE", "OPTIONS", "CANCEL", "UPDATE", "INFO", "PRACK", "REGISTER", "MESSAGE",
+        "NOTIFY",
+    ];
+    match KNOWN.iter().find(|m| **m == method) {
+        Some(m) => Cow::Borrowed(*m),
+        None => Cow::Owned(method.to_owned()),
+    }
 }
 
 /// What a timer did to a transaction.
