@@ -240,6 +240,9 @@ fn normal_call() {
     assert_eq!(sim.take_events(), vec![Event::CallConfirmed { call }]);
 
     sim.run_until(Duration::from_secs(10));
+    // The INVITE's transaction is absorbed (Accepted), with no response bytes of its own.
+    let one = sim.ep.transactions();
+    assert_eq!(one.absorbed, 1, "{one:?}");
     sim.send(&in_dialog("BYE", "c1", "z9hG4bKbye1", &tag, 2, ""));
     let inbox = sim.take_inbox();
     assert_eq!(inbox.iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(200)]);
@@ -247,10 +250,13 @@ fn normal_call() {
     assert_eq!(sim.take_events(), vec![Event::CallEnded { call, reason: EndReason::RemoteBye }]);
     assert_eq!(sim.ep.calls(), 0);
 
-    // A retransmitted BYE is absorbed by its transaction: same 200 again, no new event.
+    // A retransmitted BYE is absorbed by its transaction: the same 200 again, byte for byte
+    // (it is built again from the retransmission, not stored), and no new event.
     sim.send(&in_dialog("BYE", "c1", "z9hG4bKbye1", &tag, 2, ""));
-    assert_eq!(sim.take_inbox().iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(200)]);
+    assert_eq!(sim.take_inbox(), vec![inbox[0].clone()]);
     assert!(sim.take_events().is_empty());
+    let two = sim.ep.transactions();
+    assert_eq!((two.absorbed, two.absorbed_bytes), (2, 2 * one.absorbed_bytes), "no bytes kept");
     // Nothing else is ever sent, and all timers drain.
     sim.run_until(Duration::from_secs(120));
     assert!(sim.take_inbox().is_empty());
@@ -777,6 +783,44 @@ fn overload_503_carries_retry_after() {
     sim.drain();
     let resp = sim.wire.iter().map(|(_, t)| t.payload.clone()).find(|p| status(p) == Some(486));
     assert_eq!(header(&resp.expect("486 sent"), "Retry-After"), None);
+}
+
+#[test]
+fn an_overloaded_endpoint_refuses_statelessly_and_keeps_nothing() {
+    let mut sim = Sim::new();
+    sim.ep.set_overloaded(true);
+    sim.send(&invite("shed-1", "z9hG4bKshed1", OFFER));
+    let inbox = sim.take_inbox();
+    assert_eq!(inbox.iter().map(|p| status(p)).collect::<Vec<_>>(), vec![Some(503)]);
+    assert_eq!(header(&inbox[0], "Retry-After"), Some("5"));
+    let tag = to_tag(&inbox[0]);
+    assert!(tag.starts_with("sl"), "a stateless tag: {tag}");
+    // No call, no transaction, no absorbed entry, no timer.
+    assert!(sim.take_events().is_empty());
+    assert_eq!(sim.ep.transactions(), precall_sip::Transactions::default());
+    assert_eq!(sim.ep.poll_timeout(), None);
+    assert_eq!(sim.ep.overload_refusals(), 1);
+    // A retransmitted INVITE (the 503 was lost) gets the same 503, byte for byte.
+    sim.send(&invite("shed-1", "z9hG4bKshed1", OFFER));
+    assert_eq!(sim.take_inbox(), inbox);
+    // Its ACK is swallowed: nothing sent, not even a drop reported.
+    sim.send(&ack_non2xx("shed-1", "z9hG4bKshed1", &tag));
+    assert!(sim.take_inbox().is_empty());
+    assert!(sim.take_events().is_empty());
+    // The 503 is never retransmitted (no Timer G), and nothing is left to expire.
+    sim.run_until(Duration::from_secs(40));
+    assert!(sim.take_inbox().is_empty());
+    assert_eq!(sim.ep.transactions(), precall_sip::Transactions::default());
+    // An ACK with a tag that is not ours is still reported as unmatched.
+    sim.send(&ack_non2xx("shed-1", "z9hG4bKshed1", "0123456789abcdef"));
+    assert_eq!(
+        sim.take_events(),
+        vec![Event::Dropped { reason: precall_sip::DropReason::UnmatchedAck }]
+    );
+    // Headroom again: the caller's next INVITE is a call.
+    sim.ep.set_overloaded(false);
+    sim.send(&invite("shed-2", "z9hG4bKshed2", OFFER));
+    assert!(matches!(sim.take_events().first(), Some(Event::IncomingCall { .. })));
 }
 
 #[test]

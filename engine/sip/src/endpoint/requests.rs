@@ -65,7 +65,8 @@ impl<G: IdGen> Endpoint<G> {
                 }
                 return;
             }
-        } else if key.as_ref().is_some_and(|k| self.absorb_retransmission(k, is_ack)) {
+        } else if key.as_ref().is_some_and(|k| self.absorb_retransmission(k, is_ack, headers, from))
+        {
             return;
         }
         let body = match wire::frame_body(headers, rest) {
@@ -130,7 +131,12 @@ impl<G: IdGen> Endpoint<G> {
             if self.overloaded && !self.draining {
                 self.overload_refusals += 1;
             }
-            return self.answer_error(now, from, key, false, headers, &RequestError::Unavailable);
+            // Stateless (RFC 3261 §8.2.7): a refusal keeps no transaction, no Timer G
+            // retransmissions and no absorbed entry, so refusing costs a fraction of a call
+            // however many are refused. A lost 503 is repaired by the caller's retransmitted
+            // INVITE, which gets the same 503 (the To tag is a function of the request); its
+            // ACK is swallowed by `on_ack`.
+            return self.answer_stateless(from, headers, &RequestError::Unavailable);
         }
         if let Some(err) = self.authenticate(now, from, req, headers) {
             return self.answer_error(now, from, key, false, headers, &err);
@@ -326,6 +332,9 @@ impl<G: IdGen> Endpoint<G> {
 
     pub(super) fn on_ack(&mut self, now: Instant, req: &Request<'_>, body: &[u8]) {
         let Some((h, mut c)) = self.take_dialog(req) else {
+            if req.to.tag().is_some_and(is_stateless_tag) {
+                return; // the ACK of a stateless refusal (§8.2.7: nothing to do)
+            }
             return self.dropped(DropReason::UnmatchedAck);
         };
         let acks_our_2xx = c.retransmit.as_ref().is_some_and(|r| r.cseq == req.cseq);
@@ -425,8 +434,8 @@ impl<G: IdGen> Endpoint<G> {
                 &RequestError::NoSuchCallOrTransaction,
             );
         };
-        let ok = self.plain_ok(headers, from, "");
-        self.send_final(now, headers, from, key, ok);
+        // take_dialog matched our To tag, so the 200 is a function of the request alone.
+        self.send_rebuildable_ok(now, headers, from, key);
         self.end(h, c, EndReason::RemoteBye);
     }
 
@@ -462,7 +471,7 @@ impl<G: IdGen> Endpoint<G> {
         let key = if out_of_dialog { None } else { key };
         if (self.refusing() || self.node_overloaded) && out_of_dialog {
             // The probe of a dispatcher (Kamailio's ds_ping): take this node out.
-            return self.answer_error(now, from, key, false, headers, &RequestError::Unavailable);
+            return self.answer_stateless(from, headers, &RequestError::Unavailable);
         }
         // Carriers probe trunks with OPTIONS (RFC 3261 §11.2).
         let extra =
@@ -577,12 +586,20 @@ fn refresh_session(now: Instant, c: &mut Call, req: &Request<'_>) {
 
 /// The To tag of a stateless answer: the same for every retransmission of one request (RFC 3261
 /// §8.2.7), from its Call-ID, From tag, CSeq and top Via branch.
-fn stateless_tag(headers: &[HeaderLine<'_>]) -> String {
+pub(super) fn stateless_tag(headers: &[HeaderLine<'_>]) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for (name, compact) in [("Call-ID", Some("i")), ("From", Some("f")), ("CSeq", None)] {
         message::single(headers, name, compact).ok().flatten().hash(&mut h);
     }
     message::first(headers, "Via", Some("v")).hash(&mut h);
-    format!("sl{:016x}", h.finish())
+    format!("{STATELESS_TAG_PREFIX}{:016x}", h.finish())
+}
+
+/// What starts every [`stateless_tag`]; dialog tags are hex digits only, so none starts so.
+const STATELESS_TAG_PREFIX: &str = "sl";
+
+/// Whether `tag` is one of our stateless answers' To tags.
+fn is_stateless_tag(tag: &str) -> bool {
+    tag.len() == STATELESS_TAG_PREFIX.len() + 16 && tag.starts_with(STATELESS_TAG_PREFIX)
 }

@@ -142,6 +142,24 @@ impl<G: IdGen> Endpoint<G> {
         )
     }
 
+    /// Sends `200 OK` to an in-dialog request whose To carries our tag (a BYE) and absorbs
+    /// its transaction without storing the response: a retransmission gets the same response
+    /// built again ([`Answer::RebuildOk`]).
+    pub(super) fn send_rebuildable_ok(
+        &mut self,
+        now: Instant,
+        headers: &[HeaderLine<'_>],
+        from: SocketAddr,
+        key: Option<ServerKey>,
+    ) {
+        let dest = self.reply_addr(headers, from);
+        let ok = self.ok_with_tag(headers, from, None, "");
+        self.send(dest, ok);
+        if let Some(key) = key.filter(|k| k.method != "INVITE") {
+            self.absorbed.insert(now, self.t.t1x64(), &key, dest, Answer::RebuildOk);
+        }
+    }
+
     pub(super) fn send_final(
         &mut self,
         now: Instant,
@@ -200,7 +218,13 @@ impl<G: IdGen> Endpoint<G> {
     /// A retransmitted request matching an absorbed transaction: answer it as that
     /// transaction would. ACKs are swallowed only by a Confirmed one; false when the request
     /// is not absorbed here (it goes on to the core).
-    pub(super) fn absorb_retransmission(&mut self, key: &ServerKey, is_ack: bool) -> bool {
+    pub(super) fn absorb_retransmission(
+        &mut self,
+        key: &ServerKey,
+        is_ack: bool,
+        headers: &[HeaderLine<'_>],
+        from: SocketAddr,
+    ) -> bool {
         let Some(entry) = self.absorbed.get(key) else { return false };
         let resend = match (&entry.answer, is_ack) {
             (Answer::Silent, _) => return true,
@@ -208,6 +232,9 @@ impl<G: IdGen> Endpoint<G> {
             // core's to judge, as before the 2xx.
             (_, true) => return false,
             (Answer::Resend(bytes), false) => Some((entry.dest, bytes.to_vec())),
+            (Answer::RebuildOk, false) => {
+                Some((entry.dest, self.ok_with_tag(headers, from, None, "")))
+            }
             (Answer::Accepted(call), false) => self
                 .calls
                 .get(call)
@@ -218,6 +245,20 @@ impl<G: IdGen> Endpoint<G> {
             self.send(dest, payload);
         }
         true
+    }
+
+    /// Answers `err` statelessly (RFC 3261 §8.2.7): no transaction, the To tag derived from
+    /// the request so a retransmission gets the same response.
+    pub(super) fn answer_stateless(
+        &mut self,
+        from: SocketAddr,
+        headers: &[HeaderLine<'_>],
+        err: &RequestError,
+    ) {
+        let tag = super::requests::stateless_tag(headers);
+        let payload = self.error_response(headers, from, &tag, err);
+        let dest = self.reply_addr(headers, from);
+        self.send(dest, payload);
     }
 
     pub(super) fn answer_error(
@@ -233,6 +274,19 @@ impl<G: IdGen> Endpoint<G> {
             // ACK is never answered (RFC 3261 §17.2.3).
             return self.dropped(DropReason::UnmatchedAck);
         }
+        let tag = self.ids.tag();
+        let payload = self.error_response(headers, from, &tag, err);
+        self.send_final(now, headers, from, key, payload);
+    }
+
+    /// The response that answers `err`, with our To tag `tag`.
+    fn error_response(
+        &self,
+        headers: &[HeaderLine<'_>],
+        from: SocketAddr,
+        tag: &str,
+        err: &RequestError,
+    ) -> Vec<u8> {
         let extra = match err {
             RequestError::UnknownMethod | RequestError::MethodNotAllowed => {
                 format!("Allow: {ALLOW}\r\n")
@@ -249,20 +303,18 @@ impl<G: IdGen> Endpoint<G> {
             _ => String::new(),
         };
         let reason = err.to_string();
-        let tag = self.ids.tag();
-        let payload = build::response(
+        build::response(
             headers,
             from,
             &ResponseSpec {
                 code: err.status_code(),
                 reason: &reason,
-                to_tag: Some(&tag),
+                to_tag: Some(tag),
                 extra: &extra,
                 body: None,
                 server: &self.cfg.user_agent,
             },
-        );
-        self.send_final(now, headers, from, key, payload);
+        )
     }
 
     /// A final non-2xx to the call's INVITE, with our To tag.

@@ -40,6 +40,10 @@ pub(crate) enum Answer {
     Accepted(CallHandle),
     /// Nothing (an INVITE transaction in Confirmed: retransmitted ACKs are swallowed).
     Silent,
+    /// A `200 OK` that is a pure function of the request (an in-dialog BYE's: its To tag is
+    /// in the request, and nothing else is added), built again from the retransmission: the
+    /// same request gives the same bytes (RFC 3261 §17.2.2), and the table keeps none.
+    RebuildOk,
 }
 
 /// One absorbed transaction.
@@ -210,7 +214,7 @@ impl Absorbed {
 fn answer_bytes(answer: &Answer) -> usize {
     match answer {
         Answer::Resend(bytes) => bytes.len(),
-        Answer::Accepted(_) | Answer::Silent => 0,
+        Answer::Accepted(_) | Answer::Silent | Answer::RebuildOk => 0,
     }
 }
 
