@@ -287,7 +287,7 @@ impl App {
             ),
             (
                 "precall_calls_refused_overload_total",
-                "New INVITEs refused 503 by overload admission (media clock late or inbox deep), before any record.",
+                "New INVITEs refused 503 by overload admission (media clock late, inbox deep, or ADMIT_SETUP_DEPTH calls waiting for their plan), before any record.",
                 |s| s.calls_refused_overload,
             ),
             (

@@ -7,12 +7,14 @@
 //!   hears that as jitter or skipped frames; a new call would make it worse for all;
 //! * **the SIP lane of the inbox is deep**: datagrams forwarded by the other shard wait longer
 //!   than SIP's own retransmission timers can hide;
+//! * **too many calls wait for their first plan** ([`setup_full`]): checked for each INVITE
+//!   on its own, not held for a window (the two above are).
 //!
 //! (`SHARD_MAX_CALLS` is checked apart, when the shard sees the new call: a full shard still
 //! answers probes `200`, since the calls it has are fine.)
 //!
 //! Sans-IO: the shard feeds it instants and depths; the unit tests drive it with made-up ones.
-//! Shedding lasts at least one whole window (so a node that recovers for one tick does not flap
+//! Shedding on the clock lasts at least one whole window (so a node that recovers for one tick does not flap
 //! between refusing and admitting).
 
 use std::time::{Duration, Instant};
@@ -64,6 +66,21 @@ pub(crate) struct Limits {
     pub(crate) max_clock_late: Duration,
     /// A deeper SIP lane refuses calls. `0` turns the reading off.
     pub(crate) max_inbox_depth: usize,
+    /// This many calls waiting for the control plane's first plan refuse the next one, at
+    /// once and only while so many wait (`ADMIT_SETUP_DEPTH`; see [`setup_full`]). `0`: off.
+    pub(crate) max_setup_depth: usize,
+}
+
+/// Whether `waiting` calls awaiting their first plan fill the setup queue.
+///
+/// A bound on the work in flight, not a rate: past the node's capacity the calls that wait
+/// for the controller grow without end (Little's law: at twice the rate it can plan, the queue
+/// and every call's setup time double each second), until file descriptors and RTP ports run
+/// out and admitted calls fail. With the queue bounded a new call is either planned within
+/// `max_setup_depth / rate` or refused `503` at once, and the admitted rate stays at what the
+/// controller plans: no window of refusing everything, no burst of admitting everything after.
+pub(crate) fn setup_full(limits: &Limits, waiting: usize) -> bool {
+    limits.max_setup_depth > 0 && waiting >= limits.max_setup_depth
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -158,7 +175,11 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     fn admission() -> Admission {
-        Admission::new(Limits { max_clock_late: 10 * MS, max_inbox_depth: 512 })
+        Admission::new(Limits {
+            max_clock_late: 10 * MS,
+            max_inbox_depth: 512,
+            max_setup_depth: 64,
+        })
     }
 
     /// `n` ticks 5 ms apart from `start` (a shard's streams spread over the clock's phases),
@@ -171,6 +192,17 @@ mod tests {
             a.on_clock_tick(t, due);
         }
         t
+    }
+
+    #[test]
+    fn the_setup_queue_refuses_from_its_limit_and_admits_below_it() {
+        let limits = admission().limits;
+        assert!(!setup_full(&limits, 0));
+        assert!(!setup_full(&limits, 63));
+        assert!(setup_full(&limits, 64));
+        assert!(setup_full(&limits, 10_000));
+        let off = Limits { max_setup_depth: 0, ..limits };
+        assert!(!setup_full(&off, usize::MAX), "0 turns the reading off");
     }
 
     #[test]
@@ -228,7 +260,11 @@ mod tests {
 
     #[test]
     fn zero_turns_the_clock_and_inbox_readings_off() {
-        let mut a = Admission::new(Limits { max_clock_late: Duration::ZERO, max_inbox_depth: 0 });
+        let mut a = Admission::new(Limits {
+            max_clock_late: Duration::ZERO,
+            max_inbox_depth: 0,
+            max_setup_depth: 0,
+        });
         let t0 = Instant::now();
         let t = ticks(&mut a, t0, 100, 50 * MS);
         assert_eq!(a.check(t, 100_000), None);

@@ -53,6 +53,10 @@ pub struct EngineConfig {
     /// `ADMIT_INBOX_DEPTH`: a shard with more SIP datagrams than this waiting in its inbox
     /// refuses new calls the same way. Zero turns this reading off.
     pub admit_inbox_depth: usize,
+    /// `ADMIT_SETUP_DEPTH`: while this many of a shard's new calls wait for the control
+    /// plane's first plan, its next INVITE gets a stateless `503` + `Retry-After` (checked
+    /// per INVITE, not held). Zero turns this reading off.
+    pub admit_setup_depth: usize,
     /// `RTP_TIMEOUT_MS`: no RTP from the caller for this long ends the call with BYE.
     pub rtp_timeout: Duration,
     /// `RTP_STRICT_SOURCE`: take a call's RTP only from the SDP `c=` address or the INVITE's
@@ -159,6 +163,7 @@ impl Default for EngineConfig {
             max_calls_per_shard: 10_240,
             admit_clock_late: Duration::from_millis(10),
             admit_inbox_depth: 4096,
+            admit_setup_depth: 1024,
             rtp_timeout: Duration::from_secs(30),
             rtp_strict_source: true,
             plan_timeout: Duration::from_secs(15),

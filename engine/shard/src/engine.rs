@@ -85,6 +85,7 @@ impl Engine {
             admission: crate::admission::Limits {
                 max_clock_late: cfg.admit_clock_late,
                 max_inbox_depth: cfg.admit_inbox_depth,
+                max_setup_depth: cfg.admit_setup_depth,
             },
             overloaded_shards: Arc::default(),
         };

@@ -300,6 +300,7 @@ pub(crate) async fn run(params: ShardParams) {
             report_retry_at: None,
             admission: Admission::new(settings_admission),
             inbox_depth: 0,
+            setup_waiting: 0,
             overload: None,
         })
     });
@@ -557,6 +558,8 @@ struct Core {
     admission: Admission,
     /// Datagrams waiting on the SIP lane of this shard's inbox, as last seen by the loop.
     inbox_depth: usize,
+    /// SIP calls whose inbound request is with the control plane (no plan back yet).
+    setup_waiting: usize,
     /// Why new calls are refused now (what the endpoint was last told).
     overload: Option<Overload>,
 }
@@ -609,9 +612,12 @@ impl Core {
                 _ => 0,
             };
             self.overload = overload;
-            self.endpoint.set_overloaded(overload.is_some());
             self.stats.set_overload(Overload::code(overload));
         }
+        // The setup queue is read for each INVITE, not held for a window (and not logged: it
+        // fills and empties many times a second at the node's capacity; the refusals count).
+        let setup_full = admission::setup_full(&self.settings.admission, self.setup_waiting);
+        self.endpoint.set_overloaded(overload.is_some() || setup_full);
         let node = self.settings.overloaded_shards.load(Ordering::Acquire) > 0;
         self.endpoint.set_node_overloaded(node);
     }
@@ -780,6 +786,7 @@ impl Core {
         let reply = self.reply_for(key, call_id.clone(), PlanKind::Inbound);
         match self.control.inbound(ctx, reply) {
             Ok(()) => {
+                self.setup_waiting += 1;
                 let flow = CallFlow::new(now, info, self.settings.flow.clone());
                 let call =
                     Call { flow, source, media: None, stream: None, agent: None, armed: None };
@@ -808,6 +815,11 @@ impl Core {
     }
 
     fn on_plan(&mut self, now: Instant, p: PlanDelivery) {
+        if p.kind == PlanKind::Inbound && matches!(p.call, CallKey::Sip(_)) {
+            // Every inbound request gets exactly one reply (the side runtime enforces a
+            // deadline), whether or not its call is still here.
+            self.setup_waiting = self.setup_waiting.saturating_sub(1);
+        }
         let Some(call) = self.calls.get_mut(&p.call) else {
             // The call ended while the controller was thinking (CANCEL, BYE): record the end
             // again, in case the first report overtook the inbound request.

@@ -465,6 +465,49 @@ fn a_full_shard_answers_503_before_any_record_is_made() {
 }
 
 #[test]
+fn a_full_setup_queue_refuses_statelessly_until_a_plan_comes_back() {
+    let control = Arc::new(FakeControl { park: true, ..FakeControl::default() });
+    let cfg = EngineConfig {
+        shards: 1,
+        pin_cores: false,
+        sip: Some("127.0.0.1:0".parse().unwrap()),
+        rtp_ports: 40000..=40999,
+        admit_setup_depth: 2,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(cfg, control.clone()).unwrap();
+    let mut uac = Uac::new(engine.sip_addr().unwrap());
+    // Two calls wait for their plans (the control plane holds them).
+    uac.send_invite("setup-1@carrier.example", 30600);
+    uac.send_invite("setup-2@carrier.example", 30602);
+    eventually("two inbound requests", || control.inbound.lock().unwrap().len() == 2);
+    // The third is refused at once: 503 + Retry-After, no record, no transaction.
+    let (branch, _) = uac.send_invite("setup-3@carrier.example", 30604);
+    let refused = uac.recv_until("503 to the third INVITE", |m| {
+        header(m, "Call-ID") == Some("setup-3@carrier.example") && status(m).is_some()
+    });
+    assert_eq!(status(&refused), Some(503));
+    assert_eq!(header(&refused, "Retry-After"), Some("5"));
+    assert!(header(&refused, "Via").is_some_and(|v| v.contains(&branch)));
+    assert_eq!(control.inbound.lock().unwrap().len(), 2, "no record for the refused call");
+    eventually("the refusal counted", || engine.health()[0].calls_refused_overload == 1);
+    // The queue bound is not the overload gauge (clock or inbox): the shard still admits.
+    assert_eq!(engine.health()[0].overload, 0);
+    // One plan back: room for one more call.
+    let reply = control.parked.lock().unwrap().remove(0);
+    reply(Ok(hold_plan(CallId::new("setup-1@carrier.example"), true)));
+    uac.recv_until("the first call answered", |m| {
+        header(m, "Call-ID") == Some("setup-1@carrier.example") && status(m) == Some(200)
+    });
+    uac.send_invite("setup-4@carrier.example", 30606);
+    eventually("the fourth call recorded", || control.inbound.lock().unwrap().len() == 3);
+    for reply in control.parked.lock().unwrap().drain(..) {
+        reply(Err(ControlError::Overloaded));
+    }
+    engine.shutdown().unwrap();
+}
+
+#[test]
 fn a_shard_whose_rtp_ports_are_all_taken_answers_503_before_any_record_is_made() {
     let control = Arc::new(FakeControl::default());
     let port = {
