@@ -113,6 +113,12 @@ pub const VARS: &[Var] = &[
                inbox refuses new calls the same way (0: off; the inbox holds 16384)",
     },
     Var {
+        name: "ADMIT_SETUP_DEPTH",
+        default: "1024",
+        help: "overload admission: while this many of a shard's new calls wait for the control \
+               plane's first plan, its next INVITE gets a stateless 503 + Retry-After (0: off)",
+    },
+    Var {
         name: "RTP_PORT_MIN",
         default: "10000",
         help: "lowest RTP port; each shard owns a slice of the range",
@@ -158,6 +164,12 @@ pub const VARS: &[Var] = &[
         help: "PostgreSQL URL; unset = in-memory store (lost at exit)",
     },
     Var { name: "DATABASE_POOL_SIZE", default: "8", help: "PostgreSQL connections" },
+    Var {
+        name: "MEMORY_STORE_CALLS",
+        default: "20000",
+        help: "the in-memory store (no DATABASE_URL) keeps this many calls; past it the oldest \
+               ended ones are forgotten (about 1.2 KB each)",
+    },
     Var {
         name: "TWILIO_AUTH_TOKEN",
         default: "-",
@@ -454,6 +466,8 @@ pub struct Config {
     pub admit_clock_late: Duration,
     /// `ADMIT_INBOX_DEPTH` (zero: off).
     pub admit_inbox_depth: usize,
+    /// `ADMIT_SETUP_DEPTH` (zero: off).
+    pub admit_setup_depth: usize,
     /// RTP port range.
     pub rtp_ports: std::ops::RangeInclusive<u16>,
     /// Caller RTP silence that ends a call.
@@ -470,6 +484,8 @@ pub struct Config {
     pub database_url: Option<String>,
     /// PostgreSQL pool size.
     pub database_pool_size: usize,
+    /// `MEMORY_STORE_CALLS`: calls the in-memory store keeps.
+    pub memory_store_calls: usize,
     /// Twilio auth token.
     pub twilio_auth_token: Option<String>,
     /// Accept unsigned webhooks.
@@ -840,6 +856,8 @@ impl Config {
             admit_clock_late: r.millis("ADMIT_CLOCK_LATE_MS")?,
             admit_inbox_depth: r
                 .parse::<usize>("ADMIT_INBOX_DEPTH", "a number of datagrams (0: off)")?,
+            admit_setup_depth: r
+                .parse::<usize>("ADMIT_SETUP_DEPTH", "a number of calls (0: off)")?,
             rtp_ports: rtp_min..=rtp_max,
             rtp_timeout: r.millis("RTP_TIMEOUT_MS")?,
             rtp_strict_source: r.bool("RTP_STRICT_SOURCE")?,
@@ -858,6 +876,7 @@ impl Config {
             },
             database_url,
             database_pool_size,
+            memory_store_calls: r.positive("MEMORY_STORE_CALLS", "a number of calls, 1 or more")?,
             twilio_auth_token: r.raw("TWILIO_AUTH_TOKEN"),
             twilio_skip_signature: r.bool("TWILIO_SKIP_SIGNATURE")?,
             twilio_push: r.bool("TWILIO_PUSH")?,

@@ -420,7 +420,11 @@ fn serve(cfg: Config) -> Result<(), String> {
                 unended: kept.map_or(unended, |k| k.min(unended)),
             };
             let setup = SideSetup { retention: Some(retention), ..setup };
-            (start_side_runtime(async { Ok(MemoryStore::new()) }, setup)?, "memory")
+            let calls = cfg.memory_store_calls;
+            (
+                start_side_runtime(async move { Ok(MemoryStore::with_retention(calls)) }, setup)?,
+                "memory",
+            )
         }
         Some(url) => {
             let setup =
@@ -502,6 +506,7 @@ fn serve(cfg: Config) -> Result<(), String> {
             max_calls_per_shard: cfg.shard_max_calls,
             admit_clock_late: cfg.admit_clock_late,
             admit_inbox_depth: cfg.admit_inbox_depth,
+            admit_setup_depth: cfg.admit_setup_depth,
             rtp_timeout: cfg.rtp_timeout,
             rtp_strict_source: cfg.rtp_strict_source,
             // The controller's deadline, then at most the same again to make the clips ready,
