@@ -3,7 +3,8 @@
 For each step of --held (calls at once): a fresh precall whose clones never finish (every call
 hears the greeting, then hold audio), SIPp placing the calls with benches/sipp/uac_hold.xml at
 up to 1,000/s, each call's offer pointing RTP at benches/rtp_sink (one socket, recvmmsg,
-kernel arrival times). Once every call is up, a window of --held-secs measures precall's CPU
+kernel arrival times), which echoes every packet back (two-way RTP, 50 packets/s each way per
+call, as a caller talks; --held-one-way turns that off). Once every call is up, a window of --held-secs measures precall's CPU
 per thread, its RSS, and its own send lateness histogram; the sink reports frames lost and
 inter-arrival deviation for every stream over the whole run (ramps included).
 """
@@ -57,7 +58,8 @@ def run(a, Precall, row, left, work, ours):
             row("held", f"{n:,} calls at once", "skipped: out of time budget")
             continue
         node = Precall(f"held-{n}")
-        sink = subprocess.Popen([sink_bin], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        sink_args = [sink_bin] if a.held_one_way else [sink_bin, "--echo"]
+        sink = subprocess.Popen(sink_args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ours.append(sink)
         port = int(sink.stdout.readline().split()[1])
         scenario = hold_scenario(hold_ms, accept_503=True)
@@ -116,6 +118,9 @@ def run(a, Precall, row, left, work, ours):
         row("held", "  precall CPU per call", f"{total_cpu / calls:.4f} % ({total_cpu:.0f} % of a core)",
             f"<= {CPU_PER_CALL} %", total_cpu / calls <= CPU_PER_CALL)
         row("held", "  CPU per thread", ", ".join(f"{k} {v:.0f}%" for k, v in sorted(cpu.items())))
+        rtp_in = (node.gauge("precall_rtp_packets_received_total", m1)
+                  - node.gauge("precall_rtp_packets_received_total", m0)) / secs / calls
+        row("held", "  caller RTP received per call (two-way unless --held-one-way)", f"{rtp_in:.1f} packets/s")
         per_call_kb = (rss_peak - rss_idle) * 1024 / calls
         row("held", "  RSS per call", f"{per_call_kb:.1f} KB ({rss_idle:.0f} -> {rss_peak:.0f} MB)",
             f"<= {RSS_PER_CALL_KB:g} KB", per_call_kb <= RSS_PER_CALL_KB)

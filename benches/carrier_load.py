@@ -50,7 +50,10 @@ ap.add_argument("--step-secs", type=float, default=8.0)
 ap.add_argument("--cliff-secs", type=float, default=300.0)
 ap.add_argument("--held", default="2500,5000,10000", help="held-call steps, calls at once")
 ap.add_argument("--held-secs", type=float, default=20.0, help="seconds each held step stays at its peak")
+ap.add_argument("--held-one-way", action="store_true",
+                help="held calls without the callers' RTP (by default the sink echoes every packet: two-way RTP)")
 ap.add_argument("--bridged", type=int, default=1000, help="bridged calls at once (phase bridged)")
+ap.add_argument("--shards", type=int, default=2, help="precall's SHARDS (the scaling figures: 1 against 2)")
 a = ap.parse_args()
 if a.quick:
     a.step_secs, a.cliff_secs, a.held_secs = 5.0, 60.0, 10.0
@@ -96,7 +99,7 @@ class Precall:
     def __init__(self, name, **extra):
         self.sip_port, self.http_port = free(socket.SOCK_DGRAM), free(socket.SOCK_STREAM)
         env = dict(os.environ, HTTP_HOST="127.0.0.1", HTTP_PORT=str(self.http_port),
-                   SIP_HOST="127.0.0.1", SIP_PORT=str(self.sip_port), SHARDS="2",
+                   SIP_HOST="127.0.0.1", SIP_PORT=str(self.sip_port), SHARDS=str(a.shards),
                    SHARD_PIN_CORES="false", LOG_LEVEL="warn", SIMULATED_CLONE_DELAY_MS="600000",
                    MAX_HOLD_MS="3600000", CLONE_JOB_TIMEOUT_MS="3600000", RTP_TIMEOUT_MS="3600000")
         env.update({k: str(v) for k, v in extra.items()})

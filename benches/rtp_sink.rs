@@ -8,7 +8,11 @@
 //! Per stream (SSRC): packets, frames lost (sequence gaps), and the deviation of each
 //! inter-arrival time from 20 ms, over every stream (10 µs buckets).
 //!
-//!     rtp_sink [BIND_ADDR]     (default 127.0.0.1:0)
+//! With `--echo` every packet is also sent straight back to where it came from (`sendmmsg`,
+//! one call per received batch), so each call has two-way RTP as a real caller's does: the
+//! engine then receives a packet per call every 20 ms too.
+//!
+//!     rtp_sink [BIND_ADDR] [--echo]     (default 127.0.0.1:0)
 
 #![allow(clippy::print_stdout)] // a command-line tool: stdout is its output
 
@@ -20,7 +24,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 const BATCH: usize = 64;
-const KEEP: usize = 64;
+/// Bytes kept of each packet: a 20 ms G.711 frame with its header (172) fits, for the echo.
+const KEEP: usize = 256;
 const BUCKET_NS: i64 = 10_000;
 const BUCKETS: usize = 20_000; // 200 ms of deviation; the rest in the last bucket
 
@@ -32,7 +37,10 @@ struct Stream {
 }
 
 fn main() -> std::io::Result<()> {
-    let bind = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:0".into());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let echo = args.iter().any(|a| a == "--echo");
+    let bind = args.iter().find(|a| !a.starts_with("--")).cloned();
+    let bind = bind.unwrap_or_else(|| "127.0.0.1:0".into());
     let sock = UdpSocket::bind(&bind)?;
     let fd = sock.as_raw_fd();
     let one: libc::c_int = 1;
@@ -82,8 +90,15 @@ fn main() -> std::io::Result<()> {
         .iter_mut()
         .map(|d| libc::iovec { iov_base: d.as_mut_ptr().cast(), iov_len: KEEP })
         .collect();
-    // SAFETY: zeroed mmsghdr is a valid "empty" header; the pointers are set below.
+    // SAFETY: zeroed mmsghdr and sockaddr_storage are valid "empty" values; the pointers are
+    // set below.
     let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    let mut out: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    let mut names: Vec<libc::sockaddr_storage> =
+        (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    let mut out_iov: Vec<libc::iovec> =
+        (0..BATCH).map(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }).collect();
+    let mut echoed = 0u64;
     let mut streams: HashMap<u32, Stream> = HashMap::with_capacity(32_768);
     let mut hist = vec![0u64; BUCKETS + 1];
     let (mut packets, mut lost, mut reordered, mut truncated_ctrl) = (0u64, 0u64, 0u64, 0u64);
@@ -95,8 +110,8 @@ fn main() -> std::io::Result<()> {
             h.msg_iovlen = 1;
             h.msg_control = ctrl[i].as_mut_ptr().cast();
             h.msg_controllen = ctrl[i].len();
-            h.msg_name = std::ptr::null_mut();
-            h.msg_namelen = 0;
+            h.msg_name = (&raw mut names[i]).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
         }
         // SAFETY: msgs point at live buffers of the stated sizes.
         let n = unsafe {
@@ -110,6 +125,25 @@ fn main() -> std::io::Result<()> {
         };
         if n <= 0 {
             continue; // timeout (to look at `done`) or EINTR
+        }
+        if echo {
+            for i in 0..n as usize {
+                out_iov[i] = libc::iovec {
+                    iov_base: data[i].as_mut_ptr().cast(),
+                    iov_len: (msgs[i].msg_len as usize).min(KEEP),
+                };
+                let h = &mut out[i].msg_hdr;
+                h.msg_iov = &mut out_iov[i];
+                h.msg_iovlen = 1;
+                h.msg_name = (&raw mut names[i]).cast();
+                h.msg_namelen = msgs[i].msg_hdr.msg_namelen;
+            }
+            // SAFETY: `out` points at the received buffers and their sources, all live; a
+            // full send buffer drops the rest of the batch (the engine sees loss, as on a
+            // network).
+            let sent =
+                unsafe { libc::sendmmsg(fd, out.as_mut_ptr(), n as u32, libc::MSG_DONTWAIT) };
+            echoed += sent.max(0) as u64;
         }
         for i in 0..n as usize {
             let len = msgs[i].msg_len as usize;
@@ -156,7 +190,7 @@ fn main() -> std::io::Result<()> {
         f64::NAN
     };
     println!(
-        "streams {} packets {} lost {} reordered {} no_timestamp {} dev_ms_p50 {:.2} dev_ms_p99 {:.2} dev_ms_p999 {:.2} dev_ms_max {:.2}",
+        "streams {} packets {} lost {} reordered {} no_timestamp {} dev_ms_p50 {:.2} dev_ms_p99 {:.2} dev_ms_p999 {:.2} dev_ms_max {:.2} echoed {}",
         streams.len(),
         packets,
         lost,
@@ -165,7 +199,8 @@ fn main() -> std::io::Result<()> {
         pct(0.5),
         pct(0.99),
         pct(0.999),
-        max_dev_ns as f64 / 1e6
+        max_dev_ns as f64 / 1e6,
+        echoed
     );
     Ok(())
 }

@@ -18,7 +18,7 @@ use socket2::Socket;
 
 use crate::{
     agent_leg::Outbox,
-    socket::{UdpPair, bind_rtp},
+    socket::{RtpSocket, bind_rtp},
 };
 
 /// A call of the shard: a SIP call of its endpoint, or a Twilio media stream.
@@ -45,10 +45,9 @@ pub(crate) struct StreamLeg {
 #[derive(Debug)]
 pub(crate) struct CallMedia {
     pub(crate) port: u16,
-    /// The sending duplicate of the RTP socket (see `socket.rs`).
-    pub(crate) send: Socket,
-    /// Receives the caller's RTP; dropping it cancels the receive.
-    pub(crate) _receiver: Task<()>,
+    /// The call's RTP socket: frames are sent on it at the call's media-clock ticks, and the
+    /// caller's RTP is drained from it at the same ticks (`socket.rs`, `RecvBatch`).
+    pub(crate) socket: Socket,
     /// The SDP address, used until the caller's RTP shows where it really comes from.
     pub(crate) remote: SocketAddr,
     /// Which source the caller's RTP is taken from, and our RTP sent to (strict symmetric RTP).
@@ -226,7 +225,7 @@ impl PortPool {
 
     /// Binds a free even port on `ip`, picked at random. Ports taken by other processes are
     /// skipped; quarantined ones are used only when nothing else is free.
-    pub(crate) fn bind(&mut self, ip: IpAddr) -> io::Result<(u16, UdpPair)> {
+    pub(crate) fn bind(&mut self, ip: IpAddr) -> io::Result<(u16, RtpSocket)> {
         if self.pairs == 0 {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, "no RTP ports for this shard"));
         }
@@ -264,7 +263,7 @@ impl PortPool {
         Err(io::Error::new(io::ErrorKind::AddrInUse, "every RTP port of this shard is in use"))
     }
 
-    fn try_bind(&mut self, ip: IpAddr, port: u16) -> io::Result<Option<UdpPair>> {
+    fn try_bind(&mut self, ip: IpAddr, port: u16) -> io::Result<Option<RtpSocket>> {
         match bind_rtp(SocketAddr::new(ip, port)) {
             Ok(pair) => {
                 self.in_use.insert(port);

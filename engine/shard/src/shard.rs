@@ -81,11 +81,12 @@ const MAX_DATAGRAM: usize = 64 * 1024;
 /// one socket would keep the media clock from sending (RTP pacing) until the flood paused.
 const RECV_BURST: u32 = 16;
 
+/// `recvmmsg` calls one drain of a call's RTP socket makes at most (of `socket::RECV_BATCH`
+/// datagrams each): a caller sends one packet per 20 ms.
+const RTP_DRAIN_BATCHES: usize = 4;
+
 /// A call-end report the control plane's queue had no room for is tried again this much later.
 const REPORT_RETRY: Duration = Duration::from_millis(20);
-
-/// RTP receive buffer per call: only the header is read, a longer datagram is truncated.
-const RTP_RECV_BUFFER: usize = 2048;
 
 /// Pause after a failed receive, so a socket that keeps failing cannot spin a core.
 const RECV_ERROR_BACKOFF: Duration = Duration::from_millis(10);
@@ -301,6 +302,8 @@ pub(crate) async fn run(params: ShardParams) {
             admission: Admission::new(settings_admission),
             inbox_depth: 0,
             setup_waiting: 0,
+            rtp_batch: Some(Box::default()),
+            phase_calls: Vec::new(),
             overload: None,
         })
     });
@@ -485,40 +488,6 @@ async fn receive_sip(
     }
 }
 
-/// Receives one call's RTP until the call ends (its task is dropped then). Each packet goes
-/// to the call's flow at once, from this task's buffer (no copy, no allocation).
-async fn receive_rtp(
-    socket: UdpSocket,
-    handle: CallHandle,
-    core: Weak<RefCell<Core>>,
-    nudge: Rc<Nudge>,
-) {
-    let mut buf = [0u8; RTP_RECV_BUFFER];
-    let mut burst = 0;
-    loop {
-        burst += 1;
-        if burst == RECV_BURST {
-            burst = 0;
-            futures_lite::future::yield_now().await;
-        }
-        match socket.recv_from(&mut buf).await {
-            Ok((len, from)) => {
-                let Some(core) = core.upgrade() else { return };
-                let moved = core.borrow_mut().on_rtp(
-                    Instant::now(),
-                    CallKey::Sip(handle),
-                    from,
-                    &buf[..len],
-                );
-                if moved {
-                    nudge.nudge();
-                }
-            }
-            Err(_) => glommio::timer::sleep(RECV_ERROR_BACKOFF).await,
-        }
-    }
-}
-
 /// The shard's SIP endpoint, calls and media: everything the tasks share. The call rules live
 /// in each call's [`CallFlow`]; this moves bytes and time between them and the sockets.
 struct Core {
@@ -560,6 +529,10 @@ struct Core {
     inbox_depth: usize,
     /// SIP calls whose inbound request is with the control plane (no plan back yet).
     setup_waiting: usize,
+    /// The buffers every call's RTP is drained into (`drain_rtp`; taken while in use).
+    rtp_batch: Option<Box<socket::RecvBatch>>,
+    /// The SIP calls of the media-clock phase being sent, drained after their frames are out.
+    phase_calls: Vec<CallKey>,
     /// Why new calls are refused now (what the endpoint was last told).
     overload: Option<Overload>,
 }
@@ -685,6 +658,10 @@ impl Core {
                 continue;
             }
             call.armed = None;
+            // A deadline may need the caller's latest audio (the next chunk for the agent) or
+            // silence (the RTP timeout): take what the socket holds first.
+            self.drain_rtp(now, handle);
+            let Some(call) = self.calls.get_mut(&handle) else { continue };
             call.flow.handle_timeout(now);
             self.after_flow(now, handle);
             self.stats.set_active_calls(self.calls.len());
@@ -1035,7 +1012,7 @@ impl Core {
         };
         let Some(call) = self.calls.get(&key) else { return };
         let ip = self.rtp_ip(call.source);
-        let (port, pair) = match self.ports.bind(ip) {
+        let (port, rtp) = match self.ports.bind(ip) {
             Ok(bound) => bound,
             Err(e) => {
                 tracing::warn!(shard = self.index, error = %e, "no RTP port for a call");
@@ -1046,7 +1023,7 @@ impl Core {
                 return;
             }
         };
-        let params = match self.endpoint.accept(now, handle, pair.local) {
+        let params = match self.endpoint.accept(now, handle, rtp.local) {
             Ok(params) => params,
             Err(e) => {
                 // NotAcceptable: 488 went out and CallEnded follows. The others mean the call
@@ -1056,12 +1033,6 @@ impl Core {
                 return;
             }
         };
-        let receiver = glommio::spawn_local(receive_rtp(
-            pair.recv,
-            handle,
-            self.this.clone(),
-            self.nudge.clone(),
-        ));
         let random = self.ids.next_u64();
         let sender = RtpSender::new(
             Ssrc(random as u32),
@@ -1075,8 +1046,7 @@ impl Core {
         let codec = media_codec(params.codec);
         call.media = Some(CallMedia {
             port,
-            send: pair.send,
-            _receiver: receiver,
+            socket: rtp.socket,
             remote: params.remote_rtp,
             latch: RtpLatch::new(params.remote_rtp, source_ip, self.settings.strict_rtp_source),
             codec,
@@ -1091,9 +1061,34 @@ impl Core {
         call.flow.handle_caller_hold(now, caller_holds(params.direction, params.remote_rtp));
     }
 
-    /// One caller RTP datagram (the receive task calls this between its awaits). Returns
-    /// whether the loop must look at its deadlines again (rare: most packets only feed the
-    /// flow).
+    /// Takes the caller RTP queued on a SIP call's socket, at the call's media-clock tick
+    /// (every 20 ms) and before its flow's deadlines run: no task, wake-up, io_uring operation
+    /// or allocation per packet, one `recvmmsg` per call and tick (docs/PERFORMANCE.md). A
+    /// packet waits at most one tick in the kernel: the agent gets caller audio in 40 ms
+    /// chunks, and RTP timeouts and DTMF are far coarser.
+    fn drain_rtp(&mut self, now: Instant, handle: CallKey) {
+        let Some(mut batch) = self.rtp_batch.take() else { return };
+        // A few batches at most: a flood on one port waits in (and overflows) its own socket
+        // buffer instead of holding the shard.
+        for _ in 0..RTP_DRAIN_BATCHES {
+            let Some(media) = self.calls.get(&handle).and_then(|c| c.media.as_ref()) else {
+                break;
+            };
+            let n = batch.recv(&media.socket);
+            for i in 0..n {
+                if let Some((datagram, from)) = batch.get(i) {
+                    self.on_rtp(now, handle, from, datagram);
+                }
+            }
+            if n < socket::RECV_BATCH {
+                break;
+            }
+        }
+        self.rtp_batch = Some(batch);
+    }
+
+    /// One caller RTP datagram. Returns whether the loop must look at its deadlines again
+    /// (rare: most packets only feed the flow).
     fn on_rtp(&mut self, now: Instant, handle: CallKey, from: SocketAddr, datagram: &[u8]) -> bool {
         let Ok(packet) = RtpPacket::new_checked(datagram) else { return false };
         self.stats.rtp_in();
@@ -1485,6 +1480,7 @@ impl Core {
                 continue;
             }
             let Some(media) = call.media.as_mut() else { continue };
+            self.phase_calls.push(handle);
             media.sender.skip(d.skipped);
             let dest = media.destination();
             match call.flow.poll_frame(now) {
@@ -1494,7 +1490,7 @@ impl Core {
                     }
                     let header = media.sender.next_header(media.payload_type).to_bytes();
                     let parts = [IoSlice::new(&header), IoSlice::new(frame.payload)];
-                    match socket::send_parts(&media.send, &parts, dest) {
+                    match socket::send_parts(&media.socket, &parts, dest) {
                         Ok(_) => {
                             sent += 1;
                             self.pacing_count = self.pacing_count.wrapping_add(1);
@@ -1524,6 +1520,12 @@ impl Core {
         if sent > 0 {
             self.stats.rtp_out(sent);
         }
+        // The frames are out on time; now what the callers sent since their last tick.
+        let mut phase = std::mem::take(&mut self.phase_calls);
+        for handle in phase.drain(..) {
+            self.drain_rtp(now, handle);
+        }
+        self.phase_calls = phase;
         if streamed > 0 {
             self.stats.stream_out(streamed);
         }

@@ -2,9 +2,11 @@
 //! (socket2), then handing them to glommio, and the synchronous send path. This is the crate's
 //! only `unsafe`.
 //!
-//! Each socket is two file descriptors on one kernel socket: glommio owns one for receiving
+//! A SIP socket is two file descriptors on one kernel socket: glommio owns one for receiving
 //! (io_uring, awaited by a task that is never dropped mid-receive except when the socket
-//! goes), and the shard keeps a socket2 duplicate for sending. glommio 0.9's `send_to` takes
+//! goes), and the shard keeps a socket2 duplicate for sending. A call's RTP socket is one
+//! descriptor glommio never sees ([`RtpSocket`]): the shard sends on it and drains it with
+//! `recvmmsg` at the call's media-clock ticks. glommio 0.9's `send_to` takes
 //! one `&[u8]` and, when the non-blocking attempt fails, copies it into a DMA buffer it
 //! allocates; it has no vectored send. Sending with `sendmsg(MSG_DONTWAIT)` on the duplicate
 //! gives a two-entry iovec (RTP header + the shared clip's frame, no payload copy, no
@@ -67,12 +69,131 @@ pub(crate) fn bind_udp(addr: SocketAddr, recv_buffer_bytes: usize) -> io::Result
     into_pair(socket)
 }
 
+/// A call's RTP socket: one file descriptor, never handed to glommio. The shard sends on it
+/// and drains it with [`RecvBatch::recv`] at each of the call's media-clock ticks, so a
+/// received packet costs no io_uring operation, no wake-up and no allocation.
+#[derive(Debug)]
+pub(crate) struct RtpSocket {
+    pub(crate) socket: Socket,
+    pub(crate) local: SocketAddr,
+}
+
 /// Binds an RTP socket on `addr`, without SO_REUSEPORT: a port another process holds must
 /// fail here so the allocator tries the next one.
-pub(crate) fn bind_rtp(addr: SocketAddr) -> io::Result<UdpPair> {
+pub(crate) fn bind_rtp(addr: SocketAddr) -> io::Result<RtpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.bind(&addr.into())?;
-    into_pair(socket)
+    let local = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("UDP socket without an IP address"))?;
+    Ok(RtpSocket { socket, local })
+}
+
+/// Packets one [`RecvBatch::recv`] takes at most: a call gets one packet per 20 ms tick, so a
+/// few cover a late tick; what stays queued is taken at the next.
+pub(crate) const RECV_BATCH: usize = 8;
+
+/// Bytes kept of each received datagram (RTP over UDP from a trunk is far smaller; a larger
+/// one is cut, and its RTP check fails).
+pub(crate) const RECV_DATAGRAM: usize = 2048;
+
+/// The buffers of a `recvmmsg` (one per shard, reused for every call's socket).
+pub(crate) struct RecvBatch {
+    bufs: Box<[[u8; RECV_DATAGRAM]; RECV_BATCH]>,
+    lens: [usize; RECV_BATCH],
+    from: [Option<SocketAddr>; RECV_BATCH],
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch").finish_non_exhaustive()
+    }
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        Self {
+            bufs: Box::new([[0; RECV_DATAGRAM]; RECV_BATCH]),
+            lens: [0; RECV_BATCH],
+            from: [None; RECV_BATCH],
+        }
+    }
+}
+
+impl RecvBatch {
+    /// Takes what `socket` holds now, up to [`RECV_BATCH`] datagrams, in one `recvmmsg`
+    /// without waiting; returns how many (0 when none is queued or on an error).
+    pub(crate) fn recv(&mut self, socket: &Socket) -> usize {
+        use std::os::fd::AsRawFd;
+        // SAFETY: zeroed `sockaddr_storage`, `iovec` and `mmsghdr` are valid values (plain C
+        // structs of integers and pointers).
+        #[allow(unsafe_code)]
+        let (mut addrs, mut iovs, mut hdrs): (
+            [libc::sockaddr_storage; RECV_BATCH],
+            [libc::iovec; RECV_BATCH],
+            [libc::mmsghdr; RECV_BATCH],
+        ) = unsafe { std::mem::zeroed() };
+        for i in 0..RECV_BATCH {
+            iovs[i].iov_base = self.bufs[i].as_mut_ptr().cast();
+            iovs[i].iov_len = RECV_DATAGRAM;
+            hdrs[i].msg_hdr.msg_name = (&raw mut addrs[i]).cast();
+            hdrs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+            hdrs[i].msg_hdr.msg_iov = &raw mut iovs[i];
+            hdrs[i].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: every pointer in `hdrs` points into `addrs`, `iovs` and `self.bufs`, which
+        // outlive the call, with the lengths given; `recvmmsg` writes only within them.
+        #[allow(unsafe_code)]
+        let n = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                RECV_BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        let n = usize::try_from(n).unwrap_or(0).min(RECV_BATCH);
+        for i in 0..n {
+            self.lens[i] = (hdrs[i].msg_len as usize).min(RECV_DATAGRAM);
+            self.from[i] = socket_addr(&addrs[i]);
+        }
+        n
+    }
+
+    /// Datagram `i` of the last [`RecvBatch::recv`] and where it came from.
+    pub(crate) fn get(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
+        let from = (*self.from.get(i)?)?;
+        Some((&self.bufs[i][..self.lens[i]], from))
+    }
+}
+
+/// The address the kernel wrote into `storage` (IPv4 or IPv6).
+fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a `sockaddr_in`, which it is large and
+            // aligned enough for.
+            #[allow(unsafe_code)]
+            let sin = unsafe { &*(std::ptr::from_ref(storage).cast::<libc::sockaddr_in>()) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for `sockaddr_in6`.
+            #[allow(unsafe_code)]
+            let sin6 = unsafe { &*(std::ptr::from_ref(storage).cast::<libc::sockaddr_in6>()) };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
 }
 
 fn into_pair(socket: Socket) -> io::Result<UdpPair> {
@@ -122,4 +243,58 @@ pub(crate) fn send_parts(
     dest: SocketAddr,
 ) -> io::Result<usize> {
     socket.send_to_vectored_with_flags(parts, &SockAddr::from(dest), libc::MSG_DONTWAIT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drained(batch: &mut RecvBatch, socket: &Socket) -> Vec<(Vec<u8>, SocketAddr)> {
+        let n = batch.recv(socket);
+        (0..n).filter_map(|i| batch.get(i).map(|(d, from)| (d.to_vec(), from))).collect()
+    }
+
+    #[test]
+    fn a_batch_takes_what_is_queued_without_waiting_and_names_each_source() {
+        for ip in ["127.0.0.1", "::1"] {
+            let Ok(rtp) = bind_rtp(SocketAddr::new(ip.parse().unwrap(), 0)) else {
+                continue; // no IPv6 loopback on this host
+            };
+            let mut batch = RecvBatch::default();
+            // Nothing queued: no packet, and no wait.
+            assert!(drained(&mut batch, &rtp.socket).is_empty());
+            let peer = std::net::UdpSocket::bind(SocketAddr::new(ip.parse().unwrap(), 0)).unwrap();
+            let total = RECV_BATCH + 3;
+            for i in 0..total {
+                peer.send_to(&[i as u8; 172], rtp.local).unwrap();
+            }
+            let from = peer.local_addr().unwrap();
+            let mut got = Vec::new();
+            // Loopback queues a datagram before `send_to` returns; poll all the same.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while got.len() < total && std::time::Instant::now() < deadline {
+                got.extend(drained(&mut batch, &rtp.socket));
+            }
+            assert_eq!(got.len(), total, "{ip}: every datagram, over two batches");
+            for (i, (data, src)) in got.iter().enumerate() {
+                assert_eq!((data.as_slice(), *src), (&[i as u8; 172][..], from), "{ip} #{i}");
+            }
+            assert!(batch.get(RECV_BATCH).is_none());
+        }
+    }
+
+    #[test]
+    fn a_datagram_longer_than_the_buffer_is_cut_to_it() {
+        let rtp = bind_rtp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.send_to(&vec![7u8; RECV_DATAGRAM + 100], rtp.local).unwrap();
+        let mut batch = RecvBatch::default();
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while got.is_empty() && std::time::Instant::now() < deadline {
+            got = drained(&mut batch, &rtp.socket);
+        }
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.len(), RECV_DATAGRAM);
+    }
 }
