@@ -44,7 +44,8 @@ env = dict(os.environ, HTTP_HOST="127.0.0.1", HTTP_PORT=str(http_port), SIP_HOST
            SIMULATED_CLONE_DELAY_MS="0", STATUS_POLL_INTERVAL_MS="200", MAX_HOLD_MS="600000",
            RTP_TIMEOUT_MS="600000", AGENT_CHUNK_MS=str(a.chunk_ms), GREETING_AUDIO_URL="file://" + greeting,
            AGENT_WS_URL=f"ws://127.0.0.1:{agent_port}/v1/convai/conversation")
-precall = subprocess.Popen([a.bin], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+log_path = os.path.join(tempfile.gettempdir(), "precall-bridge-load.log")
+precall = subprocess.Popen([a.bin], env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
 
 def metrics():
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
@@ -109,4 +110,5 @@ ticks = os.sysconf("SC_CLK_TCK")
 share = cpu / ticks / elapsed * 100
 print(f"precall CPU {share:.1f} % of one core over {elapsed:.1f} s; RSS {rss0/1024:.1f} MB idle, {peak_rss/1024:.1f} MB peak"
       + (f", {(peak_rss-rss0)/max(peak_legs,1):.1f} KB per bridged call" if peak_legs else ""))
+print(f"precall's log: {log_path}")
 print(f"demo agent CPU {agent_cpu / ticks / elapsed * 100:.1f} % of one core (same 2 cores, with SIPp)")
