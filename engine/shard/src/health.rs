@@ -146,7 +146,8 @@ pub struct ShardHealth {
     /// lane of the inbox was deep), before any record.
     pub calls_refused_overload: u64,
     /// Why the shard refuses new calls now: 0 it admits, 1 the media clock runs late, 2 the
-    /// inbox is deep (a full shard, `SHARD_MAX_CALLS`, is counted apart).
+    /// inbox is deep, 3 the SIP socket's receive queue is over half full (a full shard,
+    /// `SHARD_MAX_CALLS`, is counted apart).
     pub overload: u64,
     /// Call-end reports waiting for room in the control plane's queue (retried in order,
     /// never dropped).

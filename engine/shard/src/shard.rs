@@ -85,6 +85,9 @@ const RECV_BURST: u32 = 16;
 /// datagrams each): a caller sends one packet per 20 ms.
 const RTP_DRAIN_BATCHES: usize = 4;
 
+/// Admission changes are logged at most this often per shard.
+const OVERLOAD_LOG_EVERY: Duration = Duration::from_secs(1);
+
 /// A call-end report the control plane's queue had no room for is tried again this much later.
 const REPORT_RETRY: Duration = Duration::from_millis(20);
 
@@ -302,6 +305,9 @@ pub(crate) async fn run(params: ShardParams) {
             admission: Admission::new(settings_admission),
             inbox_depth: 0,
             setup_waiting: 0,
+            sip_queue_percent: 0,
+            overload_changes: 0,
+            overload_logged_at: None,
             rtp_batch: Some(Box::default()),
             phase_calls: Vec::new(),
             overload: None,
@@ -450,6 +456,9 @@ async fn receive_sip(
         burst += 1;
         if burst == RECV_BURST {
             burst = 0;
+            // A burst means datagrams were waiting: how many still are is admission's socket
+            // reading (one getsockopt per burst; the tick reads it when traffic stops).
+            core.borrow_mut().read_sip_queue();
             futures_lite::future::yield_now().await;
         }
         match socket.recv_from(&mut buf).await {
@@ -529,6 +538,11 @@ struct Core {
     inbox_depth: usize,
     /// SIP calls whose inbound request is with the control plane (no plan back yet).
     setup_waiting: usize,
+    /// How full the SIP socket's kernel receive queue was at its last reading, in percent.
+    sip_queue_percent: u32,
+    /// Admission changes since the last one logged, and when that was.
+    overload_changes: u64,
+    overload_logged_at: Option<Instant>,
     /// The buffers every call's RTP is drained into (`drain_rtp`; taken while in use).
     rtp_batch: Option<Box<socket::RecvBatch>>,
     /// The SIP calls of the media-clock phase being sent, drained after their frames are out.
@@ -555,6 +569,13 @@ impl Core {
         .min()
     }
 
+    /// Takes a reading of the SIP socket's receive queue for admission.
+    fn read_sip_queue(&mut self) {
+        if let Some(send) = &self.sip_send {
+            self.sip_queue_percent = socket::receive_queue_percent(send).unwrap_or(0);
+        }
+    }
+
     fn on_sip(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         self.admit(now);
         self.endpoint.handle_datagram(now, from, datagram);
@@ -566,18 +587,9 @@ impl Core {
     /// Tells the endpoint whether new calls and probes are refused now (overload admission),
     /// logging each change once.
     fn admit(&mut self, now: Instant) {
-        let overload = self.admission.check(now, self.inbox_depth);
+        let overload = self.admission.check(now, self.inbox_depth, self.sip_queue_percent);
         if overload != self.overload {
-            match overload {
-                Some(why) => tracing::warn!(
-                    shard = self.index,
-                    reason = why.label(),
-                    calls = self.calls.len(),
-                    inbox = self.inbox_depth,
-                    "overloaded: new calls get 503 until the shard has headroom again"
-                ),
-                None => tracing::info!(shard = self.index, "headroom again: admitting new calls"),
-            }
+            self.overload_changes += 1;
             let shared = &self.settings.overloaded_shards;
             match (self.overload.is_some(), overload.is_some()) {
                 (false, true) => shared.fetch_add(1, Ordering::AcqRel),
@@ -586,6 +598,33 @@ impl Core {
             };
             self.overload = overload;
             self.stats.set_overload(Overload::code(overload));
+        }
+        // The queue readings can change many times a second at the edge of capacity: the state
+        // is logged when it changed, a line a second at most, with how many changes it sums up
+        // (so the last line always tells the state the shard is in).
+        if self.overload_changes > 0
+            && self.overload_logged_at.is_none_or(|at| now >= at + OVERLOAD_LOG_EVERY)
+        {
+            let changes = std::mem::take(&mut self.overload_changes);
+            self.overload_logged_at = Some(now);
+            match self.overload {
+                Some(why) => tracing::warn!(
+                    shard = self.index,
+                    reason = why.label(),
+                    calls = self.calls.len(),
+                    inbox = self.inbox_depth,
+                    socket_queue_percent = self.sip_queue_percent,
+                    changes,
+                    "overloaded: new calls get 503 until the shard has headroom again"
+                ),
+                None => {
+                    tracing::info!(
+                        shard = self.index,
+                        changes,
+                        "headroom again: admitting new calls"
+                    )
+                }
+            }
         }
         // The setup queue is read for each INVITE, not held for a window (and not logged: it
         // fills and empties many times a second at the node's capacity; the refusals count).
@@ -638,7 +677,11 @@ impl Core {
     fn on_tick(&mut self, now: Instant) {
         self.closed_agents.clear();
         // Admission's state follows the clock even when no SIP arrives (the gauge, and the
-        // node-wide probe answer).
+        // node-wide probe answer); a socket that was full is read again here, since a burst
+        // of the receive loop may not come.
+        if self.sip_queue_percent > 0 {
+            self.read_sip_queue();
+        }
         self.admit(now);
         if self.report_retry_at.is_some_and(|at| at <= now) {
             self.retry_reports(now);

@@ -235,6 +235,33 @@ pub(crate) fn bind_tcp_listener(
     Ok(listener)
 }
 
+/// `SO_MEMINFO` (asm-generic/socket.h; the libc crate does not name it), and the number of
+/// values it fills (`SK_MEMINFO_VARS`, linux/sock_diag.h).
+const SO_MEMINFO: libc::c_int = 55;
+const SK_MEMINFO_VARS: usize = 9;
+
+/// How full `socket`'s receive queue is, in percent of its buffer: the datagrams the kernel
+/// holds that the shard has not read yet. `None` where the kernel does not tell.
+pub(crate) fn receive_queue_percent(socket: &Socket) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut info = [0u32; SK_MEMINFO_VARS];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: a valid socket, and a buffer of `len` bytes that lives for the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let alloc = info[libc::SK_MEMINFO_RMEM_ALLOC as usize];
+    let buffer = info[libc::SK_MEMINFO_RCVBUF as usize];
+    (rc == 0 && buffer > 0).then(|| (u64::from(alloc) * 100 / u64::from(buffer)) as u32)
+}
+
 /// Sends one datagram made of `parts` to `dest` without blocking and without copying the
 /// parts in user space.
 pub(crate) fn send_parts(
@@ -281,6 +308,26 @@ mod tests {
             }
             assert!(batch.get(RECV_BATCH).is_none());
         }
+    }
+
+    #[test]
+    fn the_receive_queue_reading_follows_unread_datagrams() {
+        let rtp = bind_rtp("127.0.0.1:0".parse().unwrap()).unwrap();
+        rtp.socket.set_recv_buffer_size(64 * 1024).unwrap();
+        assert_eq!(receive_queue_percent(&rtp.socket), Some(0));
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..20 {
+            peer.send_to(&[0u8; 1000], rtp.local).unwrap();
+        }
+        let full = receive_queue_percent(&rtp.socket).unwrap();
+        assert!(full > 0 && full <= 100, "{full} %");
+        let mut batch = RecvBatch::default();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while receive_queue_percent(&rtp.socket) != Some(0) && std::time::Instant::now() < deadline
+        {
+            batch.recv(&rtp.socket);
+        }
+        assert_eq!(receive_queue_percent(&rtp.socket), Some(0), "read: nothing queued");
     }
 
     #[test]
