@@ -11,8 +11,9 @@
 //!   lane is [`SendError::Overloaded`] and the datagram is dropped (the sender retransmits).
 //!
 //! The sender never blocks. The receiving side is a future that registers the shard task's
-//! waker and then looks at the queues; registering first means a message sent between the look
-//! and the registration still rings the bell.
+//! waker, marks itself as possibly parking, and then looks at the queues; a sender rings only
+//! a receiver so marked (see `Doorbell::parked` for why that matters with glommio), and the
+//! order of the two marks means a message sent around the look still rings the bell.
 
 use std::{
     net::SocketAddr,
@@ -96,8 +97,31 @@ pub struct StreamRelease {
 #[derive(Debug, Default)]
 struct Doorbell {
     waker: AtomicWaker,
+    /// Set by the receiver when it found both queues empty (it may park), cleared by the
+    /// sender that rings for it: a sender rings only a receiver that may be asleep.
+    ///
+    /// Why not ring on every send: a glommio waker woken from another thread queues a clone
+    /// of itself (an `i16` reference count) for the owning executor, which releases them only
+    /// when its reactor runs. A shard busy with a backlog re-registered its waker on every
+    /// poll and every forwarded datagram queued one more clone: at 36,000 calls/s asked the
+    /// count passed 32,767 and glommio panicked the receiving shard ("Waker invariant broken",
+    /// `glommio-0.9.0/src/task/raw.rs:270`), failing 71,699 calls. With this flag a receiver
+    /// that has messages to read is never woken from outside, and one that found nothing is
+    /// woken once.
+    parked: AtomicBool,
     /// Stop requested out of band, so that shutting down works even with a full queue.
     stop: AtomicBool,
+}
+
+impl Doorbell {
+    /// After a message was queued: wakes the receiver if it may be parked.
+    fn ring(&self) {
+        // SeqCst pairs with the receiver's store of `parked` before it looks at the queues
+        // (Dekker): either it sees this message, or this load sees `parked` and rings.
+        if self.parked.swap(false, Ordering::SeqCst) {
+            self.waker.wake();
+        }
+    }
 }
 
 /// The sending half, held by the engine (and later by anything that answers a shard).
@@ -134,13 +158,7 @@ impl InboxSender {
         let lane = if matches!(msg, ShardMsg::Sip(_)) { &self.sip } else { &self.control };
         match lane.try_send(msg) {
             Ok(()) => {
-                // Every send rings. Ringing only when the shard may sleep (a flag the shard
-                // clears before it parks) was tried and taken out: the flag's protocol holds
-                // in a thread model (`a_parked_receiver_is_always_woken_for_the_next_message`),
-                // but one full test run then timed out on an INVITE forwarded to an idle shard
-                // (not reproduced in 11 runs alone). With a ring per send a wake lost anywhere
-                // (glommio's foreign-wake path included) is repaired by the next send.
-                self.doorbell.waker.wake();
+                self.doorbell.ring();
                 Ok(())
             }
             Err(TrySendError::Full(_)) => Err(SendError::Overloaded),
@@ -150,8 +168,8 @@ impl InboxSender {
 
     /// Asks the shard to stop ahead of anything queued; works when the queue is full.
     pub(crate) fn request_stop(&self) {
-        self.doorbell.stop.store(true, Ordering::Release);
-        self.doorbell.waker.wake();
+        self.doorbell.stop.store(true, Ordering::SeqCst);
+        self.doorbell.ring();
     }
 }
 
@@ -170,13 +188,22 @@ impl Inbox {
     /// Polls for the next message, registering `cx`'s waker with the doorbell. Nothing is
     /// lost when the caller stops polling: the message stays queued.
     pub(crate) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<ShardMsg> {
-        // Register before looking, so a send racing with this poll cannot be lost.
+        // Register, then say "may park", then look: a send racing with this poll either is
+        // seen by the look or sees `parked` and rings (see `Doorbell::ring`).
         self.doorbell.waker.register(cx.waker());
-        if self.doorbell.stop.load(Ordering::Acquire) {
-            return Poll::Ready(ShardMsg::Stop);
-        }
-        match self.try_next() {
-            Some(msg) => Poll::Ready(msg),
+        self.doorbell.parked.store(true, Ordering::SeqCst);
+        let next = if self.doorbell.stop.load(Ordering::SeqCst) {
+            Some(ShardMsg::Stop)
+        } else {
+            self.try_next()
+        };
+        match next {
+            Some(msg) => {
+                // Not parking: senders need not ring (a ring already taken is harmless: the
+                // loop polls once more and finds the queues as they are).
+                self.doorbell.parked.store(false, Ordering::SeqCst);
+                Poll::Ready(msg)
+            }
             None => Poll::Pending,
         }
     }
@@ -356,6 +383,32 @@ mod tests {
             }
             drop(tx);
         }
+    }
+
+    #[test]
+    fn only_a_receiver_that_found_nothing_is_woken_and_only_once() {
+        let (tx, rx) = inbox(INBOX_CAPACITY);
+        let counter = Arc::new(CountingWaker::default());
+        let waker = Waker::from(counter.clone());
+        // Found nothing: may park. A burst of sends wakes it once (a glommio waker woken
+        // from another thread queues a reference each time: they must not pile up).
+        assert!(poll_once(&rx, &waker).is_pending());
+        for _ in 0..1000 {
+            tx.send(datagram()).unwrap();
+        }
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        // Busy with a backlog: every poll finds a message, and no send wakes it.
+        for _ in 0..500 {
+            assert!(matches!(poll_once(&rx, &waker), Poll::Ready(ShardMsg::Sip(_))));
+            tx.send(datagram()).unwrap();
+        }
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1, "no wake while it has work");
+        // Drained, it may park again: the next send wakes it, once more.
+        while poll_once(&rx, &waker).is_ready() {}
+        tx.send(ShardMsg::Drain).unwrap();
+        tx.send(ShardMsg::Drain).unwrap();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+        assert!(matches!(poll_once(&rx, &waker), Poll::Ready(ShardMsg::Drain)));
     }
 
     #[test]
