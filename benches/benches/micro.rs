@@ -225,44 +225,39 @@ fn frame_pcm() -> Vec<i16> {
         .collect()
 }
 
-#[divan::bench]
-fn g711_ulaw_encode_20ms(b: Bencher) {
+type EncodeFn = fn(&[i16], &mut [u8]);
+type DecodeFn = fn(&[u8], &mut [i16]);
+
+/// The slice coders of each G.711 law.
+const LAWS: [(&str, EncodeFn, DecodeFn); 2] = [
+    ("ulaw", g711::ulaw_encode_slice, g711::ulaw_decode_slice),
+    ("alaw", g711::alaw_encode_slice, g711::alaw_decode_slice),
+];
+
+fn law(name: &str) -> (EncodeFn, DecodeFn) {
+    let (_, encode, decode) = LAWS.iter().find(|(n, ..)| *n == name).expect("a G.711 law");
+    (*encode, *decode)
+}
+
+#[divan::bench(args = ["ulaw", "alaw"])]
+fn g711_encode_20ms(b: Bencher, name: &str) {
+    let (encode, _) = law(name);
     let pcm = frame_pcm();
     let mut out = [0u8; 160];
     b.bench_local(|| {
-        g711::ulaw_encode_slice(black_box(&pcm), &mut out);
+        encode(black_box(&pcm), &mut out);
         out[0]
     });
 }
 
-#[divan::bench]
-fn g711_ulaw_decode_20ms(b: Bencher) {
+#[divan::bench(args = ["ulaw", "alaw"])]
+fn g711_decode_20ms(b: Bencher, name: &str) {
+    let (encode, decode) = law(name);
     let mut codes = [0u8; 160];
-    g711::ulaw_encode_slice(&frame_pcm(), &mut codes);
+    encode(&frame_pcm(), &mut codes);
     let mut out = [0i16; 160];
     b.bench_local(|| {
-        g711::ulaw_decode_slice(black_box(&codes), &mut out);
-        out[0]
-    });
-}
-
-#[divan::bench]
-fn g711_alaw_encode_20ms(b: Bencher) {
-    let pcm = frame_pcm();
-    let mut out = [0u8; 160];
-    b.bench_local(|| {
-        g711::alaw_encode_slice(black_box(&pcm), &mut out);
-        out[0]
-    });
-}
-
-#[divan::bench]
-fn g711_alaw_decode_20ms(b: Bencher) {
-    let mut codes = [0u8; 160];
-    g711::alaw_encode_slice(&frame_pcm(), &mut codes);
-    let mut out = [0i16; 160];
-    b.bench_local(|| {
-        g711::alaw_decode_slice(black_box(&codes), &mut out);
+        decode(black_box(&codes), &mut out);
         out[0]
     });
 }
