@@ -107,7 +107,9 @@ struct Doorbell {
     /// count passed 32,767 and glommio panicked the receiving shard ("Waker invariant broken",
     /// `glommio-0.9.0/src/task/raw.rs:270`), failing 71,699 calls. With this flag a receiver
     /// that has messages to read is never woken from outside, and one that found nothing is
-    /// woken once.
+    /// woken once; the shard's loop also clears it when another of its futures is ready, so
+    /// that a ring always finds a task that returned `Pending` (whose executor then drops
+    /// the queued clone before polling it again): at most one foreign wake is queued.
     parked: AtomicBool,
     /// Stop requested out of band, so that shutting down works even with a full queue.
     stop: AtomicBool,
@@ -206,6 +208,12 @@ impl Inbox {
             }
             None => Poll::Pending,
         }
+    }
+
+    /// The receiver found its queues empty but will not park after all (another of its
+    /// futures is ready): senders need not ring until it looks again.
+    pub(crate) fn not_parking(&self) {
+        self.doorbell.parked.store(false, Ordering::SeqCst);
     }
 
     /// The next queued message, control lane first; a lane whose senders are all gone reads
@@ -406,6 +414,14 @@ mod tests {
         // Drained, it may park again: the next send wakes it, once more.
         while poll_once(&rx, &waker).is_ready() {}
         tx.send(ShardMsg::Drain).unwrap();
+        tx.send(ShardMsg::Drain).unwrap();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+        assert!(matches!(poll_once(&rx, &waker), Poll::Ready(ShardMsg::Drain)));
+        // Found nothing, but went on with other work instead of parking: no ring either; the
+        // message is there at the next look.
+        assert!(matches!(poll_once(&rx, &waker), Poll::Ready(ShardMsg::Drain)));
+        assert!(poll_once(&rx, &waker).is_pending());
+        rx.not_parking();
         tx.send(ShardMsg::Drain).unwrap();
         assert_eq!(counter.0.load(Ordering::SeqCst), 2);
         assert!(matches!(poll_once(&rx, &waker), Poll::Ready(ShardMsg::Drain)));

@@ -415,13 +415,20 @@ async fn serve(inbox: &Inbox, core: &Rc<RefCell<Core>>, nudge: &Nudge) {
                 if let Poll::Ready(msg) = inbox.poll_next(cx) {
                     return Poll::Ready(Some(msg));
                 }
-                if nudge.poll(cx.waker()) {
-                    return Poll::Ready(None);
+                let other = if nudge.poll(cx.waker()) {
+                    Poll::Ready(None)
+                } else {
+                    match timer.as_mut().as_pin_mut() {
+                        Some(t) => std::future::Future::poll(t, cx).map(|_| None),
+                        None => Poll::Pending,
+                    }
+                };
+                if other.is_ready() {
+                    // The loop goes on instead of parking: senders need not ring, so foreign
+                    // wakes stay one per real park (`inbox::Doorbell::parked`).
+                    inbox.not_parking();
                 }
-                match timer.as_mut().as_pin_mut() {
-                    Some(t) => std::future::Future::poll(t, cx).map(|_| None),
-                    None => Poll::Pending,
-                }
+                other
             })
             .await
         };
