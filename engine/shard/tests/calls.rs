@@ -142,6 +142,18 @@ fn start_with(shards: usize, control: Arc<FakeControl>, rtp_timeout: Duration) -
     Engine::start(cfg, control).unwrap()
 }
 
+/// One unpinned shard on a loopback SIP port with its own RTP range: the base of the tests
+/// that fill one shard.
+fn one_shard() -> EngineConfig {
+    EngineConfig {
+        shards: 1,
+        pin_cores: false,
+        sip: Some("127.0.0.1:0".parse().unwrap()),
+        rtp_ports: 40000..=40999,
+        ..EngineConfig::default()
+    }
+}
+
 /// Waits until the control plane has been told that `call_id` ended for `reason`.
 fn await_end(control: &FakeControl, call_id: &str, reason: &str) {
     eventually("call_ended", || {
@@ -432,14 +444,7 @@ fn shutdown_says_bye_to_live_calls() {
 #[test]
 fn a_full_shard_answers_503_before_any_record_is_made() {
     let control = Arc::new(FakeControl::default());
-    let cfg = EngineConfig {
-        shards: 1,
-        pin_cores: false,
-        sip: Some("127.0.0.1:0".parse().unwrap()),
-        rtp_ports: 40000..=40999,
-        max_calls_per_shard: 2,
-        ..EngineConfig::default()
-    };
+    let cfg = EngineConfig { max_calls_per_shard: 2, ..one_shard() };
     let engine = Engine::start(cfg, control.clone()).unwrap();
     let mut uac = Uac::new(engine.sip_addr().unwrap());
     let first = uac.invite("full-1@carrier.example", 30500);
@@ -467,14 +472,7 @@ fn a_full_shard_answers_503_before_any_record_is_made() {
 #[test]
 fn a_full_setup_queue_refuses_statelessly_until_a_plan_comes_back() {
     let control = Arc::new(FakeControl { park: true, ..FakeControl::default() });
-    let cfg = EngineConfig {
-        shards: 1,
-        pin_cores: false,
-        sip: Some("127.0.0.1:0".parse().unwrap()),
-        rtp_ports: 40000..=40999,
-        admit_setup_depth: 2,
-        ..EngineConfig::default()
-    };
+    let cfg = EngineConfig { admit_setup_depth: 2, ..one_shard() };
     let engine = Engine::start(cfg, control.clone()).unwrap();
     let mut uac = Uac::new(engine.sip_addr().unwrap());
     // Two calls wait for their plans (the control plane holds them).
@@ -516,13 +514,7 @@ fn a_shard_whose_rtp_ports_are_all_taken_answers_503_before_any_record_is_made()
         let p = probe.local_addr().unwrap().port();
         p & !1
     };
-    let cfg = EngineConfig {
-        shards: 1,
-        pin_cores: false,
-        sip: Some("127.0.0.1:0".parse().unwrap()),
-        rtp_ports: port..=port + 1,
-        ..EngineConfig::default()
-    };
+    let cfg = EngineConfig { rtp_ports: port..=port + 1, ..one_shard() };
     let engine = Engine::start(cfg, control.clone()).unwrap();
     let mut uac = Uac::new(engine.sip_addr().unwrap());
     let first = uac.invite("ports-1@carrier.example", 30600);

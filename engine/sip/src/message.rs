@@ -116,17 +116,25 @@ fn named<'h>(h: &HeaderLine<'h>, full: &str, compact: Option<&str>) -> bool {
     h.name.eq_ignore_ascii_case(full) || compact.is_some_and(|c| h.name.eq_ignore_ascii_case(c))
 }
 
+/// All values of a header field, comma-separated ones split (RFC 3261 §7.3.1), lazily.
+fn values<'h, 'a>(
+    headers: &'a [HeaderLine<'h>],
+    full: &'a str,
+    compact: Option<&'a str>,
+) -> impl Iterator<Item = &'h str> + 'a {
+    headers
+        .iter()
+        .filter(move |h| named(h, full, compact))
+        .flat_map(|h| uri::split_outside_quotes(h.value, ','))
+}
+
 /// All values of a header field, comma-separated ones split (RFC 3261 §7.3.1).
 pub(crate) fn list<'h>(
     headers: &[HeaderLine<'h>],
     full: &str,
     compact: Option<&str>,
 ) -> Vec<&'h str> {
-    headers
-        .iter()
-        .filter(|h| named(h, full, compact))
-        .flat_map(|h| uri::split_outside_quotes(h.value, ','))
-        .collect()
+    values(headers, full, compact).collect()
 }
 
 /// The first value of a list header field (the top Via), without collecting the rest.
@@ -135,10 +143,7 @@ pub(crate) fn first<'h>(
     full: &str,
     compact: Option<&str>,
 ) -> Option<&'h str> {
-    headers
-        .iter()
-        .find(|h| named(h, full, compact))
-        .and_then(|h| uri::split_outside_quotes(h.value, ',').next())
+    values(headers, full, compact).next()
 }
 
 /// Every line of a header field whose values hold commas of their own (`Authorization`:
