@@ -107,6 +107,14 @@ pub const VARS: &[Var] = &[
                until it keeps time again (0: off)",
     },
     Var {
+        name: "ADMIT_CLOCK_BUSY_PERCENT",
+        default: "25",
+        help: "overload admission: the media clock's lateness counts only while the shard's \
+               thread was busy at least this share of the second (a mostly idle shard is late \
+               because the machine does not run it, and refusing calls would not cure that; 0: \
+               every late clock counts)",
+    },
+    Var {
         name: "ADMIT_INBOX_DEPTH",
         default: "4096",
         help: "overload admission: a shard with more SIP datagrams than this waiting in its \
@@ -464,6 +472,8 @@ pub struct Config {
     pub shard_max_calls: usize,
     /// `ADMIT_CLOCK_LATE_MS` (zero: off).
     pub admit_clock_late: Duration,
+    /// `ADMIT_CLOCK_BUSY_PERCENT` (0-100; zero: every late clock counts).
+    pub admit_clock_busy_percent: u8,
     /// `ADMIT_INBOX_DEPTH` (zero: off).
     pub admit_inbox_depth: usize,
     /// `ADMIT_SETUP_DEPTH` (zero: off).
@@ -589,6 +599,15 @@ impl Reader<'_> {
         match self.parse::<usize>(var, expected)? {
             0 => Err(ConfigError::Invalid { var, value: "0".to_owned(), expected }),
             n => Ok(n),
+        }
+    }
+
+    /// A share from 0 to 100.
+    fn percent(&self, var: &'static str) -> Result<u8, ConfigError> {
+        const EXPECTED: &str = "a whole percentage, 0 to 100";
+        match self.parse::<u8>(var, EXPECTED)? {
+            n @ 0..=100 => Ok(n),
+            n => Err(ConfigError::Invalid { var, value: n.to_string(), expected: EXPECTED }),
         }
     }
 
@@ -854,6 +873,7 @@ impl Config {
             pin_cores: r.bool("SHARD_PIN_CORES")?,
             shard_max_calls: r.positive("SHARD_MAX_CALLS", "a number of calls, 1 or more")?,
             admit_clock_late: r.millis("ADMIT_CLOCK_LATE_MS")?,
+            admit_clock_busy_percent: r.percent("ADMIT_CLOCK_BUSY_PERCENT")?,
             admit_inbox_depth: r
                 .parse::<usize>("ADMIT_INBOX_DEPTH", "a number of datagrams (0: off)")?,
             admit_setup_depth: r
@@ -1025,6 +1045,11 @@ mod tests {
         // The default stream URL reaches the media port, not the HTTP port.
         assert_eq!(c.twilio_stream_url, "ws://127.0.0.1:8001/twilio/media");
         assert_eq!(c.twilio_hold_mode, HoldMode::Stream);
+        // The engine's own defaults are the same as the environment's.
+        let engine = precall_engine::EngineConfig::default();
+        assert_eq!(c.admit_clock_busy_percent, engine.admit_clock_busy_percent);
+        assert_eq!(c.admit_clock_late, engine.admit_clock_late);
+        assert_eq!(c.admit_setup_depth, engine.admit_setup_depth);
     }
 
     #[test]
@@ -1080,9 +1105,11 @@ mod tests {
             ("PUBLIC_BASE_URL", "https://voice.example.com/"),
             ("VOICE_SAMPLE_URLS", "https://s/a.mp3, file:///srv/b.wav"),
             ("DATABASE_URL", "postgres://u:secret@db:5432/precall"),
+            ("ADMIT_CLOCK_BUSY_PERCENT", "0"),
         ])
         .unwrap();
         assert_eq!(c.http_addr.port(), 9000);
+        assert_eq!(c.admit_clock_busy_percent, 0);
         assert_eq!(c.sip_addr, None);
         assert_eq!(c.shards, 3);
         assert_eq!(
@@ -1115,6 +1142,8 @@ mod tests {
             ("VOICE_SAMPLE_URLS", "ftp://x/a.mp3"),
             ("DATABASE_URL", "postgres://u:hunter2@db:notaport/x"),
             ("DATABASE_POOL_SIZE", "0"),
+            ("ADMIT_CLOCK_BUSY_PERCENT", "101"),
+            ("ADMIT_CLOCK_BUSY_PERCENT", "-5"),
         ];
         for (var, value) in cases {
             let err = cfg(&[(var, value)]).unwrap_err().to_string();

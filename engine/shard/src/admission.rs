@@ -3,8 +3,11 @@
 //! Three readings, each a reason to answer a new INVITE `503` + `Retry-After` before any record
 //! is made (and a dispatcher's OPTIONS probe `503`, so Kamailio sends new calls elsewhere):
 //! * **the media clock runs late**: more than [`LATE_SHARE_PERCENT`] of the clock's ticks in
-//!   the last window woke more than `max_clock_late` after their grid instant. Every call up
-//!   hears that as jitter or skipped frames; a new call would make it worse for all;
+//!   the last window woke more than `max_clock_late` after their grid instant, while the shard
+//!   was busy at least `clock_busy_percent` of that window. Every call up hears that as
+//!   jitter or skipped frames; a new call would make it worse for all. (A shard late while
+//!   mostly idle is late because the machine does not run it, not because of its calls: see
+//!   [`BUSY_SHARE_PERCENT`];)
 //! * **the SIP lane of the inbox is deep**: datagrams forwarded by the other shard wait longer
 //!   than SIP's own retransmission timers can hide;
 //! * **too many calls wait for their first plan** ([`setup_full`]): checked for each INVITE
@@ -35,6 +38,19 @@ pub(crate) const LATE_SHARE_PERCENT: u64 = 1;
 /// datagrams, 100 to 200 ms of a full trunk's traffic; a quarter was also tripped by a shard
 /// merely descheduled for a moment at 15,000 calls/s on this 2-core box (675 calls refused).
 pub(crate) const SOCKET_QUEUE_PERCENT: u32 = 50;
+
+/// Least share of a window the shard's thread must have spent on the CPU for its late ticks
+/// to count as overload: the default of `ADMIT_CLOCK_BUSY_PERCENT`.
+///
+/// Lateness has two causes. The shard's own work (too many calls, a burst of signalling) is
+/// what refusing new calls cures; it shows as a busy thread. The machine not running the
+/// thread (other processes on the cores, a hypervisor's steal) is not cured by refusing: a
+/// shard with 4 calls and 1 % of a core was measured late on over 1 % of its ticks with four
+/// CPU hogs beside it on this 2-core box, and refused every new call for seconds while its
+/// calls were 4. Below a quarter of a core busy, the shard admits whatever its clock says.
+/// (At the load where the clock sheds in `benches/carrier_load.py`, a shard is busy for
+/// more than half of each second.)
+pub(crate) const BUSY_SHARE_PERCENT: u8 = 25;
 
 /// Fewest ticks in a window for its share to count (a shard with few calls ticks rarely).
 const MIN_TICKS: u64 = 20;
@@ -79,6 +95,9 @@ impl Overload {
 pub(crate) struct Limits {
     /// A clock tick later than this is a late tick. `Duration::ZERO` turns the clock reading off.
     pub(crate) max_clock_late: Duration,
+    /// Late ticks count only in a window where the shard's thread was on the CPU at least
+    /// this share of the time (see [`BUSY_SHARE_PERCENT`]). `0`: every late tick counts.
+    pub(crate) clock_busy_percent: u8,
     /// A deeper SIP lane refuses calls. `0` turns the reading off.
     pub(crate) max_inbox_depth: usize,
     /// This many calls waiting for the control plane's first plan refuse the next one, at
@@ -105,34 +124,79 @@ struct Window {
 }
 
 impl Window {
-    fn overloaded(&self) -> bool {
+    /// Whether the window's ticks were late often enough to count (before the busy share).
+    fn late_often(&self) -> bool {
         self.ticks >= MIN_TICKS
             && self.late >= MIN_LATE
             && self.late * 100 > self.ticks * LATE_SHARE_PERCENT
     }
 }
 
+/// Whether a thread that spent `cpu` on the CPU over `wall` was busy at least `percent` of
+/// it: enough for its clock's lateness to be its own doing ([`BUSY_SHARE_PERCENT`]).
+fn busy(cpu: Duration, wall: Duration, percent: u8) -> bool {
+    cpu.as_nanos() * 100 >= wall.as_nanos() * u128::from(percent)
+}
+
+/// The CPU time the shard's thread has used so far (`CLOCK_THREAD_CPUTIME_ID` on the shard;
+/// a made-up clock in the tests). Read only when a window of late ticks is judged, so at
+/// most a few times a second.
+pub(crate) type CpuClock = Box<dyn FnMut() -> Duration>;
+
+/// The calling thread's CPU time so far (user and system).
+pub(crate) fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a timespec that lives for the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        // Not on Linux of any supported version; counting the thread as busy keeps the
+        // clock reading as it was without this gate.
+        return Duration::MAX;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// The admission state of one shard.
-#[derive(Debug)]
 pub(crate) struct Admission {
     limits: Limits,
-    /// Start of the current window (the first reading).
-    started: Option<Instant>,
+    /// Start of the current window (the first reading), and the thread's CPU time then.
+    started: Option<(Instant, Duration)>,
     current: Window,
-    previous: Window,
     /// Shedding for the clock until at least this instant.
     clock_until: Option<Instant>,
+    cpu: CpuClock,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("limits", &self.limits)
+            .field("started", &self.started)
+            .field("current", &self.current)
+            .field("clock_until", &self.clock_until)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Admission {
-    pub(crate) fn new(limits: Limits) -> Self {
-        Self {
-            limits,
-            started: None,
-            current: Window::default(),
-            previous: Window::default(),
-            clock_until: None,
+    pub(crate) fn new(limits: Limits, cpu: CpuClock) -> Self {
+        Self { limits, started: None, current: Window::default(), clock_until: None, cpu }
+    }
+
+    /// Whether the current window, from its start to `now`, shows the shard's own overload:
+    /// late ticks, and a busy thread.
+    fn current_overloaded(&mut self, now: Instant) -> bool {
+        if !self.current.late_often() {
+            return false;
         }
+        let percent = self.limits.clock_busy_percent;
+        if percent == 0 {
+            return true;
+        }
+        let Some((start, cpu_start)) = self.started else { return false };
+        let cpu = (self.cpu)().saturating_sub(cpu_start);
+        busy(cpu, now.saturating_duration_since(start), percent)
     }
 
     /// One media-clock tick at `now` for frames due at `due`.
@@ -143,27 +207,31 @@ impl Admission {
         if !self.limits.max_clock_late.is_zero() && late > self.limits.max_clock_late {
             self.current.late += 1;
         }
-        // The current window already shows overload: no need to wait for its end.
-        if self.current.overloaded() {
+        // The current window already shows overload: no need to wait for its end (and
+        // once shedding, no need to read the CPU clock again for this tick).
+        let shedding = self.clock_until.is_some_and(|until| until > now);
+        if !shedding && self.current_overloaded(now) {
             self.clock_until = Some(now + WINDOW);
         }
     }
 
     /// Moves the windows on to `now`.
     fn roll(&mut self, now: Instant) {
-        let start = *self.started.get_or_insert(now);
+        let Some((start, _)) = self.started else {
+            self.started = Some((now, (self.cpu)()));
+            return;
+        };
         let elapsed = now.saturating_duration_since(start);
         if elapsed < WINDOW {
             return;
         }
-        // The window that just ended becomes the previous one; a gap of more than one window
-        // means nothing ticked in between (no calls): an empty previous window.
-        self.previous = if elapsed < 2 * WINDOW { self.current } else { Window::default() };
-        self.current = Window::default();
-        self.started = Some(now);
-        if self.previous.overloaded() {
+        // The window that just ended is judged; a gap of more than one window means
+        // nothing ticked in between (no calls): nothing to judge.
+        if elapsed < 2 * WINDOW && self.current_overloaded(now) {
             self.clock_until = Some(now + WINDOW);
         }
+        self.current = Window::default();
+        self.started = Some((now, (self.cpu)()));
     }
 
     /// Whether a new call is refused now, and why (the queues first: they are the newer
@@ -194,33 +262,54 @@ impl Admission {
 
 #[cfg(test)]
 mod tests {
+    use std::{cell::Cell, rc::Rc};
+
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
 
-    fn admission() -> Admission {
-        Admission::new(Limits {
-            max_clock_late: 10 * MS,
-            max_inbox_depth: 512,
-            max_setup_depth: 64,
-        })
+    const LIMITS: Limits = Limits {
+        max_clock_late: Duration::from_millis(10),
+        clock_busy_percent: BUSY_SHARE_PERCENT,
+        max_inbox_depth: 512,
+        max_setup_depth: 64,
+    };
+
+    /// A shard's admission with a made-up CPU clock: each tick of [`ticks`] adds `busy`
+    /// percent of its 5 ms to the thread's CPU time.
+    struct Shard {
+        a: Admission,
+        cpu: Rc<Cell<Duration>>,
+        busy: u32,
+    }
+
+    fn shard_with(limits: Limits, busy: u32) -> Shard {
+        let cpu = Rc::new(Cell::new(Duration::ZERO));
+        let read = Rc::clone(&cpu);
+        Shard { a: Admission::new(limits, Box::new(move || read.get())), cpu, busy }
+    }
+
+    /// A shard busy 60 % of the time: its late ticks are its own doing.
+    fn admission() -> Shard {
+        shard_with(LIMITS, 60)
     }
 
     /// `n` ticks 5 ms apart from `start` (a shard's streams spread over the clock's phases),
     /// each `late` after its grid instant; returns the last tick's instant.
-    fn ticks(a: &mut Admission, start: Instant, n: u32, late: Duration) -> Instant {
+    fn ticks(s: &mut Shard, start: Instant, n: u32, late: Duration) -> Instant {
         let mut t = start;
         for i in 1..=n {
             let due = start + 5 * MS * i;
             t = due + late;
-            a.on_clock_tick(t, due);
+            s.cpu.set(s.cpu.get() + 5 * MS * s.busy / 100);
+            s.a.on_clock_tick(t, due);
         }
         t
     }
 
     #[test]
     fn the_setup_queue_refuses_from_its_limit_and_admits_below_it() {
-        let limits = admission().limits;
+        let limits = LIMITS;
         assert!(!setup_full(&limits, 0));
         assert!(!setup_full(&limits, 63));
         assert!(setup_full(&limits, 64));
@@ -234,7 +323,7 @@ mod tests {
         let mut a = admission();
         let t0 = Instant::now();
         let t = ticks(&mut a, t0, 200, 2 * MS);
-        assert_eq!(a.check(t, 0, 0), None);
+        assert_eq!(a.a.check(t, 0, 0), None);
     }
 
     #[test]
@@ -243,15 +332,15 @@ mod tests {
         let t0 = Instant::now();
         // 50 punctual ticks, then 3 late ones: 3 of 53 is over 1 %.
         let t = ticks(&mut a, t0, 50, MS);
-        assert_eq!(a.check(t, 0, 0), None);
+        assert_eq!(a.a.check(t, 0, 0), None);
         let t = ticks(&mut a, t, 3, 15 * MS);
-        assert_eq!(a.check(t, 0, 0), Some(Overload::Clock));
+        assert_eq!(a.a.check(t, 0, 0), Some(Overload::Clock));
         // Punctual again: still shedding for a whole window...
         let t = ticks(&mut a, t, 100, MS);
-        assert_eq!(a.check(t, 0, 0), Some(Overload::Clock));
+        assert_eq!(a.a.check(t, 0, 0), Some(Overload::Clock));
         // ...and admitted once punctual windows have gone by.
         let t = ticks(&mut a, t, 600, MS);
-        assert_eq!(a.check(t, 0, 0), None);
+        assert_eq!(a.a.check(t, 0, 0), None);
     }
 
     #[test]
@@ -260,9 +349,39 @@ mod tests {
         let t0 = Instant::now();
         let t = ticks(&mut a, t0, 150, MS);
         let t = ticks(&mut a, t, 1, 40 * MS);
-        assert_eq!(a.check(t, 0, 0), None);
+        assert_eq!(a.a.check(t, 0, 0), None);
         let t = ticks(&mut a, t, 150, MS);
-        assert_eq!(a.check(t, 0, 0), None);
+        assert_eq!(a.a.check(t, 0, 0), None);
+    }
+
+    #[test]
+    fn a_late_clock_on_a_mostly_idle_shard_is_the_machine_not_the_calls() {
+        // Every tick 30 ms late, for three windows, on a shard busy 1 % of the time (other
+        // processes hold the cores): refusing would not cure it.
+        let mut a = shard_with(LIMITS, 1);
+        let t0 = Instant::now();
+        let t = ticks(&mut a, t0, 600, 30 * MS);
+        assert_eq!(a.a.check(t, 0, 0), None);
+        // The same lateness with the thread busy from the edge of the share on: shedding.
+        a.busy = u32::from(BUSY_SHARE_PERCENT);
+        let t = ticks(&mut a, t, 250, 30 * MS);
+        assert_eq!(a.a.check(t, 0, 0), Some(Overload::Clock));
+    }
+
+    #[test]
+    fn a_busy_share_of_zero_counts_every_late_clock() {
+        let mut a = shard_with(Limits { clock_busy_percent: 0, ..LIMITS }, 0);
+        let t = ticks(&mut a, Instant::now(), 40, 30 * MS);
+        assert_eq!(a.a.check(t, 0, 0), Some(Overload::Clock));
+    }
+
+    #[test]
+    fn the_busy_share_is_judged_over_the_window() {
+        assert!(busy(250 * MS, WINDOW, 25));
+        assert!(!busy(249 * MS, WINDOW, 25));
+        assert!(busy(Duration::ZERO, Duration::ZERO, 25), "no time: the late ticks decide");
+        assert!(!busy(Duration::ZERO, WINDOW, 25));
+        assert!(busy(Duration::ZERO, WINDOW, 0), "0: every late clock counts");
     }
 
     #[test]
@@ -271,37 +390,41 @@ mod tests {
         let t0 = Instant::now();
         // A shard with one call: 5 late ticks in a window of 5 decide nothing.
         let t = ticks(&mut a, t0, 5, 30 * MS);
-        assert_eq!(a.check(t, 0, 0), None);
+        assert_eq!(a.a.check(t, 0, 0), None);
     }
 
     #[test]
     fn a_deep_inbox_refuses_at_once_and_only_while_deep() {
         let mut a = admission();
         let t = Instant::now();
-        assert_eq!(a.check(t, 513, 0), Some(Overload::Inbox));
-        assert_eq!(a.check(t, 512, 0), None);
+        assert_eq!(a.a.check(t, 513, 0), Some(Overload::Inbox));
+        assert_eq!(a.a.check(t, 512, 0), None);
     }
 
     #[test]
     fn a_full_socket_queue_refuses_at_once_and_only_while_full() {
         let mut a = admission();
         let t = Instant::now();
-        assert_eq!(a.check(t, 0, SOCKET_QUEUE_PERCENT + 1), Some(Overload::Socket));
+        assert_eq!(a.a.check(t, 0, SOCKET_QUEUE_PERCENT + 1), Some(Overload::Socket));
         // The socket is the first reason named (its queue is in front of the inbox).
-        assert_eq!(a.check(t, 513, SOCKET_QUEUE_PERCENT + 1), Some(Overload::Socket));
-        assert_eq!(a.check(t, 0, SOCKET_QUEUE_PERCENT), None);
+        assert_eq!(a.a.check(t, 513, SOCKET_QUEUE_PERCENT + 1), Some(Overload::Socket));
+        assert_eq!(a.a.check(t, 0, SOCKET_QUEUE_PERCENT), None);
     }
 
     #[test]
     fn zero_turns_the_clock_and_inbox_readings_off() {
-        let mut a = Admission::new(Limits {
-            max_clock_late: Duration::ZERO,
-            max_inbox_depth: 0,
-            max_setup_depth: 0,
-        });
+        let mut a = shard_with(
+            Limits {
+                max_clock_late: Duration::ZERO,
+                clock_busy_percent: 0,
+                max_inbox_depth: 0,
+                max_setup_depth: 0,
+            },
+            100,
+        );
         let t0 = Instant::now();
         let t = ticks(&mut a, t0, 100, 50 * MS);
-        assert_eq!(a.check(t, 100_000, 0), None);
+        assert_eq!(a.a.check(t, 100_000, 0), None);
     }
 
     #[test]
@@ -309,8 +432,8 @@ mod tests {
         let mut a = admission();
         let t0 = Instant::now();
         let t = ticks(&mut a, t0, 40, 30 * MS);
-        assert_eq!(a.check(t, 0, 0), Some(Overload::Clock));
+        assert_eq!(a.a.check(t, 0, 0), Some(Overload::Clock));
         // No tick for 5 s (the calls ended): the old window does not count any more.
-        assert_eq!(a.check(t + 5 * WINDOW, 0, 0), None);
+        assert_eq!(a.a.check(t + 5 * WINDOW, 0, 0), None);
     }
 }

@@ -84,6 +84,7 @@ impl Engine {
             max_calls: cfg.max_calls_per_shard,
             admission: crate::admission::Limits {
                 max_clock_late: cfg.admit_clock_late,
+                clock_busy_percent: cfg.admit_clock_busy_percent,
                 max_inbox_depth: cfg.admit_inbox_depth,
                 max_setup_depth: cfg.admit_setup_depth,
             },

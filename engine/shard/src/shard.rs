@@ -302,7 +302,7 @@ pub(crate) async fn run(params: ShardParams) {
             next_stream: 0,
             unreported: VecDeque::new(),
             report_retry_at: None,
-            admission: Admission::new(settings_admission),
+            admission: Admission::new(settings_admission, Box::new(admission::thread_cpu_time)),
             inbox_depth: 0,
             setup_waiting: 0,
             sip_queue_percent: 0,

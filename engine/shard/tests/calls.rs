@@ -585,6 +585,8 @@ fn a_shard_whose_media_clock_runs_late_refuses_new_calls_and_probes_until_it_kee
         // No wake-up of a real clock is within a nanosecond of its instant: as soon as the
         // media clock ticks for a call, the shard measures itself as running late.
         admit_clock_late: Duration::from_nanos(1),
+        // A shard with one call is nowhere near busy: count its lateness all the same.
+        admit_clock_busy_percent: 0,
         ..EngineConfig::default()
     };
     let engine = Engine::start(cfg, control.clone()).unwrap();
