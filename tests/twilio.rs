@@ -846,7 +846,14 @@ fn a_voice_replaced_by_new_samples_is_deleted_once_no_call_is_on_it() {
         (fake.deletions() == ["voice-1"]).then_some(())
     });
     assert_eq!(fake.voices(), ["voice-2"]);
-    assert_eq!(n.metric("precall_voices_deleted_total{why=\"replaced\"}"), 1);
+    // The node counts the deletion once the provider has answered it: a moment after the
+    // fake saw the request.
+    let deleted = || n.metric("precall_voices_deleted_total{why=\"replaced\"}");
+    wait_for("the deletion to be counted", Duration::from_secs(5), || {
+        (deleted() >= 1).then_some(())
+    });
+    assert_eq!(deleted(), 1);
+    assert_eq!(fake.deletions(), ["voice-1"], "deleted once");
 }
 
 #[test]
