@@ -139,8 +139,8 @@ fn busy(cpu: Duration, wall: Duration, percent: u8) -> bool {
 }
 
 /// The CPU time the shard's thread has used so far (`CLOCK_THREAD_CPUTIME_ID` on the shard;
-/// a made-up clock in the tests). Read only when a window of late ticks is judged, so at
-/// most a few times a second.
+/// a made-up clock in the tests). Read when a window starts, and when one with enough late
+/// ticks is judged (at its late ticks and at its end): never on a punctual tick.
 pub(crate) type CpuClock = Box<dyn FnMut() -> Duration>;
 
 /// The calling thread's CPU time so far (user and system).
@@ -204,11 +204,13 @@ impl Admission {
         self.roll(now);
         self.current.ticks += 1;
         let late = now.saturating_duration_since(due);
-        if !self.limits.max_clock_late.is_zero() && late > self.limits.max_clock_late {
-            self.current.late += 1;
+        if self.limits.max_clock_late.is_zero() || late <= self.limits.max_clock_late {
+            return;
         }
-        // The current window already shows overload: no need to wait for its end (and
-        // once shedding, no need to read the CPU clock again for this tick).
+        self.current.late += 1;
+        // The current window already shows overload: no need to wait for its end. Judged at
+        // late ticks only, and not while shedding, so the CPU clock is read at most once per
+        // late tick (a window whose thread becomes busy later is judged when it ends).
         let shedding = self.clock_until.is_some_and(|until| until > now);
         if !shedding && self.current_overloaded(now) {
             self.clock_until = Some(now + WINDOW);
@@ -366,6 +368,26 @@ mod tests {
         a.busy = u32::from(BUSY_SHARE_PERCENT);
         let t = ticks(&mut a, t, 250, 30 * MS);
         assert_eq!(a.a.check(t, 0, 0), Some(Overload::Clock));
+    }
+
+    #[test]
+    fn a_punctual_clock_reads_the_cpu_clock_once_a_window() {
+        let reads = Rc::new(Cell::new(0u32));
+        let counted = Rc::clone(&reads);
+        let mut a = Shard {
+            a: Admission::new(
+                LIMITS,
+                Box::new(move || {
+                    counted.set(counted.get() + 1);
+                    Duration::ZERO
+                }),
+            ),
+            cpu: Rc::new(Cell::new(Duration::ZERO)),
+            busy: 0,
+        };
+        // 600 ticks 5 ms apart: 3 s, three windows and the start of a fourth.
+        ticks(&mut a, Instant::now(), 600, MS);
+        assert!(reads.get() <= 4, "{} reads of the CPU clock", reads.get());
     }
 
     #[test]
