@@ -141,27 +141,26 @@ fn busy(cpu: Duration, wall: Duration, percent: u8) -> bool {
 /// The CPU time the shard's thread has used so far (`CLOCK_THREAD_CPUTIME_ID` on the shard;
 /// a made-up clock in the tests). Read when a window starts, and when one with enough late
 /// ticks is judged (at its late ticks and at its end): never on a punctual tick.
-pub(crate) type CpuClock = Box<dyn FnMut() -> Duration>;
+/// `None` where the system does not tell: the thread then counts as busy, so the clock
+/// reading works as it would without the busy share.
+pub(crate) type CpuClock = Box<dyn FnMut() -> Option<Duration>>;
 
-/// The calling thread's CPU time so far (user and system).
-pub(crate) fn thread_cpu_time() -> Duration {
+/// The calling thread's CPU time so far (user and system), if the system tells it.
+pub(crate) fn thread_cpu_time() -> Option<Duration> {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: a valid clock id and a timespec that lives for the call.
     #[allow(unsafe_code)]
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        // Not on Linux of any supported version; counting the thread as busy keeps the
-        // clock reading as it was without this gate.
-        return Duration::MAX;
-    }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let nanos = u32::try_from(ts.tv_nsec).ok()?;
+    (rc == 0).then(|| Duration::new(secs, nanos))
 }
 
 /// The admission state of one shard.
 pub(crate) struct Admission {
     limits: Limits,
     /// Start of the current window (the first reading), and the thread's CPU time then.
-    started: Option<(Instant, Duration)>,
+    started: Option<(Instant, Option<Duration>)>,
     current: Window,
     /// Shedding for the clock until at least this instant.
     clock_until: Option<Instant>,
@@ -195,8 +194,13 @@ impl Admission {
             return true;
         }
         let Some((start, cpu_start)) = self.started else { return false };
-        let cpu = (self.cpu)().saturating_sub(cpu_start);
-        busy(cpu, now.saturating_duration_since(start), percent)
+        match (cpu_start, (self.cpu)()) {
+            (Some(then), Some(cpu)) => {
+                busy(cpu.saturating_sub(then), now.saturating_duration_since(start), percent)
+            }
+            // No CPU clock: every late window counts, as without the busy share.
+            _ => true,
+        }
     }
 
     /// One media-clock tick at `now` for frames due at `due`.
@@ -288,7 +292,7 @@ mod tests {
     fn shard_with(limits: Limits, busy: u32) -> Shard {
         let cpu = Rc::new(Cell::new(Duration::ZERO));
         let read = Rc::clone(&cpu);
-        Shard { a: Admission::new(limits, Box::new(move || read.get())), cpu, busy }
+        Shard { a: Admission::new(limits, Box::new(move || Some(read.get()))), cpu, busy }
     }
 
     /// A shard busy 60 % of the time: its late ticks are its own doing.
@@ -379,7 +383,7 @@ mod tests {
                 LIMITS,
                 Box::new(move || {
                     counted.set(counted.get() + 1);
-                    Duration::ZERO
+                    Some(Duration::ZERO)
                 }),
             ),
             cpu: Rc::new(Cell::new(Duration::ZERO)),
@@ -388,6 +392,32 @@ mod tests {
         // 600 ticks 5 ms apart: 3 s, three windows and the start of a fourth.
         ticks(&mut a, Instant::now(), 600, MS);
         assert!(reads.get() <= 4, "{} reads of the CPU clock", reads.get());
+    }
+
+    #[test]
+    fn without_a_cpu_clock_every_late_clock_counts() {
+        let mut a = Shard {
+            a: Admission::new(LIMITS, Box::new(|| None)),
+            cpu: Rc::new(Cell::new(Duration::ZERO)),
+            busy: 0,
+        };
+        let t = ticks(&mut a, Instant::now(), 40, 30 * MS);
+        assert_eq!(a.a.check(t, 0, 0), Some(Overload::Clock));
+    }
+
+    #[test]
+    fn the_thread_cpu_clock_reads_and_moves_forward() {
+        let first = thread_cpu_time().expect("Linux tells a thread's CPU time");
+        // Work until the clock moves (its resolution is the kernel's, far under a second).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut x = 0u64;
+        loop {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            if thread_cpu_time().unwrap() > first {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the thread's CPU clock stood still for 5 s");
+        }
     }
 
     #[test]
