@@ -1,24 +1,26 @@
 //! Overload admission: whether a shard takes new calls, from its measured headroom.
 //!
-//! Three readings, each a reason to answer a new INVITE `503` + `Retry-After` before any record
+//! Four readings, each a reason to answer a new INVITE `503` + `Retry-After` before any record
 //! is made (and a dispatcher's OPTIONS probe `503`, so Kamailio sends new calls elsewhere):
 //! * **the media clock runs late**: more than [`LATE_SHARE_PERCENT`] of the clock's ticks in
 //!   the last window woke more than `max_clock_late` after their grid instant, while the shard
 //!   was busy at least `clock_busy_percent` of that window. Every call up hears that as
 //!   jitter or skipped frames; a new call would make it worse for all. (A shard late while
 //!   mostly idle is late because the machine does not run it, not because of its calls: see
-//!   [`BUSY_SHARE_PERCENT`];)
+//!   [`BUSY_SHARE_PERCENT`].)
 //! * **the SIP lane of the inbox is deep**: datagrams forwarded by the other shard wait longer
 //!   than SIP's own retransmission timers can hide;
+//! * **the SIP socket's kernel queue is over [`SOCKET_QUEUE_PERCENT`] full**: the shard reads
+//!   slower than the trunk sends;
 //! * **too many calls wait for their first plan** ([`setup_full`]): checked for each INVITE
-//!   on its own, not held for a window (the two above are).
+//!   on its own, not held for a window (only the clock's reading is).
 //!
 //! (`SHARD_MAX_CALLS` is checked apart, when the shard sees the new call: a full shard still
 //! answers probes `200`, since the calls it has are fine.)
 //!
-//! Sans-IO: the shard feeds it instants and depths; the unit tests drive it with made-up ones.
-//! Shedding on the clock lasts at least one whole window (so a node that recovers for one tick does not flap
-//! between refusing and admitting).
+//! Sans-IO: the shard feeds it instants, depths and a CPU clock; the unit tests drive it with
+//! made-up ones. Shedding on the clock lasts at least one whole window (so a node that
+//! recovers for one tick does not flap between refusing and admitting).
 
 use std::time::{Duration, Instant};
 
@@ -289,6 +291,11 @@ mod tests {
         busy: u32,
     }
 
+    /// A shard idle by the made-up clock, whose admission reads `clock` instead.
+    fn shard_reading(clock: CpuClock) -> Shard {
+        Shard { a: Admission::new(LIMITS, clock), cpu: Rc::default(), busy: 0 }
+    }
+
     fn shard_with(limits: Limits, busy: u32) -> Shard {
         let cpu = Rc::new(Cell::new(Duration::ZERO));
         let read = Rc::clone(&cpu);
@@ -378,17 +385,10 @@ mod tests {
     fn a_punctual_clock_reads_the_cpu_clock_once_a_window() {
         let reads = Rc::new(Cell::new(0u32));
         let counted = Rc::clone(&reads);
-        let mut a = Shard {
-            a: Admission::new(
-                LIMITS,
-                Box::new(move || {
-                    counted.set(counted.get() + 1);
-                    Some(Duration::ZERO)
-                }),
-            ),
-            cpu: Rc::new(Cell::new(Duration::ZERO)),
-            busy: 0,
-        };
+        let mut a = shard_reading(Box::new(move || {
+            counted.set(counted.get() + 1);
+            Some(Duration::ZERO)
+        }));
         // 600 ticks 5 ms apart: 3 s, three windows and the start of a fourth.
         ticks(&mut a, Instant::now(), 600, MS);
         assert!(reads.get() <= 4, "{} reads of the CPU clock", reads.get());
@@ -396,11 +396,7 @@ mod tests {
 
     #[test]
     fn without_a_cpu_clock_every_late_clock_counts() {
-        let mut a = Shard {
-            a: Admission::new(LIMITS, Box::new(|| None)),
-            cpu: Rc::new(Cell::new(Duration::ZERO)),
-            busy: 0,
-        };
+        let mut a = shard_reading(Box::new(|| None));
         let t = ticks(&mut a, Instant::now(), 40, 30 * MS);
         assert_eq!(a.a.check(t, 0, 0), Some(Overload::Clock));
     }
