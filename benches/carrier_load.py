@@ -242,6 +242,7 @@ def phase_short():
             continue
         th0, rss0, k0 = node.threads(), node.rss_mb(), node.sip_socket_drops()
         m0 = node.gauge("precall_sip_datagrams_dropped_total")
+        r0 = node.gauge("precall_rtp_packets_sent_total")
         res = sipp_result(*sipp_short(node.sip_port, rate, a.step_secs, f"short-{rate}"))
         th1 = node.threads()
         kernel_drops = node.sip_socket_drops() - k0
@@ -257,6 +258,9 @@ def phase_short():
         row("short", f"  CPU per thread", cpu_share(th0, th1, res["elapsed"]) + f"; SIPp {res['sipp_cpu']:.0f}%")
         row("short", f"  RSS", f"{rss0:.0f} -> {node.rss_mb():.0f} MB")
         row("short", f"  SIP datagrams dropped: kernel / precall", f"{kernel_drops:,} / {precall_drops:,.0f}")
+        # Media runs from the 200 to the BYE: a call kept up by a slow node sends more of it.
+        rtp = node.gauge("precall_rtp_packets_sent_total") - r0
+        row("short", f"  RTP packets sent per admitted call", f"{rtp / max(1, res['ok']):.1f}")
     dropped = node.plans_dropped()
     node.stop()
     row("short", "best rate with 0 failures and no 503", f"{best['rate']:,.0f}/s", f">= {SHORT_TARGET:,}/s",

@@ -195,7 +195,7 @@ impl App {
             ),
             (
                 "precall_shard_overload",
-                "Why the shard refuses new calls now: 0 it admits, 1 its media clock runs late (ADMIT_CLOCK_LATE_MS), 2 its inbox is deep (ADMIT_INBOX_DEPTH), 3 its SIP socket's receive queue is over half full.",
+                "Why the shard refuses new calls now: 0 it admits, 1 its media clock runs late (ADMIT_CLOCK_LATE_MS), 2 its inbox is deep (ADMIT_INBOX_DEPTH), 3 its SIP socket's receive queue is over half full, 4 its SIP datagrams wait too long (ADMIT_SIP_LAG_MS).",
                 |s| s.overload,
             ),
         ];

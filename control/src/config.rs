@@ -109,10 +109,17 @@ pub const VARS: &[Var] = &[
     Var {
         name: "ADMIT_CLOCK_BUSY_PERCENT",
         default: "25",
-        help: "overload admission: the media clock's lateness counts only while the shard's \
-               thread was busy at least this share of the second (a mostly idle shard is late \
-               because the machine does not run it, and refusing calls would not cure that; 0: \
-               every late clock counts)",
+        help: "overload admission: the media clock's lateness (and the SIP datagrams' wait) \
+               counts only while the shard's thread was busy at least this share of the second \
+               (of the 100 ms; a mostly idle shard is late because the machine does not run it, \
+               and refusing calls would not cure that; 0: every late clock counts)",
+    },
+    Var {
+        name: "ADMIT_SIP_LAG_MS",
+        default: "20",
+        help: "overload admission: a shard whose SIP datagrams all waited longer than this \
+               (from the kernel's arrival to the shard's reading, inbox included) for 100 ms \
+               refuses new calls the same way, until one is on time (0: off)",
     },
     Var {
         name: "ADMIT_INBOX_DEPTH",
@@ -474,6 +481,8 @@ pub struct Config {
     pub admit_clock_late: Duration,
     /// `ADMIT_CLOCK_BUSY_PERCENT` (0-100; zero: every late clock counts).
     pub admit_clock_busy_percent: u8,
+    /// `ADMIT_SIP_LAG_MS` (zero: off).
+    pub admit_sip_lag: Duration,
     /// `ADMIT_INBOX_DEPTH` (zero: off).
     pub admit_inbox_depth: usize,
     /// `ADMIT_SETUP_DEPTH` (zero: off).
@@ -874,6 +883,7 @@ impl Config {
             shard_max_calls: r.positive("SHARD_MAX_CALLS", "a number of calls, 1 or more")?,
             admit_clock_late: r.millis("ADMIT_CLOCK_LATE_MS")?,
             admit_clock_busy_percent: r.percent("ADMIT_CLOCK_BUSY_PERCENT")?,
+            admit_sip_lag: r.millis("ADMIT_SIP_LAG_MS")?,
             admit_inbox_depth: r
                 .parse::<usize>("ADMIT_INBOX_DEPTH", "a number of datagrams (0: off)")?,
             admit_setup_depth: r
@@ -1049,6 +1059,7 @@ mod tests {
         let engine = precall_engine::EngineConfig::default();
         assert_eq!(c.admit_clock_busy_percent, engine.admit_clock_busy_percent);
         assert_eq!(c.admit_clock_late, engine.admit_clock_late);
+        assert_eq!(c.admit_sip_lag, engine.admit_sip_lag);
         assert_eq!(c.admit_setup_depth, engine.admit_setup_depth);
     }
 
@@ -1106,10 +1117,12 @@ mod tests {
             ("VOICE_SAMPLE_URLS", "https://s/a.mp3, file:///srv/b.wav"),
             ("DATABASE_URL", "postgres://u:secret@db:5432/precall"),
             ("ADMIT_CLOCK_BUSY_PERCENT", "0"),
+            ("ADMIT_SIP_LAG_MS", "0"),
         ])
         .unwrap();
         assert_eq!(c.http_addr.port(), 9000);
         assert_eq!(c.admit_clock_busy_percent, 0);
+        assert_eq!(c.admit_sip_lag, Duration::ZERO);
         assert_eq!(c.sip_addr, None);
         assert_eq!(c.shards, 3);
         assert_eq!(
@@ -1144,6 +1157,7 @@ mod tests {
             ("DATABASE_POOL_SIZE", "0"),
             ("ADMIT_CLOCK_BUSY_PERCENT", "101"),
             ("ADMIT_CLOCK_BUSY_PERCENT", "-5"),
+            ("ADMIT_SIP_LAG_MS", "soon"),
         ];
         for (var, value) in cases {
             let err = cfg(&[(var, value)]).unwrap_err().to_string();

@@ -506,6 +506,7 @@ fn serve(cfg: Config) -> Result<(), String> {
             max_calls_per_shard: cfg.shard_max_calls,
             admit_clock_late: cfg.admit_clock_late,
             admit_clock_busy_percent: cfg.admit_clock_busy_percent,
+            admit_sip_lag: cfg.admit_sip_lag,
             admit_inbox_depth: cfg.admit_inbox_depth,
             admit_setup_depth: cfg.admit_setup_depth,
             rtp_timeout: cfg.rtp_timeout,

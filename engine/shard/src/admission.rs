@@ -1,6 +1,6 @@
 //! Overload admission: whether a shard takes new calls, from its measured headroom.
 //!
-//! Four readings, each a reason to answer a new INVITE `503` + `Retry-After` before any record
+//! Five readings, each a reason to answer a new INVITE `503` + `Retry-After` before any record
 //! is made (and a dispatcher's OPTIONS probe `503`, so Kamailio sends new calls elsewhere):
 //! * **the media clock runs late**: more than [`LATE_SHARE_PERCENT`] of the clock's ticks in
 //!   the last window woke more than `max_clock_late` after their grid instant, while the shard
@@ -8,12 +8,18 @@
 //!   jitter or skipped frames; a new call would make it worse for all. (A shard late while
 //!   mostly idle is late because the machine does not run it, not because of its calls: see
 //!   [`BUSY_SHARE_PERCENT`].)
+//! * **SIP datagrams wait too long** ([`LAG_INTERVAL`]): every datagram the shard handled
+//!   in the last interval had waited more than `max_sip_lag` since the kernel received it (in
+//!   the socket's queue, and in the inbox when another shard forwarded it), while the shard
+//!   was busy at least `clock_busy_percent` of that interval: a standing queue of its own
+//!   making, which a shard merely descheduled for a moment does not leave;
 //! * **the SIP lane of the inbox is deep**: datagrams forwarded by the other shard wait longer
 //!   than SIP's own retransmission timers can hide;
 //! * **the SIP socket's kernel queue is over [`SOCKET_QUEUE_PERCENT`] full**: the shard reads
 //!   slower than the trunk sends;
 //! * **too many calls wait for their first plan** ([`setup_full`]): checked for each INVITE
-//!   on its own, not held for a window (only the clock's reading is).
+//!   on its own, not held for a window (only the clock's reading is; the lag's needs an
+//!   interval to begin, and ends at the first datagram on time).
 //!
 //! (`SHARD_MAX_CALLS` is checked apart, when the shard sees the new call: a full shard still
 //! answers probes `200`, since the calls it has are fine.)
@@ -42,7 +48,8 @@ pub(crate) const LATE_SHARE_PERCENT: u64 = 1;
 pub(crate) const SOCKET_QUEUE_PERCENT: u32 = 50;
 
 /// Least share of a window the shard's thread must have spent on the CPU for its late ticks
-/// to count as overload: the default of `ADMIT_CLOCK_BUSY_PERCENT`.
+/// (and of an interval, for its late SIP datagrams) to count as overload: the default of
+/// `ADMIT_CLOCK_BUSY_PERCENT`.
 ///
 /// Lateness has two causes. The shard's own work (too many calls, a burst of signalling) is
 /// what refusing new calls cures; it shows as a busy thread. The machine not running the
@@ -53,6 +60,25 @@ pub(crate) const SOCKET_QUEUE_PERCENT: u32 = 50;
 /// (At the load where the clock sheds in `benches/carrier_load.py`, a shard is busy for
 /// more than half of each second.)
 pub(crate) const BUSY_SHARE_PERCENT: u8 = 25;
+
+/// How long every SIP datagram handled must have waited more than `max_sip_lag` before new
+/// calls are refused (`ADMIT_SIP_LAG_MS`), the interval of CoDel (RFC 8289) for the same
+/// question: a queue that stands, not one that drains.
+///
+/// Why the lag: past capacity a shard's work grows faster than the calls it admits. Measured
+/// with `benches/carrier_load.py` at 18,000 calls/s asked on a node that carried 12,000 with 0
+/// refusals: the BYEs of admitted calls waited in the socket's queue, so each call sent its
+/// greeting's RTP for longer (6.8 packets per call against 0.1 on time), which was more work
+/// still, and the node settled at 2,000 to 9,000 calls/s admitted. The queue's fill (the
+/// socket reading) and the inbox's depth say it late: half of an 8 MiB buffer is some 200 ms
+/// of a full trunk; the age of what is read says it at once, whichever queue it sat in.
+/// A shard descheduled for a moment reads datagrams that waited, then catches up within the
+/// interval: a datagram on time ends the reading.
+pub(crate) const LAG_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The default of `ADMIT_SIP_LAG_MS`: a twenty-fifth of SIP's T1 (500 ms), far below what a
+/// caller's retransmissions notice.
+pub(crate) const SIP_LAG: Duration = Duration::from_millis(20);
 
 /// Fewest ticks in a window for its share to count (a shard with few calls ticks rarely).
 const MIN_TICKS: u64 = 20;
@@ -67,6 +93,8 @@ pub(crate) enum Overload {
     Clock,
     /// The SIP lane of the inbox is deeper than `ADMIT_INBOX_DEPTH`.
     Inbox,
+    /// SIP datagrams waited longer than `ADMIT_SIP_LAG_MS` for a whole [`LAG_INTERVAL`].
+    Lag,
     /// The SIP socket's kernel receive queue is fuller than [`SOCKET_QUEUE_PERCENT`].
     Socket,
 }
@@ -78,6 +106,7 @@ impl Overload {
             Self::Clock => "clock",
             Self::Inbox => "inbox",
             Self::Socket => "socket",
+            Self::Lag => "lag",
         }
     }
 
@@ -88,6 +117,7 @@ impl Overload {
             Some(Self::Clock) => 1,
             Some(Self::Inbox) => 2,
             Some(Self::Socket) => 3,
+            Some(Self::Lag) => 4,
         }
     }
 }
@@ -97,11 +127,15 @@ impl Overload {
 pub(crate) struct Limits {
     /// A clock tick later than this is a late tick. `Duration::ZERO` turns the clock reading off.
     pub(crate) max_clock_late: Duration,
-    /// Late ticks count only in a window where the shard's thread was on the CPU at least
-    /// this share of the time (see [`BUSY_SHARE_PERCENT`]). `0`: every late tick counts.
+    /// Late ticks (and late SIP datagrams) count only in a window (an interval) where the
+    /// shard's thread was on the CPU at least this share of the time (see
+    /// [`BUSY_SHARE_PERCENT`]). `0`: every late tick counts.
     pub(crate) clock_busy_percent: u8,
     /// A deeper SIP lane refuses calls. `0` turns the reading off.
     pub(crate) max_inbox_depth: usize,
+    /// SIP datagrams that all waited longer than this for [`LAG_INTERVAL`] refuse calls
+    /// (`ADMIT_SIP_LAG_MS`). `Duration::ZERO` turns the reading off.
+    pub(crate) max_sip_lag: Duration,
     /// This many calls waiting for the control plane's first plan refuse the next one, at
     /// once and only while so many wait (`ADMIT_SETUP_DEPTH`; see [`setup_full`]). `0`: off.
     pub(crate) max_setup_depth: usize,
@@ -166,6 +200,14 @@ pub(crate) struct Admission {
     current: Window,
     /// Shedding for the clock until at least this instant.
     clock_until: Option<Instant>,
+    /// Since when every SIP datagram handled had waited longer than `max_sip_lag`, and the
+    /// thread's CPU time then.
+    lag_since: Option<(Instant, Option<Duration>)>,
+    /// The late datagrams have lasted an interval on a busy thread: refusing until one is on
+    /// time.
+    lag_tripped: bool,
+    /// When the last SIP datagram was handled (a lag reading older than an interval is stale).
+    lag_seen: Option<Instant>,
     cpu: CpuClock,
 }
 
@@ -176,13 +218,66 @@ impl std::fmt::Debug for Admission {
             .field("started", &self.started)
             .field("current", &self.current)
             .field("clock_until", &self.clock_until)
+            .field("lag_since", &self.lag_since)
             .finish_non_exhaustive()
     }
 }
 
 impl Admission {
     pub(crate) fn new(limits: Limits, cpu: CpuClock) -> Self {
-        Self { limits, started: None, current: Window::default(), clock_until: None, cpu }
+        Self {
+            limits,
+            started: None,
+            current: Window::default(),
+            clock_until: None,
+            lag_since: None,
+            lag_tripped: false,
+            lag_seen: None,
+            cpu,
+        }
+    }
+
+    /// A SIP datagram handled at `now` that had waited `lag` since the kernel received it.
+    pub(crate) fn on_sip_lag(&mut self, now: Instant, lag: Duration) {
+        if self.limits.max_sip_lag.is_zero() {
+            return;
+        }
+        self.lag_seen = Some(now);
+        if lag <= self.limits.max_sip_lag {
+            self.lag_since = None;
+            self.lag_tripped = false;
+            return;
+        }
+        let Some((since, cpu_since)) = self.lag_since else {
+            self.lag_since = Some((now, (self.cpu)()));
+            return;
+        };
+        let waited = now.saturating_duration_since(since);
+        if self.lag_tripped || waited < LAG_INTERVAL {
+            return;
+        }
+        // An interval of late datagrams: the shard's own doing only if its thread was busy
+        // (as for the clock: a shard the machine does not run reads late datagrams however
+        // few calls it takes). If it was not, the next interval is judged afresh, so the CPU
+        // clock is read at most once an interval.
+        let percent = self.limits.clock_busy_percent;
+        let cpu = if percent == 0 { None } else { (self.cpu)() };
+        self.lag_tripped = match (percent, cpu_since, cpu) {
+            (0, _, _) => true,
+            (_, Some(then), Some(cpu)) => busy(cpu.saturating_sub(then), waited, percent),
+            // No CPU clock: every late interval counts.
+            _ => true,
+        };
+        if !self.lag_tripped {
+            self.lag_since = Some((now, cpu));
+        }
+    }
+
+    /// Whether every SIP datagram of the last [`LAG_INTERVAL`] or more waited too long, on a
+    /// busy thread, and the last one was handled within an interval.
+    fn lagging(&self, now: Instant) -> bool {
+        self.lag_tripped
+            && self.lag_seen.is_some_and(|at| now.saturating_duration_since(at) < LAG_INTERVAL)
     }
 
     /// Whether the current window, from its start to `now`, shows the shard's own overload:
@@ -257,6 +352,9 @@ impl Admission {
         if self.limits.max_inbox_depth > 0 && inbox_depth > self.limits.max_inbox_depth {
             return Some(Overload::Inbox);
         }
+        if self.lagging(now) {
+            return Some(Overload::Lag);
+        }
         match self.clock_until {
             Some(until) if now < until => Some(Overload::Clock),
             Some(_) => {
@@ -280,6 +378,7 @@ mod tests {
         max_clock_late: Duration::from_millis(10),
         clock_busy_percent: BUSY_SHARE_PERCENT,
         max_inbox_depth: 512,
+        max_sip_lag: SIP_LAG,
         max_setup_depth: 64,
     };
 
@@ -466,12 +565,14 @@ mod tests {
                 max_clock_late: Duration::ZERO,
                 clock_busy_percent: 0,
                 max_inbox_depth: 0,
+                max_sip_lag: Duration::ZERO,
                 max_setup_depth: 0,
             },
             100,
         );
         let t0 = Instant::now();
         let t = ticks(&mut a, t0, 100, 50 * MS);
+        let t = datagrams(&mut a, t, 200, WINDOW);
         assert_eq!(a.a.check(t, 100_000, 0), None);
     }
 
@@ -483,5 +584,79 @@ mod tests {
         assert_eq!(a.a.check(t, 0, 0), Some(Overload::Clock));
         // No tick for 5 s (the calls ended): the old window does not count any more.
         assert_eq!(a.a.check(t + 5 * WINDOW, 0, 0), None);
+    }
+
+    /// `n` SIP datagrams handled 1 ms apart from `start`, each `lag` old, each ms adding `busy`
+    /// percent of it to the thread's CPU time; the last one's instant.
+    fn datagrams(s: &mut Shard, start: Instant, n: u32, lag: Duration) -> Instant {
+        let mut t = start;
+        for i in 0..n {
+            t = start + i * MS;
+            s.cpu.set(s.cpu.get() + MS * s.busy / 100);
+            s.a.on_sip_lag(t, lag);
+        }
+        t
+    }
+
+    #[test]
+    fn sip_datagrams_late_for_a_whole_interval_refuse_until_one_is_on_time() {
+        let mut s = admission();
+        let t0 = Instant::now();
+        // Late, but not yet for an interval: a burst after a pause is not a standing queue.
+        let t = datagrams(&mut s, t0, 99, 3 * SIP_LAG);
+        assert_eq!(s.a.check(t, 0, 0), None);
+        let t = datagrams(&mut s, t + MS, 2, 3 * SIP_LAG);
+        assert_eq!(s.a.check(t, 0, 0), Some(Overload::Lag));
+        // One datagram on time (the lag at the limit is on time) ends it at once.
+        s.a.on_sip_lag(t + MS, SIP_LAG);
+        assert_eq!(s.a.check(t + MS, 0, 0), None);
+    }
+
+    #[test]
+    fn one_datagram_on_time_in_an_interval_is_no_standing_queue() {
+        let mut s = admission();
+        let t0 = Instant::now();
+        // Half a second of datagrams 50 ms late on a busy thread, every 40th on time (the
+        // queue drains): never refused.
+        for i in 0..500u32 {
+            let t = t0 + i * MS;
+            s.cpu.set(s.cpu.get() + MS * s.busy / 100);
+            s.a.on_sip_lag(t, if i % 40 == 0 { MS } else { 50 * MS });
+            assert_eq!(s.a.check(t, 0, 0), None, "datagram {i}");
+        }
+        // The same thread with no datagram on time for an interval: refused.
+        let t = datagrams(&mut s, t0 + 500 * MS, 101, 50 * MS);
+        assert_eq!(s.a.check(t, 0, 0), Some(Overload::Lag));
+    }
+
+    #[test]
+    fn late_datagrams_on_a_mostly_idle_shard_are_the_machine_not_the_calls() {
+        let reads = Rc::new(Cell::new(0u32));
+        let counted = Rc::clone(&reads);
+        let mut s = shard_reading(Box::new(move || {
+            counted.set(counted.get() + 1);
+            Some(Duration::ZERO)
+        }));
+        // A second of late datagrams on a thread that never ran: not refused, and the CPU
+        // clock read about once an interval, not once a datagram.
+        let t = datagrams(&mut s, Instant::now(), 1000, 3 * SIP_LAG);
+        assert_eq!(s.a.check(t, 0, 0), None);
+        assert!(reads.get() <= 12, "{} reads of the CPU clock", reads.get());
+        // The same on a thread busy from the edge of the share on: refused.
+        let mut s = shard_with(LIMITS, u32::from(BUSY_SHARE_PERCENT));
+        let t = datagrams(&mut s, Instant::now(), 150, 3 * SIP_LAG);
+        assert_eq!(s.a.check(t, 0, 0), Some(Overload::Lag));
+    }
+
+    #[test]
+    fn an_old_lag_reading_on_a_quiet_shard_does_not_refuse() {
+        let mut s = admission();
+        let t = datagrams(&mut s, Instant::now(), 150, 3 * SIP_LAG);
+        assert_eq!(s.a.check(t, 0, 0), Some(Overload::Lag));
+        // No datagram since: nothing says the queue still stands.
+        assert_eq!(s.a.check(t + LAG_INTERVAL, 0, 0), None);
+        // The next one, still late, says it does.
+        s.a.on_sip_lag(t + 2 * LAG_INTERVAL, 3 * SIP_LAG);
+        assert_eq!(s.a.check(t + 2 * LAG_INTERVAL, 0, 0), Some(Overload::Lag));
     }
 }

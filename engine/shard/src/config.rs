@@ -50,9 +50,14 @@ pub struct EngineConfig {
     /// of its ticks in a second refuses new calls (`503` + `Retry-After`, OPTIONS too) until
     /// it keeps time again. Zero turns this reading off.
     pub admit_clock_late: Duration,
-    /// `ADMIT_CLOCK_BUSY_PERCENT`: the clock's lateness counts only while the shard's thread
-    /// was on the CPU at least this share of the window (0-100; zero: every late clock counts).
+    /// `ADMIT_CLOCK_BUSY_PERCENT`: the clock's lateness (and the SIP datagrams' wait) counts
+    /// only while the shard's thread was on the CPU at least this share of the window (0-100;
+    /// zero: every late clock counts).
     pub admit_clock_busy_percent: u8,
+    /// `ADMIT_SIP_LAG_MS`: a shard every one of whose SIP datagrams waited longer than this
+    /// (from the kernel's arrival to the shard's reading) for 100 ms refuses new calls the same
+    /// way, until one is on time. Zero turns this reading off.
+    pub admit_sip_lag: Duration,
     /// `ADMIT_INBOX_DEPTH`: a shard with more SIP datagrams than this waiting in its inbox
     /// refuses new calls the same way. Zero turns this reading off.
     pub admit_inbox_depth: usize,
@@ -166,6 +171,7 @@ impl Default for EngineConfig {
             max_calls_per_shard: 10_240,
             admit_clock_late: Duration::from_millis(10),
             admit_clock_busy_percent: crate::admission::BUSY_SHARE_PERCENT,
+            admit_sip_lag: crate::admission::SIP_LAG,
             admit_inbox_depth: 4096,
             admit_setup_depth: 1024,
             rtp_timeout: Duration::from_secs(30),

@@ -86,6 +86,7 @@ impl Engine {
                 max_clock_late: cfg.admit_clock_late,
                 clock_busy_percent: cfg.admit_clock_busy_percent,
                 max_inbox_depth: cfg.admit_inbox_depth,
+                max_sip_lag: cfg.admit_sip_lag,
                 max_setup_depth: cfg.admit_setup_depth,
             },
             overloaded_shards: Arc::default(),

@@ -70,6 +70,9 @@ pub enum ShardMsg {
 pub struct ForwardedDatagram {
     pub(crate) from: SocketAddr,
     pub(crate) data: Box<[u8]>,
+    /// When the kernel received it (on the receiving shard's clock, which is the process's):
+    /// the owner's admission reads how long it waited, socket and inbox together.
+    pub(crate) arrived: std::time::Instant,
 }
 
 /// Which question a [`PlanDelivery`] answers.
@@ -263,6 +266,7 @@ mod tests {
         ShardMsg::Sip(ForwardedDatagram {
             from: "127.0.0.1:5060".parse().unwrap(),
             data: Box::new([]),
+            arrived: std::time::Instant::now(),
         })
     }
 

@@ -72,15 +72,6 @@ use crate::{
     stream_leg::{self, StreamAuth, StreamInput},
 };
 
-/// Largest UDP payload (65,535 minus the 8-byte UDP header, rounded up): a SIP datagram never
-/// needs more, so one buffer of this size, allocated once per shard, is never truncating.
-const MAX_DATAGRAM: usize = 64 * 1024;
-
-/// A receive task hands the thread to the loop (and the other tasks) after this many datagrams
-/// in a row: glommio's `recv_from` returns at once while data waits, so without it a flood on
-/// one socket would keep the media clock from sending (RTP pacing) until the flood paused.
-const RECV_BURST: u32 = 16;
-
 /// `recvmmsg` calls one drain of a call's RTP socket makes at most (of `socket::RECV_BATCH`
 /// datagrams each): a caller sends one packet per 20 ms.
 const RTP_DRAIN_BATCHES: usize = 4;
@@ -308,7 +299,7 @@ pub(crate) async fn run(params: ShardParams) {
             sip_queue_percent: 0,
             overload_changes: 0,
             overload_logged_at: None,
-            rtp_batch: Some(Box::default()),
+            rtp_batch: Some(Box::new(socket::RtpBatch::new(socket::RECV_DATAGRAM))),
             phase_calls: Vec::new(),
             overload: None,
         })
@@ -448,6 +439,12 @@ async fn serve(inbox: &Inbox, core: &Rc<RefCell<Core>>, nudge: &Nudge) {
 }
 
 /// Receives SIP datagrams until cancelled, routing each by Call-ID.
+///
+/// glommio only says when a datagram is queued (a one-byte `peek_from`: io_uring when the
+/// queue is empty, a plain syscall when it is not); the datagrams are then taken with one
+/// `recvmmsg` of up to [`socket::SIP_BATCH`] into buffers of the shard's, each with the
+/// kernel's arrival time, so a busy socket costs a syscall per batch and no allocation per
+/// datagram, and admission learns how long each one waited.
 async fn receive_sip(
     shard: usize,
     socket: Rc<UdpSocket>,
@@ -456,28 +453,35 @@ async fn receive_sip(
     nudge: Rc<Nudge>,
 ) {
     let stats = core.borrow().stats.clone();
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut batch = socket::SipBatch::new(socket::SIP_DATAGRAM);
+    let mut peek = [0u8; 1];
     let mut failures: u64 = 0;
-    let mut burst = 0;
     loop {
-        burst += 1;
-        if burst == RECV_BURST {
-            burst = 0;
-            // A burst means datagrams were waiting: how many still are is admission's socket
-            // reading (one getsockopt per burst; the tick reads it when traffic stops).
-            core.borrow_mut().read_sip_queue();
-            futures_lite::future::yield_now().await;
+        if let Err(err) = socket.peek_from(&mut peek).await {
+            receive_failed(shard, &mut failures, err.into());
+            glommio::timer::sleep(RECV_ERROR_BACKOFF).await;
+            continue;
         }
-        match socket.recv_from(&mut buf).await {
-            Ok((len, from)) => {
-                failures = 0;
+        loop {
+            let n = match batch.recv(&*socket) {
+                Ok(n) => n,
+                Err(err) => {
+                    receive_failed(shard, &mut failures, err);
+                    glommio::timer::sleep(RECV_ERROR_BACKOFF).await;
+                    break;
+                }
+            };
+            failures = 0;
+            let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+            for i in 0..n {
+                let Some((datagram, from)) = batch.get(i) else { continue };
                 stats.datagram_in();
-                let datagram = &buf[..len];
+                let arrived = socket::arrival(now, wall, batch.arrived(i));
                 // No Call-ID: handled here (the endpoint answers 400 or drops it).
                 let owner = precall_sip::peek_call_id(datagram)
                     .map_or(shard, |id| shard_for_call_id(&id, peers.len()));
                 if owner != shard {
-                    let msg = ForwardedDatagram { from, data: datagram.into() };
+                    let msg = ForwardedDatagram { from, data: datagram.into(), arrived };
                     match peers[owner].send(ShardMsg::Sip(msg)) {
                         Ok(()) => stats.datagram_forwarded(),
                         // A full inbox is overload: the sender retransmits (SIP over UDP).
@@ -489,18 +493,28 @@ async fn receive_sip(
                     }
                     continue;
                 }
-                core.borrow_mut().on_sip(Instant::now(), from, datagram);
+                core.borrow_mut().on_sip(Instant::now(), from, datagram, arrived);
+            }
+            if n > 0 {
                 nudge.nudge();
             }
-            Err(err) => {
-                failures += 1;
-                if failures.is_power_of_two() {
-                    let err = std::io::Error::from(err);
-                    tracing::warn!(shard, failures, error = %err, "SIP socket receive failed");
-                }
-                glommio::timer::sleep(RECV_ERROR_BACKOFF).await;
+            if n < socket::SIP_BATCH {
+                break;
             }
+            // A full batch: more may wait. How many is admission's socket reading (one
+            // getsockopt per batch; the tick reads it when traffic stops), and the loop (the
+            // media clock) runs before the next batch, so a flood cannot hold back RTP pacing.
+            core.borrow_mut().read_sip_queue();
+            futures_lite::future::yield_now().await;
         }
+    }
+}
+
+/// Counts a failed receive of the SIP socket, logging the 1st, 2nd, 4th, 8th… in a row.
+fn receive_failed(shard: usize, failures: &mut u64, err: std::io::Error) {
+    *failures += 1;
+    if failures.is_power_of_two() {
+        tracing::warn!(shard, failures = *failures, error = %err, "SIP socket receive failed");
     }
 }
 
@@ -551,7 +565,7 @@ struct Core {
     overload_changes: u64,
     overload_logged_at: Option<Instant>,
     /// The buffers every call's RTP is drained into (`drain_rtp`; taken while in use).
-    rtp_batch: Option<Box<socket::RecvBatch>>,
+    rtp_batch: Option<Box<socket::RtpBatch>>,
     /// The SIP calls of the media-clock phase being sent, drained after their frames are out.
     phase_calls: Vec<CallKey>,
     /// Why new calls are refused now (what the endpoint was last told).
@@ -583,7 +597,9 @@ impl Core {
         }
     }
 
-    fn on_sip(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+    /// A SIP datagram the kernel received at `arrived`.
+    fn on_sip(&mut self, now: Instant, from: SocketAddr, datagram: &[u8], arrived: Instant) {
+        self.admission.on_sip_lag(now, now.saturating_duration_since(arrived));
         self.admit(now);
         self.endpoint.handle_datagram(now, from, datagram);
         self.stats.set_calls_refused_overload(self.endpoint.overload_refusals());
@@ -643,7 +659,7 @@ impl Core {
 
     fn on_message(&mut self, now: Instant, msg: ShardMsg) {
         match msg {
-            ShardMsg::Sip(d) => self.on_sip(now, d.from, &d.data),
+            ShardMsg::Sip(d) => self.on_sip(now, d.from, &d.data, d.arrived),
             ShardMsg::Plan(p) => {
                 self.on_plan(now, *p);
                 self.drain(now);
@@ -1124,7 +1140,9 @@ impl Core {
             let Some(media) = self.calls.get(&handle).and_then(|c| c.media.as_ref()) else {
                 break;
             };
-            let n = batch.recv(&media.socket);
+            // An error (none is expected of an unconnected UDP socket) reads as an empty queue:
+            // the next tick tries again.
+            let n = batch.recv(&media.socket).unwrap_or(0);
             for i in 0..n {
                 if let Some((datagram, from)) = batch.get(i) {
                     self.on_rtp(now, handle, from, datagram);

@@ -31,12 +31,17 @@ pub(crate) struct UdpPair {
 }
 
 /// Binds a UDP socket on `addr` with SO_REUSEPORT (so every shard binds the same port and the
-/// kernel spreads datagrams by 4-tuple) and SO_RCVBUF = `recv_buffer_bytes`.
+/// kernel spreads datagrams by 4-tuple), SO_RCVBUF = `recv_buffer_bytes` and each datagram's
+/// arrival time ([`stamp_arrivals`]).
 ///
 /// Must run on the shard's executor thread: glommio ties the socket to the current reactor.
 pub(crate) fn bind_udp(addr: SocketAddr, recv_buffer_bytes: usize) -> io::Result<UdpPair> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_port(true)?;
+    if let Err(e) = stamp_arrivals(&socket) {
+        // Admission's lag reading then counts only the inbox's wait (see `SipBatch`).
+        tracing::warn!(error = %e, "SIP socket without arrival times (SO_TIMESTAMPNS)");
+    }
     socket.set_recv_buffer_size(recv_buffer_bytes)?;
     // Linux reports twice what it granted (bookkeeping overhead) and caps at net.core.rmem_max.
     let mut granted = socket.recv_buffer_size()? / 2;
@@ -90,83 +95,177 @@ pub(crate) fn bind_rtp(addr: SocketAddr) -> io::Result<RtpSocket> {
     Ok(RtpSocket { socket, local })
 }
 
-/// Packets one [`RecvBatch::recv`] takes at most: a call gets one packet per 20 ms tick, so a
-/// few cover a late tick; what stays queued is taken at the next.
+/// Packets one RTP drain takes at most: a call gets one packet per 20 ms tick, so a few cover
+/// a late tick; what stays queued is taken at the next.
 pub(crate) const RECV_BATCH: usize = 8;
 
-/// Bytes kept of each received datagram (RTP over UDP from a trunk is far smaller; a larger
-/// one is cut, and its RTP check fails).
+/// Bytes kept of each received RTP datagram (RTP over UDP from a trunk is far smaller; a
+/// larger one is cut, and its RTP check fails).
 pub(crate) const RECV_DATAGRAM: usize = 2048;
 
-/// The buffers of a `recvmmsg` (one per shard, reused for every call's socket).
-pub(crate) struct RecvBatch {
-    bufs: Box<[[u8; RECV_DATAGRAM]; RECV_BATCH]>,
-    lens: [usize; RECV_BATCH],
-    from: [Option<SocketAddr>; RECV_BATCH],
+/// Datagrams one `recvmmsg` takes from a SIP socket at most (then the shard's loop runs).
+pub(crate) const SIP_BATCH: usize = 16;
+
+/// The largest UDP datagram (a SIP message over UDP is normally far smaller).
+pub(crate) const SIP_DATAGRAM: usize = 64 * 1024;
+
+/// The `recvmmsg` of one shard's RTP drains: [`RECV_BATCH`] datagrams of [`RECV_DATAGRAM`].
+pub(crate) type RtpBatch = RecvBatch<RECV_BATCH>;
+
+/// The `recvmmsg` of one SIP socket: [`SIP_BATCH`] datagrams of [`SIP_DATAGRAM`].
+pub(crate) type SipBatch = RecvBatch<SIP_BATCH>;
+
+/// Room for one `SCM_TIMESTAMPNS` control message (`CMSG_SPACE(sizeof(timespec))` is 32 on
+/// 64-bit Linux), in `u64`s so that it is aligned for `cmsghdr`.
+const CONTROL_WORDS: usize = 8;
+
+/// The buffers of a `recvmmsg` of up to `N` datagrams, reused for every receive: no
+/// allocation per datagram. With `SO_TIMESTAMPNS` on the socket ([`stamp_arrivals`]) each
+/// datagram also gets the kernel's arrival time.
+pub(crate) struct RecvBatch<const N: usize> {
+    /// `N` slots of `len` bytes each, one after the other.
+    bufs: Box<[u8]>,
+    len: usize,
+    lens: [usize; N],
+    from: [Option<SocketAddr>; N],
+    /// When the kernel queued each datagram (wall clock, since the Unix epoch), if it said.
+    arrived: [Option<std::time::Duration>; N],
+    control: Box<[[u64; CONTROL_WORDS]; N]>,
 }
 
-impl std::fmt::Debug for RecvBatch {
+impl<const N: usize> std::fmt::Debug for RecvBatch<N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RecvBatch").finish_non_exhaustive()
+        f.debug_struct("RecvBatch").field("len", &self.len).finish_non_exhaustive()
     }
 }
 
-impl Default for RecvBatch {
-    fn default() -> Self {
+impl<const N: usize> RecvBatch<N> {
+    /// Buffers for `N` datagrams of up to `len` bytes each (a longer one is cut to `len`).
+    pub(crate) fn new(len: usize) -> Self {
         Self {
-            bufs: Box::new([[0; RECV_DATAGRAM]; RECV_BATCH]),
-            lens: [0; RECV_BATCH],
-            from: [None; RECV_BATCH],
+            bufs: vec![0; N * len].into_boxed_slice(),
+            len,
+            lens: [0; N],
+            from: [None; N],
+            arrived: [None; N],
+            control: Box::new([[0; CONTROL_WORDS]; N]),
         }
     }
-}
 
-impl RecvBatch {
-    /// Takes what `socket` holds now, up to [`RECV_BATCH`] datagrams, in one `recvmmsg`
-    /// without waiting; returns how many (0 when none is queued or on an error).
-    pub(crate) fn recv(&mut self, socket: &Socket) -> usize {
-        use std::os::fd::AsRawFd;
+    /// Takes what `socket` holds now, up to `N` datagrams, in one `recvmmsg` without waiting;
+    /// returns how many (0 when none is queued).
+    pub(crate) fn recv(&mut self, socket: &impl std::os::fd::AsRawFd) -> io::Result<usize> {
         // SAFETY: zeroed `sockaddr_storage`, `iovec` and `mmsghdr` are valid values (plain C
         // structs of integers and pointers).
         #[allow(unsafe_code)]
         let (mut addrs, mut iovs, mut hdrs): (
-            [libc::sockaddr_storage; RECV_BATCH],
-            [libc::iovec; RECV_BATCH],
-            [libc::mmsghdr; RECV_BATCH],
+            [libc::sockaddr_storage; N],
+            [libc::iovec; N],
+            [libc::mmsghdr; N],
         ) = unsafe { std::mem::zeroed() };
-        for i in 0..RECV_BATCH {
-            iovs[i].iov_base = self.bufs[i].as_mut_ptr().cast();
-            iovs[i].iov_len = RECV_DATAGRAM;
+        for (i, slot) in self.bufs.chunks_exact_mut(self.len).enumerate().take(N) {
+            iovs[i].iov_base = slot.as_mut_ptr().cast();
+            iovs[i].iov_len = self.len;
             hdrs[i].msg_hdr.msg_name = (&raw mut addrs[i]).cast();
             hdrs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
             hdrs[i].msg_hdr.msg_iov = &raw mut iovs[i];
             hdrs[i].msg_hdr.msg_iovlen = 1;
+            hdrs[i].msg_hdr.msg_control = self.control[i].as_mut_ptr().cast();
+            hdrs[i].msg_hdr.msg_controllen = std::mem::size_of::<[u64; CONTROL_WORDS]>();
         }
-        // SAFETY: every pointer in `hdrs` points into `addrs`, `iovs` and `self.bufs`, which
-        // outlive the call, with the lengths given; `recvmmsg` writes only within them.
+        // SAFETY: every pointer in `hdrs` points into `addrs`, `iovs`, `self.bufs` and
+        // `self.control`, which outlive the call, with the lengths given; `recvmmsg` writes
+        // only within them.
         #[allow(unsafe_code)]
         let n = unsafe {
             libc::recvmmsg(
                 socket.as_raw_fd(),
                 hdrs.as_mut_ptr(),
-                RECV_BATCH as libc::c_uint,
+                N as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
         };
-        let n = usize::try_from(n).unwrap_or(0).min(RECV_BATCH);
+        let Ok(n) = usize::try_from(n) else {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(err),
+            };
+        };
+        let n = n.min(N);
         for i in 0..n {
-            self.lens[i] = (hdrs[i].msg_len as usize).min(RECV_DATAGRAM);
+            self.lens[i] = (hdrs[i].msg_len as usize).min(self.len);
             self.from[i] = socket_addr(&addrs[i]);
+            self.arrived[i] = kernel_arrival(&hdrs[i].msg_hdr);
         }
-        n
+        Ok(n)
     }
 
     /// Datagram `i` of the last [`RecvBatch::recv`] and where it came from.
     pub(crate) fn get(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
         let from = (*self.from.get(i)?)?;
-        Some((&self.bufs[i][..self.lens[i]], from))
+        let start = i * self.len;
+        Some((&self.bufs[start..start + self.lens[i]], from))
     }
+
+    /// When the kernel queued datagram `i` of the last receive (wall clock since the Unix
+    /// epoch), if the socket stamps arrivals.
+    pub(crate) fn arrived(&self, i: usize) -> Option<std::time::Duration> {
+        *self.arrived.get(i)?
+    }
+}
+
+/// Asks the kernel to stamp each datagram `socket` receives with its arrival time
+/// (`SO_TIMESTAMPNS`), read by [`RecvBatch::arrived`].
+pub(crate) fn stamp_arrivals(socket: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket, and an option value that lives for the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// The instant the kernel received a datagram read at `now` (`wall` on the system clock),
+/// from its arrival stamp; `now` without one, or when the system clock stepped back.
+pub(crate) fn arrival(
+    now: std::time::Instant,
+    wall: std::time::SystemTime,
+    stamp: Option<std::time::Duration>,
+) -> std::time::Instant {
+    let waited = stamp
+        .and_then(|at| wall.duration_since(std::time::UNIX_EPOCH).ok()?.checked_sub(at))
+        .unwrap_or(std::time::Duration::ZERO);
+    now.checked_sub(waited).unwrap_or(now)
+}
+
+/// The `SCM_TIMESTAMPNS` of a received message, if the kernel wrote one.
+fn kernel_arrival(hdr: &libc::msghdr) -> Option<std::time::Duration> {
+    // SAFETY: the kernel filled `hdr`'s control buffer (its `msg_controllen` says how much)
+    // for this message; the CMSG macros walk only within it.
+    #[allow(unsafe_code)]
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(hdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::timespec>());
+                let secs = u64::try_from(ts.tv_sec).ok()?;
+                let nanos = u32::try_from(ts.tv_nsec).ok()?;
+                return Some(std::time::Duration::new(secs, nanos));
+            }
+            c = libc::CMSG_NXTHDR(hdr, c);
+        }
+    }
+    None
 }
 
 /// The address the kernel wrote into `storage` (IPv4 or IPv6).
@@ -276,8 +375,8 @@ pub(crate) fn send_parts(
 mod tests {
     use super::*;
 
-    fn drained(batch: &mut RecvBatch, socket: &Socket) -> Vec<(Vec<u8>, SocketAddr)> {
-        let n = batch.recv(socket);
+    fn drained(batch: &mut RtpBatch, socket: &Socket) -> Vec<(Vec<u8>, SocketAddr)> {
+        let n = batch.recv(socket).unwrap();
         (0..n).filter_map(|i| batch.get(i).map(|(d, from)| (d.to_vec(), from))).collect()
     }
 
@@ -293,7 +392,7 @@ mod tests {
                 }
                 Err(e) => panic!("binding {ip}: {e}"),
             };
-            let mut batch = RecvBatch::default();
+            let mut batch = RtpBatch::new(RECV_DATAGRAM);
             // Nothing queued: no packet, and no wait.
             assert!(drained(&mut batch, &rtp.socket).is_empty());
             let peer = std::net::UdpSocket::bind(SocketAddr::new(ip.parse().unwrap(), 0)).unwrap();
@@ -317,6 +416,53 @@ mod tests {
     }
 
     #[test]
+    fn a_stamped_socket_tells_when_each_datagram_arrived_and_a_plain_one_does_not() {
+        let since_epoch =
+            || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        for stamped in [true, false] {
+            let rtp = bind_rtp("127.0.0.1:0".parse().unwrap()).unwrap();
+            if stamped {
+                stamp_arrivals(&rtp.socket).unwrap();
+            }
+            let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let before = since_epoch();
+            for i in 0..3u8 {
+                peer.send_to(&[i; 40], rtp.local).unwrap();
+            }
+            let mut batch = SipBatch::new(SIP_DATAGRAM);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let mut n = 0;
+            while n < 3 && std::time::Instant::now() < deadline {
+                n = batch.recv(&rtp.socket).unwrap();
+            }
+            assert_eq!(n, 3, "all three in one batch");
+            let after = since_epoch();
+            for i in 0..3 {
+                assert_eq!(batch.get(i).map(|(d, _)| d.to_vec()), Some(vec![i as u8; 40]));
+                match batch.arrived(i) {
+                    // The kernel's clock and ours are one (CLOCK_REALTIME): the stamp lies
+                    // between the first send and the read.
+                    Some(at) => assert!(stamped && before <= at && at <= after, "#{i}: {at:?}"),
+                    None => assert!(!stamped, "#{i}: the stamped socket gave no time"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_arrival_stamp_becomes_an_instant_that_waited_as_long() {
+        use std::time::{Duration, Instant, UNIX_EPOCH};
+        let now = Instant::now();
+        let wall = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let stamp = |ms: u64| Some(Duration::from_secs(1_800_000_000) - Duration::from_millis(ms));
+        assert_eq!(arrival(now, wall, stamp(30)), now - Duration::from_millis(30));
+        assert_eq!(arrival(now, wall, stamp(0)), now);
+        assert_eq!(arrival(now, wall, None), now, "no stamp: read as it arrived");
+        let later = Some(Duration::from_secs(1_800_000_001));
+        assert_eq!(arrival(now, wall, later), now, "the system clock stepped back");
+    }
+
+    #[test]
     fn the_receive_queue_reading_follows_unread_datagrams() {
         let rtp = bind_rtp("127.0.0.1:0".parse().unwrap()).unwrap();
         rtp.socket.set_recv_buffer_size(64 * 1024).unwrap();
@@ -327,11 +473,11 @@ mod tests {
         }
         let full = receive_queue_percent(&rtp.socket).unwrap();
         assert!(full > 0 && full <= 100, "{full} %");
-        let mut batch = RecvBatch::default();
+        let mut batch = RtpBatch::new(RECV_DATAGRAM);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while receive_queue_percent(&rtp.socket) != Some(0) && std::time::Instant::now() < deadline
         {
-            batch.recv(&rtp.socket);
+            batch.recv(&rtp.socket).unwrap();
         }
         assert_eq!(receive_queue_percent(&rtp.socket), Some(0), "read: nothing queued");
     }
@@ -341,7 +487,7 @@ mod tests {
         let rtp = bind_rtp("127.0.0.1:0".parse().unwrap()).unwrap();
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         peer.send_to(&vec![7u8; RECV_DATAGRAM + 100], rtp.local).unwrap();
-        let mut batch = RecvBatch::default();
+        let mut batch = RtpBatch::new(RECV_DATAGRAM);
         let mut got = Vec::new();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while got.is_empty() && std::time::Instant::now() < deadline {
