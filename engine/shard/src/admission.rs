@@ -401,6 +401,17 @@ mod tests {
         Shard { a: Admission::new(limits, Box::new(move || Some(read.get()))), cpu, busy }
     }
 
+    /// A shard whose thread never runs, and how often its admission read the CPU clock.
+    fn idle_counting_reads() -> (Shard, Rc<Cell<u32>>) {
+        let reads = Rc::new(Cell::new(0u32));
+        let counted = Rc::clone(&reads);
+        let shard = shard_reading(Box::new(move || {
+            counted.set(counted.get() + 1);
+            Some(Duration::ZERO)
+        }));
+        (shard, reads)
+    }
+
     /// A shard busy 60 % of the time: its late ticks are its own doing.
     fn admission() -> Shard {
         shard_with(LIMITS, 60)
@@ -482,12 +493,7 @@ mod tests {
 
     #[test]
     fn a_punctual_clock_reads_the_cpu_clock_once_a_window() {
-        let reads = Rc::new(Cell::new(0u32));
-        let counted = Rc::clone(&reads);
-        let mut a = shard_reading(Box::new(move || {
-            counted.set(counted.get() + 1);
-            Some(Duration::ZERO)
-        }));
+        let (mut a, reads) = idle_counting_reads();
         // 600 ticks 5 ms apart: 3 s, three windows and the start of a fourth.
         ticks(&mut a, Instant::now(), 600, MS);
         assert!(reads.get() <= 4, "{} reads of the CPU clock", reads.get());
@@ -631,12 +637,7 @@ mod tests {
 
     #[test]
     fn late_datagrams_on_a_mostly_idle_shard_are_the_machine_not_the_calls() {
-        let reads = Rc::new(Cell::new(0u32));
-        let counted = Rc::clone(&reads);
-        let mut s = shard_reading(Box::new(move || {
-            counted.set(counted.get() + 1);
-            Some(Duration::ZERO)
-        }));
+        let (mut s, reads) = idle_counting_reads();
         // A second of late datagrams on a thread that never ran: not refused, and the CPU
         // clock read about once an interval, not once a datagram.
         let t = datagrams(&mut s, Instant::now(), 1000, 3 * SIP_LAG);
