@@ -6,7 +6,8 @@
 //!   timers, the media clock, per-call timers) *or* a local nudge, then runs everything due.
 //!   Awaiting the inbox is safe to abandon (it only registers a waker), so racing it against a
 //!   timer loses nothing;
-//! * the **SIP receive task**: awaits datagrams on the SIP socket. A datagram whose Call-ID
+//! * the **SIP receive task**: awaits a datagram on the SIP socket, then takes what is queued
+//!   with `recvmmsg`, each datagram with its kernel arrival time. A datagram whose Call-ID
 //!   another shard owns is forwarded to that shard's inbox; the others go to this shard's
 //!   `Endpoint` at once. Then it nudges the loop, whose deadlines may have moved;
 //! * one **RTP receive task per answered call**: hands each packet, from its own buffer, to
@@ -456,6 +457,8 @@ async fn receive_sip(
     let mut batch = socket::SipBatch::new(socket::SIP_DATAGRAM);
     let mut peek = [0u8; 1];
     let mut failures: u64 = 0;
+    // Datagrams handled since the task last let the loop run.
+    let mut since_yield = 0;
     loop {
         if let Err(err) = socket.peek_from(&mut peek).await {
             receive_failed(shard, &mut failures, err.into());
@@ -498,14 +501,19 @@ async fn receive_sip(
             if n > 0 {
                 nudge.nudge();
             }
+            since_yield += n;
+            if since_yield >= socket::SIP_BATCH {
+                // A batch's worth: more may wait. How many is admission's socket reading (one
+                // getsockopt per batch; the tick reads it when traffic stops), and the loop
+                // (the media clock) runs before the next batch, so a flood cannot hold back RTP
+                // pacing (a `peek_from` that finds a datagram queued returns without yielding).
+                since_yield = 0;
+                core.borrow_mut().read_sip_queue();
+                futures_lite::future::yield_now().await;
+            }
             if n < socket::SIP_BATCH {
                 break;
             }
-            // A full batch: more may wait. How many is admission's socket reading (one
-            // getsockopt per batch; the tick reads it when traffic stops), and the loop (the
-            // media clock) runs before the next batch, so a flood cannot hold back RTP pacing.
-            core.borrow_mut().read_sip_queue();
-            futures_lite::future::yield_now().await;
         }
     }
 }

@@ -3,8 +3,9 @@
 //! only `unsafe`.
 //!
 //! A SIP socket is two file descriptors on one kernel socket: glommio owns one for receiving
-//! (io_uring, awaited by a task that is never dropped mid-receive except when the socket
-//! goes), and the shard keeps a socket2 duplicate for sending. A call's RTP socket is one
+//! (its io_uring `peek_from` awaits a datagram, by a task that is never dropped mid-receive
+//! except when the socket goes; a [`SipBatch`] then takes what is queued), and the shard
+//! keeps a socket2 duplicate for sending. A call's RTP socket is one
 //! descriptor glommio never sees ([`RtpSocket`]): the shard sends on it and drains it with
 //! `recvmmsg` at the call's media-clock ticks. glommio 0.9's `send_to` takes
 //! one `&[u8]` and, when the non-blocking attempt fails, copies it into a DMA buffer it
