@@ -134,7 +134,9 @@ pub enum Phase {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Answer the caller's leg (SIP: bind RTP, `200 OK`), then call
-    /// [`CallFlow::handle_answered`] (or [`CallFlow::handle_leg_ended`] if it failed).
+    /// [`CallFlow::handle_answered`] once the leg carries audio (SIP: when the caller's ACK
+    /// confirms the 200, so the greeting is not sent before the caller can hear it), or
+    /// [`CallFlow::handle_leg_ended`] if it failed.
     Answer,
     /// Refuse the ringing call with this final response.
     Reject {

@@ -60,6 +60,9 @@ pub(crate) struct CallMedia {
     pub(crate) last_dtmf: Option<u32>,
     /// Our direction lets us send (not `recvonly`/`inactive`, no `0.0.0.0` hold address).
     pub(crate) sending: bool,
+    /// The caller's last SDP puts the call on hold (`shard::caller_holds`): told to the flow
+    /// when the dialog is confirmed, and at each change after.
+    pub(crate) caller_holds: bool,
     pub(crate) sender: RtpSender,
     /// The media clock stream: one frame, or a skipped one, every 20 ms while answered.
     pub(crate) slot: StreamSlot,

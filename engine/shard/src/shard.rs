@@ -770,7 +770,20 @@ impl Core {
             Event::IncomingCall { call, call_id, from_user, to_user, source, offer } => {
                 self.on_incoming(now, call, call_id, from_user, to_user, source, offer.as_ref())
             }
-            Event::CallConfirmed { .. } => {}
+            Event::CallConfirmed { call } => {
+                // The caller has our 200 (its ACK, or a re-INVITE): the greeting starts now,
+                // not at the 200. A caller whose 200 was lost and resent hears it from its
+                // start, and a call whose ACK and BYE come together (a caller that hangs up
+                // at once, or one the node is slow to read past its capacity) sends no RTP:
+                // at 18,000 calls/s asked, greeting RTP to calls whose BYE was queued was
+                // 18 % of the shards' CPU (docs/PERFORMANCE.md).
+                let key = CallKey::Sip(call);
+                let Some(c) = self.calls.get_mut(&key) else { return };
+                let Some(m) = c.media.as_ref() else { return };
+                c.flow.handle_answered(now, m.codec);
+                c.flow.handle_caller_hold(now, m.caller_holds);
+                self.after_flow(now, key);
+            }
             Event::MediaChanged { call, media } => {
                 let call = CallKey::Sip(call);
                 let Some(c) = self.calls.get_mut(&call) else { return };
@@ -782,7 +795,8 @@ impl Core {
                     m.codec = media_codec(media.codec);
                     m.telephone_event = media.telephone_event;
                     m.sending = can_send(media.direction, media.remote_rtp);
-                    c.flow.handle_caller_hold(now, caller_holds(media.direction, media.remote_rtp));
+                    m.caller_holds = caller_holds(media.direction, media.remote_rtp);
+                    c.flow.handle_caller_hold(now, m.caller_holds);
                     c.flow.handle_media_changed(m.codec);
                 }
                 self.after_flow(now, call);
@@ -1128,11 +1142,11 @@ impl Core {
             telephone_event: params.telephone_event,
             last_dtmf: None,
             sending: can_send(params.direction, params.remote_rtp),
+            caller_holds: caller_holds(params.direction, params.remote_rtp),
             sender,
             slot,
         });
-        call.flow.handle_answered(now, codec);
-        call.flow.handle_caller_hold(now, caller_holds(params.direction, params.remote_rtp));
+        // The flow hears it is answered when the caller confirms (`Event::CallConfirmed`).
     }
 
     /// Takes the caller RTP queued on a SIP call's socket, at the call's media-clock tick

@@ -252,6 +252,29 @@ fn a_call_gets_greeting_and_hold_over_rtp_and_ends_with_the_callers_bye() {
     engine.shutdown().unwrap();
 }
 
+#[test]
+fn the_greeting_waits_for_the_callers_ack() {
+    let control = Arc::new(FakeControl::default());
+    let engine = start(1, control.clone());
+    let mut uac = Uac::new(engine.sip_addr().unwrap());
+    let rtp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let rtp_port = rtp.local_addr().unwrap().port();
+    let d = uac.invite("call-unacked@carrier.example", rtp_port);
+    // Answered, not confirmed: the caller may not have the 200 (it is resent at 500 ms), so
+    // nothing is sent it could miss the start of.
+    let early = collect_rtp(&rtp, Duration::from_millis(300));
+    assert!(early.is_empty(), "{} RTP packets before the ACK", early.len());
+    uac.ack(&d);
+    let packets = collect_rtp(&rtp, Duration::from_millis(500));
+    assert!(packets.len() >= 15, "{} RTP packets in the 500 ms after the ACK", packets.len());
+    let first = RtpPacket::new_checked(packets[0].1.as_slice()).unwrap();
+    assert!(first.marker(), "the greeting starts a talkspurt");
+    let answer = uac.bye(&d);
+    assert_eq!(status(&answer), Some(200), "{answer}");
+    await_end(&control, "call-unacked@carrier.example", "caller_hangup");
+    engine.shutdown().unwrap();
+}
+
 /// A PCMA packet of silence with sequence number `seq` and SSRC `ssrc`.
 fn rtp_packet(seq: u8, ssrc: u32) -> [u8; 172] {
     let mut p = [0xD5u8; 172];
