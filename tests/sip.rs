@@ -157,9 +157,14 @@ fn sigterm_drains_new_calls_get_503_and_the_calls_up_finish() {
     });
 
     precall.sigterm();
-    wait_for("/health to say draining", Duration::from_secs(5), || {
+    // /health says draining from the signal on; each shard refuses once it took the drain
+    // from its inbox, a moment later (and later still on a loaded machine).
+    wait_for("/health to say every shard drains", Duration::from_secs(5), || {
         let (status, body) = precall.get("/health");
-        (status == 503 && body.contains("draining")).then_some(())
+        let health: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let shards = health["shards"].as_array()?;
+        let all = !shards.is_empty() && shards.iter().all(|s| s["draining"] == true);
+        (status == 503 && health["status"] == "draining" && all).then_some(())
     });
     // A new call and a dispatcher's probe: 503 with Retry-After.
     let probe = UdpSocket::bind("127.0.0.1:0").unwrap();

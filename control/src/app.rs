@@ -130,6 +130,9 @@ impl App {
             },
             "shards": shards.iter().map(|s| serde_json::json!({
                 "shard": s.shard, "alive": s.alive, "active_calls": s.active_calls,
+                // The shard took the drain (its new calls get 503): /health's status says
+                // draining from the signal on, a shard a moment later.
+                "draining": s.draining,
             })).collect::<Vec<_>>(),
         });
         Response::json(if ok { 200 } else { 503 }, body.to_string())

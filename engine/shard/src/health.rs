@@ -146,9 +146,11 @@ pub struct ShardHealth {
     /// lane of the inbox was deep), before any record.
     pub calls_refused_overload: u64,
     /// Why the shard refuses new calls now: 0 it admits, 1 the media clock runs late, 2 the
-    /// inbox is deep, 3 the SIP socket's receive queue is over half full (a full shard,
-    /// `SHARD_MAX_CALLS`, is counted apart).
+    /// inbox is deep, 3 the SIP socket's receive queue is over half full, 4 SIP datagrams
+    /// wait too long (a full shard, `SHARD_MAX_CALLS`, is counted apart).
     pub overload: u64,
+    /// The shard took the drain: it refuses new calls (`Engine::drain`).
+    pub draining: bool,
     /// Call-end reports waiting for room in the control plane's queue (retried in order,
     /// never dropped).
     pub end_reports_pending: u64,
@@ -197,6 +199,7 @@ pub(crate) struct ShardStats {
     calls_refused_full: AtomicU64,
     calls_refused_overload: AtomicU64,
     overload: AtomicU64,
+    draining: std::sync::atomic::AtomicBool,
     end_reports_pending: AtomicU64,
     sip_transactions_live: AtomicU64,
     sip_transactions_absorbed: AtomicU64,
@@ -298,6 +301,10 @@ impl ShardStats {
         self.overload.store(code, Ordering::Relaxed);
     }
 
+    pub(crate) fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
     pub(crate) fn set_transactions(&self, t: precall_sip::Transactions) {
         self.sip_transactions_live.store(t.live as u64, Ordering::Relaxed);
         self.sip_transactions_absorbed.store(t.absorbed as u64, Ordering::Relaxed);
@@ -339,6 +346,7 @@ impl ShardStats {
             calls_refused_full: self.calls_refused_full.load(Ordering::Relaxed),
             calls_refused_overload: self.calls_refused_overload.load(Ordering::Relaxed),
             overload: self.overload.load(Ordering::Relaxed),
+            draining: self.draining.load(Ordering::Acquire),
             end_reports_pending: self.end_reports_pending.load(Ordering::Relaxed),
             sip_transactions_live: self.sip_transactions_live.load(Ordering::Relaxed),
             sip_transactions_absorbed: self.sip_transactions_absorbed.load(Ordering::Relaxed),

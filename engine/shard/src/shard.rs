@@ -679,6 +679,8 @@ impl Core {
                     "draining: no new calls"
                 );
                 self.endpoint.set_draining(true);
+                // Seen by /health only now that the endpoint refuses.
+                self.stats.set_draining();
             }
             ShardMsg::Recheck(ids) => {
                 let ids: std::collections::HashSet<&CallId> = ids.iter().collect();
