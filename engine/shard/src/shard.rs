@@ -10,9 +10,9 @@
 //!   with `recvmmsg`, each datagram with its kernel arrival time. A datagram whose Call-ID
 //!   another shard owns is forwarded to that shard's inbox; the others go to this shard's
 //!   `Endpoint` at once. Then it nudges the loop, whose deadlines may have moved;
-//! * one **RTP receive task per answered call**: hands each packet, from its own buffer, to
-//!   the call's flow (symmetric RTP latch, caller audio to the agent, DTMF) and nudges the loop
-//!   only when a deadline moved;
+//! * no task for RTP: the loop drains each answered call's RTP socket at the call's media-clock
+//!   tick, after its frame is sent (`drain_rtp`), and hands each packet to the call's flow
+//!   (symmetric RTP latch, caller audio to the agent, DTMF);
 //! * one **agent leg task per bridged call** (`agent_leg.rs`): the WebSocket to the agent; each
 //!   frame goes to the call's flow at once, the flow's messages go out through a bounded
 //!   outbox.
