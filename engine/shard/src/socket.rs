@@ -143,6 +143,7 @@ impl<const N: usize> std::fmt::Debug for RecvBatch<N> {
 impl<const N: usize> RecvBatch<N> {
     /// Buffers for `N` datagrams of up to `len` bytes each (a longer one is cut to `len`).
     pub(crate) fn new(len: usize) -> Self {
+        let len = len.max(1);
         Self {
             bufs: vec![0; N * len].into_boxed_slice(),
             len,
