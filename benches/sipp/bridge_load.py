@@ -94,18 +94,20 @@ agent.wait(timeout=30)
 
 print(f"sipp exit status {sipp.returncode} ({'no failed call' if sipp.returncode == 0 else sipp.stderr.read().decode()[-300:]})")
 print(f"calls {a.calls}, at most {peak_legs} agent legs open at once, AGENT_CHUNK_MS={a.chunk_ms}")
-for direction in ["to_agent", "to_caller", "first_audio"]:
+for name, direction in [("latency", "to_agent"), ("latency", "to_caller"), ("latency", "first_audio"),
+                        ("added_latency", "to_agent"), ("added_latency", "to_caller")]:
     buckets = [(float(le) if le != "+Inf" else float("inf"), int(n)) for le, n in re.findall(
-        r'precall_bridge_latency_seconds_bucket\{direction="%s",le="([^"]+)"\} (\d+)' % direction, text)]
+        r'precall_bridge_%s_seconds_bucket\{direction="%s",le="([^"]+)"\} (\d+)' % (name, direction), text)]
     total = buckets[-1][1] if buckets else 0
     def pct(p):
         for le, n in buckets:
             if n >= p * total:
                 return le * 1000
         return float("nan")
-    s = re.search(r'precall_bridge_latency_seconds_sum\{direction="%s"\} ([0-9.e+-]+)' % direction, text)
+    s = re.search(r'precall_bridge_%s_seconds_sum\{direction="%s"\} ([0-9.e+-]+)' % (name, direction), text)
     mean = float(s.group(1)) * 1000 / total if total and s else float("nan")
-    print(f"{direction}: {total} samples, mean {mean:.2f} ms, p50 <= {pct(0.5):g} ms, p99 <= {pct(0.99):g} ms (bucket bounds)")
+    what = direction if name == "latency" else f"added {direction} (beyond chunking / framing)"
+    print(f"{what}: {total} samples, mean {mean:.3f} ms, p50 <= {pct(0.5):g} ms, p99 <= {pct(0.99):g} ms (bucket bounds)")
 ticks = os.sysconf("SC_CLK_TCK")
 share = cpu / ticks / elapsed * 100
 print(f"precall CPU {share:.1f} % of one core over {elapsed:.1f} s; RSS {rss0/1024:.1f} MB idle, {peak_rss/1024:.1f} MB peak"

@@ -210,59 +210,30 @@ impl App {
         }
         let name = "precall_media_send_lateness_seconds";
         out.push_str(&format!("# HELP {name} How long after its 20 ms grid instant an RTP frame left the shard (sendmsg returned), one frame in {}.\n# TYPE {name} histogram\n", precall_engine::PACING_SAMPLE_EVERY));
-        let mut counts = [0u64; 11];
-        let mut sum_us = 0u64;
-        for s in &shards {
-            for (c, v) in counts.iter_mut().zip(s.send_lateness.counts) {
-                *c += v;
-            }
-            sum_us += s.send_lateness.sum_us;
-        }
-        let mut cumulative = 0;
-        for (i, bound) in precall_engine::PACING_BUCKETS_US.iter().enumerate() {
-            cumulative += counts[i];
-            out.push_str(&format!(
-                "{name}_bucket{{le=\"{}\"}} {cumulative}\n",
-                *bound as f64 / 1e6
-            ));
-        }
-        cumulative += counts[10];
-        out.push_str(&format!("{name}_bucket{{le=\"+Inf\"}} {cumulative}\n"));
-        out.push_str(&format!("{name}_sum {}\n{name}_count {cumulative}\n", sum_us as f64 / 1e6));
+        let lateness: Vec<_> = shards.iter().map(|s| &s.send_lateness).collect();
+        write_histogram(&mut out, name, "", &precall_engine::PACING_BUCKETS_US, &lateness);
         let name = "precall_bridge_latency_seconds";
         out.push_str(&format!("# HELP {name} Agent bridge delays at the engine's clock: caller RTP in to the agent message out (to_agent), agent audio in to its first RTP frame out (to_caller), clone ready to the agent's first frame at the caller (first_audio).\n# TYPE {name} histogram\n"));
-        type Histogram = fn(&ShardState) -> &precall_engine::LatencySnapshot;
-        let histograms: [(&str, Histogram); 3] = [
+        type Latency = fn(&ShardState) -> &precall_engine::LatencySnapshot;
+        let histograms: [(&str, Latency); 3] = [
             ("to_agent", |s| &s.latency_to_agent),
             ("to_caller", |s| &s.latency_to_caller),
             ("first_audio", |s| &s.latency_first_audio),
         ];
         for (direction, histogram) in histograms {
-            let mut counts = [0u64; 15];
-            let mut sum_us = 0u64;
-            for s in &shards {
-                for (c, v) in counts.iter_mut().zip(histogram(s).counts) {
-                    *c += v;
-                }
-                sum_us += histogram(s).sum_us;
-            }
-            let mut cumulative = 0;
-            for (i, bound) in precall_engine::LATENCY_BUCKETS_US.iter().enumerate() {
-                cumulative += counts[i];
-                let le = *bound as f64 / 1e6;
-                out.push_str(&format!(
-                    "{name}_bucket{{direction=\"{direction}\",le=\"{le}\"}} {cumulative}\n"
-                ));
-            }
-            cumulative += counts[14];
-            out.push_str(&format!(
-                "{name}_bucket{{direction=\"{direction}\",le=\"+Inf\"}} {cumulative}\n"
-            ));
-            out.push_str(&format!(
-                "{name}_sum{{direction=\"{direction}\"}} {}\n",
-                sum_us as f64 / 1e6
-            ));
-            out.push_str(&format!("{name}_count{{direction=\"{direction}\"}} {cumulative}\n"));
+            let label = format!("direction=\"{direction}\"");
+            let each: Vec<_> = shards.iter().map(histogram).collect();
+            write_histogram(&mut out, name, &label, &precall_engine::LATENCY_BUCKETS_US, &each);
+        }
+        let name = "precall_bridge_added_latency_seconds";
+        out.push_str(&format!("# HELP {name} What the engine adds to bridged audio beyond its framing: a caller chunk's AGENT_CHUNK_MS deadline to the chunk handed to the agent leg (to_agent); agent audio's first 20 ms grid instant after it came in to its first frame out (to_caller).\n# TYPE {name} histogram\n"));
+        type Added = fn(&ShardState) -> &precall_engine::PacingSnapshot;
+        let added: [(&str, Added); 2] =
+            [("to_agent", |s| &s.added_to_agent), ("to_caller", |s| &s.added_to_caller)];
+        for (direction, histogram) in added {
+            let label = format!("direction=\"{direction}\"");
+            let each: Vec<_> = shards.iter().map(histogram).collect();
+            write_histogram(&mut out, name, &label, &precall_engine::PACING_BUCKETS_US, &each);
         }
         let counters: [ShardCounter; 18] = [
             (
@@ -388,4 +359,34 @@ impl Handler for App {
             _ => Response::text(404, "not found\n"),
         }
     }
+}
+
+/// One Prometheus histogram summed over the shards: cumulative buckets over `bounds` (µs)
+/// and `+Inf`, sum and count; `label` (`k="v"`, or empty) on every line.
+fn write_histogram<const N: usize>(
+    out: &mut String,
+    name: &str,
+    label: &str,
+    bounds: &[u64],
+    shards: &[&precall_engine::Snapshot<N>],
+) {
+    let mut counts = [0u64; N];
+    let mut sum_us = 0u64;
+    for s in shards {
+        for (c, v) in counts.iter_mut().zip(s.counts) {
+            *c += v;
+        }
+        sum_us += s.sum_us;
+    }
+    let (open, sep, close) = if label.is_empty() { ("", "", "") } else { ("{", ",", "}") };
+    let mut cumulative = 0;
+    for (count, bound) in counts.iter().zip(bounds) {
+        cumulative += count;
+        let le = *bound as f64 / 1e6;
+        out.push_str(&format!("{name}_bucket{{{label}{sep}le=\"{le}\"}} {cumulative}\n"));
+    }
+    cumulative += counts[N - 1];
+    out.push_str(&format!("{name}_bucket{{{label}{sep}le=\"+Inf\"}} {cumulative}\n"));
+    out.push_str(&format!("{name}_sum{open}{label}{close} {}\n", sum_us as f64 / 1e6));
+    out.push_str(&format!("{name}_count{open}{label}{close} {cumulative}\n"));
 }

@@ -295,6 +295,9 @@ struct Ledger {
 pub struct Latencies {
     /// Caller RTP in → the `user_audio_chunk` holding it handed to the agent leg.
     pub to_agent: Option<Duration>,
+    /// The chunk's own deadline (its `AGENT_CHUNK_MS` of gathering over) → the chunk handed
+    /// to the agent leg: what the engine adds beyond the chunking it was asked for.
+    pub to_agent_added: Option<Duration>,
     /// Agent audio in (starting a talkspurt) → its first RTP frame out.
     pub to_caller: Option<Duration>,
     /// `connect` (the clone is ready) → the agent's first frame out to the caller.
@@ -942,6 +945,7 @@ impl CallFlow {
     /// Sends the caller audio gathered since the last chunk; silence when there was none, so
     /// the agent never sees 60 s without input (it closes the socket then).
     fn send_chunk(&mut self, now: Instant) {
+        let due = self.chunk_at.filter(|at| *at <= now);
         let next = self.chunk_at.map_or(now, |at| later(at, self.cfg.agent_chunk));
         self.chunk_at = Some(if next <= now { later(now, self.cfg.agent_chunk) } else { next });
         let (Agent::Talking { formats } | Agent::Open { formats: Some(formats), .. }) =
@@ -969,6 +973,9 @@ impl CallFlow {
         self.caller_audio.clear();
         if let Some(at) = self.chunk_first_at.take() {
             self.latencies.to_agent = Some(now.saturating_duration_since(at));
+            if let Some(due) = due {
+                self.latencies.to_agent_added = Some(now.saturating_duration_since(due));
+            }
         }
         self.stats.chunks_sent += 1;
         self.actions.push_back(Action::SendAgent(self.message.clone()));

@@ -763,6 +763,31 @@ fn rtp_timeout_and_caller_hangup() {
 }
 
 #[test]
+fn a_chunk_sent_after_its_deadline_says_how_late() {
+    let c = clips();
+    let mut h = Harness::new();
+    connected(&mut h, &c);
+    h.agent(&audio_msg(1, &[ulaw(5000); 160]));
+    h.flow.take_latencies();
+    // One caller frame, then every deadline run 3 ms late (as a busy shard would), until the
+    // chunk holding that frame goes out.
+    let payload = [h.codec.encode(1000); 160];
+    h.input(|f, now| f.handle_rtp(now, 1, &payload));
+    let mut added = None;
+    for _ in 0..10 {
+        let due = h.flow.poll_timeout().expect("a chunk deadline while bridged");
+        let late = due + Duration::from_millis(3);
+        h.flow.handle_timeout(late);
+        h.now = late;
+        if let Some(d) = h.flow.take_latencies().to_agent_added {
+            added = Some(d);
+            break;
+        }
+    }
+    assert_eq!(added, Some(Duration::from_millis(3)));
+}
+
+#[test]
 fn latencies_are_measured_at_the_engines_clock() {
     let c = clips();
     let mut h = Harness::new();
@@ -776,12 +801,15 @@ fn latencies_are_measured_at_the_engines_clock() {
         h.run_for(TICK);
         let l = h.flow.take_latencies();
         seen.to_agent = seen.to_agent.or(l.to_agent);
+        seen.to_agent_added = seen.to_agent_added.or(l.to_agent_added);
         seen.to_caller = seen.to_caller.or(l.to_caller);
         seen.first_audio = seen.first_audio.or(l.first_audio);
     }
     // Agent audio waits for the call's next 20 ms tick at most; caller audio for its chunk.
     assert!(seen.to_caller.unwrap() <= TICK, "{seen:?}");
     assert!(seen.to_agent.unwrap() <= Duration::from_millis(40), "{seen:?}");
+    // The harness runs each deadline on time: nothing added beyond the chunking.
+    assert_eq!(seen.to_agent_added, Some(Duration::ZERO), "{seen:?}");
     // From connect (the clone ready) to the agent's first frame: `connected` opens the agent
     // 100 ms after the connect, its audio comes 7 ms later, and the next tick sends it.
     let first = seen.first_audio.unwrap();

@@ -131,6 +131,13 @@ pub struct ShardHealth {
     pub latency_to_caller: LatencySnapshot,
     /// The clone ready (`connect`) → the agent's first frame out to the caller.
     pub latency_first_audio: LatencySnapshot,
+    /// What the engine adds to caller audio beyond the `AGENT_CHUNK_MS` it gathers: the
+    /// chunk's deadline → the chunk handed to the agent leg (over [`PACING_BUCKETS_US`]).
+    pub added_to_agent: PacingSnapshot,
+    /// What the engine adds to agent audio beyond the 20 ms framing: the first grid instant of
+    /// the call's stream at or after the audio came in → its first RTP frame (or Twilio
+    /// message) out. A frame that misses that instant counts the ticks it missed.
+    pub added_to_caller: PacingSnapshot,
     /// Twilio media streams open on the shard (upgraded, not yet gone).
     pub streams: u64,
     /// Media stream connections refused before the upgrade (bad path, method, signature, …)
@@ -190,6 +197,8 @@ pub(crate) struct ShardStats {
     pub(crate) send_lateness: PacingHistogram,
     pub(crate) latency_to_caller: LatencyHistogram,
     pub(crate) latency_first_audio: LatencyHistogram,
+    pub(crate) added_to_agent: PacingHistogram,
+    pub(crate) added_to_caller: PacingHistogram,
     streams: AtomicU64,
     streams_refused: AtomicU64,
     stream_messages_malformed: AtomicU64,
@@ -337,6 +346,8 @@ impl ShardStats {
             send_lateness: self.send_lateness.snapshot(),
             latency_to_caller: self.latency_to_caller.snapshot(),
             latency_first_audio: self.latency_first_audio.snapshot(),
+            added_to_agent: self.added_to_agent.snapshot(),
+            added_to_caller: self.added_to_caller.snapshot(),
             streams: self.streams.load(Ordering::Relaxed),
             streams_refused: self.streams_refused.load(Ordering::Relaxed),
             stream_messages_malformed: self.stream_messages_malformed.load(Ordering::Relaxed),

@@ -68,7 +68,7 @@ pub use engine::Engine;
 pub use error::{EngineError, SendError};
 pub use health::{
     LATENCY_BUCKETS_US, LatencySnapshot, PACING_BUCKETS_US, PACING_SAMPLE_EVERY, PacingSnapshot,
-    ShardHealth,
+    ShardHealth, Snapshot,
 };
 pub use inbox::{ForwardedDatagram, PlanDelivery, ShardMsg, StreamRelease};
 pub use precall_call::FlowConfig;

@@ -916,7 +916,7 @@ impl Core {
             self.perform(now, handle, action);
         }
         let Some(call) = self.calls.get_mut(&handle) else { return true };
-        record_latencies(&self.stats, &mut call.flow);
+        record_latencies(&self.stats, &mut call.flow, None);
         let next = call.flow.poll_timeout();
         if next == call.armed {
             return false;
@@ -1565,7 +1565,7 @@ impl Core {
                         self.stats.stream_dropped();
                     }
                 }
-                record_latencies(&self.stats, &mut call.flow);
+                record_latencies(&self.stats, &mut call.flow, Some((now, d.at)));
                 if call.flow.has_actions() {
                     acted.push(handle);
                 }
@@ -1602,7 +1602,7 @@ impl Core {
                     media.sender.talkspurt();
                 }
             }
-            record_latencies(&self.stats, &mut call.flow);
+            record_latencies(&self.stats, &mut call.flow, Some((now, d.at)));
             // Rare (a clip ran out, the agent finished): the Vec stays unallocated per tick.
             if call.flow.has_actions() {
                 acted.push(handle);
@@ -1627,17 +1627,38 @@ impl Core {
     }
 }
 
-fn record_latencies(stats: &ShardStats, flow: &mut CallFlow) {
+/// Records what `flow` measured; `tick` is `(now, due)` when the flow just lent the frame due
+/// at `due` (the media clock's grid instant), for what the engine added to agent audio.
+fn record_latencies(stats: &ShardStats, flow: &mut CallFlow, tick: Option<(Instant, Instant)>) {
     let l = flow.take_latencies();
     if let Some(d) = l.to_agent {
         stats.latency_to_agent.record(d);
     }
+    if let Some(d) = l.to_agent_added {
+        stats.added_to_agent.record(d);
+    }
     if let Some(d) = l.to_caller {
         stats.latency_to_caller.record(d);
+        if let Some((now, due)) = tick {
+            stats.added_to_caller.record(added_to_caller(now, due, d));
+        }
     }
     if let Some(d) = l.first_audio {
         stats.latency_first_audio.record(d);
     }
+}
+
+/// What the engine added to agent audio that came in `waited` before `now` and went out in
+/// the frame due at `due`: the time since the first grid instant after its arrival (the grid
+/// is `due` minus whole frames; audio that comes in at an instant is for the next one). Audio
+/// that came in after `due` (a late tick sent it at once) added only `waited`.
+fn added_to_caller(now: Instant, due: Instant, waited: Duration) -> Duration {
+    let arrived = now.checked_sub(waited).unwrap_or(now);
+    let Some(before_due) = due.checked_duration_since(arrived) else { return waited };
+    let frame = FRAME_DURATION.as_nanos();
+    let frames = before_due.as_nanos().saturating_sub(1) / frame;
+    let whole = Duration::from_nanos(u64::try_from(frames * frame).unwrap_or(u64::MAX));
+    now.saturating_duration_since(due.checked_sub(whole).unwrap_or(due))
 }
 
 fn can_send(direction: Direction, remote: SocketAddr) -> bool {
@@ -1658,5 +1679,31 @@ fn media_codec(codec: precall_sip::Codec) -> Codec {
     match codec {
         precall_sip::Codec::Pcmu => Codec::Pcmu,
         precall_sip::Codec::Pcma => Codec::Pcma,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn added_latency_to_the_caller_counts_from_the_first_grid_instant_after_arrival() {
+        let due = Instant::now() + Duration::from_secs(1);
+        // In 7 ms before its frame's instant, out 300 µs after it: 300 µs added.
+        let now = due + Duration::from_micros(300);
+        assert_eq!(added_to_caller(now, due, 7 * MS + Duration::from_micros(300)), now - due);
+        // In 27 ms before: it missed the instant 20 ms earlier, a whole frame added.
+        assert_eq!(
+            added_to_caller(now, due, 27 * MS + Duration::from_micros(300)),
+            20 * MS + (now - due)
+        );
+        // In after the instant (a tick 5 ms late sent it at once): only its own wait.
+        assert_eq!(added_to_caller(due + 5 * MS, due, 2 * MS), 2 * MS);
+        // In exactly on the instant before: for this frame, out on time.
+        assert_eq!(added_to_caller(due, due, 20 * MS), Duration::ZERO);
+        // In at the frame's own instant, out 1 ms later.
+        assert_eq!(added_to_caller(due + MS, due, MS), MS);
     }
 }
