@@ -322,25 +322,23 @@ fn a_call_is_bridged_both_ways_interrupted_and_ended_by_the_agent() {
         "mean inter-arrival {mean:?}"
     );
     drop(got);
-    // The engine measured what it added each way, and never more than the whole delay it
-    // is part of (a chunk's deadline comes after its first frame; a frame's grid instant
-    // after the agent audio it carries).
+    // The engine measured what it added each way. Toward the caller it is part of the whole
+    // delay (a frame's grid instant comes after the agent audio it carries); toward the agent
+    // not always (a late chunk deadline drains a packet that waited in the kernel, so the
+    // whole delay, counted from that drain, can be the shorter).
     let health = engine.health();
     let samples = |counts: &[u64]| counts.iter().sum::<u64>();
-    let (mut added_agent, mut added_caller, mut whole_agent, mut whole_caller) = (0, 0, 0, 0);
+    let (mut added_caller, mut whole_caller) = (0, 0);
     for h in &health {
         assert!(samples(&h.added_to_agent.counts) <= samples(&h.latency_to_agent.counts));
         assert!(samples(&h.added_to_caller.counts) <= samples(&h.latency_to_caller.counts));
-        added_agent += h.added_to_agent.sum_us;
         added_caller += h.added_to_caller.sum_us;
-        whole_agent += h.latency_to_agent.sum_us;
         whole_caller += h.latency_to_caller.sum_us;
     }
     let to_agent: u64 = health.iter().map(|h| samples(&h.added_to_agent.counts)).sum();
     let to_caller: u64 = health.iter().map(|h| samples(&h.added_to_caller.counts)).sum();
     assert!(to_agent >= 20, "{to_agent} chunks measured (2 s of caller audio)");
     assert!(to_caller >= 2, "{to_caller} agent talkspurts measured");
-    assert!(added_agent <= whole_agent, "{added_agent} µs added of {whole_agent}");
     assert!(added_caller <= whole_caller, "{added_caller} µs added of {whole_caller}");
     engine.shutdown().unwrap();
 }
