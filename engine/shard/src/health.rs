@@ -135,8 +135,8 @@ pub struct ShardHealth {
     /// chunk's deadline → the chunk handed to the agent leg (over [`PACING_BUCKETS_US`]).
     pub added_to_agent: PacingSnapshot,
     /// What the engine adds to agent audio beyond the 20 ms framing: the first grid instant of
-    /// the call's stream at or after the audio came in → its first RTP frame (or Twilio
-    /// message) out. A frame that misses that instant counts the ticks it missed.
+    /// the call's stream after the audio came in → its first RTP frame (or Twilio message)
+    /// out. A frame that misses that instant counts the ticks it missed.
     pub added_to_caller: PacingSnapshot,
     /// Twilio media streams open on the shard (upgraded, not yet gone).
     pub streams: u64,
@@ -149,8 +149,8 @@ pub struct ShardHealth {
     pub stream_frames_dropped: u64,
     /// New calls refused `503` because the shard holds `SHARD_MAX_CALLS` already.
     pub calls_refused_full: u64,
-    /// New calls refused `503` by overload admission (the media clock ran late, or the SIP
-    /// lane of the inbox was deep), before any record.
+    /// New calls refused `503` by overload admission (any reading of `overload`, and a full
+    /// setup queue), before any record.
     pub calls_refused_overload: u64,
     /// Why the shard refuses new calls now: 0 it admits, 1 the media clock runs late, 2 the
     /// inbox is deep, 3 the SIP socket's receive queue is over half full, 4 SIP datagrams
